@@ -1,0 +1,176 @@
+"""The catalogue: every checkpoint the paper offers, plus the bundled demo models.
+
+Each entry says how to build the network, where its weights come from, how to preprocess an image for it,
+and what the paper reports for it (shown next to what we measure).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+from torch import nn
+
+from pfnet.errors import UnknownModelError
+from pfnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_DIR = ASSETS / "weights"
+DEMO_CARD = DEMO_DIR / "demo_card.json"
+GDRIVE_VIEW_URL = "https://drive.google.com/file/d/{}/view"
+HF_MODEL_URL = "https://huggingface.co/{}"
+
+Family = Literal["resnet", "vit", "pit"]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a checkpoint lives: a Google Drive file id, a Hugging Face repo, or a file in assets/weights."""
+
+    kind: Literal["gdrive", "hf", "bundled"]
+    ref: str
+    filename: str  # name in the cache (gdrive/hf) or in assets/weights (bundled)
+    sha256: str | None = None  # known digest; None: recorded on first download, verified after
+
+    @property
+    def page(self) -> str:
+        """Where a person can fetch the file by hand."""
+        if self.kind == "gdrive":
+            return GDRIVE_VIEW_URL.format(self.ref)
+        if self.kind == "hf":
+            return HF_MODEL_URL.format(self.ref)
+        return str(DEMO_DIR / self.filename)
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    """The paper's table (224x224, ImageNet-1k); None where the paper gives no figure."""
+
+    params_m: float | None = None
+    gflops: float | None = None  # the paper's 'FLOPs' are multiply-accumulates
+    gpu_ms: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    id: str
+    name: str
+    arch: str  # timm model name, registered by pfnet
+    family: Family
+    source: WeightSource
+    preprocess: Preprocess
+    paper: PaperFigures = PaperFigures()
+    classes: Literal["imagenet", "scenes"] = "imagenet"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names())
+
+    def build(self) -> nn.Module:
+        """The network with random weights and this entry's head size."""
+        import pfnet  # noqa: F401  (registers the architectures with timm)
+
+        return timm.create_model(self.arch, num_classes=self.num_classes, **self.arch_kwargs)
+
+    def class_names(self) -> list[str]:
+        return list(imagenet_classes() if self.classes == "imagenet" else scene_classes())
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names, in index order (shipped with torchvision, works offline)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def scene_classes() -> tuple[str, ...]:
+    from pfnet.scenes import CLASS_NAMES
+
+    return tuple(CLASS_NAMES)
+
+
+@lru_cache(maxsize=1)
+def demo_card() -> dict[str, Any]:
+    """The bundled demo models' card (recipe, input size, scores); empty if the assets are missing."""
+    try:
+        return json.loads(DEMO_CARD.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _imagenet(size: int = 224, interpolation: str = "bilinear") -> Preprocess:
+    return Preprocess(size, round(size / 0.875), IMAGENET_MEAN, IMAGENET_STD, interpolation)
+
+
+def _demo_preprocess() -> Preprocess:
+    size = int(demo_card().get("input_size", 160))
+    # Scenes are drawn at the input size: no crop margin to remove.
+    return Preprocess(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+
+
+def _gdrive(model_id: str, file_id: str) -> WeightSource:
+    return WeightSource("gdrive", file_id, f"{model_id}.pth")
+
+
+def _demo(model_id: str, arch: str, name: str) -> ZooEntry:
+    card = demo_card().get("models", {}).get(model_id, {})
+    return ZooEntry(
+        id=model_id, name=name, arch=arch, family="resnet",
+        source=WeightSource("bundled", card.get("file", f"{model_id}.safetensors"), card.get("file", f"{model_id}.safetensors"),
+                            card.get("sha256")),
+        preprocess=_demo_preprocess(), classes="scenes", arch_kwargs={"width_mult": 0.25},
+        note="Width-0.25 demo model trained on pfnet.scenes; bundled, works offline.",
+    )
+
+
+_ENTRIES = [
+    ZooEntry("r50", "R50", "resnet50_pf", "resnet",
+             WeightSource("hf", "timm/resnet50.tv_in1k", "r50_tv_in1k.safetensors"), _imagenet(),
+             PaperFigures(25.6, 4.1, 8.7, 76.2, 93.8, "baseline; weights are torchvision's ResNet-50 v1 (76.13)"),
+             note="torchvision ResNet-50 v1 weights (timm tag resnet50.tv_in1k), converted to the PF layout."),
+    ZooEntry("r50_max", "R50-max", "resnet50_max", "resnet",
+             _gdrive("r50_max", "1MoCdVLPau4XuI0BVGEwDkiwibpybqWTX"), _imagenet(),
+             PaperFigures(14.2, 2.2, 6.8, 74.3, 92.0)),
+    ZooEntry("r50_hybrid", "R50-hybrid", "resnet50_hybrid", "resnet",
+             _gdrive("r50_hybrid", "1CyajEQUfWo9oetqcIhexVjfRXU-iGHk1"), _imagenet(),
+             PaperFigures(17.3, 2.6, 7.3, 77.1, 93.1)),
+    ZooEntry("r50_max_plus", "R50-max+", "resnet50_max", "resnet",
+             _gdrive("r50_max_plus", "1TQfwMXENn7s78Myc58svKVpHi5OVsdGX"), _imagenet(),
+             PaperFigures(14.2, 2.2, 6.8, 75.5, 92.1, "longer training")),
+    ZooEntry("r50_hybrid_plus", "R50-hybrid+", "resnet50_hybrid", "resnet",
+             _gdrive("r50_hybrid_plus", "1f5fOwEItFITqzofvQ6d-kLLOTs-c1k3o"), _imagenet(),
+             PaperFigures(17.3, 2.6, 7.3, 78.0, 93.5, "longer training")),
+    ZooEntry("vit_s_max", "ViT-S-max", "vit_s_max", "vit",
+             _gdrive("vit_s_max", "19lfagLJDXWvVHcb8Qm_U4_A_Kr7qYLv7"), _imagenet(interpolation="bicubic"),
+             PaperFigures(23.8, 4.6, None, 74.2, None, "80.0 top-1 with the DeiT recipe")),
+    ZooEntry("pit_s_max", "PiT-S-max", "pit_s_max", "pit",
+             _gdrive("pit_s_max", "1S9JJM2WGtDtpo-6Me7Ak74nJOlOeBKeH"), _imagenet(interpolation="bicubic"),
+             PaperFigures(25.1, 2.6, None, 75.7, None, "80.8 top-1 with the DeiT recipe")),
+    _demo("demo_r50", "resnet50_pf", "Demo R50 (scenes)"),
+    _demo("demo_r50_max", "resnet50_max", "Demo R50-max (scenes)"),
+    _demo("demo_r50_hybrid", "resnet50_hybrid", "Demo R50-hybrid (scenes)"),
+]
+
+ZOO: dict[str, ZooEntry] = {entry.id: entry for entry in _ENTRIES}
+IMAGENET_IDS = tuple(entry.id for entry in _ENTRIES if entry.classes == "imagenet")
+DEMO_IDS = tuple(entry.id for entry in _ENTRIES if entry.classes == "scenes")
+
+
+def ids() -> list[str]:
+    return list(ZOO)
+
+
+def get(model_id: str) -> ZooEntry:
+    try:
+        return ZOO[model_id]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {model_id!r}; known models: {', '.join(ZOO)}") from None
