@@ -1,0 +1,209 @@
+"""ViT-max: a ViT/16 whose odd-indexed blocks swap self-attention for a parameter-free max-pool "eff layer".
+
+Module names follow the official NAVER checkpoints (``patch_embed.proj``, ``pos_embed``, ``blocks.i.norm1``,
+``blocks.i.attn.qkv``, ``blocks.i.attn.proj``, ``blocks.i.norm2``, ``blocks.i.mlp.fc1/fc2``, ``norm``, ``head``)
+so they load with ``strict=True``. There is no class token: the head reads the average of the final tokens.
+
+The token mixers and the block are shared with :mod:`pfnet.pit`. Blocks work on tokens ``[N, h*w, C]`` and are
+told the token grid ``(h, w)`` by their caller, so non-square inputs work.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.models import register_model
+
+LN_EPS = 1e-6
+MLP_RATIO = 4.0
+
+Grid = tuple[int, int]
+
+
+def _grid_for(tokens: int, grid: Grid | None) -> Grid:
+    """The token grid: the one given, else a square one (only for callers that run a block on its own)."""
+    if grid is not None:
+        if grid[0] * grid[1] != tokens:
+            raise ValueError(f"grid {tuple(grid)} does not hold {tokens} tokens")
+        return grid
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{tokens} tokens are not a square grid; pass grid=(h, w)")
+    return side, side
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (timm layout: one ``qkv`` Linear with bias, then ``proj``)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [N, heads, T, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class EffLayer(nn.Module):
+    """Parameter-free token mixing: expand x3, GELU, 3x3 max-pool on the token grid, GELU, project back.
+
+    Kept under the attribute name ``attn`` (with ``qkv``/``proj`` Linears) to match the official key layout.
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None):
+        super().__init__()
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.act = nn.GELU()
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+        self.proj = nn.Linear(dim * 3, dim)
+
+    def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        height, width = _grid_for(tokens, grid)
+        y = self.act(self.qkv(x))  # [N, T, 3C]
+        y = y.transpose(1, 2).reshape(batch, -1, height, width)
+        y = self.pool(y).flatten(2).transpose(1, 2)
+        return self.proj(self.act(y))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``eff=True`` puts an :class:`EffLayer` where the attention would be."""
+
+    def __init__(self, dim: int, num_heads: int, eff: bool, mlp_ratio: float = MLP_RATIO):
+        super().__init__()
+        self.eff = eff
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = EffLayer(dim) if eff else Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), grid)
+        return x + self.mlp(self.norm2(x))
+
+
+def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = MLP_RATIO) -> nn.ModuleList:
+    """Even-indexed blocks attend, odd-indexed blocks use the eff layer."""
+    return nn.ModuleList(Block(dim, num_heads, eff=index % 2 == 1, mlp_ratio=mlp_ratio) for index in range(depth))
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """timm-style init: truncated-normal Linears (std 0.02), zero biases, unit LayerNorms."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.trunc_normal_(sub.weight, std=0.02)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # [N, C, h, w]
+
+
+class ViTMax(nn.Module):
+    """ViT without class token; blocks alternate attention / eff layer; GAP of the normed tokens -> ``head``."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, num_classes: int = 1000,
+                 embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = MLP_RATIO):
+        super().__init__()
+        height, width = _pair(img_size)
+        if height < patch_size or width < patch_size:
+            raise ValueError(f"img_size {img_size} is smaller than one {patch_size}px patch")
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.num_features = embed_dim
+        self.grid_size = (height // patch_size, width // patch_size)
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.head = nn.Linear(embed_dim, num_classes)
+        init_transformer_weights(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def _pos_embed(self, grid: Grid) -> torch.Tensor:
+        if tuple(grid) == self.grid_size:
+            return self.pos_embed
+        pos = self.pos_embed.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[N, 3, H, W]`` -> normed tokens ``[N, (H//p)*(W//p), C]``."""
+        x = self.patch_embed(x)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2) + self._pos_embed(grid)
+        for block in self.blocks:
+            x = block(x, grid)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.mean(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+VIT_SIZES = {
+    "vit_ti_max": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_s_max": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_b_max": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _build(name: str, pretrained: bool, kwargs: dict) -> ViTMax:
+    if pretrained:
+        raise ValueError("use pfnet.load(model_id) for pretrained weights; timm's pretrained flag is not wired")
+    allowed = {"num_classes", "img_size"}
+    # timm's create_model passes its own options (cache_dir, pretrained_cfg, ...): not ours to use.
+    return ViTMax(**VIT_SIZES[name], **{key: value for key, value in kwargs.items() if key in allowed})
+
+
+@register_model
+def vit_ti_max(pretrained: bool = False, **kwargs) -> ViTMax:
+    """ViT-Ti-max (dim 192, 12 blocks, 3 heads)."""
+    return _build("vit_ti_max", pretrained, kwargs)
+
+
+@register_model
+def vit_s_max(pretrained: bool = False, **kwargs) -> ViTMax:
+    """ViT-S-max (dim 384, 12 blocks, 6 heads)."""
+    return _build("vit_s_max", pretrained, kwargs)
+
+
+@register_model
+def vit_b_max(pretrained: bool = False, **kwargs) -> ViTMax:
+    """ViT-B-max (dim 768, 12 blocks, 12 heads)."""
+    return _build("vit_b_max", pretrained, kwargs)
