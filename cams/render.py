@@ -1,0 +1,262 @@
+"""Heatmaps -> pictures: colour maps, overlays on the original image, labelled comparison grids.
+
+``overlay`` maps a heatmap computed at the network's input resolution back through the preprocessing:
+the heatmap covers ``crop_box`` (the region of the original image the network saw, see
+``pfnet.preprocess``), so it is resampled onto that region of the *original* image. Outside the box
+the image is dimmed and left uncoloured, and the box is outlined: nothing is silently cropped away.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+Box = tuple[float, float, float, float]
+
+# name -> OpenCV colour map; the 256-entry RGB lookup tables are built once from OpenCV.
+COLORMAPS: dict[str, int] = {
+    "jet": cv2.COLORMAP_JET,
+    "turbo": cv2.COLORMAP_TURBO,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "inferno": cv2.COLORMAP_INFERNO,
+    "magma": cv2.COLORMAP_MAGMA,
+    "plasma": cv2.COLORMAP_PLASMA,
+    "hot": cv2.COLORMAP_HOT,
+    "bone": cv2.COLORMAP_BONE,
+}
+OUTSIDE_DIM = 0.4  # brightness kept outside the crop box
+BOX_COLOUR = (255, 255, 255)
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (20, 20, 20)
+MISSING_COLOUR = (230, 230, 230)
+
+__all__ = ["COLORMAPS", "colormap_lut", "colorize", "heatmap_on_image", "overlay", "GridGeometry",
+           "grid_geometry", "grid"]
+
+
+@lru_cache(maxsize=None)
+def colormap_lut(colormap: str) -> np.ndarray:
+    """The 256x3 uint8 RGB lookup table of a colour map in ``COLORMAPS``."""
+    if colormap not in COLORMAPS:
+        raise ValueError(f"unknown colormap {colormap!r}; expected one of {', '.join(COLORMAPS)}")
+    ramp = np.arange(256, dtype=np.uint8).reshape(256, 1)
+    bgr = cv2.applyColorMap(ramp, COLORMAPS[colormap]).reshape(256, 3)
+    lut = np.ascontiguousarray(bgr[:, ::-1])
+    lut.setflags(write=False)
+    return lut
+
+
+def _as_heatmap(heatmap) -> np.ndarray:
+    if hasattr(heatmap, "detach"):  # torch tensor
+        heatmap = heatmap.detach().cpu().numpy()
+    array = np.asarray(heatmap, dtype=np.float32)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {array.shape}")
+    return np.clip(np.nan_to_num(array, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+
+
+def colorize(heatmap, colormap: str = "jet") -> np.ndarray:
+    """HxW values in [0, 1] (clipped; NaN -> 0) -> HxWx3 uint8 RGB through ``colormap``."""
+    lut = colormap_lut(colormap)
+    index = np.rint(_as_heatmap(heatmap) * 255.0).astype(np.uint8)
+    return lut[index]
+
+
+def heatmap_on_image(heatmap, image_size: tuple[int, int], crop_box: Box | None = None) -> np.ndarray:
+    """Resample a heatmap (covering ``crop_box``) onto the whole image grid (w, h) -> HxW float32.
+
+    Pixel centres are mapped exactly (a box with fractional edges is fine); pixels outside the box take the
+    nearest edge value, so callers mask them with ``_box_mask``.
+    """
+    heat = _as_heatmap(heatmap)
+    width, height = image_size
+    left, top, right, bottom = _box(crop_box, image_size)
+    rows, cols = heat.shape
+    scale_x, scale_y = cols / (right - left), rows / (bottom - top)
+    # destination pixel centre (x + 0.5) -> heatmap coordinate u = (x + 0.5 - left) * scale; index = u - 0.5
+    matrix = np.array([[scale_x, 0.0, (0.5 - left) * scale_x - 0.5],
+                       [0.0, scale_y, (0.5 - top) * scale_y - 0.5]], dtype=np.float64)
+    return cv2.warpAffine(heat, matrix, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def _box(crop_box: Box | None, image_size: tuple[int, int]) -> Box:
+    width, height = image_size
+    if crop_box is None:
+        return (0.0, 0.0, float(width), float(height))
+    left, top, right, bottom = (float(value) for value in crop_box)
+    if not (right > left and bottom > top):
+        raise ValueError(f"crop_box must be (left, top, right, bottom) with right > left and bottom > top, "
+                         f"got {crop_box}")
+    return (left, top, right, bottom)
+
+
+def _box_mask(image_size: tuple[int, int], box: Box) -> np.ndarray:
+    """True where a pixel's centre lies inside the box."""
+    width, height = image_size
+    xs = np.arange(width) + 0.5
+    ys = np.arange(height) + 0.5
+    inside_x = (xs >= box[0]) & (xs < box[2])
+    inside_y = (ys >= box[1]) & (ys < box[3])
+    return inside_y[:, None] & inside_x[None, :]
+
+
+def overlay(image: Image.Image, heatmap, crop_box: Box | None = None, colormap: str = "jet",
+            opacity: float = 0.5) -> Image.Image:
+    """The heatmap blended onto ``image`` (RGB) at the original image's size.
+
+    ``heatmap`` is at the network's input resolution and covers ``crop_box`` (left, top, right, bottom) of
+    the original (None: the whole image). Inside the box: ``(1 - opacity) * image + opacity * colour``.
+    Outside it: the image dimmed, not coloured, with the box outlined.
+    """
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    size = rgb.size
+    box = _box(crop_box, size)
+    colours = colorize(heatmap_on_image(heatmap, size, box), colormap).astype(np.float32)
+    pixels = np.asarray(rgb, dtype=np.float32)
+    blended = (1.0 - opacity) * pixels + opacity * colours
+    covers_all = box[0] <= 0 and box[1] <= 0 and box[2] >= size[0] and box[3] >= size[1]
+    if not covers_all:
+        mask = _box_mask(size, box)[..., None]
+        blended = np.where(mask, blended, pixels * OUTSIDE_DIM)
+    result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
+    if not covers_all:
+        line = max(1, round(min(size) / 150))
+        outline = [round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1]
+        ImageDraw.Draw(result).rectangle(outline, outline=BOX_COLOUR, width=line)
+    return result
+
+
+# ---------------------------------------------------------------- grid
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_width(font, text: str) -> int:
+    if not text:
+        return 0
+    left, _, right, _ = font.getbbox(text)
+    return int(np.ceil(right - left))
+
+
+def _line_height(font) -> int:
+    _, top, _, bottom = font.getbbox("Ag|y")
+    return int(np.ceil(bottom - top)) + 4
+
+
+def _fit(font, text: str, width: int) -> str:
+    """``text`` shortened with an ellipsis to fit ``width`` pixels."""
+    if _text_width(font, text) <= width:
+        return text
+    while text and _text_width(font, text + "…") > width:
+        text = text[:-1]
+    return text + "…" if text else ""
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Where everything goes in ``grid``: all in pixels."""
+
+    rows: int
+    cols: int
+    cell_size: int
+    pad: int
+    label_width: int  # left margin holding the row labels
+    header_height: int  # top margin holding the column labels
+    caption_height: int  # below each cell
+    font_size: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        width = self.label_width + self.cols * (self.cell_size + self.pad) + self.pad
+        height = self.header_height + self.rows * (self.cell_size + self.caption_height + self.pad) + self.pad
+        return width, height
+
+    def cell_origin(self, row: int, col: int) -> tuple[int, int]:
+        """Top-left pixel of the cell square at (row, col)."""
+        x = self.label_width + self.pad + col * (self.cell_size + self.pad)
+        y = self.header_height + self.pad + row * (self.cell_size + self.caption_height + self.pad)
+        return x, y
+
+
+def grid_geometry(rows: int, cols: int, row_labels: Sequence[str] = (), cell_size: int = 224,
+                  caption_lines: int = 1, font_size: int | None = None) -> GridGeometry:
+    """The layout ``grid`` uses (exposed so callers and tests can find the cells)."""
+    if rows < 1 or cols < 1 or cell_size < 16:
+        raise ValueError("grid needs at least one row, one column and cell_size >= 16")
+    font_size = font_size or max(10, min(18, cell_size // 14))
+    font = _font(font_size)
+    pad = max(4, cell_size // 28)
+    widest = max((_text_width(font, label) for label in row_labels), default=0)
+    label_width = min(widest, 2 * cell_size) + 2 * pad if widest else 0
+    header_height = _line_height(font) + pad
+    caption_height = caption_lines * _line_height(font) + pad // 2
+    return GridGeometry(rows, cols, cell_size, pad, label_width, header_height, caption_height, font_size)
+
+
+def _thumbnail(image: Image.Image, side: int) -> Image.Image:
+    thumb = image.convert("RGB")
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=None)
+    return thumb
+
+
+def grid(cells: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str] = (),
+         col_labels: Sequence[str] = (), captions: Sequence[Sequence[str]] | None = None,
+         cell_size: int = 224) -> Image.Image:
+    """A labelled comparison sheet: rows (e.g. models) x columns (e.g. layers).
+
+    Each image is fitted into a ``cell_size`` square (aspect kept, centred); ``None`` draws an empty "n/a"
+    cell. Row labels go in a left margin, column labels above the first row, ``captions[r][c]`` (e.g.
+    class and probability; "\\n" for a second line) under each cell. Long texts are shortened with "…".
+    """
+    rows = len(cells)
+    cols = max((len(row) for row in cells), default=0)
+    if rows == 0 or cols == 0:
+        raise ValueError("grid needs at least one cell")
+    if row_labels and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    if col_labels and len(col_labels) != cols:
+        raise ValueError(f"{len(col_labels)} column labels for {cols} columns")
+    captions = captions or [[""] * cols for _ in range(rows)]
+    lines = max([1] + [len(str(text).split("\n")) for row in captions for text in row])
+    geometry = grid_geometry(rows, cols, row_labels, cell_size, caption_lines=lines)
+    font = _font(geometry.font_size)
+    line_height = _line_height(font)
+    sheet = Image.new("RGB", geometry.size, BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    pad = geometry.pad
+    for col, label in enumerate(col_labels):
+        x, _ = geometry.cell_origin(0, col)
+        text = _fit(font, str(label), cell_size)
+        draw.text((x + (cell_size - _text_width(font, text)) // 2, pad // 2), text, fill=TEXT_COLOUR, font=font)
+    for row in range(rows):
+        if row_labels:
+            _, y = geometry.cell_origin(row, 0)
+            text = _fit(font, str(row_labels[row]), geometry.label_width - 2 * pad)
+            draw.text((pad, y + (cell_size - line_height) // 2), text, fill=TEXT_COLOUR, font=font)
+        for col in range(cols):
+            x, y = geometry.cell_origin(row, col)
+            image = cells[row][col] if col < len(cells[row]) else None
+            if image is None:
+                draw.rectangle([x, y, x + cell_size - 1, y + cell_size - 1], fill=MISSING_COLOUR)
+                width = _text_width(font, "n/a")
+                draw.text((x + (cell_size - width) // 2, y + (cell_size - line_height) // 2), "n/a",
+                          fill=TEXT_COLOUR, font=font)
+            else:
+                thumb = _thumbnail(image, cell_size)
+                sheet.paste(thumb, (x + (cell_size - thumb.width) // 2, y + (cell_size - thumb.height) // 2))
+            row_captions = captions[row] if row < len(captions) else []
+            caption = str(row_captions[col]) if col < len(row_captions) else ""
+            for index, part in enumerate(caption.split("\n")[:lines]):
+                text = _fit(font, part, cell_size)
+                draw.text((x + (cell_size - _text_width(font, text)) // 2, y + cell_size + index * line_height),
+                          text, fill=TEXT_COLOUR, font=font)
+    return sheet
