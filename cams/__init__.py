@@ -1,0 +1,28 @@
+"""pfcam's CAM workbench: explainable layers of the pfnet models and the one-pass CAM engine.
+
+``cams.explain(model, images, layers, method, targets, class_names, batch_size) -> Explanation``; the other
+modules (``cams.images``, ``cams.render``, ``cams.export``, ``cams.metrics``) are imported on their own.
+"""
+from cams.engine import GRADIENT_METHODS, METHODS, Explanation, MethodError, TargetError, explain, normalise
+from cams.layers import (
+    CamError,
+    LayerError,
+    LayerSpec,
+    available_layers,
+    canonical,
+    default_layer,
+    default_layers,
+    family_of,
+    layer_names,
+    layer_spec,
+    resolve,
+    to_grid,
+    token_grid,
+)
+
+__all__ = [
+    "explain", "Explanation", "METHODS", "GRADIENT_METHODS", "normalise",
+    "CamError", "LayerError", "MethodError", "TargetError",
+    "LayerSpec", "available_layers", "layer_names", "layer_spec", "canonical", "default_layer", "default_layers",
+    "family_of", "resolve", "to_grid", "token_grid",
+]

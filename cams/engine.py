@@ -1,0 +1,430 @@
+"""The CAM engine: heatmaps for many layers and targets from one forward pass and one ``torch.autograd.grad``.
+
+How a call works (``explain``):
+
+1. Forward hooks (registered for this call only, removed in ``finally``) record the output of every requested
+   layer. They fire only for the thread that registered them, so one model can serve several threads.
+2. The forward runs under ``torch.no_grad()``. For gradient methods the first requested layer's hook turns
+   gradient recording on and hands the rest of the network a detached copy of its output that requires grad:
+   nothing before the shallowest requested layer is recorded, no parameter or input gets a gradient, and the
+   model's ``requires_grad`` flags, mode and hooks are never changed (the grad mode is thread-local and
+   restored when the forward returns or raises).
+3. One ``torch.autograd.grad`` call takes the gradients of the selected logits (summed over images) with
+   respect to the recorded activations only; with several targets per image the one-hot ``grad_outputs`` are
+   stacked and sent in the same call with ``is_grads_batched=True``. No parameter ``.grad`` is touched and no
+   weight gradient is computed.
+4. Per-method weighting (the maths of pytorch-grad-cam 1.5.x, done in torch), ReLU, per-map min-max,
+   bilinear upsampling to the input size and a second min-max, exactly as ``BaseCAM`` does for one layer.
+
+Score-CAM additionally runs the masked inputs (``batch_size`` at a time, under ``no_grad``); Eigen-CAM and CAM
+need no gradients at all.
+
+The model is used as it is: pass it in eval mode (``pfnet.load`` returns it so); ``explain`` neither switches
+the mode nor changes anything else on it.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
+
+METHODS: dict[str, str] = {
+    "gradcam": "Grad-CAM",
+    "gradcampp": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "eigencam": "Eigen-CAM",
+    "scorecam": "Score-CAM",
+    "cam": "CAM (fc weights)",
+}
+GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"})
+
+# The constants pytorch-grad-cam uses (base_cam / utils.image / grad_cam_plusplus / xgrad_cam / score_cam).
+NORM_EPS = 1e-7
+GRADCAMPP_EPS = 1e-6
+XGRADCAM_EPS = 1e-7
+SCORECAM_EPS = 1e-8
+
+
+class MethodError(CamError):
+    """An unknown method, or a method that does not apply to the requested layer or model."""
+
+
+class TargetError(CamError):
+    """Targets that cannot be used (bad k, unknown class id or name)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Heatmaps for every image x target x layer, in [0, 1], at the input's resolution (CPU tensors).
+
+    ``heatmaps`` float32 ``[N, T, L, H, W]``; ``targets`` int64 ``[N, T]`` (class ids, per image);
+    ``probs`` float32 ``[N, num_classes]``, the softmax of the forward pass the heatmaps come from.
+    """
+
+    heatmaps: torch.Tensor
+    targets: torch.Tensor
+    probs: torch.Tensor
+    layers: tuple[str, ...]
+    method: str
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def method_label(self) -> str:
+        return METHODS[self.method]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.heatmaps.shape[0])
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.heatmaps.shape[1])
+
+    def layer_index(self, layer: str | int) -> int:
+        if isinstance(layer, int):
+            if not -len(self.layers) <= layer < len(self.layers):
+                raise IndexError(f"layer index {layer} out of range for {len(self.layers)} layers")
+            return layer % len(self.layers)
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise LayerError(f"layer {layer!r} was not explained; explained layers: {', '.join(self.layers)}") from None
+
+    def heatmap(self, image: int = 0, target: int = 0, layer: str | int = 0) -> np.ndarray:
+        """One heatmap ``[H, W]`` float32 in [0, 1] (``target`` is the position in ``targets[image]``)."""
+        return self.heatmaps[image, target, self.layer_index(layer)].numpy()
+
+    def target_probs(self) -> torch.Tensor:
+        """``[N, T]``: the probability of each explained target."""
+        return self.probs.gather(1, self.targets)
+
+    def target_name(self, image: int = 0, target: int = 0) -> str:
+        class_id = int(self.targets[image, target])
+        if self.class_names is not None and 0 <= class_id < len(self.class_names):
+            return self.class_names[class_id]
+        return str(class_id)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _check_method(model: nn.Module, method: str, layers: Sequence[str]) -> None:
+    if method not in METHODS:
+        raise MethodError(f"unknown CAM method {method!r}; known methods: "
+                          + ", ".join(f"{key} ({label})" for key, label in METHODS.items()))
+    if method == "cam":
+        fc = getattr(model, "fc", None)
+        if family_of(model) != "resnet" or not isinstance(fc, nn.Linear):
+            raise MethodError(f"CAM needs a network that ends in global average pooling + fc (the ResNets); "
+                              f"{type(model).__name__} does not")
+        final = [name for name in (f"layer{index}" for index in range(1, 10)) if hasattr(model, name)][-1]
+        for name in layers:
+            if canonical(model, name) != final:
+                raise MethodError(f"CAM applies only to the final feature map ({final!r}, the same tensor as "
+                                  f"{final}.{len(getattr(model, final)) - 1!s}); not to {name!r}. Use a "
+                                  f"gradient method (e.g. 'gradcam') for other layers")
+
+
+def _target_plan(targets, class_names, num_classes: int | None) -> tuple[int | None, list[int] | None]:
+    """(k, None) for top-k, (None, ids) for explicit classes."""
+    if targets is None:
+        return 1, None
+    if isinstance(targets, bool):
+        raise TargetError("targets must be None, an int k (top-k) or a list of class ids / names")
+    if isinstance(targets, (int, np.integer)):
+        k = int(targets)
+        if k < 1 or (num_classes is not None and k > num_classes):
+            raise TargetError(f"top-k needs 1 <= k <= {num_classes or 'num_classes'}; got {k}")
+        return k, None
+    if isinstance(targets, str):
+        targets = [targets]
+    if isinstance(targets, torch.Tensor):
+        targets = targets.flatten().tolist()
+    ids: list[int] = []
+    for item in targets:
+        if isinstance(item, str):
+            if class_names is None:
+                raise TargetError(f"target {item!r} is a class name; pass class_names to look it up")
+            try:
+                ids.append(list(class_names).index(item))
+            except ValueError:
+                raise TargetError(f"unknown class name {item!r}") from None
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            ids.append(int(item))
+        else:
+            raise TargetError(f"a target must be a class id or name; got {item!r}")
+    if not ids:
+        raise TargetError("targets is an empty list")
+    if num_classes is not None:
+        bad = [class_id for class_id in ids if not 0 <= class_id < num_classes]
+        if bad:
+            raise TargetError(f"class ids {bad} are out of range for {num_classes} classes")
+    return None, ids
+
+
+# ------------------------------------------------------------------------------------------------ capture
+class _Capture:
+    """Forward hooks that record the requested layers' outputs of this thread's forward passes only."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.owner = threading.get_ident()
+        self.groups: list[tuple[nn.Module, list[str]]] = []
+        for name, module in modules.items():
+            for held, names in self.groups:
+                if held is module:
+                    names.append(name)
+                    break
+            else:
+                self.groups.append((module, [name]))
+        self.handles: list = []
+        self.active = False
+        self.want_grad = False
+        self.grad_started = False
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> "_Capture":
+        try:
+            for module, names in self.groups:
+                self.handles.append(module.register_forward_hook(self._hook(names)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.remove()
+        self.outputs = {}
+        self.active = False
+
+    def _hook(self, names: list[str]):
+        def hook(module, inputs, output):
+            if not self.active or threading.get_ident() != self.owner:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise LayerError(f"layer {names[0]!r} does not output a tensor ({type(output).__name__})")
+            if names[0] in self.outputs:
+                raise LayerError(f"layer {names[0]!r} runs more than once per forward pass; cannot explain it")
+            replaced = None
+            if self.want_grad and not self.grad_started:
+                # Shallowest requested layer: start recording here, on a leaf that aliases the output.
+                self.grad_started = True
+                torch.set_grad_enabled(True)
+                output = replaced = output.detach().requires_grad_(True)
+            for name in names:
+                self.outputs[name] = output
+            return replaced
+
+        return hook
+
+    def run(self, model: nn.Module, images: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, dict]:
+        self.outputs = {}
+        self.want_grad = want_grad
+        self.grad_started = False
+        self.active = True
+        try:
+            with torch.no_grad():  # restores this thread's grad mode whatever the hooks did
+                logits = model(images)
+        finally:
+            self.active = False
+        outputs, self.outputs = self.outputs, {}
+        missing = [name for _, names in self.groups for name in names if name not in outputs]
+        if missing:
+            raise LayerError(f"layers {missing} did not run in the forward pass")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise CamError(f"the model must return logits [N, num_classes]; got {getattr(logits, 'shape', logits)}")
+        return logits, outputs
+
+
+# ------------------------------------------------------------------------------------------------ maths
+def _gradients(logits: torch.Tensor, class_ids: torch.Tensor, activations: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(sum_i logits[i, class_ids[i, t]]) / d(activation) for every t: ``[T, *activation.shape]`` each."""
+    unique: list[torch.Tensor] = []
+    for tensor in activations:
+        if not any(tensor is seen for seen in unique):
+            unique.append(tensor)
+    count = class_ids.shape[1]
+    if count == 1:
+        score = logits.gather(1, class_ids).sum()
+        grads = torch.autograd.grad(score, unique, allow_unused=True)
+        grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
+    else:
+        one_hot = torch.zeros((count, *logits.shape), dtype=logits.dtype, device=logits.device)
+        one_hot.scatter_(2, class_ids.t().unsqueeze(2), 1.0)
+        grads = torch.autograd.grad(logits, unique, grad_outputs=one_hot, is_grads_batched=True, allow_unused=True)
+    result = []
+    for tensor in activations:
+        index = next(position for position, seen in enumerate(unique) if seen is tensor)
+        grad = grads[index]
+        result.append(torch.zeros((count, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+                      if grad is None else grad)
+    return result
+
+
+def _grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """acts ``[n, C, h, w]``, grads ``[T, n, C, h, w]`` -> raw maps ``[T, n, h, w]`` (before ReLU)."""
+    if method == "gradcam":
+        weights = grads.mean(dim=(3, 4))
+        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+    if method == "hirescam":
+        return (grads * acts).sum(dim=2)
+    if method == "layercam":
+        return (grads.clamp_min(0) * acts).sum(dim=2)
+    sum_acts = acts.sum(dim=(2, 3))[:, :, None, None]
+    if method == "xgradcam":
+        weights = (grads * acts / (sum_acts + XGRADCAM_EPS)).sum(dim=(3, 4))
+        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+    if method == "gradcampp":
+        grads2 = grads * grads
+        grads3 = grads2 * grads
+        alpha = grads2 / (2 * grads2 + sum_acts * grads3 + GRADCAMPP_EPS)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        weights = (grads.clamp_min(0) * alpha).sum(dim=(3, 4))
+        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+    raise MethodError(f"{method!r} is not a gradient method")
+
+
+def _eigen_cam_maps(acts: torch.Tensor, count: int) -> torch.Tensor:
+    # pytorch-grad-cam's projection on the first principal component (numpy SVD, so the sign convention and
+    # hence the map after ReLU are identical to its EigenCAM).
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    projection = get_2d_projection(acts.detach().float().cpu().numpy())
+    maps = torch.from_numpy(projection).to(acts.device)
+    return maps.unsqueeze(0).expand(count, *maps.shape)
+
+
+def _fc_cam_maps(model: nn.Module, acts: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    weights = model.fc.weight.detach()[class_ids]  # [n, T, C]
+    return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)
+
+
+def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, class_ids: torch.Tensor,
+                    batch_size: int) -> torch.Tensor:
+    """Score-CAM as pytorch-grad-cam computes it: each channel, upsampled (align_corners=True) and min-max
+    scaled, masks the input; the target logits of the masked inputs, softmaxed over channels, weight the maps."""
+    size = images.shape[-2:]
+    count, channels = acts.shape[0], acts.shape[1]
+    scores = torch.empty((count, class_ids.shape[1], channels), dtype=torch.float32, device=acts.device)
+    with torch.no_grad():
+        for index in range(count):
+            for start in range(0, channels, batch_size):
+                chunk = acts[index, start:start + batch_size].unsqueeze(1)
+                masks = F.interpolate(chunk, size=size, mode="bilinear", align_corners=True)
+                flat = masks.flatten(1)
+                low = flat.min(dim=1).values[:, None, None, None]
+                high = flat.max(dim=1).values[:, None, None, None]
+                masks = (masks - low) / (high - low + SCORECAM_EPS)
+                logits = model(images[index:index + 1] * masks)
+                scores[index, :, start:start + chunk.shape[0]] = logits[:, class_ids[index]].t().float()
+    weights = torch.softmax(scores, dim=-1)  # [n, T, C]
+    return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map ``(x - min) / (1e-7 + max(x - min))`` over the last two dims."""
+    flat = maps.flatten(-2)
+    flat = flat - flat.amin(dim=-1, keepdim=True)
+    flat = flat / (NORM_EPS + flat.amax(dim=-1, keepdim=True))
+    return flat.view(maps.shape)
+
+
+def normalise(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Raw maps ``[..., h, w]`` -> heatmaps ``[..., H, W]`` in [0, 1], as pytorch-grad-cam post-processes one layer:
+    ReLU, min-max, bilinear resize (``cv2.resize`` INTER_LINEAR == align_corners=False), ReLU, min-max."""
+    lead = maps.shape[:-2]
+    maps = _min_max(maps.float().clamp_min(0)).reshape(-1, 1, *maps.shape[-2:])
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return _min_max(maps.clamp_min_(0)).reshape(*lead, *size)
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
+            targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32) -> Explanation:
+    """Heatmaps of ``method`` for every image x target x layer.
+
+    ``images``: a preprocessed batch ``[N, 3, H, W]`` (moved to the model's device if it is elsewhere).
+    ``layers``: names from :func:`cams.layers.available_layers`. ``targets``: None (each image's top-1 class),
+    an int k (each image's top-k) or a list of class ids / names (names need ``class_names``), the same for
+    every image. ``batch_size``: images per forward pass, and masked inputs per forward pass for Score-CAM.
+    """
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise LayerError("no layers requested")
+    modules = {name: resolve(model, name) for name in layers}
+    _check_method(model, method, layers)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise CamError(f"images must be a float tensor [N, 3, H, W]; got "
+                       f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CamError(f"batch_size must be a positive int; got {batch_size!r}")
+    num_classes = getattr(model, "num_classes", None)
+    num_classes = num_classes if isinstance(num_classes, int) else None
+    top_k, fixed_ids = _target_plan(targets, class_names, num_classes)
+
+    parameter = next(model.parameters(), None)
+    with torch.inference_mode(False):
+        if parameter is not None and images.device != parameter.device:
+            images = images.to(parameter.device)
+        if images.is_inference():
+            images = images.clone()
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        count = images.shape[0]
+        n_targets = top_k if top_k is not None else len(fixed_ids)
+        heatmaps = torch.empty((count, n_targets, len(layers), *size), dtype=torch.float32)
+        all_ids = torch.empty((count, n_targets), dtype=torch.int64)
+        all_probs: list[torch.Tensor] = []
+        want_grad = method in GRADIENT_METHODS
+        with _Capture(modules) as capture:
+            for start in range(0, count, batch_size):
+                batch = images[start:start + batch_size]
+                logits, outputs = capture.run(model, batch, want_grad)
+                classes = logits.shape[1]
+                if top_k is not None and top_k > classes:
+                    raise TargetError(f"top-{top_k} asked of a model with {classes} classes")
+                if fixed_ids is not None and max(fixed_ids) >= classes:
+                    raise TargetError(f"class ids {fixed_ids} are out of range for {classes} classes")
+                detached = logits.detach()
+                if top_k is not None:
+                    class_ids = detached.topk(top_k, dim=1).indices
+                else:
+                    class_ids = torch.tensor(fixed_ids, dtype=torch.int64, device=logits.device).expand(
+                        logits.shape[0], -1).contiguous()
+                all_ids[start:start + batch.shape[0]] = class_ids.cpu()
+                all_probs.append(torch.softmax(detached.float(), dim=1).cpu())
+                acts = [outputs[name] for name in layers]
+                grads = _gradients(logits, class_ids, acts) if want_grad else None
+                del logits, outputs
+                for position, name in enumerate(layers):
+                    act = to_grid(model, name, acts[position].detach(), size)
+                    if want_grad:
+                        grad = grads[position]
+                        grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
+                        raw = _grad_cam_maps(method, act, grad)
+                    elif method == "eigencam":
+                        raw = _eigen_cam_maps(act, n_targets)
+                    elif method == "cam":
+                        raw = _fc_cam_maps(model, act, class_ids)
+                    else:
+                        raw = _score_cam_maps(model, batch, act, class_ids, batch_size)
+                    maps = normalise(raw, size)  # [T, n, H, W]
+                    heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
+                del acts, grads
+    return Explanation(
+        heatmaps=heatmaps, targets=all_ids, probs=torch.cat(all_probs), layers=tuple(layers), method=method,
+        class_names=tuple(class_names) if class_names is not None else None,
+    )
