@@ -10,3 +10,7 @@ from pfnet.profile import count_macs, count_params, measure_latency_ms  # noqa: 
 
 __all__ += ["ViTMax", "vit_ti_max", "vit_s_max", "vit_b_max", "PiTMax", "pit_ti_max", "pit_s_max", "pit_b_max",
             "count_params", "count_macs", "measure_latency_ms"]
+from pfnet import zoo  # noqa: E402,F401  (the model catalogue)
+from pfnet.weights import load, select_device  # noqa: E402
+
+__all__ += ["zoo", "load", "select_device"]

@@ -1,0 +1,27 @@
+"""Shared pytest fixtures: no test touches the network or the user's cache unless it asks to."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from anywhere without installing the package
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run offline (PFCAM_OFFLINE=1), as docs/INTERFACES.md promises; a test may delenv it."""
+    monkeypatch.setenv("PFCAM_OFFLINE", "1")
+
+
+@pytest.fixture
+def pfcam_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty checkpoint cache (PFCAM_CACHE) of the test's own, offline."""
+    cache = tmp_path / "pfcam-cache"
+    cache.mkdir()
+    monkeypatch.setenv("PFCAM_CACHE", str(cache))
+    monkeypatch.setenv("PFCAM_OFFLINE", "1")
+    return cache
