@@ -1,0 +1,453 @@
+"""cams.export: folder layout, manifest, bad inputs, re-runs, safety; and ``python -m cams export``.
+
+A tiny PFResNet (width 0.25, 10 classes, 64 px input) behind a fake zoo entry keeps every run to seconds.
+All test images, good and bad, are generated here.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cams.engine
+from cams.export import MANIFEST_COLUMNS, ExportError, collect_inputs, run_export, safe_name, zip_directory
+from pfnet import PFResNet
+from pfnet.preprocess import Preprocess
+
+CLASSES = [f"shape {i}" for i in range(10)]
+
+
+@dataclass
+class FakeEntry:
+    """What run_export needs of a zoo entry."""
+
+    id: str = "tiny"
+    name: str = "Tiny R50"
+    preprocess: Preprocess = field(default_factory=lambda: Preprocess(64, 64))
+
+    def class_names(self) -> list[str]:
+        return list(CLASSES)
+
+
+def tiny(variant: str = "conv", seed: int = 0) -> PFResNet:
+    torch.manual_seed(seed)
+    return PFResNet(variant, num_classes=10, width_mult=0.25).eval()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return {"tiny": (tiny(), FakeEntry())}
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def rotated_jpeg() -> bytes:
+    """Stored 60x30, EXIF orientation 6: upright it is 30x60."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(noise(60, 30, 7), "JPEG", exif=exif.tobytes())
+
+
+GOOD = {  # relative path -> upright (width, height)
+    "rgb.png": (48, 40),
+    "photo.jpg": (70, 50),
+    "deep16.png": (40, 40),
+    "cmyk.jpg": (36, 30),
+    "rgba.png": (40, 32),
+    "gray.png": (30, 44),
+    "rotated.jpg": (30, 60),
+    "sub/dir/nested.webp": (50, 50),
+}
+BAD = {"empty.png": "empty file", "truncated.png": "truncated or corrupt", "fake.jpg": "not an image"}
+UPLOAD_NAME = "../../escape.png"
+
+
+def make_inputs(folder: Path) -> None:
+    (folder / "sub" / "dir").mkdir(parents=True)
+    noise(48, 40, 1).save(folder / "rgb.png")
+    noise(70, 50, 2).save(folder / "photo.jpg", quality=90)
+    Image.fromarray((np.arange(1600, dtype=np.uint16).reshape(40, 40) * 40)).save(folder / "deep16.png")
+    Image.new("CMYK", (36, 30), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    rgba = noise(40, 32, 3).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((40, 32)))
+    rgba.save(folder / "rgba.png")
+    noise(30, 44, 4).convert("L").save(folder / "gray.png")
+    (folder / "rotated.jpg").write_bytes(rotated_jpeg())
+    noise(50, 50, 5).save(folder / "sub" / "dir" / "nested.webp")
+    (folder / "empty.png").write_bytes(b"")
+    whole = encode(noise(64, 64, 6), "PNG")
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "fake.jpg").write_text("this is not a JPEG\n")
+    (folder / "notes.txt").write_text("a text file\n")
+
+
+def upload() -> tuple[str, bytes]:
+    return UPLOAD_NAME, encode(noise(40, 30, 9), "PNG")
+
+
+def folder_for(stem: str, key: str) -> str:
+    return f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def expected_folders(inputs: Path) -> dict[str, str]:
+    """label -> image folder, computed from the documented layout."""
+    folders = {str(inputs / rel): folder_for(Path(rel).stem, str((inputs / rel).resolve())) for rel in GOOD}
+    name, data = upload()
+    folders[name] = folder_for("escape", f"upload:{name}:{hashlib.sha256(data).hexdigest()}")
+    return folders
+
+
+def tree(folder: Path) -> dict[str, int]:
+    return {path.relative_to(folder).as_posix(): path.stat().st_mtime_ns
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+class CountingExplain:
+    """Wraps cams.engine.explain and records the batch sizes it was called with."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[int] = []
+        self.real = cams.engine.explain
+        monkeypatch.setattr(cams.engine, "explain", self)
+
+    def __call__(self, model, images, *args, **kwargs):
+        self.calls.append(int(images.shape[0]))
+        return self.real(model, images, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, models):
+    base = tmp_path_factory.mktemp("export")
+    inputs = base / "in"
+    inputs.mkdir()
+    make_inputs(inputs)
+    before = tree(inputs)
+    calls = []
+    report = run_export([inputs, upload()], base / "out", models, method="gradcam", topk=1, batch_size=4,
+                        progress=lambda done, total, message: calls.append((done, total, message)))
+    return base, inputs, before, report, calls
+
+
+def test_folder_of_good_and_bad_images_gives_exactly_the_expected_files(first_run):
+    base, inputs, _, report, _ = first_run
+    out = base / "out"
+    folders = expected_folders(inputs)
+    assert report.ok and report.processed == 9
+    assert {row["image"] for row in report.rows} == set(folders)
+    assert len(report.rows) == 9 * 2  # default layers of a ResNet: layer3, layer4; top-1
+    expected = {"manifest.json", "manifest.csv"}
+    for label, folder in folders.items():
+        rows = [row for row in report.rows if row["image"] == label]
+        assert [row["layer"] for row in rows] == ["layer3", "layer4"]
+        for row in rows:
+            assert row["image_dir"] == folder and row["model"] == "tiny" and row["method"] == "gradcam"
+            assert row["rank"] == 1 and row["status"] == "computed"
+            assert row["class_name"] == CLASSES[row["class_id"]] and 0.0 <= row["probability"] <= 1.0
+            stem = f"{folder}/tiny/{row['layer']}__gradcam__top1-{safe_name(row['class_name'])}"
+            assert (row["overlay"], row["heatmap"]) == (stem + ".png", stem + ".npy")
+            assert row["grid"] == f"{folder}/grid__gradcam__top1.png"
+            expected |= {row["overlay"], row["heatmap"], row["grid"]}
+        expected.add(f"{folder}/tiny/results__gradcam.json")
+    assert set(tree(out)) == expected
+    assert sorted(report.files) == sorted(expected - {"manifest.json", "manifest.csv"})
+
+
+def test_bad_and_unsupported_inputs_are_listed_with_reasons(first_run):
+    base, inputs, _, report, _ = first_run
+    reasons = {item["input"]: item["reason"] for item in report.skipped}
+    assert set(reasons) == {str(inputs / name) for name in BAD} | {str(inputs / "notes.txt")}
+    for name, reason in BAD.items():
+        assert reasons[str(inputs / name)].startswith(reason)
+    assert "not a supported image type (.txt)" in reasons[str(inputs / "notes.txt")]
+    manifest = json.loads((base / "out" / "manifest.json").read_text())
+    assert {item["input"]: item["reason"] for item in manifest["skipped"]} == reasons
+    bad_images = [image for image in manifest["images"] if image["status"] == "bad"]
+    assert {image["input"] for image in bad_images} == {str(inputs / name) for name in BAD}
+
+
+def test_manifest_json_and_csv(first_run):
+    base, _, _, report, _ = first_run
+    manifest = json.loads((base / "out" / "manifest.json").read_text())
+    assert {"pfcam", "torch", "timm"} <= set(manifest["versions"])
+    assert manifest["versions"]["torch"] == torch.__version__
+    settings = manifest["settings"]
+    assert settings["method"] == "gradcam" and settings["topk"] == 1 and settings["mode"] == "full"
+    assert settings["models"]["tiny"]["layers"] == ["layer3", "layer4"]
+    assert manifest["started_at"] <= manifest["finished_at"]
+    assert manifest["columns"] == list(MANIFEST_COLUMNS)
+    assert [{key: row[key] for key in MANIFEST_COLUMNS} for row in manifest["rows"]] == \
+        [{key: row[key] for key in MANIFEST_COLUMNS} for row in report.rows]
+    assert all(row["input_size"] == 64 and len(row["crop_box"]) == 4 for row in manifest["rows"])
+    with open(base / "out" / "manifest.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(report.rows)
+    assert rows[0]["overlay"] == report.rows[0]["overlay"] and rows[0]["status"] == "computed"
+    upload_rows = [row for row in rows if row["image"].endswith("escape.png")]
+    assert upload_rows and upload_rows[0]["image"] == UPLOAD_NAME
+
+
+def test_outputs_have_the_documented_content(first_run):
+    base, inputs, _, report, _ = first_run
+    out = base / "out"
+    by_image = {row["image"]: row for row in report.rows if row["layer"] == "layer4"}
+    for label, row in by_image.items():
+        heat = np.load(out / row["heatmap"], allow_pickle=False)
+        assert heat.dtype == np.float32 and heat.shape == (64, 64)
+        assert 0.0 <= heat.min() and heat.max() <= 1.0
+        size = GOOD[str(Path(label).relative_to(inputs))] if label != UPLOAD_NAME else (40, 30)
+        assert Image.open(out / row["overlay"]).size == size  # original (upright) size
+    rotated = by_image[str(inputs / "rotated.jpg")]
+    assert Image.open(out / rotated["overlay"]).size == (30, 60)
+    grid_image = Image.open(out / rotated["grid"])
+    assert grid_image.width > 2 * 224 and grid_image.height > 224  # one row (model), two columns (layers)
+
+
+def test_nothing_is_written_outside_the_output_folder(first_run):
+    base, inputs, before, _, _ = first_run
+    assert sorted(path.name for path in base.iterdir()) == ["in", "out"]
+    assert tree(inputs) == before
+    names = list(tree(base / "out"))
+    assert all(".." not in Path(name).parts for name in names)
+    assert any(name.startswith("escape-") for name in names)
+
+
+def test_progress_counts_image_model_steps(first_run):
+    *_, calls = first_run
+    assert calls[0][:2] == (0, 12)  # 11 image files (3 of them bad) + 1 upload, x 1 model
+    assert calls[-1][0] == calls[-1][1] == 12
+    assert [done for done, _, _ in calls] == sorted(done for done, _, _ in calls)
+
+
+def test_images_go_through_in_batches(tmp_path, models, monkeypatch):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    make_inputs(inputs)
+    counter = CountingExplain(monkeypatch)
+    two = dict(models)
+    two["tiny_max"] = (tiny("max", 1), FakeEntry("tiny_max", "Tiny R50-max"))
+    report = run_export([inputs, upload()], tmp_path / "out", two, layers=["layer4"], batch_size=4)
+    assert counter.calls == [4, 4, 4, 4, 1, 1]  # per batch: one call per model, all layers and targets
+    assert len(report.rows) == 9 * 2
+    grid_row = report.rows[0]
+    assert Image.open(tmp_path / "out" / grid_row["grid"]).height > Image.open(
+        tmp_path / "out" / grid_row["overlay"]).height  # grid: 2 rows of cells
+
+
+def test_rerun_skips_what_is_done_and_overwrite_recomputes(first_run, tmp_path, models, monkeypatch):
+    base, inputs, *_ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(base / "out", out)
+    before = tree(out)
+    counter = CountingExplain(monkeypatch)
+    again = run_export([inputs, upload()], out, models, batch_size=4)
+    assert counter.calls == []
+    assert again.files == [] and again.processed == 9
+    assert {row["status"] for row in again.rows} == {"existing"}
+    assert [(row["image"], row["overlay"]) for row in again.rows] == \
+        [(row["image"], row["overlay"]) for row in first_run[3].rows]
+    after = tree(out)
+    assert {name: stamp for name, stamp in after.items() if not name.startswith("manifest")} == \
+        {name: stamp for name, stamp in before.items() if not name.startswith("manifest")}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["rows"]) == 18 and len(manifest["skipped"]) == 4
+
+    # one missing heatmap: only that image is recomputed, only the missing file is written
+    victim = again.rows[3]["heatmap"]
+    (out / victim).unlink()
+    partial = run_export([inputs, upload()], out, models, batch_size=4)
+    assert counter.calls == [1]
+    folder = victim.split("/")[0]
+    assert sorted(partial.files) == sorted([victim, f"{folder}/tiny/results__gradcam.json",
+                                            f"{folder}/grid__gradcam__top1.png"])
+    assert sorted(row["status"] for row in partial.rows).count("computed") == 1
+
+    overwritten = run_export([inputs, upload()], out, models, batch_size=4, overwrite=True)
+    assert counter.calls == [1, 4, 4, 1]
+    assert {row["status"] for row in overwritten.rows} == {"computed"}
+    changed = tree(out)
+    assert all(changed[name] != after[name] for name in after if name.endswith(".png") and name != victim)
+
+
+def test_other_settings_are_kept_and_flagged_without_overwrite(first_run, tmp_path, models):
+    base, inputs, *_ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(base / "out", out)
+    report = run_export([inputs / "rgb.png"], out, models, colormap="viridis")
+    assert {row["status"] for row in report.rows} == {"stale"} and report.files == []
+    assert any("other settings" in warning for warning in report.warnings)
+
+
+def test_topk_and_unknown_layers(tmp_path, models):
+    source = ("cat.png", encode(noise(40, 40), "PNG"))
+    report = run_export([source], tmp_path / "out", models, layers=["layer4", "nope"], topk=2)
+    assert any("'nope'" in warning and "tiny" in warning for warning in report.warnings)
+    assert [(row["layer"], row["rank"]) for row in report.rows] == [("layer4", 1), ("layer4", 2)]
+    first, second = report.rows
+    assert first["class_id"] != second["class_id"] and first["probability"] >= second["probability"]
+    assert first["overlay"].endswith(f"layer4__gradcam__top1-{safe_name(first['class_name'])}.png")
+    assert second["grid"].endswith("grid__gradcam__top2.png")
+    assert (tmp_path / "out" / second["grid"]).is_file()
+
+
+def test_center_mode_records_the_crop_box(tmp_path, models):
+    report = run_export([("wide.png", encode(noise(80, 40), "PNG"))], tmp_path / "out", models,
+                        layers=["layer4"], mode="center")
+    row = report.manifest["rows"][0]
+    assert row["crop_box"] == [20.0, 0.0, 60.0, 40.0]  # resize_size == input_size: crop = shorter side
+    assert Image.open(tmp_path / "out" / row["overlay"]).size == (80, 40)
+
+
+def test_nothing_processable(tmp_path, models):
+    report = run_export([("bad.jpg", b"nope"), tmp_path / "missing.png"], tmp_path / "out", models)
+    assert not report.ok and report.rows == []
+    assert [(item["input"], item["reason"]) for item in report.skipped] == [
+        (str(tmp_path / "missing.png"), "no such file or folder"),
+        ("bad.jpg", "not an image (supported: JPEG, PNG, WEBP, BMP, TIFF)")]
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_bad_settings_and_foreign_folders_are_refused(tmp_path, models):
+    with pytest.raises(ExportError, match="method"):
+        run_export([], tmp_path / "a", models, method="magic")
+    with pytest.raises(ExportError, match="colormap"):
+        run_export([], tmp_path / "a", models, colormap="rainbow")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"mine": true}')
+    with pytest.raises(ExportError, match="not written by pfcam"):
+        run_export([], foreign, models)
+    assert (foreign / "manifest.json").read_text() == '{"mine": true}'
+
+
+def test_symlink_in_output_folder_is_not_followed(tmp_path, models):
+    name, data = "x.png", encode(noise(20, 20), "PNG")
+    folder = folder_for("x", f"upload:{name}:{hashlib.sha256(data).hexdigest()}")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / folder).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ExportError, match="symbolic link"):
+        run_export([(name, data)], out, models)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_output_folder_inside_an_input_folder_is_not_read_back(tmp_path, models):
+    noise(20, 20).save(tmp_path / "a.png")
+    run_export([tmp_path], tmp_path / "cams_out", models, layers=["layer4"])
+    again = run_export([tmp_path], tmp_path / "cams_out", models, layers=["layer4"])
+    assert {row["image"] for row in again.rows} == {str(tmp_path / "a.png")}
+
+
+def test_collect_inputs_order_and_duplicates(tmp_path):
+    for name in ["b.png", "a.PNG", "z/c.jpg", "y.gif"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    items, skipped = collect_inputs([tmp_path, tmp_path / "b.png", ("u.png", b"1"), ("u.png", b"1")])
+    assert [item.label for item in items] == [str(tmp_path / n) for n in ["a.PNG", "b.png", "z/c.jpg"]] + ["u.png"]
+    assert [item["input"] for item in skipped] == [str(tmp_path / "y.gif")]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("../../etc/passwd", "etc_passwd"), ("..", "x"), ("", "x"), ("a/b\\c", "a_b_c"),
+    ("caf\u00e9 \u2603 bar", "cafe_bar"), ("evil\x00\n\x1bname", "evil_name"), ("CON", "_CON"),
+    (".hidden", "hidden"), ("great white shark", "great_white_shark"), ("x" * 300, "x" * 64),
+])
+def test_safe_name(text, expected):
+    assert safe_name(text) == expected
+
+
+def test_upload_names_cannot_escape(tmp_path, models):
+    data = encode(noise(20, 20), "PNG")
+    names = ["../../../up.png", "/abs/path.png", "..\\..\\win.png", "\x00\x1b.png", "..", "a/../../b.png"]
+    report = run_export([(name, data) for name in names], tmp_path / "out", models, layers=["layer4"])
+    assert report.processed == len(names)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    for path in (tmp_path / "out").rglob("*"):
+        assert path.resolve().is_relative_to((tmp_path / "out").resolve())
+        assert not any(ord(ch) < 32 for ch in path.name)
+
+
+def test_zip_directory(first_run):
+    base, *_ = first_run
+    data = zip_directory(base / "out")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        assert set(names) == set(tree(base / "out"))
+        assert json.loads(archive.read("manifest.json"))["format"].startswith("pfcam-export")
+    assert all(not name.startswith("/") and ".." not in name.split("/") for name in names)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def demo_checkpoint(folder: Path) -> Path:
+    """A checkpoint for zoo id demo_r50 (random weights of the right shape), as --weights takes it."""
+    from pfnet import zoo
+
+    torch.manual_seed(0)
+    path = folder / "demo_r50.pth"
+    torch.save(zoo.get("demo_r50").build().state_dict(), path)
+    return path
+
+
+def test_cli_export_with_a_weights_file(tmp_path, capsys, pfcam_cache):
+    from cams.__main__ import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    noise(50, 40).save(inputs / "one.png")
+    (inputs / "broken.jpg").write_bytes(b"")
+    weights = demo_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    argv = ["export", str(inputs), "--out", str(out), "--models", "r50,demo_r50", "--weights",
+            f"demo_r50={weights}", "--layers", "layer4", "--device", "cpu", "--batch-size", "2"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipping r50" in captured.err and "demo_r50,demo_r50_hybrid" in captured.err  # offline, no cache
+    assert "broken.jpg: empty file" in captured.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(row["model"], row["layer"]) for row in manifest["rows"]] == [("demo_r50", "layer4")]
+    assert manifest["settings"]["weights"] == {"demo_r50": str(weights)}
+    assert (out / manifest["rows"][0]["overlay"]).is_file()
+
+    assert main(argv) == 0  # re-run: everything kept, still listed
+    assert json.loads((out / "manifest.json").read_text())["rows"][0]["status"] == "existing"
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    bad_argv = ["export", str(tmp_path / "bad"), "--out", str(tmp_path / "out2"), "--models", "demo_r50",
+                "--weights", f"demo_r50={weights}", "--device", "cpu"]
+    assert main(bad_argv) != 0
+    assert "nothing could be processed" in capsys.readouterr().err
+
+
+def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_cache):
+    from cams.__main__ import main
+
+    noise(20, 20).save(tmp_path / "a.png")
+    code = main(["export", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--models", "r50_hybrid,nope"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "skipping r50_hybrid" in err and "skipping nope" in err and "no model could be loaded" in err
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path), "--out", str(tmp_path / "o"), "--weights", "no-equals-sign"])
