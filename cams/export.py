@@ -393,7 +393,7 @@ def _usable(root: Path, entry: Any) -> bool:
 # ------------------------------------------------------------------------------------------------ versions
 def _pfcam_version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import version
 
         return version("pfcam")
     except Exception:  # noqa: BLE001 - not installed as a distribution
@@ -502,7 +502,8 @@ class _Run:
                 folder = _ensure_dir(self.root, item.folder, plan.folder)
                 state = _read_state(folder / f"results__{safe_name(self.method)}.json") or {}
                 entries = state.get("entries", {}) if state else {}
-                done = all(_usable(self.root, entries.get(_key(layer, rank))) for layer in plan.layers for rank in range(1, plan.topk + 1))
+                done = all(_usable(self.root, entries.get(_key(layer, rank)))
+                           for layer in plan.layers for rank in range(1, plan.topk + 1))
                 states.append(state)
                 if self.overwrite or not done:
                     need.append(index)
@@ -587,7 +588,8 @@ class _Run:
                                 "settings": settings, "_status": "computed", "_thumb": thumb}
                 changed = True
         if changed:
-            kept_extra = {key: value for key, value in old_entries.items() if key not in entries and isinstance(value, dict)}
+            kept_extra = {key: value for key, value in old_entries.items()
+                          if key not in entries and isinstance(value, dict)}
             record = {"format": STATE_FORMAT, "image": item.label, "model": plan.id, "method": self.method,
                       "settings": settings, "size": list(image.size), "updated_at": _now(),
                       "entries": {key: {k: v for k, v in value.items() if not k.startswith("_")}

@@ -10,9 +10,7 @@ import hashlib
 import io
 import json
 import shutil
-import struct
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -451,3 +449,21 @@ def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_ca
     assert "skipping r50_hybrid" in err and "skipping nope" in err and "no model could be loaded" in err
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path), "--out", str(tmp_path / "o"), "--weights", "no-equals-sign"])
+
+
+def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
+    from cams.__main__ import main
+    from pfnet.weights import weight_status
+
+    if any(weight_status(model_id) != "bundled" for model_id in ("demo_r50", "demo_r50_hybrid")):
+        pytest.skip("the bundled demo weights (assets/weights) are not there")
+    example = Path(__file__).resolve().parent.parent / "assets" / "examples" / "coffee.jpg"
+    out = tmp_path / "out"
+    assert main(["export", str(example), "--out", str(out), "--models", "demo_r50,demo_r50_hybrid",
+                 "--device", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(row["model"], row["layer"]) for row in manifest["rows"]] == [
+        ("demo_r50", "layer3"), ("demo_r50", "layer4"), ("demo_r50_hybrid", "layer3"), ("demo_r50_hybrid", "layer4")]
+    grid_image = Image.open(out / manifest["rows"][0]["grid"])
+    assert grid_image.height > 2 * 224  # two models: two rows
+    assert "4 results computed" in capsys.readouterr().out
