@@ -61,26 +61,36 @@ def _as_heatmap(heatmap) -> np.ndarray:
 
 def colorize(heatmap, colormap: str = "jet") -> np.ndarray:
     """HxW values in [0, 1] (clipped; NaN -> 0) -> HxWx3 uint8 RGB through ``colormap``."""
+    return _colour(_as_heatmap(heatmap), colormap)
+
+
+def _colour(heat: np.ndarray, colormap: str) -> np.ndarray:
+    """``colorize`` for a float32 map already clipped to [0, 1] (OpenCV: fast on photo-sized maps)."""
     lut = colormap_lut(colormap)
-    index = np.rint(_as_heatmap(heatmap) * 255.0).astype(np.uint8)
-    return lut[index]
+    index = cv2.convertScaleAbs(heat, alpha=255.0)  # round half to even, like np.rint
+    return cv2.LUT(cv2.merge([index, index, index]), lut.reshape(256, 1, 3))
 
 
 def heatmap_on_image(heatmap, image_size: tuple[int, int], crop_box: Box | None = None) -> np.ndarray:
     """Resample a heatmap (covering ``crop_box``) onto the whole image grid (w, h) -> HxW float32.
 
     Pixel centres are mapped exactly (a box with fractional edges is fine); pixels outside the box take the
-    nearest edge value, so callers mask them with ``_box_mask``.
+    nearest edge value (``overlay`` does not colour them).
     """
-    heat = _as_heatmap(heatmap)
     width, height = image_size
-    left, top, right, bottom = _box(crop_box, image_size)
+    return _resample(_as_heatmap(heatmap), _box(crop_box, image_size), (0, 0, width, height))
+
+
+def _resample(heat: np.ndarray, box: Box, region: tuple[int, int, int, int]) -> np.ndarray:
+    """The heatmap (covering ``box``) bilinearly sampled at the pixel centres of ``region`` (x0, y0, x1, y1)."""
+    left, top, right, bottom = box
+    x0, y0, x1, y1 = region
     rows, cols = heat.shape
     scale_x, scale_y = cols / (right - left), rows / (bottom - top)
-    # destination pixel centre (x + 0.5) -> heatmap coordinate u = (x + 0.5 - left) * scale; index = u - 0.5
-    matrix = np.array([[scale_x, 0.0, (0.5 - left) * scale_x - 0.5],
-                       [0.0, scale_y, (0.5 - top) * scale_y - 0.5]], dtype=np.float64)
-    return cv2.warpAffine(heat, matrix, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+    # pixel centre (x + 0.5) -> heatmap coordinate u = (x + 0.5 - left) * scale, sampled at index u - 0.5
+    matrix = np.array([[scale_x, 0.0, (x0 + 0.5 - left) * scale_x - 0.5],
+                       [0.0, scale_y, (y0 + 0.5 - top) * scale_y - 0.5]], dtype=np.float64)
+    return cv2.warpAffine(heat, matrix, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -95,14 +105,13 @@ def _box(crop_box: Box | None, image_size: tuple[int, int]) -> Box:
     return (left, top, right, bottom)
 
 
-def _box_mask(image_size: tuple[int, int], box: Box) -> np.ndarray:
-    """True where a pixel's centre lies inside the box."""
+def _box_pixels(image_size: tuple[int, int], box: Box) -> tuple[int, int, int, int]:
+    """The pixels whose centres lie inside the box, as slice bounds (x0, y0, x1, y1), clipped to the image."""
     width, height = image_size
-    xs = np.arange(width) + 0.5
-    ys = np.arange(height) + 0.5
-    inside_x = (xs >= box[0]) & (xs < box[2])
-    inside_y = (ys >= box[1]) & (ys < box[3])
-    return inside_y[:, None] & inside_x[None, :]
+    # centre x + 0.5 in [left, right)  <=>  ceil(left - 0.5) <= x < ceil(right - 0.5)
+    x0, x1 = (min(max(int(np.ceil(edge - 0.5)), 0), width) for edge in (box[0], box[2]))
+    y0, y1 = (min(max(int(np.ceil(edge - 0.5)), 0), height) for edge in (box[1], box[3]))
+    return x0, y0, x1, y1
 
 
 def overlay(image: Image.Image, heatmap, crop_box: Box | None = None, colormap: str = "jet",
@@ -115,22 +124,25 @@ def overlay(image: Image.Image, heatmap, crop_box: Box | None = None, colormap: 
     """
     if not 0.0 <= float(opacity) <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    opacity = float(opacity)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     size = rgb.size
     box = _box(crop_box, size)
-    colours = colorize(heatmap_on_image(heatmap, size, box), colormap).astype(np.float32)
-    pixels = np.asarray(rgb, dtype=np.float32)
-    blended = (1.0 - opacity) * pixels + opacity * colours
-    covers_all = box[0] <= 0 and box[1] <= 0 and box[2] >= size[0] and box[3] >= size[1]
-    if not covers_all:
-        mask = _box_mask(size, box)[..., None]
-        blended = np.where(mask, blended, pixels * OUTSIDE_DIM)
-    result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
+    pixels = np.asarray(rgb)
+    x0, y0, x1, y1 = _box_pixels(size, box)
+    covers_all = (x0, y0, x1, y1) == (0, 0, size[0], size[1])
+    # uint8 all the way (cv2 rounds and saturates): a large photo must not turn into several float copies.
+    result = pixels.copy() if covers_all else cv2.convertScaleAbs(pixels, alpha=OUTSIDE_DIM)
+    if x1 > x0 and y1 > y0:
+        colours = _colour(_resample(_as_heatmap(heatmap), box, (x0, y0, x1, y1)), colormap)
+        result[y0:y1, x0:x1] = cv2.addWeighted(np.ascontiguousarray(pixels[y0:y1, x0:x1]), 1.0 - opacity,
+                                               colours, opacity, 0.0)
+    picture = Image.fromarray(result, "RGB")
     if not covers_all:
         line = max(1, round(min(size) / 150))
         outline = [round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1]
-        ImageDraw.Draw(result).rectangle(outline, outline=BOX_COLOUR, width=line)
-    return result
+        ImageDraw.Draw(picture).rectangle(outline, outline=BOX_COLOUR, width=line)
+    return picture
 
 
 # ---------------------------------------------------------------- grid
