@@ -430,6 +430,8 @@ def test_cli_export_with_a_weights_file(tmp_path, capsys, pfcam_cache):
 
     assert main(argv) == 0  # re-run: everything kept, still listed
     assert json.loads((out / "manifest.json").read_text())["rows"][0]["status"] == "existing"
+    assert main(argv + ["--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["rows"][0]["status"] == "computed"
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"")
