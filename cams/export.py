@@ -20,15 +20,24 @@ name), ``<hash8>`` the first 8 hex digits of the SHA-256 of the source: the abso
 ``<class>`` the class name (``class<id>`` without names). ``--mode center`` heatmaps cover the central crop
 only: the overlay dims the rest and outlines the crop.
 
-Manifest rows (``manifest.csv`` columns, also the keys of ``manifest.json["rows"]``, which add ``crop_box``
-[left, top, right, bottom] in original pixels and ``input_size`` S): see ``MANIFEST_COLUMNS``. ``status`` is
-``computed`` (written by this run), ``existing`` (kept from an earlier run) or ``stale`` (kept from an earlier
-run made with other settings: pass ``overwrite=True`` to redo it). Text cells that a spreadsheet would run as
-a formula (starting with ``= + - @``) are prefixed with ``'`` in the CSV only.
+Manifest rows: ``manifest.csv`` has exactly the columns ``MANIFEST_COLUMNS``::
+
+    image, image_dir, model, layer, method, rank, class_id, class_name, probability, overlay, heatmap, grid, status
+
+``image`` is the input as given (path or upload name), ``image_dir`` its folder, ``rank`` the target rank
+(1 = top class), ``probability`` the softmax probability of ``class_id``, ``overlay``/``heatmap``/``grid`` paths
+relative to ``OUT`` (POSIX separators), ``status`` ``computed`` (written by this run), ``existing`` (kept from an
+earlier run) or ``stale`` (kept from an earlier run made with other mode/colormap/opacity/input size: pass
+``overwrite=True`` to redo it). ``manifest.json["rows"]`` has the same keys plus ``crop_box`` ([left, top,
+right, bottom] in the original's pixels) and ``input_size`` (S). ``manifest.json`` also holds ``format``,
+``versions`` (pfcam, python, torch, timm, pillow, numpy), ``settings``, ``started_at``/``finished_at`` (UTC,
+ISO 8601), ``columns``, ``images`` (every readable or bad input, with size or reason), ``skipped`` (bad and
+unsupported inputs: ``input``, ``stage`` "scan" or "load", ``reason``) and ``warnings``. Text cells a
+spreadsheet would run as a formula (starting with ``= + - @``) are prefixed with ``'`` in the CSV only.
 
 Re-runs: an image whose outputs for a model (every requested layer and rank, this method) all exist is not
-recomputed; existing files are never replaced unless ``overwrite``. The manifest always describes the whole
-latest run (existing outputs included). Every file is written to a temporary name and moved into place
+recomputed; existing files are never replaced unless ``overwrite`` (an image's grid is redrawn when it gains
+new results). The manifests always describe the whole latest run (existing outputs included). Every file is written to a temporary name and moved into place
 (``os.replace``), so no output is ever half-written.
 """
 from __future__ import annotations
