@@ -390,3 +390,21 @@ def test_no_memory_growth_over_200_calls():
     grown = (process.memory_info().rss - baseline) / 2**20
     assert grown < 50, f"RSS grew by {grown:.1f} MB over 190 calls"
     assert all(not module._forward_hooks for module in model.modules())
+
+
+# --------------------------------------------------------------------------------------- benchmark script
+def test_bench_script_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cam.py"
+    spec = importlib.util.spec_from_file_location("bench_cam", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.md"
+    text = bench.main(["--size", "32", "--repeats", "1", "--warmup", "0", "--width-mult", "0.25", "--batch", "2",
+                       "--models", "R50-hybrid", "--markdown", str(out)])
+    assert out.read_text() == text
+    assert "| R50-hybrid | ours: Grad-CAM layer4 |" in text
+    assert "pytorch-grad-cam: 4 GradCAM objects" in text
+    assert "engine throughput img/s" in text

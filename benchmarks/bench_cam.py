@@ -1,0 +1,212 @@
+"""How much a CAM costs next to a plain forward pass: our engine vs pytorch-grad-cam, on CPU (or any device).
+
+    python benchmarks/bench_cam.py                      # R50 and R50-hybrid, 224x224, batch 1, random weights
+    python benchmarks/bench_cam.py --markdown bench.md  # also write the Markdown tables to a file
+
+For each model: forward-only inference time (``torch.inference_mode``); ``cams.explain`` Grad-CAM for layer4 and
+for layer1..layer4 in one call; pytorch-grad-cam's ``GradCAM`` for layer4 and for the four layers one after the
+other (four ``GradCAM`` objects, each called, as its API needs for per-layer maps); each as the median of
+``--repeats`` timed runs after ``--warmup`` untimed ones, and as a ratio to forward-only.
+Targets: ours <= 1.25x forward for one layer, <= 2.2x for four.
+
+Then the engine throughput (:func:`engine_throughput`): images/s of ``explain`` over batches of ``--batch`` (8)
+images vs forward-only images/s at the same batch size (target >= 0.7). This is the engine alone; the export
+path (rendering + writing files, ``cams.export``) is not in it.
+
+Why ours is cheaper: one forward for all layers; nothing before the shallowest requested layer is recorded by
+autograd; one ``torch.autograd.grad`` to the activations only (no weight gradients, no backward below the
+shallowest layer, no ``.grad`` writes); weighting, ReLU, min-max and bilinear upsampling batched in torch.
+pytorch-grad-cam runs a full ``loss.backward()`` (all weight gradients, down to the first layer) per call and
+post-processes in numpy/OpenCV.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import pfnet  # noqa: E402,F401  (registers the architectures)
+from cams import explain  # noqa: E402
+
+MODELS = {"R50": "resnet50_pf", "R50-hybrid": "resnet50_hybrid"}
+FOUR_LAYERS = ["layer1", "layer2", "layer3", "layer4"]
+TARGET_ONE = 1.25
+TARGET_FOUR = 2.2
+TARGET_THROUGHPUT = 0.7
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_only(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], object]:
+    def run():
+        with torch.inference_mode():
+            return model(images)
+
+    return run
+
+
+def pytorch_grad_cam_per_layer(model: torch.nn.Module, images: torch.Tensor, layers: list[str]) -> Callable[[], object]:
+    """pytorch-grad-cam's way to get one map per layer: one GradCAM object per layer, each called (top-1)."""
+    from pytorch_grad_cam import GradCAM
+
+    from cams.layers import resolve
+
+    modules = [resolve(model, name) for name in layers]
+
+    def run():
+        maps = []
+        for module in modules:
+            with GradCAM(model=model, target_layers=[module]) as cam:
+                maps.append(cam(input_tensor=images, targets=None))
+        model.zero_grad(set_to_none=True)
+        return maps
+
+    return run
+
+
+def ours(model: torch.nn.Module, images: torch.Tensor, layers: list[str]) -> Callable[[], object]:
+    return lambda: explain(model, images, layers, "gradcam")
+
+
+def engine_throughput(model: torch.nn.Module, layers: list[str], batch: int = 8, size: int = 224,
+                      repeats: int = 5, warmup: int = 1, method: str = "gradcam",
+                      device: torch.device | str = "cpu") -> dict[str, float]:
+    """Images/s of ``cams.explain`` on batches of ``batch`` images vs forward-only images/s at that batch size.
+
+    The hook for the export engineer: the full export path (render + files) can be timed the same way and
+    reported next to this engine-only figure.
+    """
+    device = torch.device(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    forward_s = median_seconds(forward_only(model, images), repeats, warmup, device)
+    engine_s = median_seconds(lambda: explain(model, images, layers, method, batch_size=batch), repeats, warmup,
+                              device)
+    return {"forward_ips": batch / forward_s, "engine_ips": batch / engine_s, "ratio": forward_s / engine_s}
+
+
+def bench_model(label: str, arch: str, args, device: torch.device) -> list[tuple[str, float, float | None]]:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, width_mult=args.width_mult).eval().to(device)
+    images = torch.randn(1, 3, args.size, args.size, device=device)
+    forward_s = median_seconds(forward_only(model, images), args.repeats, args.warmup, device)
+    rows = [("forward only (inference_mode)", forward_s, None)]
+    cases = [
+        ("ours: Grad-CAM layer4", ours(model, images, ["layer4"]), TARGET_ONE),
+        ("ours: Grad-CAM layer1..layer4, one call", ours(model, images, FOUR_LAYERS), TARGET_FOUR),
+    ]
+    if not args.no_reference:
+        cases += [
+            ("pytorch-grad-cam: GradCAM layer4", pytorch_grad_cam_per_layer(model, images, ["layer4"]), None),
+            ("pytorch-grad-cam: 4 GradCAM objects, layer1..layer4",
+             pytorch_grad_cam_per_layer(model, images, FOUR_LAYERS), None),
+        ]
+    for name, fn, target in cases:
+        rows.append((name, median_seconds(fn, args.repeats, args.warmup, device), target))
+    return [(label, name, seconds, seconds / forward_s, target) for name, seconds, target in rows]
+
+
+def _loadavg() -> str:
+    try:
+        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = CPU count)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--width-mult", type=float, default=1.0, help="<1 only for smoke tests")
+    parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput section")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-reference", action="store_true", help="skip pytorch-grad-cam")
+    parser.add_argument("--no-throughput", action="store_true")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    load_before = _loadavg()
+    lines = [
+        f"CAM cost vs forward ({args.device}, {args.size}x{args.size}, batch 1, random weights, "
+        f"median of {args.repeats} after {args.warmup} warm-up; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"load avg at start {load_before})",
+        "",
+        "| model | measurement | median ms | x forward | target |",
+        "|---|---|---:|---:|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for label in args.models:
+        for model_label, name, seconds, ratio, target in bench_model(label, MODELS[label], args, device):
+            verdict = "" if target is None else f"<= {target}x " + ("ok" if ratio <= target else "MISSED")
+            line = f"| {model_label} | {name} | {seconds * 1e3:.1f} | {ratio:.2f} | {verdict} |"
+            lines.append(line)
+            print(line, flush=True)
+
+    if not args.no_throughput:
+        header = [
+            "",
+            f"Engine throughput (cams.explain only, no rendering or files; batch {args.batch}, "
+            f"{args.size}x{args.size}, Grad-CAM, top-1)",
+            "",
+            "| model | layers | forward-only img/s | engine throughput img/s | ratio | target |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        lines += header
+        print("\n".join(header), flush=True)
+        for label in args.models:
+            torch.manual_seed(0)
+            model = timm.create_model(MODELS[label], width_mult=args.width_mult).eval().to(device)
+            for layers in (["layer4"], ["layer3", "layer4"]):
+                result = engine_throughput(model, layers, args.batch, args.size, max(3, args.repeats // 2),
+                                           min(args.warmup, 1), device=device)
+                verdict = f">= {TARGET_THROUGHPUT} " + ("ok" if result["ratio"] >= TARGET_THROUGHPUT else "MISSED")
+                line = (f"| {label} | {', '.join(layers)} | {result['forward_ips']:.2f} | "
+                        f"{result['engine_ips']:.2f} | {result['ratio']:.2f} | {verdict} |")
+                lines.append(line)
+                print(line, flush=True)
+
+    footer = f"\nload avg at end {_loadavg()} (the CPU is shared: figures taken under load are pessimistic)"
+    lines.append(footer)
+    print(footer, flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.markdown:
+        args.markdown.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
