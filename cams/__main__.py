@@ -17,7 +17,13 @@ def _add_export(subparsers: Any) -> None:
     add_export_parser(subparsers)
 
 
-SUBCOMMANDS: list[Callable[[Any], Any]] = [_add_export]
+def _add_bench_loc(subparsers: Any) -> None:
+    from cams.bench_loc import add_bench_loc_parser
+
+    add_bench_loc_parser(subparsers)
+
+
+SUBCOMMANDS: list[Callable[[Any], Any]] = [_add_export, _add_bench_loc]
 
 
 def build_parser() -> argparse.ArgumentParser:

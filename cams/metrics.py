@@ -280,9 +280,10 @@ def centre_gaussian(shape: Sequence[int], sigma: float | None = None) -> np.ndar
     return (g / g.max()).astype(np.float32)
 
 
-def uniform_random(shape: Sequence[int], seed: int = 0) -> np.ndarray:
-    """Float32 uniform noise in [0, 1) of ``shape`` (e.g. ``(N, H, W)``), reproducible from ``seed``."""
-    rng = np.random.default_rng(int(seed))
+def uniform_random(shape: Sequence[int], seed: int | Sequence[int] = 0) -> np.ndarray:
+    """Float32 uniform noise in [0, 1) of ``shape`` (e.g. ``(N, H, W)``), reproducible from ``seed`` (an int
+    or a sequence of ints, e.g. ``(run_seed, image_index)``)."""
+    rng = np.random.default_rng(int(seed) if isinstance(seed, (int, np.integer)) else [int(v) for v in seed])
     return rng.random(tuple(int(s) for s in shape), dtype=np.float32)
 
 
@@ -291,7 +292,8 @@ def uniform_random(shape: Sequence[int], seed: int = 0) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Faithfulness:
-    """Deletion and insertion curves: ``fractions`` [K+1]; ``deletion`` / ``insertion`` [N, K+1] probabilities."""
+    """Deletion and insertion curves: ``fractions`` [K+1]; ``deletion`` / ``insertion`` [N, K+1] (or
+    [N, R, K+1]) probabilities of the target class; the AUCs drop the last axis."""
 
     fractions: np.ndarray
     deletion: np.ndarray
@@ -372,15 +374,17 @@ def _step_masks(heatmap: np.ndarray, steps: int):
     return torch.from_numpy(masks.reshape(steps + 1, *h.shape))
 
 
-def deletion_insertion(model, images, heatmaps, targets, steps: int = 20, baseline: str | float = "blur",
+def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseline: str | float = "blur",
                        batch_size: int = 16, blur_sigma: float | None = None) -> Faithfulness:
     """Deletion and insertion curves of ``model`` for ``images`` [N, C, H, W] (network input, a tensor),
-    ``heatmaps`` [N, H, W] and ``targets`` [N] class ids.
+    ``heatmaps`` [N, H, W] (or [N, R, H, W]: R heatmaps per image, e.g. one per layer) and ``targets`` [N]
+    class ids.
 
     Deletion: step i replaces the ``i/steps`` most salient pixels with the baseline; insertion: step i pastes
-    them into the baseline. The score is the softmax probability of the target class. Forward passes are
-    batched (``batch_size`` inputs at a time, across images) under ``torch.no_grad``; the model is used as
-    given (put it in eval mode first).
+    them into the baseline. The score is the softmax probability of the target class. The two end points
+    (the intact image and the baseline) are the same for every heatmap of an image and are run once. Forward
+    passes are batched (``batch_size`` inputs at a time, across images) under ``torch.no_grad``; the model is
+    used as given (put it in eval mode first). Curves are [N, K+1] (or [N, R, K+1]).
     """
     import torch
 
@@ -391,8 +395,13 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 20, baseli
         raise ValueError(f"images must be [N, C, H, W], got {tuple(images.shape)}")
     maps = np.asarray(heatmaps, dtype=np.float32)
     n, _, height, width = images.shape
-    if maps.shape != (n, height, width):
-        raise ValueError(f"heatmaps must be [N, H, W] = {(n, height, width)}, got {maps.shape}")
+    single = maps.ndim == 3
+    if single:
+        maps = maps[:, None]
+    if maps.ndim != 4 or maps.shape[0] != n or maps.shape[2:] != (height, width):
+        raise ValueError(f"heatmaps must be [N, H, W] or [N, R, H, W] with N, H, W = {(n, height, width)}, "
+                         f"got {np.shape(heatmaps)}")
+    per_image = maps.shape[1]
     target_ids = np.asarray(targets, dtype=np.int64).reshape(-1)
     if target_ids.shape[0] != n:
         raise ValueError(f"{target_ids.shape[0]} targets for {n} images")
@@ -402,10 +411,11 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 20, baseli
         device = images.device
     images = images.to(device=device, dtype=torch.float32)
     points = steps + 1
-    deletion = np.zeros((n, points), dtype=np.float64)
-    insertion = np.zeros((n, points), dtype=np.float64)
-    per_image = 2 * points
-    group = max(1, (4 * batch_size) // per_image)  # images whose variants are built at once
+    deletion = np.zeros((n, per_image, points), dtype=np.float64)
+    insertion = np.zeros((n, per_image, points), dtype=np.float64)
+    interior = steps - 1  # steps 1 .. K-1 of each curve
+    variants_per_image = 2 + per_image * 2 * interior
+    group = max(1, (4 * batch_size) // variants_per_image)  # images whose variants are built at once
     with torch.no_grad():
         for start in range(0, n, group):
             stop = min(n, start + group)
@@ -413,17 +423,28 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 20, baseli
             base = baseline_images(x, baseline, blur_sigma)
             variants = []
             for i in range(stop - start):
-                masks = _step_masks(maps[start + i], steps).to(device).unsqueeze(1)  # [K+1, 1, H, W]
-                variants.append(torch.where(masks, base[i:i + 1], x[i:i + 1]))  # deletion
-                variants.append(torch.where(masks, x[i:i + 1], base[i:i + 1]))  # insertion
+                variants += [x[i:i + 1], base[i:i + 1]]
+                for r in range(per_image):
+                    masks = _step_masks(maps[start + i, r], steps)[1:steps].to(device).unsqueeze(1)
+                    variants.append(torch.where(masks, base[i:i + 1], x[i:i + 1]))  # deletion
+                    variants.append(torch.where(masks, x[i:i + 1], base[i:i + 1]))  # insertion
             batch = torch.cat(variants)
             probs = []
             for b in range(0, batch.shape[0], batch_size):
                 probs.append(torch.softmax(model(batch[b:b + batch_size]).float(), dim=1).cpu())
-            probs = torch.cat(probs).numpy().reshape(stop - start, 2, points, -1)
+            probs = torch.cat(probs).numpy()
+            offset = 0
             for i in range(stop - start):
                 t = int(target_ids[start + i])
-                deletion[start + i] = probs[i, 0, :, t]
-                insertion[start + i] = probs[i, 1, :, t]
+                p_image, p_base = probs[offset, t], probs[offset + 1, t]
+                offset += 2
+                for r in range(per_image):
+                    dele = probs[offset:offset + interior, t]
+                    ins = probs[offset + interior:offset + 2 * interior, t]
+                    offset += 2 * interior
+                    deletion[start + i, r] = np.concatenate([[p_image], dele, [p_base]])
+                    insertion[start + i, r] = np.concatenate([[p_base], ins, [p_image]])
     fractions = np.round(np.arange(points) * (height * width) / steps) / (height * width)
+    if single:
+        deletion, insertion = deletion[:, 0], insertion[:, 0]
     return Faithfulness(fractions=fractions, deletion=deletion, insertion=insertion)

@@ -233,8 +233,17 @@ def test_deletion_insertion_known_answers():
     assert result.insertion_auc[1] == pytest.approx(0.125, abs=1e-5)
     # flat: row-major order removes 8 of the region's 64 pixels per 32-pixel step (rows 0-1, 2-3, ...)
     np.testing.assert_allclose(result.deletion[2][:5], [1, 0.75, 0.5, 0.25, 0], atol=1e-5)
-    assert all(b <= 5 for b in model.calls) and sum(model.calls) == 3 * 2 * 9  # batched, every variant once
+    # batched; every variant once, the two end points (image, baseline) once per image
+    assert all(b <= 5 for b in model.calls) and sum(model.calls) == 3 * (2 + 2 * 7)
     assert 0.0 <= result.deletion_auc.min() and result.insertion_auc.max() <= 1.0
+    # several heatmaps per image ([N, R, H, W]) give the same curves, end points shared
+    model.calls.clear()
+    both = M.deletion_insertion(model, images[:2], np.stack([np.stack([right, wrong])] * 2), [0, 0], steps=8,
+                                baseline=0.0, batch_size=7)
+    assert both.deletion.shape == (2, 2, 9) and both.deletion_auc.shape == (2, 2)
+    np.testing.assert_allclose(both.deletion[0], result.deletion[:2], atol=1e-6)
+    np.testing.assert_allclose(both.insertion[1], result.insertion[:2], atol=1e-6)
+    assert sum(model.calls) == 2 * (2 + 2 * 2 * 7)
 
 
 def test_deletion_insertion_other_class_and_baselines():

@@ -1,0 +1,243 @@
+"""python -m cams bench-loc end to end on tiny inputs (a tiny random model; the bundled demo model when present)."""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cams import bench_loc
+from cams.__main__ import main
+from pfnet import zoo
+from pfnet.preprocess import Preprocess
+from pfnet.scenes import CLASS_NAMES, render_scene
+
+TINY = "tiny_hybrid"
+GONE = "tiny_missing"
+METRIC_HEADERS = ["accuracy", "pointing game (15 px)", "pointing game (strict)", "energy in box", "box accuracy",
+                  "deletion AUC", "insertion AUC"]
+LABELS = ["Grad-CAM", "Grad-CAM++", "LayerCAM", "Eigen-CAM"]
+FAST = ["--n", "8", "--val-n", "4", "--faith-n", "2", "--faith-steps", "4", "--batch-size", "8"]
+
+
+def _entry(model_id: str, size: int = 64) -> zoo.ZooEntry:
+    source = zoo.WeightSource("bundled", f"{model_id}.safetensors", f"{model_id}.safetensors")
+    return zoo.ZooEntry(model_id, model_id, "resnet50_hybrid", "resnet", source, Preprocess(size, size),
+                        classes="scenes", arch_kwargs={"width_mult": 0.25})
+
+
+@pytest.fixture
+def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
+    """A fake zoo entry TINY (random width-0.25 R50-hybrid at 64 px) and GONE (bundled file missing)."""
+    monkeypatch.setitem(zoo.ZOO, TINY, _entry(TINY))
+    monkeypatch.setitem(zoo.ZOO, GONE, _entry(GONE))
+    real = bench_loc.load_model
+
+    def load(model_id, device=None):
+        if model_id != TINY:
+            return real(model_id, device)
+        torch.manual_seed(0)
+        model = zoo.ZOO[TINY].build().eval()
+        with torch.no_grad():
+            model.fc.weight.mul_(1e-3)  # random init saturates the softmax; keep probabilities informative
+        return model
+
+    monkeypatch.setattr(bench_loc, "load_model", load)
+
+
+def parse_table(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = text.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    header = re.split(r"\s{2,}", lines[rule - 1].strip())
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[rule + 1:] if line.strip()]
+    return header, rows
+
+
+def check_rows(rows: list[list[str]], model: str, layers: list[str], labels: list[str]) -> None:
+    mine = [row for row in rows if row[0] == model]
+    expected = [(layer, label) for label in labels for layer in layers] + \
+        [("-", bench_loc.GAUSSIAN), ("-", bench_loc.RANDOM)]
+    assert sorted((row[1], row[2]) for row in mine) == sorted(expected)
+    for row in mine:
+        assert len(row) == 3 + len(METRIC_HEADERS)
+        values = [float(cell) for cell in row[3:]]
+        assert all(0.0 <= value <= 1.0 for value in values), row
+
+
+def test_bench_loc_end_to_end_tiny_model(tiny_zoo, tmp_path: Path, capsys: pytest.CaptureFixture):
+    csv_path, md_path = tmp_path / "bench.csv", tmp_path / "bench.md"
+    status = main(["bench-loc", "--models", TINY, "--layers", "layer3,layer4",
+                   "--methods", "gradcam,gradcampp,layercam,eigencam", *FAST, "--seed", "7",
+                   "--csv", str(csv_path), "--markdown", str(md_path)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    header, rows = parse_table(out)
+    assert header == ["model", "layer", "method", *METRIC_HEADERS]
+    assert len(rows) == 2 * 4 + 2
+    check_rows(rows, TINY, ["layer3", "layer4"], LABELS)
+    caption = out.split("\n\n")[0]
+    assert "first 2 of the 8 test images" in caption and "stream 7" in caption and "stream 8" in caption
+    # accuracy is a property of the model: the same on each of its rows
+    assert len({row[3] for row in rows}) == 1
+
+    with csv_path.open() as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == 10
+    assert {r["method"] for r in records} >= {"gradcam", "gradcampp", "layercam", "eigencam", bench_loc.GAUSSIAN}
+    for record in records:
+        assert int(record["n"]) == 8 and int(record["faith_n"]) == 2
+        assert 0.05 <= float(record["box_threshold"]) <= 0.95
+        for key in bench_loc.KEYS:
+            assert 0.0 <= float(record[key]) <= 1.0
+    markdown = md_path.read_text()
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert table_lines[0] == "| " + " | ".join(["model", "layer", "method", *METRIC_HEADERS]) + " |"
+    assert len(table_lines) == 2 + 10
+    assert "Deletion/insertion AUC" in markdown
+
+
+def test_reference_rows_are_reproducible(tiny_zoo, capsys: pytest.CaptureFixture):
+    args = ["bench-loc", "--models", TINY, "--layers", "layer4", "--methods", "eigencam", "--n", "6",
+            "--val-n", "4", "--faith-n", "2", "--faith-steps", "2", "--seed", "11"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_missing_weights_are_skipped_with_a_clear_message(tiny_zoo, capsys: pytest.CaptureFixture):
+    status = main(["bench-loc", "--models", f"{GONE},{TINY}", "--layers", "layer4", "--methods", "gradcam",
+                   "--n", "4", "--val-n", "2", "--faith-n", "0"])
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert f"model skipped: {GONE}" in err and "missing" in err
+    _, rows = parse_table(out)
+    assert {row[0] for row in rows} == {TINY}
+    assert all(row[-2:] == ["n/a", "n/a"] for row in rows)  # --faith-n 0: no deletion/insertion
+    assert main(["bench-loc", "--models", GONE, "--n", "2"]) == 1
+    assert "no model could be evaluated" in capsys.readouterr().err
+
+
+def test_bad_arguments(tiny_zoo, capsys: pytest.CaptureFixture):
+    assert main(["bench-loc", "--models", TINY, "--methods", "nope"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench-loc", "--models", TINY, "--seed", "0", "--n", "2"]) == 2
+    assert "training stream" in capsys.readouterr().err
+    assert main(["bench-loc", "--models", "no_such_model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- --data
+
+
+def _scene_file(folder: Path, name: str, index: int, size: tuple[int, int]) -> tuple[tuple[float, ...], str]:
+    """A scene rendered at 96 px, saved resized to ``size`` (w, h); returns its box in the file's pixels."""
+    scene = render_scene(99, index, 96)
+    Image.fromarray(scene.image).resize(size, Image.Resampling.BILINEAR).save(folder / name)
+    sx, sy = size[0] / 96, size[1] / 96
+    x0, y0, x1, y1 = scene.box
+    return (x0 * sx, y0 * sy, x1 * sx, y1 * sy), CLASS_NAMES[scene.label]
+
+
+def test_data_folder_with_boxes_csv(tiny_zoo, tmp_path: Path, capsys: pytest.CaptureFixture):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rows = ["image,x0,y0,x1,y1,label"]
+    for index in range(6):
+        box, label = _scene_file(folder, f"img{index}.png", index, (120, 80) if index % 2 else (64, 96))
+        rows.append(f"img{index}.png,{box[0]:.2f},{box[1]:.2f},{box[2]:.2f},{box[3]:.2f},{label}")
+    rows.append("img0.png,1,1,10,10,")          # a second object of img0 (any-box rule)
+    rows.append("img1.png,a,b,c,d,circle")      # not numeric
+    rows.append("img2.png,30,30,10,40,circle")  # empty box
+    rows.append("ghost.png,0,0,5,5,circle")     # no such image
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows.append("broken.png,0,0,5,5,circle")    # unreadable image
+    (folder / "boxes.csv").write_text("\n".join(rows) + "\n")
+    (folder / "lonely.png").write_bytes((folder / "img0.png").read_bytes())  # no annotation at all
+
+    csv_path = tmp_path / "data.csv"
+    status = main(["bench-loc", "--models", TINY, "--layers", "layer3,layer4", "--methods", "gradcam,eigencam",
+                   "--data", str(folder), "--n", "10", "--val-n", "2", "--faith-n", "2", "--faith-steps", "2",
+                   "--csv", str(csv_path)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    for needle in ("line 9", "not numeric", "line 10", "empty", "ghost.png", "broken.png", "lonely.png"):
+        assert needle in err, needle
+    _, table = parse_table(out)
+    check_rows(table, TINY, ["layer3", "layer4"], ["Grad-CAM", "Eigen-CAM"])
+    assert "test images of" in out and "validation images of the same folder" in out
+    records = list(csv.DictReader(csv_path.open()))
+    assert {int(r["n"]) for r in records} == {4}  # 6 usable images: 2 validation, 4 test
+
+
+def test_data_boxes_are_mapped_into_input_geometry(tmp_path: Path):
+    folder = tmp_path / "geo"
+    folder.mkdir()
+    Image.new("RGB", (200, 100), (10, 20, 30)).save(folder / "wide.png")
+    (folder / "boxes.csv").write_text("image,x0,y0,x1,y1\nwide.png,50,25,150,75\nwide.png,190,0,260,50\n")
+    problems: list[str] = []
+    annotations = bench_loc.read_annotations(folder, problems)
+    assert problems == [] and len(annotations) == 1 and len(annotations[0].boxes) == 2
+    _, test = bench_loc.data_splits(annotations, Preprocess(64, 64), n=5, val_n=0, seed=0, problems=problems,
+                                    cache={})
+    assert test.samples[0].boxes == [(16.0, 16.0, 48.0, 48.0), pytest.approx((60.8, 0.0, 64.0, 32.0))]  # clipped
+    assert tuple(test.tensors(0, 1).shape) == (1, 3, 64, 64)
+
+
+def test_data_folder_with_voc_xml(tiny_zoo, tmp_path: Path, capsys: pytest.CaptureFixture):
+    folder = tmp_path / "voc"
+    folder.mkdir()
+    for index in range(4):
+        box, label = _scene_file(folder, f"s{index}.jpg", index + 10, (96, 96))
+        (folder / f"s{index}.xml").write_text(
+            "<annotation><filename>s{0}.jpg</filename><object><name>{1}</name><bndbox>"
+            "<xmin>{2:.0f}</xmin><ymin>{3:.0f}</ymin><xmax>{4:.0f}</xmax><ymax>{5:.0f}</ymax>"
+            "</bndbox></object></annotation>".format(index, label, box[0] + 1, box[1] + 1, box[2], box[3]))
+    _scene_file(folder, "bad.jpg", 20, (96, 96))
+    (folder / "bad.xml").write_text("<annotation><object><bndbox><xmin>1")   # malformed
+    _scene_file(folder, "nobox.jpg", 21, (96, 96))
+    (folder / "nobox.xml").write_text("<annotation><object><name>x</name></object></annotation>")
+
+    problems: list[str] = []
+    annotations = bench_loc.read_annotations(folder, problems)
+    assert [a.path.name for a in annotations] == ["s0.jpg", "s1.jpg", "s2.jpg", "s3.jpg"]
+    scene = render_scene(99, 10, 96)
+    assert annotations[0].boxes == [tuple(float(v) for v in scene.box)]  # VOC 1-based inclusive -> half-open
+    assert annotations[0].labels == (CLASS_NAMES[scene.label],)
+
+    status = main(["bench-loc", "--models", TINY, "--layers", "layer4", "--methods", "layercam", "--data",
+                   str(folder), "--threshold", "0.5", "--faith-n", "1", "--faith-steps", "2"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "bad.xml" in err and "nobox" in err
+    _, table = parse_table(out)
+    check_rows(table, TINY, ["layer4"], ["LayerCAM"])
+    assert "threshold fixed at 0.5" in out
+
+
+# ------------------------------------------------------------------------------- the bundled demo model
+
+DEMO = "demo_r50_hybrid"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (zoo.DEMO_DIR / zoo.get(DEMO).source.filename).is_file(),
+                    reason="bundled demo weights not present")
+def test_bench_loc_on_the_bundled_demo_model(tmp_path: Path, capsys: pytest.CaptureFixture):
+    status = main(["bench-loc", "--models", DEMO, "--layers", "layer3,layer4",
+                   "--methods", "gradcam,gradcampp,layercam,eigencam", "--n", "16", "--val-n", "8",
+                   "--faith-n", "4", "--faith-steps", "8", "--markdown", str(tmp_path / "demo.md")])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    _, rows = parse_table(out)
+    check_rows(rows, DEMO, ["layer3", "layer4"], LABELS)
+    accuracy = float(rows[0][3])
+    assert accuracy >= 0.5  # a trained model, not a random one
+    gradcam4 = next(row for row in rows if row[1] == "layer4" and row[2] == "Grad-CAM")
+    gaussian = next(row for row in rows if row[2] == bench_loc.GAUSSIAN)
+    assert float(gradcam4[4]) >= float(gaussian[4]) - 0.25  # pointing game: not far below the centre prior
+    assert (tmp_path / "demo.md").read_text().count("| " + DEMO + " |") == 10
