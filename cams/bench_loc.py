@@ -28,10 +28,15 @@ Data
   the validation split for the threshold, up to ``n`` of the rest are the test split. Accuracy counts the
   images whose labels name one of the model's classes (a hit when the top-1 class is any of them).
 
-What is explained: the model's top-1 class (``cams.explain(targets=None)``), as in the CAM localization
-protocol; deletion/insertion follow the probability of that class. One ``explain`` call per batch per method
-covers all layers. Deletion/insertion are costly and run on the first ``--faith-n`` test images only; the
-table caption says so.
+Regions: the pointing game uses the object mask where there is one (scenes) and the boxes otherwise; "energy in
+box" always uses the box(es); box accuracy compares boxes.
+
+What is explained: by default each image's top-1 class (``cams.explain(targets=None)``), as in the CAM
+"top-1 localization" protocol, so a misclassified image is scored on the CAM of the wrong class; with
+``--target label`` the ground-truth class (Zhang et al.'s cued pointing game; all classes go through the
+engine at once, so only for heads of at most 64 classes). Deletion/insertion follow the probability of the
+explained class. One ``explain`` call per batch per method covers all layers. Deletion/insertion are costly and
+run on the first ``--faith-n`` test images only; the table caption says so.
 """
 from __future__ import annotations
 
@@ -66,6 +71,8 @@ KEYS = ("accuracy", "pointing15", "pointing_strict", "energy", "box_accuracy", "
 HEADERS = {"accuracy": "accuracy", "pointing15": "pointing game (15 px)",
            "pointing_strict": "pointing game (strict)", "energy": "energy in box", "box_accuracy": "box accuracy",
            "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC"}
+TARGETS = ("predicted", "label")
+MAX_LABEL_CLASSES = 64  # --target label runs every class through the engine at once
 GAUSSIAN = "centre Gaussian"
 RANDOM = "uniform random"
 BASELINE_LAYER = "-"
@@ -353,10 +360,10 @@ class _Acc:
     insertion: list[float] = field(default_factory=list)
 
     def add(self, heatmap: np.ndarray, sample: Sample, threshold: float) -> None:
-        region = dict(box=sample.boxes, mask=sample.mask)
+        region = dict(box=sample.boxes, mask=sample.mask)  # pointing game: the mask where there is one
         self.pointing15 += M.pointing_game(heatmap, **region)
         self.pointing_strict += M.pointing_game(heatmap, tolerance=0, **region)
-        self.energy += M.energy_in_box(heatmap, **region)
+        self.energy += M.energy_in_box(heatmap, box=sample.boxes)  # energy in *box*, as the column says
         self.box_accuracy += M.box_accuracy(heatmap, sample.boxes, threshold)
         self.flat += M.is_flat(heatmap)
         self.count += 1
@@ -398,6 +405,7 @@ class Options:
     threshold: float | None = None  # fixed box threshold (skips the validation choice)
     seed: int = TEST_SEED
     candidates: tuple[float, ...] = M.DEFAULT_THRESHOLDS
+    target: str = "predicted"  # "predicted" (top-1) | "label" (ground-truth class)
 
 
 def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) -> np.ndarray:
@@ -409,16 +417,33 @@ def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) ->
 
 
 def _cam_batches(model, split: Split, opts: Options, method: str, class_names) -> Iterable:
-    """(start, inputs, heatmaps [B, L, S, S] numpy, targets [B], probs [B, C]) per batch: one explain call."""
+    """(start, inputs, heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) per batch, from one
+    ``explain`` call covering every layer.
+
+    ``opts.target == "predicted"``: each image's top-1 class. ``"label"``: each image's ground-truth class
+    (the engine takes the same target list for every image, so all classes are explained at once and each
+    image's label slot is kept; images without a usable label fall back to their top-1 class).
+    """
     from cams.engine import explain
 
+    table = _label_index(class_names)
+    all_classes = list(range(len(class_names)))
     for start in range(0, len(split), opts.batch_size):
         stop = min(len(split), start + opts.batch_size)
         inputs = split.tensors(start, stop)
-        result = explain(model, inputs, list(opts.layers), method=method, targets=None,
-                         class_names=class_names, batch_size=opts.batch_size)
-        yield (start, inputs, result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(),
-               result.probs.numpy())
+        if opts.target == "label":
+            result = explain(model, inputs, list(opts.layers), method=method, targets=all_classes,
+                             class_names=class_names, batch_size=opts.batch_size)
+            probs = result.probs.numpy()
+            chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
+                               for i in range(stop - start)], dtype=np.int64)
+            maps = result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy()
+            yield start, inputs, maps, chosen, probs
+        else:
+            result = explain(model, inputs, list(opts.layers), method=method, targets=None,
+                             class_names=class_names, batch_size=opts.batch_size)
+            yield (start, inputs, result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(),
+                   result.probs.numpy())
 
 
 def _choose(maps: list[np.ndarray], split: Split, opts: Options) -> float:
@@ -429,7 +454,8 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
                    opts: Options, log: Callable[[str], None] = lambda _: None) -> list[Row]:
     """Rows for one model: every layer x method, then the two reference heatmaps."""
     table = _label_index(class_names)
-    preds = np.full(len(test), -1, dtype=np.int64)
+    preds = np.full(len(test), -1, dtype=np.int64)      # top-1 class (accuracy)
+    explained = np.full(len(test), -1, dtype=np.int64)  # the class the CAMs explain (deletion/insertion target)
     faith_n = min(opts.faith_n, len(test))
     rows: list[Row] = []
     fallback = opts.threshold if opts.threshold is not None else FALLBACK_THRESHOLD
@@ -458,6 +484,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
         accs = [_Acc() for _ in opts.layers]
         for start, inputs, maps, targets, probs in _cam_batches(model, test, opts, method, class_names):
             preds[start:start + len(targets)] = probs.argmax(axis=1)
+            explained[start:start + len(targets)] = targets
             for position, acc in enumerate(accs):
                 for offset in range(maps.shape[0]):
                     acc.add(maps[offset, position], test.samples[start + offset], thresholds[position])
@@ -482,7 +509,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
             for offset in range(stop - start):
                 acc.add(maps[offset, r], test.samples[start + offset], thresholds[r])
         if start < faith_n:
-            faith(accs, test.tensors(start, stop), maps, preds[start:stop], start)
+            faith(accs, test.tensors(start, stop), maps, explained[start:stop], start)
     for r, kind in enumerate(kinds):
         rows.append(Row(model_id, BASELINE_LAYER, kind, accs[r].values(accuracy), thresholds[r], accs[r].count,
                         len(accs[r].deletion), accs[r].flat, kind="baseline"))
@@ -580,7 +607,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
               val_n: int = DEFAULT_VAL_N, faith_n: int = DEFAULT_FAITH_N, faith_steps: int = DEFAULT_FAITH_STEPS,
               faith_baseline: str = "blur", seed: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
               threshold: float | None = None, data: str | Path | None = None, device: str | None = None,
-              log: Callable[[str], None] = lambda _: None) -> BenchResult:
+              target: str = "predicted", log: Callable[[str], None] = lambda _: None) -> BenchResult:
     """Evaluate every model (models whose weights are missing are skipped, with the reason in ``skipped``)."""
     from cams.engine import METHODS
     from cams.layers import LayerError, layer_names
@@ -605,8 +632,10 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     if data is None and (seed & 0xFFFFFFFF) in {TRAIN_SEED & 0xFFFFFFFF, (TRAIN_SEED - 1) & 0xFFFFFFFF}:
         raise BenchError(f"--seed {seed}: the test stream ({seed}) and validation stream ({seed + 1}) must differ "
                          f"from the training stream ({TRAIN_SEED})")
+    if target not in TARGETS:
+        raise BenchError(f"--target must be one of {', '.join(TARGETS)}")
     opts = Options(tuple(layers), tuple(methods), batch_size, faith_n, faith_steps, faith_baseline, threshold,
-                   seed)
+                   seed, target=target)
 
     problems: list[str] = []
     annotations = read_annotations(data, problems) if data is not None else None
@@ -633,6 +662,12 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         bad = [layer for layer in layers if layer not in names]
         if bad:
             message = f"{model_id}: no layer(s) {', '.join(bad)} (valid: {', '.join(sorted(names))})"
+            skipped.append(message)
+            log(f"skipping {message}")
+            continue
+        if target == "label" and entry.num_classes > MAX_LABEL_CLASSES:
+            message = (f"{model_id}: --target label explains every class at once; {entry.num_classes} classes "
+                       f"is too many (at most {MAX_LABEL_CLASSES}); use --target predicted")
             skipped.append(message)
             log(f"skipping {message}")
             continue
@@ -684,9 +719,11 @@ def _caption(used: dict, opts: Options, data, skipped: list[str], rows: list[Row
         thr = f"threshold fixed at {FALLBACK_THRESHOLD:g} x max (no validation images)"
     flat = sum(row.flat for row in rows if row.kind == "cam")
     parts = [
-        f"Localization of the top-1 class's CAM: {source}.",
-        f"Pointing game: heatmap max within 15 px at 224 px (= {tolerance} px here) of the object mask"
-        f"{'' if data is None else ' (boxes)'}; strict: on it. Energy: heatmap mass inside the object.",
+        f"Localization of the CAM of each image's "
+        f"{'top-1 (predicted)' if opts.target == 'predicted' else 'ground-truth'} class: {source}.",
+        f"Pointing game: heatmap max within 15 px at 224 px (= {tolerance} px here) of the object "
+        f"{'mask' if data is None else 'box(es)'}; strict: on it (first argmax; flat maps miss). "
+        f"Energy: share of heatmap mass inside the box(es).",
         f"Box accuracy: IoU >= 0.5 of the largest component's box, {thr}.",
         f"Deletion/insertion AUC (lower/higher is better): first {faith} of the {n_test} test images only, "
         f"{opts.faith_steps} steps, {opts.faith_baseline} baseline, probability of the explained class.",
@@ -732,6 +769,9 @@ def add_bench_loc_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--markdown", metavar="PATH", default=None, help="also write the table as Markdown")
     parser.add_argument("--data", metavar="DIR", default=None,
                         help=f"your own images with {CSV_NAME} (image,x0,y0,x1,y1[,label]) or VOC .xml per image")
+    parser.add_argument("--target", choices=TARGETS, default="predicted",
+                        help="class to explain: each image's top-1 class (default) or its ground-truth label "
+                             f"(models with at most {MAX_LABEL_CLASSES} classes)")
     parser.add_argument("--device", default=None, help="torch device (default: PFCAM_DEVICE or auto)")
     parser.set_defaults(handler=main_bench_loc)
     return parser
@@ -752,7 +792,8 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
         result = run_bench(_csv_list(args.models), _csv_list(args.layers), _csv_list(args.methods), n=args.n,
                            val_n=args.val_n, faith_n=args.faith_n, faith_steps=args.faith_steps,
                            faith_baseline=args.faith_baseline, seed=args.seed, batch_size=args.batch_size,
-                           threshold=args.threshold, data=args.data, device=args.device, log=log)
+                           threshold=args.threshold, data=args.data, device=args.device, target=args.target,
+                           log=log)
     except (BenchError, UnknownModelError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"bench-loc: error: {message}", file=err)

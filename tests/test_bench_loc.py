@@ -241,3 +241,21 @@ def test_bench_loc_on_the_bundled_demo_model(tmp_path: Path, capsys: pytest.Capt
     gaussian = next(row for row in rows if row[2] == bench_loc.GAUSSIAN)
     assert float(gradcam4[4]) >= float(gaussian[4]) - 0.25  # pointing game: not far below the centre prior
     assert (tmp_path / "demo.md").read_text().count("| " + DEMO + " |") == 10
+
+
+def test_target_label_explains_the_ground_truth_class(tiny_zoo, capsys: pytest.CaptureFixture):
+    entry = zoo.get(TINY)
+    model = bench_loc.load_model(TINY)
+    split = bench_loc.scene_split("test", 5, 6, entry.preprocess, 0)
+    opts = bench_loc.Options(("layer3", "layer4"), ("gradcam",), batch_size=4, target="label")
+    batches = list(bench_loc._cam_batches(model, split, opts, "gradcam", entry.class_names()))
+    explained = np.concatenate([batch[3] for batch in batches])
+    labels = [CLASS_NAMES.index(sample.labels[0]) for sample in split.samples]
+    assert explained.tolist() == labels
+    assert batches[0][2].shape == (4, 2, 64, 64)
+    status = main(["bench-loc", "--models", TINY, "--layers", "layer4", "--methods", "gradcam", "--n", "4",
+                   "--val-n", "2", "--faith-n", "1", "--faith-steps", "2", "--target", "label"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "ground-truth class" in out
+    check_rows(parse_table(out)[1], TINY, ["layer4"], ["Grad-CAM"])
