@@ -648,6 +648,12 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     used: dict[str, object] = {}
     for model_id in models:
         entry = zoo.get(model_id)
+        if annotations is None and entry.classes != "scenes":
+            message = (f"{model_id}: an {entry.classes} model has no scene classes to localize; "
+                       "give it your own images with --data DIR")
+            skipped.append(message)
+            log(f"skipping {message}")
+            continue
         try:
             model = load_model(model_id, device)
         except PfnetError as error:

@@ -259,3 +259,8 @@ def test_target_label_explains_the_ground_truth_class(tiny_zoo, capsys: pytest.C
     assert status == 0, err
     assert "ground-truth class" in out
     check_rows(parse_table(out)[1], TINY, ["layer4"], ["Grad-CAM"])
+
+
+def test_imagenet_model_needs_data(capsys: pytest.CaptureFixture):
+    assert main(["bench-loc", "--models", "r50", "--n", "2"]) == 1
+    assert "give it your own images with --data" in capsys.readouterr().err
