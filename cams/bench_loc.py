@@ -677,6 +677,9 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             skipped.append(message)
             log(f"skipping {message}")
             continue
+        if entry.family == "resnet":
+            # Same numbers (checked to ~1e-5 on the heatmaps), about 1.5-2x faster convolutions on CPU.
+            model = model.to(memory_format=torch.channels_last)
         pre = entry.preprocess
         if annotations is not None:
             val, test = data_splits(annotations, pre, n, 0 if threshold is not None else val_n, seed, problems,
