@@ -6,7 +6,8 @@
 For each model: forward-only inference time (``torch.inference_mode``); ``cams.explain`` Grad-CAM for layer4 and
 for layer1..layer4 in one call; pytorch-grad-cam's ``GradCAM`` for layer4 and for the four layers one after the
 other (four ``GradCAM`` objects, each called, as its API needs for per-layer maps); each as the median of
-``--repeats`` timed runs after ``--warmup`` untimed ones, and as a ratio to forward-only.
+``--repeats`` timed runs after ``--warmup`` untimed ones (timed round-robin, so load changes on a shared CPU
+hit every case alike), and as a ratio to forward-only.
 Targets: ours <= 1.25x forward for one layer, <= 2.2x for four.
 
 Then the engine throughput (:func:`engine_throughput`): images/s of ``explain`` over batches of ``--batch`` (8)
@@ -53,16 +54,25 @@ def _sync(device: torch.device) -> None:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
+    return interleaved_medians({"case": fn}, repeats, warmup, device)["case"]
+
+
+def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median seconds per case, the cases timed round-robin (one run of each per round) so that a shared CPU's
+    changing load hits them alike and the ratios between them stay meaningful."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def forward_only(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], object]:
@@ -106,31 +116,29 @@ def engine_throughput(model: torch.nn.Module, layers: list[str], batch: int = 8,
     """
     device = torch.device(device)
     images = torch.randn(batch, 3, size, size, device=device)
-    forward_s = median_seconds(forward_only(model, images), repeats, warmup, device)
-    engine_s = median_seconds(lambda: explain(model, images, layers, method, batch_size=batch), repeats, warmup,
-                              device)
+    medians = interleaved_medians({
+        "forward": forward_only(model, images),
+        "engine": lambda: explain(model, images, layers, method, batch_size=batch),
+    }, repeats, warmup, device)
+    forward_s, engine_s = medians["forward"], medians["engine"]
     return {"forward_ips": batch / forward_s, "engine_ips": batch / engine_s, "ratio": forward_s / engine_s}
 
 
-def bench_model(label: str, arch: str, args, device: torch.device) -> list[tuple[str, float, float | None]]:
+def bench_model(label: str, arch: str, args,
+                device: torch.device) -> list[tuple[str, str, float, float, float | None]]:
     torch.manual_seed(0)
     model = timm.create_model(arch, width_mult=args.width_mult).eval().to(device)
     images = torch.randn(1, 3, args.size, args.size, device=device)
-    forward_s = median_seconds(forward_only(model, images), args.repeats, args.warmup, device)
-    rows = [("forward only (inference_mode)", forward_s, None)]
-    cases = [
-        ("ours: Grad-CAM layer4", ours(model, images, ["layer4"]), TARGET_ONE),
-        ("ours: Grad-CAM layer1..layer4, one call", ours(model, images, FOUR_LAYERS), TARGET_FOUR),
-    ]
+    cases = {"forward only (inference_mode)": (forward_only(model, images), None),
+             "ours: Grad-CAM layer4": (ours(model, images, ["layer4"]), TARGET_ONE),
+             "ours: Grad-CAM layer1..layer4, one call": (ours(model, images, FOUR_LAYERS), TARGET_FOUR)}
     if not args.no_reference:
-        cases += [
-            ("pytorch-grad-cam: GradCAM layer4", pytorch_grad_cam_per_layer(model, images, ["layer4"]), None),
-            ("pytorch-grad-cam: 4 GradCAM objects, layer1..layer4",
-             pytorch_grad_cam_per_layer(model, images, FOUR_LAYERS), None),
-        ]
-    for name, fn, target in cases:
-        rows.append((name, median_seconds(fn, args.repeats, args.warmup, device), target))
-    return [(label, name, seconds, seconds / forward_s, target) for name, seconds, target in rows]
+        cases["pytorch-grad-cam: GradCAM layer4"] = (pytorch_grad_cam_per_layer(model, images, ["layer4"]), None)
+        cases["pytorch-grad-cam: 4 GradCAM objects, layer1..layer4"] = (
+            pytorch_grad_cam_per_layer(model, images, FOUR_LAYERS), None)
+    medians = interleaved_medians({name: fn for name, (fn, _) in cases.items()}, args.repeats, args.warmup, device)
+    forward_s = medians["forward only (inference_mode)"]
+    return [(label, name, medians[name], medians[name] / forward_s, target) for name, (_, target) in cases.items()]
 
 
 def _loadavg() -> str:
