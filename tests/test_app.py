@@ -1,0 +1,287 @@
+"""The Streamlit app, driven headless with streamlit.testing.v1.AppTest.
+
+Offline (PFCAM_OFFLINE=1) with an empty PFCAM_CACHE: the app must fall back to the bundled demo models; weights come
+from assets/weights or from synthetic checkpoints written by the tests, never from the network.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app.py"
+TIMEOUT = 900  # seconds per script run: the CPU is small and shared
+DEMO = ("demo_r50", "demo_r50_hybrid")
+CAPTION = re.compile(r"^(?P<cls>[a-z_]+) · (?P<pct>\d+\.\d)%")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scene_png(index: int) -> bytes:
+    """A demo scene at the demo input size, from a stream the app does not offer (seed 31337)."""
+    from pfnet import scenes, zoo
+
+    return png(scenes.render_scene(31337, index, zoo.get("demo_r50").preprocess.input_size).image)
+
+
+def originals(at) -> list:
+    return [image for image in at.image if image.captions[0].startswith("Original")]
+
+
+def overlays(at) -> list:
+    return [image for image in at.image if not image.captions[0].startswith("Original")]
+
+
+def row_notes(at) -> list[str]:
+    return [m.value for m in at.markdown if "computed in" in m.value]
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def expected_top1(model_id: str, data: bytes) -> tuple[str, float]:
+    """What the model itself predicts for the image (computed here, independently of the app)."""
+    from cams.images import load_image
+    from pfnet import weights, zoo
+    from pfnet.preprocess import prepare
+
+    entry = zoo.get(model_id)
+    model = weights.load(model_id, device="cpu")
+    tensor = prepare(load_image(data, "x.png"), entry.preprocess, "full").tensor.unsqueeze(0)
+    with torch.no_grad():
+        probs = torch.softmax(model(tensor), dim=1)[0]
+    index = int(probs.argmax())
+    return entry.class_names()[index], float(probs[index])
+
+
+@pytest.fixture
+def app(pfcam_cache):
+    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded)."""
+    from streamlit.testing.v1 import AppTest
+
+    from pfcam_app import core
+
+    core.run_cams.clear()
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    assert_clean(at)
+    return at
+
+
+def upload(at, files: list[tuple[str, bytes]]) -> None:
+    mime = {"png": "image/png", "jpg": "image/jpeg"}
+    at.file_uploader(key="uploads").set_value([(n, d, mime.get(n.rsplit(".", 1)[-1], "image/png")) for n, d in files])
+    at.run()
+    assert_clean(at)
+
+
+# --------------------------------------------------------------------------------------------------- tests
+
+def test_offline_start_uses_demo_models_and_says_so(app):
+    assert list(app.multiselect(key="models").value) == list(DEMO)
+    assert list(app.multiselect(key="layers_resnet").value) == ["layer3.5", "layer4.2"]
+    banner = " ".join(info.value for info in app.info)
+    assert "Offline demo" in banner and "PFCAM_OFFLINE=1" in banner
+    options = app.multiselect(key="examples").options
+    assert any(o.startswith("scene_") for o in options) and "cat_chelsea.jpg" in options
+    assert not app.error
+    assert "Upload images or pick examples" in banner
+
+
+def test_two_uploads_give_a_model_by_layer_grid_and_restyling_reuses_the_cams(app):
+    files = [("first.png", scene_png(0)), ("second.png", scene_png(1))]
+    upload(app, files)
+    assert not app.error, [e.value for e in app.error]
+    assert [o.captions[0].split(" · ")[0] for o in originals(app)] == ["Original", "Original"]
+    cells = overlays(app)
+    assert len(cells) == 2 * 2 * 2  # images x models x layers
+    for cell in cells:
+        assert CAPTION.match(cell.captions[0]), cell.captions[0]
+    # Document order: per image, model rows of (layer3.5, layer4.2); both layers explain the same class.
+    for i, (name, data) in enumerate(files):
+        for j, model_id in enumerate(DEMO):
+            row = cells[4 * i + 2 * j: 4 * i + 2 * j + 2]
+            assert row[0].captions[0] == row[1].captions[0]
+            cls, prob = expected_top1(model_id, data)
+            assert row[0].captions[0] == f"{cls} · {100 * prob:.1f}%"
+    assert [m.value for m in app.markdown].count("**layer3.5**") == 2
+    assert [m.value for m in app.markdown].count("**layer4.2**") == 2
+    notes = row_notes(app)
+    assert len(notes) == 4 and all(":gray[computed in" in n for n in notes)
+    top5 = [m.value for m in app.markdown if "· top-5" in m.value]
+    assert len(top5) == 4 and all(len(re.findall(r"\d\. [a-z_]+ — \d+\.\d%", t)) == 5 for t in top5)
+
+    # Colormap and opacity only re-render: same captions, new pixels, nothing recomputed.
+    before = [(c.value[0], c.captions[0]) for c in overlays(app)]
+    app.selectbox(key="colormap").set_value("viridis")
+    app.slider(key="opacity").set_value(0.8)
+    app.run()
+    assert_clean(app)
+    after = [(c.value[0], c.captions[0]) for c in overlays(app)]
+    assert [c for _, c in after] == [c for _, c in before]
+    assert all(a != b for (a, _), (b, _) in zip(after, before))
+    notes = row_notes(app)
+    assert len(notes) == 4 and all("from cache" in n for n in notes)
+
+    # Another method recomputes, and the heatmaps change.
+    app.selectbox(key="method").set_value("layercam")
+    app.run()
+    assert_clean(app)
+    notes = row_notes(app)
+    assert len(notes) == 4 and all(":gray[computed in" in n for n in notes)
+    changed = [(c.value[0], c.captions[0]) for c in overlays(app)]
+    assert len(changed) == 8
+    assert sum(a != b for (a, _), (b, _) in zip(changed, after)) >= 4
+
+
+def test_a_corrupt_upload_shows_an_error_and_the_good_image_still_renders(app):
+    upload(app, [("good.png", scene_png(2)), ("corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 200)])
+    errors = [e.value for e in app.error]
+    assert len(errors) == 1 and "corrupt.png" in errors[0]
+    assert "Traceback" not in errors[0]
+    assert len(originals(app)) == 1 and len(overlays(app)) == 4
+
+
+def test_an_oversized_upload_is_refused_with_a_message(app):
+    big = b"\x00" * (21 * 1024 * 1024)
+    upload(app, [("huge.png", big), ("fine.png", scene_png(3))])
+    errors = [e.value for e in app.error]
+    assert len(errors) == 1 and "huge.png" in errors[0] and "20 MB" in errors[0]
+    assert len(overlays(app)) == 4
+
+
+def test_demo_scene_examples_show_ground_truth_and_localisation_scores(app):
+    option = next(o for o in app.multiselect(key="examples").options if o.startswith("scene_"))
+    app.multiselect(key="examples").set_value([option])
+    app.run()
+    assert_clean(app)
+    label = option.rsplit("_", 1)[-1].removesuffix(".png")
+    assert originals(app)[0].captions[0].endswith(f"ground truth: {label} (green box)")
+    cells = overlays(app)
+    assert len(cells) == 4
+    for cell in cells:
+        assert re.search(r" · pointing (hit ✓|miss ✗) · energy in box \d+\.\d%$", cell.captions[0]), cell.captions[0]
+
+
+def test_top_k_target_adds_a_row_per_class(app):
+    upload(app, [("one.png", scene_png(4))])
+    app.radio(key="target_kind").set_value("Top-k classes")
+    app.run()
+    app.slider(key="top_k").set_value(2)
+    app.run()
+    assert_clean(app)
+    cells = overlays(app)
+    assert len(cells) == 2 * 2 * 2  # models x targets x layers
+    first, second = cells[0].captions[0], cells[2].captions[0]
+    assert first.split(" · ")[0] != second.split(" · ")[0]  # two different classes for the same model
+    assert float(CAPTION.match(first)["pct"]) >= float(CAPTION.match(second)["pct"])
+
+
+def test_a_class_picked_by_name_is_explained_by_every_model(app):
+    upload(app, [("one.png", scene_png(9))])
+    app.radio(key="target_kind").set_value("A class I pick")
+    app.run()
+    assert "star" in app.selectbox(key="target_class").options
+    app.selectbox(key="target_class").set_value("star")
+    app.run()
+    assert_clean(app)
+    cells = overlays(app)
+    assert len(cells) == 4 and all(c.captions[0].startswith("star · ") for c in cells)
+
+
+def test_model_cards_show_measured_and_paper_figures(app):
+    upload(app, [("one.png", scene_png(5))])
+    titles = [e.label for e in app.expander]
+    assert "Model card · Demo R50 (scenes)" in titles and "Model card · Demo R50-hybrid (scenes)" in titles
+    tables = [m.value for m in app.markdown if m.value.startswith("| | Measured here | Paper |")]
+    assert len(tables) == 2
+    for table in tables:
+        assert re.search(r"\| Parameters \| \d+\.\d\d M \|", table)
+        assert re.search(r"\| MACs \(\d+×\d+\) \| \d+\.\d{3} G \|", table)
+        assert re.search(r"\| Latency \(cpu, batch 1\) \| \d+\.\d ms \|", table)
+
+
+def test_export_to_folder_writes_the_manifest(app, tmp_path):
+    upload(app, [("a.png", scene_png(6)), ("b.png", scene_png(7))])
+    out = tmp_path / "exports"
+    app.text_input(key="export_dir").set_value(str(out))
+    app.run()
+    app.button(key="export_folder").click()
+    app.run()
+    assert_clean(app)
+    assert not app.error, [e.value for e in app.error]
+    assert any("Exported 8 heatmaps of 2 image(s)" in s.value for s in app.success)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = manifest["rows"] if isinstance(manifest, dict) else manifest
+    assert len(rows) == 2 * 2 * 2
+    assert {row["model"] for row in rows} == set(DEMO)
+    assert {row["layer"] for row in rows} == {"layer3.5", "layer4.2"}
+    assert {row["image"] for row in rows} == {"a.png", "b.png"}
+    for row in rows:
+        assert row["method"] == "gradcam" and row["rank"] == 1 and row["status"] == "computed"
+        assert (out / row["overlay"]).is_file() and (out / row["heatmap"]).is_file()
+
+    # "Download ZIP": the same export, zipped.
+    app.button(key="build_zip").click()
+    app.run()
+    assert_clean(app)
+    assert [b.label for b in app.download_button] == ["Download ZIP"]
+    names = zipfile.ZipFile(io.BytesIO(app.session_state["_zip"][1])).namelist()
+    assert "manifest.json" in names and "manifest.csv" in names
+    assert sorted(n for n in names if n.endswith(".png") and "/grid__" not in n) == \
+        sorted(row["overlay"] for row in rows)
+
+
+def test_a_checkpoint_for_another_architecture_is_explained(app):
+    from pfnet import zoo
+
+    state = zoo.get("demo_r50_max").build().state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    app.file_uploader(key="ckpt_demo_r50").set_value(("other.pth", buffer.getvalue(), "application/octet-stream"))
+    app.run()
+    assert_clean(app)
+    errors = " ".join(e.value for e in app.error)
+    assert "Detected" in errors and "not Demo R50 (scenes)" in errors and "Demo R50-max (scenes)" in errors
+    # The model keeps its bundled weights and the page keeps working.
+    upload(app, [("one.png", scene_png(8))])
+    assert len(overlays(app)) == 4
+
+
+def test_cached_imagenet_weights_make_r50_and_r50_hybrid_the_default(pfcam_cache):
+    from safetensors.torch import save_file
+    from streamlit.testing.v1 import AppTest
+
+    from pfnet import zoo
+
+    for model_id in ("r50", "r50_hybrid"):  # synthetic checkpoints: random weights, right layout
+        entry = zoo.get(model_id)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in entry.build().state_dict().items()}
+        state = {k: torch.zeros(s, dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
+                 for k, s in shapes.items()}
+        save_file(state, str(pfcam_cache / Path(entry.source.filename).with_suffix(".safetensors")))
+        if not entry.source.filename.endswith(".safetensors"):
+            torch.save(state, pfcam_cache / entry.source.filename)
+            (pfcam_cache / Path(entry.source.filename).with_suffix(".safetensors")).unlink()
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    assert_clean(at)
+    assert list(at.multiselect(key="models").value) == ["r50", "r50_hybrid"]
+    assert not any("Offline demo" in info.value for info in at.info)
+    assert not at.warning and not at.error
