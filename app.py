@@ -59,7 +59,10 @@ with st.sidebar:
 
     st.header("Explanation", anchor=False)
     method = st.selectbox("CAM method", list(engine.METHODS), format_func=lambda m: engine.METHODS[m],
-                          key="method")
+                          key="method", help="Gradient methods need one forward and one backward pass per image; "
+                                             "Score-CAM runs a forward pass per activation channel (slow on a CPU).")
+    if method == "scorecam" and core.device_name() == "cpu":
+        st.caption(":orange[Score-CAM on a CPU can take minutes per image and model.]")
     layers_by_family: dict[str, list[str]] = {}
     for slot in ready:
         family = slot.entry.family

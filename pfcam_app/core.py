@@ -143,9 +143,9 @@ def scene_source(option: str) -> Source:
     return Source(option, data, digest_of(data), kind="scene", box=box, mask=mask, label=label)
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
+@st.cache_resource(show_spinner=False, max_entries=32)
 def decode(digest: str, name: str, _data: bytes) -> Image.Image:
-    """``cams.images.load_image`` (validated RGB), once per image content."""
+    """``cams.images.load_image`` (validated RGB), once per image content; shared, never modified in place."""
     from cams.images import load_image
 
     return load_image(_data, name)

@@ -13,6 +13,7 @@ from pfcam_app.core import Slot, Source, error_text, guard, run_cams
 from pfnet import zoo
 
 DISPLAY_SIDE = 448  # longest side of the images shown on the page (overlays are rendered at this size)
+MIN_COLUMNS = 3  # the grid keeps at least this many columns so that one or two layers do not blow cells up
 BOX_COLOUR = (0, 255, 0)
 
 
@@ -109,7 +110,7 @@ def render_image(source: Source, slots: list[Slot], layers_by_family: dict[str, 
             if not layers:
                 continue
             if family != family_shown:  # column headers (one per layer) once per family
-                for column, name in zip(st.columns(len(layers)), layers):
+                for column, name in zip(st.columns(max(len(layers), MIN_COLUMNS)), layers):
                     column.markdown(f"**{name}**")
                 family_shown = family
             with guard(f"{slot.entry.name} on {source.name}"):
@@ -129,13 +130,14 @@ def render_image(source: Source, slots: list[Slot], layers_by_family: dict[str, 
                 for rank, class_id in enumerate(result["targets"]):
                     suffix = f" · target #{rank + 1}" if len(result["targets"]) > 1 else ""
                     st.markdown(f"**{slot.entry.name}**{suffix} · :gray[{took}]")
-                    row = st.columns(len(layers))
-                    for index, column in enumerate(row):
+                    row = st.columns(max(len(layers), MIN_COLUMNS))
+                    for index, column in enumerate(row[:len(layers)]):
                         heatmap = result["heatmaps"][rank, index]
                         crop = tuple(v * scale for v in result["crop_box"])
                         cell = render.overlay(shown, heatmap, crop, colormap, opacity)
                         caption = f"{names[int(class_id)]} · {percent(result['probs'][int(class_id)])}"
-                        if source.box is not None:
+                        if source.box is not None:  # demo scene: ground-truth box and its scores
+                            cell = with_box(cell, source.box, scale)
                             caption += " · " + scene_scores(source, heatmap, result["crop_box"], image.size)
                         column.image(cell, caption=caption, width="stretch")
     if results:
