@@ -285,3 +285,72 @@ def test_cached_imagenet_weights_make_r50_and_r50_hybrid_the_default(pfcam_cache
     assert list(at.multiselect(key="models").value) == ["r50", "r50_hybrid"]
     assert not any("Offline demo" in info.value for info in at.info)
     assert not at.warning and not at.error
+
+
+def test_weights_missing_offline_say_what_to_do_and_the_rest_keeps_working(app):
+    app.multiselect(key="models").set_value(["demo_r50", "r50_max"])
+    app.run()
+    assert_clean(app)
+    warnings = [w.value for w in app.warning]
+    assert len(warnings) == 1 and "R50-max" in warnings[0]
+    assert "offline" in warnings[0] and "save it as" in warnings[0] and "r50_max.pth" in warnings[0]
+    assert any(e.label == "R50-max · missing" for e in app.expander)
+    upload(app, [("one.png", scene_png(10))])
+    assert len(overlays(app)) == 2  # demo_r50 x 2 layers; R50-max is skipped, not fatal
+
+
+def _zero_checkpoint(model_id: str) -> dict:
+    from pfnet import zoo
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in zoo.get(model_id).build().state_dict().items()}
+    return {k: torch.zeros(s, dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
+            for k, s in shapes.items()}
+
+
+def test_download_button_fetches_with_progress_and_the_model_loads(pfcam_cache, tmp_path, monkeypatch):
+    """Online (a local HTTP server stands in for Google Drive / Hugging Face): nothing cached, so R50 and
+    R50-hybrid are the defaults, each waiting for its Download button; R50-hybrid is then downloaded."""
+    import functools
+    import http.server
+    import threading
+
+    from streamlit.testing.v1 import AppTest
+
+    from pfnet import zoo
+
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save(_zero_checkpoint("r50_hybrid"), served / zoo.get("r50_hybrid").source.ref)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args, **kwargs: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.delenv("PFCAM_OFFLINE")
+        monkeypatch.setenv("PFCAM_GDRIVE_URL", base + "/{id}")
+        monkeypatch.setenv("PFCAM_HF_URL", base + "/hf/{repo}/{filename}")  # 404: R50 stays unavailable
+        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+        at.run()
+        assert_clean(at)
+        assert list(at.multiselect(key="models").value) == ["r50", "r50_hybrid"]
+        assert not any("Offline demo" in info.value for info in at.info)
+        warnings = [w.value for w in at.warning]
+        assert len(warnings) == 2 and all("press **Download**" in w for w in warnings)
+        at.button(key="download_r50_hybrid").click()
+        at.run()
+        assert_clean(at)
+        assert (pfcam_cache / "r50_hybrid.pth").is_file()
+        assert any(e.label == "R50-hybrid · cached" for e in at.expander)
+        warnings = [w.value for w in at.warning]
+        assert len(warnings) == 1 and "R50 " in warnings[0]
+        assert list(at.multiselect(key="layers_resnet").value) == ["layer3.5", "layer4.2"]
+        # R50's download fails (404 here): a plain message, and the page carries on.
+        at.button(key="download_r50").click()
+        at.run()
+        assert_clean(at)
+        errors = [e.value for e in at.error]
+        assert len(errors) == 1 and "HTTP 404" in errors[0] and "R50" in errors[0]
+    finally:
+        server.shutdown()
