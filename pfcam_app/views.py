@@ -173,14 +173,32 @@ def model_card(slot: Slot, device: str) -> None:
                 ("Parameters", f"{stats['params'] / 1e6:.2f} M", _figure(paper.params_m, "{:.1f} M")),
                 (f"MACs ({size}×{size})", f"{stats['macs'] / 1e9:.3f} G", _figure(paper.gflops, "{:.1f} G (224×224)" if size != 224 else "{:.1f} G")),
                 (f"Latency ({device}, batch 1)", f"{stats['latency_ms']:.1f} ms", _figure(paper.gpu_ms, "{:.1f} ms (GPU)")),
-                ("ImageNet top-1 / top-5", "—", f"{_figure(paper.top1, '{:.1f}')} / {_figure(paper.top5, '{:.1f}')}"),
             ]
+            if entry.classes == "imagenet":
+                rows.append(("ImageNet top-1 / top-5", "not measured here",
+                             f"{_figure(paper.top1, '{:.1f}')} / {_figure(paper.top5, '{:.1f}')}"))
             table = "| | Measured here | Paper |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
             st.markdown(table)
             if paper.note:
                 st.caption(f"Paper note: {paper.note}")
+            if entry.classes == "scenes":
+                st.caption("The paper has no figures for the demo models (width 0.25, trained on synthetic scenes).")
             card = zoo.demo_card().get("models", {}).get(entry.id) if entry.classes == "scenes" else None
             if card:
-                facts = {k: v for k, v in card.items() if isinstance(v, (int, float, str)) and k not in ("file", "sha256")}
-                if facts:
-                    st.caption("Demo card: " + " · ".join(f"{k} {v}" for k, v in facts.items()))
+                st.caption(demo_card_line(card))
+
+
+def demo_card_line(card: dict) -> str:
+    """The demo card's own figures (measured when the model was trained, by pfnet.train_demo)."""
+    facts = []
+    if isinstance(card.get("test_accuracy"), (int, float)):
+        facts.append(f"test accuracy {percent(card['test_accuracy'])} on held-out scenes")
+    pointing = card.get("pointing_game") or {}
+    if isinstance(pointing.get("hit_15px"), (int, float)):
+        strict = pointing.get("hit_strict")
+        facts.append(f"pointing game (Grad-CAM, layer4) {percent(pointing['hit_15px'])}"
+                     + (f", strict {percent(strict)}" if isinstance(strict, (int, float)) else ""))
+    if card.get("train_minutes") is not None:
+        facts.append(f"trained {card['train_minutes']} min on CPU")
+    return "Demo card (from training): " + (" · ".join(facts) if facts else "no figures recorded") + \
+        ". See assets/weights/DEMO_CARD.md."
