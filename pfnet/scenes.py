@@ -108,7 +108,7 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0, 255, 3)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> np.ndarray:
     """Float32 [S, S, 3] cluttered background: gradient + colour noise + a texture (separable maths only)."""
     s = size
     grid = (np.arange(s, dtype=np.float32) + 0.5) / s
@@ -119,15 +119,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     ramp /= max(float(ramp.max()), 1e-6)
     c0, c1 = _random_colour(rng), _random_colour(rng)
     k = int(rng.integers(3, 9))
-    blob = rng.standard_normal((k, k, 3)).astype(np.float32) * np.float32(rng.uniform(15, 45))
+    blob = rng.standard_normal((k, k, 3)).astype(np.float32) * np.float32(rng.uniform(15, 45) * clutter)
     blob += c0.astype(np.float32)
     small = cv2.resize(blob, (max(4 * k, 8), max(4 * k, 8)), interpolation=cv2.INTER_CUBIC)
     img = cv2.resize(small, (s, s), interpolation=cv2.INTER_LINEAR)
-    img += ramp[..., None] * (c1 - c0).astype(np.float32)
+    img += ramp[..., None] * (clutter * (c1 - c0)).astype(np.float32)
     kind = int(rng.integers(0, 4))
     amp = rng.uniform(10, 40)
     phi, freq = rng.uniform(0, np.pi), rng.uniform(4, 14) * 2 * np.pi
-    colour = (amp * rng.uniform(-1, 1, 3)).astype(np.float32)
+    colour = (clutter * amp * rng.uniform(-1, 1, 3)).astype(np.float32)
     if kind == 0:    # stripes: sin(a x + b y) = sin(a x) cos(b y) + cos(a x) sin(b y)
         ax, by = freq * np.cos(phi) * grid, freq * np.sin(phi) * grid
         tex = np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax))
@@ -141,10 +141,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _distractors(rng: np.random.Generator, img: np.ndarray) -> None:
-    """Thin strokes, arcs and dots (never a class shape), drawn in place."""
+def _distractors(rng: np.random.Generator, img: np.ndarray, clutter: float = 1.0) -> None:
+    """Thin strokes, arcs and dots (never a class shape), drawn in place; ``clutter`` < 1 paints fewer."""
     s = img.shape[0]
-    for _ in range(int(rng.integers(3, 9))):
+    count = int(rng.integers(3, 9))
+    keep = int(round(count * clutter))
+    for number in range(count):
+        if number >= keep:
+            img = np.empty((1, 1, 3), np.float32)  # keep consuming the same random draws, paint nowhere
         kind = int(rng.integers(0, 3))
         colour = tuple(float(c) for c in _random_colour(rng))
         thick = int(rng.integers(1, 3))
@@ -163,18 +167,21 @@ def _distractors(rng: np.random.Generator, img: np.ndarray) -> None:
                 cv2.circle(img, (int(x), int(y)), int(rng.integers(1, 4)), colour, -1, cv2.LINE_AA)
 
 
-def render_scene(seed: int, index: int, size: int = 160, *, draw_object: bool = True) -> Scene:
+def render_scene(seed: int, index: int, size: int = 160, *, draw_object: bool = True, clutter: float = 1.0) -> Scene:
     """Scene ``index`` of stream ``seed`` at ``size`` x ``size`` pixels.
 
     ``draw_object=False`` returns the identical scene without the object painted (same mask/box/label):
-    the exact background under the object, used by tests.
+    the exact background under the object, used by tests. ``clutter`` in [0, 1] scales the background's
+    gradient, noise and texture amplitudes and the number of distractors (the same random draws are made, so the
+    object is the same); training ramps it up from 0 (a curriculum), evaluation always uses 1.
     """
     if size < 32:
         raise ValueError("size must be at least 32")
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, 0x5CE7E])
     s = size
-    img = _background(rng, s)
-    _distractors(rng, img)
+    clutter = float(min(max(clutter, 0.0), 1.0))
+    img = _background(rng, s, clutter)
+    _distractors(rng, img, clutter)
 
     label = int(rng.integers(0, len(CLASS_NAMES)))
     diameter = rng.uniform(*SIZE_RANGE) * s
@@ -201,7 +208,7 @@ def render_scene(seed: int, index: int, size: int = 160, *, draw_object: bool = 
         colour = np.where(under > 127, 0.0, 255.0)
     shade_dir = rng.uniform(-1, 1, 2)
     shade_amp = rng.uniform(0, 25)
-    noise_sigma = rng.uniform(0, 6)
+    noise_sigma = rng.uniform(0, 6) * clutter
     sensor = _noise_patch(rng, s)
 
     if draw_object:
@@ -229,10 +236,10 @@ def to_tensor(images: np.ndarray | Sequence[np.ndarray], mean: Sequence[float] =
     return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
 
 
-def scene_batch(seed: int, indices: Sequence[int] | range, size: int = 160
+def scene_batch(seed: int, indices: Sequence[int] | range, size: int = 160, clutter: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor, list[Scene]]:
     """Render ``indices`` of stream ``seed``: (normalized [N,3,S,S] tensor, labels int64 [N], scenes)."""
-    scenes = [render_scene(seed, int(i), size) for i in indices]
+    scenes = [render_scene(seed, int(i), size, clutter=clutter) for i in indices]
     x = to_tensor(np.stack([sc.image for sc in scenes]))
     y = torch.tensor([sc.label for sc in scenes], dtype=torch.int64)
     return x, y, scenes

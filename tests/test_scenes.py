@@ -100,3 +100,12 @@ def test_tensor_helpers():
     assert torch.allclose(to_tensor(np.stack([s.image for s in scenes])), xb)
     with pytest.raises(IndexError):
         ds[4]
+
+
+def test_clutter_curriculum_keeps_the_object():
+    full = render_scene(4, 17, 128)
+    plain = render_scene(4, 17, 128, clutter=0.0)
+    assert plain.label == full.label and plain.box == full.box and np.array_equal(plain.mask, full.mask)
+    bg = plain.image[~plain.mask].reshape(-1, 3).astype(float)
+    assert bg.std(0).max() < 1.0  # flat background without clutter
+    assert np.array_equal(render_scene(4, 17, 128, clutter=1.0).image, full.image)
