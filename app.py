@@ -61,6 +61,9 @@ with st.sidebar:
     method = st.selectbox("CAM method", list(engine.METHODS), format_func=lambda m: engine.METHODS[m],
                           key="method", help="Gradient methods need one forward and one backward pass per image; "
                                              "Score-CAM runs a forward pass per activation channel (slow on a CPU).")
+    if method == "cam":
+        st.caption(":orange[CAM uses the fc weights, so it explains the final feature map only (layer4.2 on the "
+                   "ResNets); other layers get an error message.]")
     if method == "scorecam" and core.device_name() == "cpu":
         st.caption(":orange[Score-CAM on a CPU can take minutes per image and model.]")
     layers_by_family: dict[str, list[str]] = {}

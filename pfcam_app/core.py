@@ -31,6 +31,7 @@ CHECKPOINT_TYPES = ["pth", "pt", "bin", "safetensors", "ckpt", "tar"]
 IMAGENET_DEFAULT = ("r50", "r50_hybrid")
 DEMO_DEFAULT = ("demo_r50", "demo_r50_hybrid")
 N_SCENES = 8
+SCORECAM_BATCH = 32  # one image per explain call; Score-CAM's masked copies go through 32 at a time
 STATUS_LABEL = {"bundled": "bundled", "cached": "cached", "downloadable": "can download", "missing": "missing"}
 STATUS_ICON = {"bundled": ":material/inventory_2:", "cached": ":material/check_circle:",
                "downloadable": ":material/cloud_download:", "missing": ":material/error:"}
@@ -254,7 +255,7 @@ def run_cams(digest: str, model_key: str, model_id: str, layers: tuple[str, ...]
     started = time.perf_counter()
     prepared = prepare(_image, entry.preprocess, mode)
     result = explain(_model, prepared.tensor.unsqueeze(0), list(layers), method=method,
-                     targets=engine_targets(target), class_names=entry.class_names(), batch_size=1)
+                     targets=engine_targets(target), class_names=entry.class_names(), batch_size=SCORECAM_BATCH)
     seconds = time.perf_counter() - started
     return {"heatmaps": _numpy(result.heatmaps[0], np.float32), "targets": _numpy(result.targets[0], np.int64),
             "probs": _numpy(result.probs[0], np.float32), "crop_box": tuple(float(v) for v in prepared.crop_box),
