@@ -11,10 +11,19 @@ if str(ROOT) not in sys.path:  # run from anywhere without installing the packag
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pfcam-session-cache")
+
+
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests run offline (PFCAM_OFFLINE=1), as docs/INTERFACES.md promises; a test may delenv it."""
+def _offline(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
+    """Tests run offline (PFCAM_OFFLINE=1), as docs/INTERFACES.md promises; a test may delenv it.
+
+    The user's own checkpoint cache is never read: what is cached there would change the app's defaults.
+    """
     monkeypatch.setenv("PFCAM_OFFLINE", "1")
+    monkeypatch.setenv("PFCAM_CACHE", str(_session_cache))
 
 
 @pytest.fixture
