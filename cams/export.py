@@ -235,7 +235,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def _write_png(path: Path, image: Image.Image) -> None:
-    _atomic_write(path, lambda stream: image.save(stream, format="PNG", compress_level=4))
+    _atomic_write(path, lambda stream: image.save(stream, format="PNG", compress_level=1))
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
