@@ -7,9 +7,6 @@ overlays from ``cams.render``, exports from ``cams.export.run_export`` (the same
 from __future__ import annotations
 
 import importlib
-import os
-import tempfile
-from pathlib import Path
 
 import streamlit as st
 
@@ -33,7 +30,7 @@ from cams.images import IMAGE_EXTENSIONS  # noqa: E402
 from pfcam_app import core, views  # noqa: E402
 from pfcam_app.exporting import export_panel  # noqa: E402
 from pfcam_app.sidebar import model_picker  # noqa: E402
-from pfnet import weights, zoo  # noqa: E402
+from pfnet import weights  # noqa: E402
 
 st.title("pfcam · Grad-CAM workbench", anchor=False)
 st.caption("Where do ResNet-50 and its parameter-free variants look? Grad-CAM and friends, layer by layer, for the "
