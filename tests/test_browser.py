@@ -96,6 +96,11 @@ def assert_not_blank(page, url: str, cell) -> None:
 def test_upload_in_chromium_renders_non_blank_heatmaps(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    from pfnet import weights, zoo
+
+    if not all(weights.weight_status(model_id) == "bundled" for model_id in zoo.DEMO_IDS):
+        pytest.skip("bundled demo weights missing in assets/weights (made by `python -m pfnet.train_demo`)")
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PFCAM_OFFLINE": "1", "PFCAM_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
