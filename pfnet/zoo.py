@@ -122,11 +122,12 @@ def _gdrive(model_id: str, file_id: str) -> WeightSource:
 
 
 def _demo(model_id: str, arch: str, name: str) -> ZooEntry:
-    card = demo_card().get("models", {}).get(model_id, {})
+    # The card (written by pfnet.train_demo) names models without the "demo_" prefix.
+    card = demo_card().get("models", {}).get(model_id.removeprefix("demo_"), {})
+    filename = card.get("file", f"{model_id}.safetensors")
     return ZooEntry(
         id=model_id, name=name, arch=arch, family="resnet",
-        source=WeightSource("bundled", card.get("file", f"{model_id}.safetensors"), card.get("file", f"{model_id}.safetensors"),
-                            card.get("sha256")),
+        source=WeightSource("bundled", filename, filename, card.get("sha256")),
         preprocess=_demo_preprocess(), classes="scenes", arch_kwargs={"width_mult": 0.25},
         note="Width-0.25 demo model trained on pfnet.scenes; bundled, works offline.",
     )
