@@ -1,0 +1,264 @@
+"""The images ``bench-loc`` scores: held-out pfnet scenes, or the user's folder with ``boxes.csv`` / Pascal-VOC XML
+boxes, as validation and test splits in network-input geometry."""
+from __future__ import annotations
+
+import csv
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cams import metrics as M
+
+
+MAX_ANNOTATION_BYTES = 4 * 1024 * 1024
+CSV_NAME = "boxes.csv"
+
+
+def _scene_seeds() -> tuple[int, int]:
+    from pfnet import scenes
+
+    return int(getattr(scenes, "TRAIN_SEED", 0)), int(getattr(scenes, "TEST_SEED", 2022))
+
+
+TRAIN_SEED, TEST_SEED = _scene_seeds()
+
+
+class BenchError(Exception):
+    """A problem that stops the benchmark before it starts (bad arguments, no usable data): exit status 2."""
+
+
+@dataclass
+class Sample:
+    name: str
+    boxes: list[M.Box]               # network-input geometry
+    mask: np.ndarray | None = None   # bool [S, S] in input geometry, or None
+    labels: tuple[str, ...] = ()     # class names (may be empty: no accuracy for this image)
+
+
+@dataclass
+class Split:
+    """Images in network-input geometry: ``tensors(start, stop)`` gives the normalised batch."""
+
+    name: str
+    samples: list[Sample]
+    tensors: Callable[[int, int], torch.Tensor]
+    size: int
+    stream: int = 0  # distinguishes the random-baseline noise of different splits
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def scene_split(name: str, seed: int, n: int, preprocess, stream: int) -> Split:
+    """``n`` scenes of stream ``seed`` at the entry's input size (mode "full": scene == input geometry)."""
+    from pfnet.scenes import CLASS_NAMES, render_scene, to_tensor
+
+    size = int(preprocess.input_size)
+    scenes = [render_scene(seed, index, size) for index in range(n)]
+    images = np.stack([scene.image for scene in scenes]) if scenes else np.zeros((0, size, size, 3), np.uint8)
+    samples = [Sample(f"scene {seed}/{index}", [tuple(float(v) for v in scene.box)], scene.mask,
+                      (CLASS_NAMES[scene.label],)) for index, scene in enumerate(scenes)]
+
+    def tensors(start: int, stop: int) -> torch.Tensor:
+        return to_tensor(images[start:stop], preprocess.mean, preprocess.std)
+
+    return Split(name, samples, tensors, size, stream)
+
+
+@dataclass
+class Annotation:
+    path: Path
+    boxes: list[M.Box]  # original-image pixels, half-open
+    labels: tuple[str, ...] = ()
+    source: str = ""
+
+
+def _finite_box(values: Sequence[str | float], where: str, problems: list[str]) -> M.Box | None:
+    try:
+        box = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        problems.append(f"{where}: box {tuple(values)} is not numeric; skipped")
+        return None
+    if not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+        problems.append(f"{where}: box {box} is empty or not finite (need x0 < x1, y0 < y1); skipped")
+        return None
+    return box  # type: ignore[return-value]
+
+
+def _read_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_ANNOTATION_BYTES:
+        raise ValueError(f"too large ({size:,} bytes; limit {MAX_ANNOTATION_BYTES:,})")
+    return path.read_text(encoding="utf-8-sig")
+
+
+def read_boxes_csv(folder: Path, problems: list[str]) -> dict[Path, Annotation]:
+    """``folder/boxes.csv`` -> annotations by resolved image path (rows of one image are merged)."""
+    path = folder / CSV_NAME
+    out: dict[Path, Annotation] = {}
+    try:
+        text = _read_text(path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        problems.append(f"{path}: cannot read ({error}); CSV ignored")
+        return out
+    reader = csv.DictReader(text.splitlines())
+    fields = [name.strip().lower() for name in (reader.fieldnames or [])]
+    missing = [name for name in ("image", "x0", "y0", "x1", "y1") if name not in fields]
+    if missing:
+        problems.append(f"{path}: missing column(s) {', '.join(missing)} (need image,x0,y0,x1,y1[,label]); "
+                        "CSV ignored")
+        return out
+    root = folder.resolve()
+    for line, raw in enumerate(reader, start=2):
+        row = {(key or "").strip().lower(): (value or "").strip() if isinstance(value, str) else ""
+               for key, value in raw.items()}
+        where = f"{path.name} line {line}"
+        name = row.get("image", "")
+        if not name:
+            problems.append(f"{where}: no image name; skipped")
+            continue
+        image_path = (folder / name).resolve()
+        if root not in image_path.parents:
+            problems.append(f"{where}: image {name!r} is outside {folder}; skipped")
+            continue
+        box = _finite_box([row.get(key, "") for key in ("x0", "y0", "x1", "y1")], where, problems)
+        if box is None:
+            continue
+        entry = out.setdefault(image_path, Annotation(image_path, [], (), f"{CSV_NAME}"))
+        entry.boxes.append(box)
+        label = row.get("label", "")
+        if label and label not in entry.labels:
+            entry.labels = entry.labels + (label,)
+    return out
+
+
+def read_voc(path: Path, problems: list[str]) -> tuple[list[M.Box], tuple[str, ...]] | None:
+    """Boxes (as ``(xmin - 1, ymin - 1, xmax, ymax)``) and names of a Pascal-VOC annotation; None if unusable."""
+    try:
+        root = ET.fromstring(_read_text(path))
+    except (OSError, ValueError, UnicodeDecodeError, ET.ParseError) as error:
+        problems.append(f"{path}: not a readable VOC XML file ({error}); skipped")
+        return None
+    boxes: list[M.Box] = []
+    labels: list[str] = []
+    for index, obj in enumerate(root.iter("object")):
+        bnd = obj.find("bndbox")
+        where = f"{path.name} object {index + 1}"
+        if bnd is None:
+            problems.append(f"{where}: no <bndbox>; skipped")
+            continue
+        values = [(bnd.findtext(key) or "").strip() for key in ("xmin", "ymin", "xmax", "ymax")]
+        try:
+            xmin, ymin, xmax, ymax = (float(v) for v in values)
+        except ValueError:
+            problems.append(f"{where}: bndbox {tuple(values)} is not numeric; skipped")
+            continue
+        box = _finite_box((xmin - 1.0, ymin - 1.0, xmax, ymax), where, problems)
+        if box is None:
+            continue
+        boxes.append(box)
+        name = (obj.findtext("name") or "").strip()
+        if name and name not in labels:
+            labels.append(name)
+    return boxes, tuple(labels)
+
+
+def read_annotations(folder: str | Path, problems: list[str]) -> list[Annotation]:
+    """Every image of ``folder`` (not recursive; ``boxes.csv`` rows may name images in subfolders) that has at
+    least one usable box, in path order. Problems are appended to ``problems``."""
+    from cams.images import IMAGE_EXTENSIONS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BenchError(f"--data {folder}: not a folder")
+    by_path = read_boxes_csv(folder, problems) if (folder / CSV_NAME).is_file() else {}
+    for path in list(by_path):
+        if not path.is_file():
+            problems.append(f"{CSV_NAME}: image {path.relative_to(folder.resolve())} does not exist; skipped")
+            del by_path[path]
+    images = sorted(p.resolve() for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for path in images:
+        if path in by_path:
+            continue
+        xml = path.with_suffix(".xml")
+        if not xml.is_file():
+            xml = next((p for p in path.parent.glob(path.stem + ".*") if p.suffix.lower() == ".xml"), xml)
+        if not xml.is_file():
+            problems.append(f"{path.name}: no boxes ({CSV_NAME} does not list it, no {path.stem}.xml); skipped")
+            continue
+        parsed = read_voc(xml, problems)
+        if parsed is None:
+            continue
+        boxes, labels = parsed
+        by_path[path] = Annotation(path, boxes, labels, xml.name)
+    out = []
+    for path in sorted(by_path):
+        annotation = by_path[path]
+        if not annotation.boxes:
+            problems.append(f"{path.name}: no usable box in {annotation.source}; skipped")
+            continue
+        out.append(annotation)
+    return out
+
+
+def data_splits(annotations: list[Annotation], preprocess, n: int, val_n: int, seed: int,
+                problems: list[str], cache: dict) -> tuple[Split | None, Split]:
+    """(validation, test) splits of the user's folder for one preprocessing (cached per preprocessing).
+
+    The same images go to the same split for every model: the split is decided on the usable images (those
+    that load) with a permutation seeded by ``seed``.
+    """
+    from cams.images import ImageError, load_image
+    from pfnet.preprocess import prepare
+
+    if preprocess in cache:
+        return cache[preprocess]
+    usable = cache.setdefault("_usable", None)
+    prepared: dict[Path, tuple[torch.Tensor, list[M.Box]]] = {}
+    candidates = usable if usable is not None else annotations
+    kept = []
+    for annotation in candidates:
+        try:
+            image = load_image(annotation.path)
+        except (ImageError, OSError) as error:
+            problems.append(f"unreadable image, skipped: {error}")
+            continue
+        width, height = image.size
+        item = prepare(image, preprocess, mode="full")
+        boxes = []
+        for box in annotation.boxes:
+            clipped = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height)))
+            mapped = M.map_box(clipped, item.crop_box, preprocess.input_size)
+            if mapped is None:
+                problems.append(f"{annotation.path.name}: box {box} lies outside the image "
+                                f"({width}x{height}); ignored")
+                continue
+            boxes.append(mapped)
+        if not boxes:
+            problems.append(f"{annotation.path.name}: no box inside the image; skipped")
+            continue
+        prepared[annotation.path] = (item.tensor, boxes)
+        kept.append(annotation)
+    if usable is None:
+        cache["_usable"] = kept
+        order = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xDA7A]).permutation(len(kept))
+        shuffled = [kept[i] for i in order]
+        n_val = min(val_n, len(shuffled) // 2)
+        cache["_order"] = (shuffled[:n_val], shuffled[n_val:n_val + n])
+    val_items, test_items = cache["_order"]
+    size = int(preprocess.input_size)
+
+    def make(name: str, items: list[Annotation], stream: int) -> Split:
+        items = [a for a in items if a.path in prepared]
+        samples = [Sample(a.path.name, prepared[a.path][1], None, a.labels) for a in items]
+        stack = torch.stack([prepared[a.path][0] for a in items]) if items else torch.zeros(0, 3, size, size)
+        return Split(name, samples, lambda start, stop: stack[start:stop], size, stream)
+
+    result = (make("validation", val_items, 1) if val_items else None, make("test", test_items, 0))
+    cache[preprocess] = result
+    return result
