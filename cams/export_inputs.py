@@ -1,0 +1,130 @@
+"""What an export reads: files, folders and uploads expanded into images (``collect_inputs``), and the safe,
+hashed names their output folders get (``safe_name``)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+from PIL import Image
+
+from cams.images import has_image_extension, load_image
+
+
+STEM_CHARS = 48
+UploadSource = tuple[str, bytes]
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+def safe_name(text: object, max_len: int = 64, fallback: str = "x") -> str:
+    """One path component from arbitrary text: ASCII ``[A-Za-z0-9._-]``, no leading dot, no ``..``, capped."""
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
+    name = re.sub(r"_+", "_", _UNSAFE.sub("_", ascii_text)).strip("._-")
+    name = name[:max_len].rstrip("._-")
+    if not name:
+        return fallback
+    if name.split(".")[0].upper() in _RESERVED:
+        name = "_" + name
+    return name
+
+
+def _printable(text: str) -> str:
+    """A label safe for JSON/CSV: undecodable bytes replaced, control characters escaped."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def _short_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One image to export: a file or an upload."""
+
+    label: str  # what the manifest calls it: the path as given, or the upload name
+    key: str  # what the folder hash is taken from
+    stem: str
+    path: Path | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    @property
+    def folder(self) -> str:
+        return f"{safe_name(self.stem, STEM_CHARS, 'image')}-{_short_hash(self.key)}"
+
+    def load(self) -> Image.Image:
+        return load_image(self.path if self.data is None else self.data, name=self.label)
+
+
+def _upload_item(name: object, data: object) -> InputItem:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"an upload must be (name, bytes); got ({type(name).__name__}, {type(data).__name__})")
+    data = bytes(data)
+    label = _printable(str(name))
+    base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    stem = PurePosixPath(base).stem if base not in ("", ".", "..") else ""
+    key = f"upload:{name}:{hashlib.sha256(data).hexdigest()}"
+    return InputItem(label, key, stem, None, data)
+
+
+def _inside(path: Path, root: Path | None) -> bool:
+    if root is None:
+        return False
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def collect_inputs(sources: Iterable[str | os.PathLike | UploadSource],
+                   exclude: Path | None = None) -> tuple[list[InputItem], list[dict[str, str]]]:
+    """Expand files, folders (recursively, sorted) and uploads into images; list everything else as skipped.
+
+    Files and folders keep the order given; a folder's images come in sorted path order. Files under
+    ``exclude`` (the output folder) are ignored. Duplicates (same file, same upload) are listed once.
+    """
+    items: list[InputItem] = []
+    skipped: list[dict[str, str]] = []
+    seen: set[str] = set()
+    root = exclude.resolve() if exclude is not None else None
+
+    def add(item: InputItem) -> None:
+        if item.key not in seen:
+            seen.add(item.key)
+            items.append(item)
+
+    def add_file(path: Path) -> None:
+        label = _printable(str(path))
+        if not has_image_extension(path):
+            skipped.append({"input": label, "stage": "scan",
+                            "reason": f"not a supported image type ({path.suffix.lower() or 'no extension'})"})
+            return
+        add(InputItem(label, str(path.resolve()), path.stem, path))
+
+    for source in sources:
+        if isinstance(source, tuple):
+            add(_upload_item(*source))
+            continue
+        path = Path(source)
+        if path.is_dir():
+            if _inside(path, root):
+                skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "inside the output folder"})
+                continue
+            for folder, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not _inside(Path(folder, d), root))
+                for name in sorted(files):
+                    add_file(Path(folder, name))
+        elif path.is_file():
+            if not _inside(path, root):
+                add_file(path)
+        elif path.exists() or path.is_symlink():
+            skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "not a regular file"})
+        else:
+            skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "no such file or folder"})
+    return items, skipped
