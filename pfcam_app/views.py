@@ -183,7 +183,8 @@ def model_card(slot: Slot, device: str) -> None:
                 st.caption(f"Paper note: {paper.note}")
             if entry.classes == "scenes":
                 st.caption("The paper has no figures for the demo models (width 0.25, trained on synthetic scenes).")
-            card = zoo.demo_card().get("models", {}).get(entry.id) if entry.classes == "scenes" else None
+            models = zoo.demo_card().get("models", {}) if entry.classes == "scenes" else {}
+            card = models.get(entry.id) or models.get(entry.id.removeprefix("demo_"))
             if card:
                 st.caption(demo_card_line(card))
 
@@ -193,11 +194,12 @@ def demo_card_line(card: dict) -> str:
     facts = []
     if isinstance(card.get("test_accuracy"), (int, float)):
         facts.append(f"test accuracy {percent(card['test_accuracy'])} on held-out scenes")
-    pointing = card.get("pointing_game") or {}
-    if isinstance(pointing.get("hit_15px"), (int, float)):
-        strict = pointing.get("hit_strict")
-        facts.append(f"pointing game (Grad-CAM, layer4) {percent(pointing['hit_15px'])}"
-                     + (f", strict {percent(strict)}" if isinstance(strict, (int, float)) else ""))
+    for key in ("pointing_game", "pointing_game_layer3"):
+        pointing = card.get(key) or {}
+        if isinstance(pointing.get("hit_15px"), (int, float)):
+            strict = pointing.get("hit_strict")
+            facts.append(f"Grad-CAM pointing game at {pointing.get('layer', '?')} {percent(pointing['hit_15px'])}"
+                         + (f" (strict {percent(strict)})" if isinstance(strict, (int, float)) else ""))
     if card.get("train_minutes") is not None:
         facts.append(f"trained {card['train_minutes']} min on CPU")
     return "Demo card (from training): " + (" · ".join(facts) if facts else "no figures recorded") + \

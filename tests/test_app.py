@@ -24,9 +24,11 @@ CAPTION = re.compile(r"^(?P<cls>[a-z_]+) · (?P<pct>\d+\.\d)%")
 
 
 def _demo_weights_bundled() -> bool:
-    from pfnet import weights, zoo
+    from pfcam_app import core
+    from pfnet import weights
 
-    return all(weights.weight_status(model_id) == "bundled" for model_id in zoo.DEMO_IDS)
+    # The app's offline default pair; demo R50-max is optional.
+    return all(weights.weight_status(model_id) == "bundled" for model_id in core.DEMO_DEFAULT)
 
 
 DEMO_MISSING = "bundled demo weights missing in assets/weights (made by `python -m pfnet.train_demo`)"
@@ -225,6 +227,8 @@ def test_model_cards_show_measured_and_paper_figures(app):
         assert re.search(r"\| Parameters \| \d+\.\d\d M \|", table)
         assert re.search(r"\| MACs \(\d+×\d+\) \| \d+\.\d{3} G \|", table)
         assert re.search(r"\| Latency \(cpu, batch 1\) \| \d+\.\d ms \|", table)
+    card = [c.value for c in app.caption if c.value.startswith("Demo card (from training)")]
+    assert len(card) == 2 and all("test accuracy" in c and "pointing game at layer4" in c for c in card)
 
 
 def test_export_to_folder_writes_the_manifest(app, tmp_path):
