@@ -121,7 +121,7 @@ def engine_throughput(model: torch.nn.Module, layers: list[str], batch: int = 8,
         "engine": lambda: explain(model, images, layers, method, batch_size=batch),
     }, repeats, warmup, device)
     forward_s, engine_s = medians["forward"], medians["engine"]
-    return {"forward_ips": batch / forward_s, "engine_ips": batch / engine_s, "ratio": forward_s / engine_s}
+    return {"forward_ips": batch / forward_s, "measured_ips": batch / engine_s, "ratio": forward_s / engine_s}
 
 
 MODEL_IDS = {"R50": "r50", "R50-hybrid": "r50_hybrid"}
@@ -158,7 +158,7 @@ def export_throughput(model: torch.nn.Module, model_id: str, layers: list[str], 
             if not report.ok:
                 raise RuntimeError(f"export benchmark failed: {report.errors}")
     per_image = sorted(export_s)[len(export_s) // 2]
-    return {"forward_ips": 1 / forward_s, "export_ips": 1 / per_image, "ratio": forward_s / per_image}
+    return {"forward_ips": 1 / forward_s, "measured_ips": 1 / per_image, "ratio": forward_s / per_image}
 
 
 def bench_model(label: str, arch: str, args,
@@ -222,49 +222,34 @@ def main(argv: list[str] | None = None) -> str:
             print(line, flush=True)
 
     if not args.no_throughput:
-        header = [
-            "",
-            f"Engine throughput (cams.explain only, no rendering or files; batch {args.batch}, "
-            f"{args.size}x{args.size}, Grad-CAM, top-1)",
-            "",
-            "| model | layers | forward-only img/s | engine throughput img/s | ratio | target |",
-            "|---|---|---:|---:|---:|---|",
-        ]
-        lines += header
-        print("\n".join(header), flush=True)
-        for label in args.models:
-            torch.manual_seed(0)
-            model = timm.create_model(MODELS[label], width_mult=args.width_mult).eval().to(device)
-            for layers in (["layer4"], ["layer3", "layer4"]):
-                result = engine_throughput(model, layers, args.batch, args.size, max(3, args.repeats // 2),
-                                           min(args.warmup, 1), device=device)
-                verdict = f">= {TARGET_THROUGHPUT} " + ("ok" if result["ratio"] >= TARGET_THROUGHPUT else "MISSED")
-                line = (f"| {label} | {', '.join(layers)} | {result['forward_ips']:.2f} | "
-                        f"{result['engine_ips']:.2f} | {result['ratio']:.2f} | {verdict} |")
-                lines.append(line)
-                print(line, flush=True)
+        def engine(model, label, layers):
+            return engine_throughput(model, layers, args.batch, args.size, max(3, args.repeats // 2),
+                                     min(args.warmup, 1), device=device)
 
-    if not args.no_throughput:
-        header = [
-            "",
-            f"Export throughput (python -m cams export path: decode 640x480 JPEGs, preprocess, explain, overlays, "
-            f"grids, .npy, manifest; batch {args.batch}, 16 images, Grad-CAM, top-1)",
-            "",
-            "| model | layers | forward-only img/s | export img/s | ratio | target |",
-            "|---|---|---:|---:|---:|---|",
+        def export(model, label, layers):
+            return export_throughput(model, MODEL_IDS[label], layers, args.batch, device=device)
+
+        sections = [
+            (f"Engine throughput (cams.explain only, no rendering or files; batch {args.batch}, "
+             f"{args.size}x{args.size}, Grad-CAM, top-1)", "engine throughput img/s", engine),
+            (f"Export throughput (python -m cams export path: decode 640x480 JPEGs, preprocess, explain, overlays, "
+             f"grids, .npy, manifest; batch {args.batch}, 16 images, Grad-CAM, top-1)", "export img/s", export),
         ]
-        lines += header
-        print("\n".join(header), flush=True)
-        for label in args.models:
-            torch.manual_seed(0)
-            model = timm.create_model(MODELS[label], width_mult=args.width_mult).eval().to(device)
-            for layers in (["layer4"], ["layer3", "layer4"]):
-                result = export_throughput(model, MODEL_IDS[label], layers, args.batch, device=device)
-                verdict = f">= {TARGET_THROUGHPUT} " + ("ok" if result["ratio"] >= TARGET_THROUGHPUT else "MISSED")
-                line = (f"| {label} | {', '.join(layers)} | {result['forward_ips']:.2f} | "
-                        f"{result['export_ips']:.2f} | {result['ratio']:.2f} | {verdict} |")
-                lines.append(line)
-                print(line, flush=True)
+        for title, column, measure in sections:
+            header = ["", title, "", f"| model | layers | forward-only img/s | {column} | ratio | target |",
+                      "|---|---|---:|---:|---:|---|"]
+            lines += header
+            print("\n".join(header), flush=True)
+            for label in args.models:
+                torch.manual_seed(0)
+                model = timm.create_model(MODELS[label], width_mult=args.width_mult).eval().to(device)
+                for layers in (["layer4"], ["layer3", "layer4"]):
+                    result = measure(model, label, layers)
+                    verdict = f">= {TARGET_THROUGHPUT} " + ("ok" if result["ratio"] >= TARGET_THROUGHPUT else "MISSED")
+                    line = (f"| {label} | {', '.join(layers)} | {result['forward_ips']:.2f} | "
+                            f"{result['measured_ips']:.2f} | {result['ratio']:.2f} | {verdict} |")
+                    lines.append(line)
+                    print(line, flush=True)
 
     footer = f"\nload avg at end {_loadavg()} (the CPU is shared: figures taken under load are pessimistic)"
     lines.append(footer)
