@@ -140,22 +140,25 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         tick(len(batch) * per_image, f"{len(report.images)} / {len(items)} images: {batch[-1][0].label}")
         batch.clear()
 
-    for item in items:
-        info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
-        report.images.append(info)
-        try:
-            image = load_image(item.path if item.data is None else item.data, name=item.label,
-                               max_bytes=max_bytes, max_pixels=max_pixels)
-        except ImageError as exc:
-            info["reason"] = exc.reason
-            report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
-            tick(per_image, f"skipped {item.label}: {exc.reason}")
-            continue
-        info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
-        batch.append((item, image, info))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    try:
+        for item in items:
+            info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
+            report.images.append(info)
+            try:
+                image = load_image(item.path if item.data is None else item.data, name=item.label,
+                                   max_bytes=max_bytes, max_pixels=max_pixels)
+            except ImageError as exc:
+                info["reason"] = exc.reason
+                report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
+                tick(per_image, f"skipped {item.label}: {exc.reason}")
+                continue
+            info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
+            batch.append((item, image, info))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    finally:
+        run.finish()  # every queued file is on disk before the manifests name it
     if run.stale_count:
         report.warnings.append(f"{run.stale_count} outputs were made earlier with other settings and were kept; "
                                f"pass --overwrite (overwrite=True) to redo them")

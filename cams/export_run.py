@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -18,6 +20,7 @@ from pfnet.errors import PfnetError
 
 
 CLASS_CHARS = 40
+MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
 
 
 @dataclass
@@ -97,6 +100,25 @@ class _Run:
         self.colormap, self.opacity, self.overwrite = colormap, float(opacity), overwrite
         self.batch_size, self.cell_size, self.report = batch_size, cell_size, report
         self.stale_count = 0
+        # Encoding PNGs is most of the export's own cost; one writer thread overlaps it with the next explain
+        # (Pillow and zlib release the GIL). The backlog is bounded so a large folder cannot pile up in memory.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfcam-export-writer")
+        self._pending: deque[Future] = deque()
+
+    def write(self, write: Callable[[Path, Any], None], path: Path, value: Any) -> None:
+        """Write ``value`` to ``path`` (atomically, as ``write`` does) on the writer thread."""
+        self._pending.append(self._writer.submit(write, path, value))
+        while len(self._pending) > MAX_PENDING_WRITES:
+            self._pending.popleft().result()
+
+    def finish(self) -> None:
+        """Wait for every queued write; re-raise the first failure."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pending.clear()
+            self._writer.shutdown(wait=True)
 
     def settings_for(self, plan: _Plan) -> dict[str, Any]:
         return {"mode": self.mode, "colormap": self.colormap, "opacity": round(self.opacity, 4),
@@ -189,7 +211,7 @@ class _Run:
                 picture = overlay(image, heat, box, self.colormap, self.opacity)
                 for path, write, value in ((png, _write_png, picture), (npy, _write_npy, heat)):
                     if self.overwrite or not path.exists():
-                        write(path, value)
+                        self.write(write, path, value)
                         self.report.files.append(self.rel(path))
                 if self.overwrite and isinstance(old, dict):  # a different class name leaves an old file behind
                     for name in ("overlay", "heatmap"):
@@ -254,7 +276,7 @@ class _Run:
                 pictures.append(row_pictures)
                 captions.append(row_captions)
             sheet = grid(pictures, [plan.label for plan in self.plans], columns, captions, cell_size=self.cell_size)
-            _write_png(path, sheet)
+            self.write(_write_png, path, sheet)
             self.report.files.append(self.rel(path))
             written[rank] = self.rel(path)
         return written
