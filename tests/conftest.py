@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from anywhere without installing the package
@@ -34,3 +35,12 @@ def pfcam_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PFCAM_CACHE", str(cache))
     monkeypatch.setenv("PFCAM_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The CPU is shared: two OpenMP threads competing with other processes run many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,13 +24,7 @@ REFERENCE = {
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The CPU is shared: two OpenMP threads competing with other processes run many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:

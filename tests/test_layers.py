@@ -10,13 +10,7 @@ import pfnet  # noqa: F401  (registers the architectures)
 from cams import layers as L
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The CPU is shared: two OpenMP threads competing with other processes run many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
