@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models import register_model
 
+from pfnet.registry import builder_kwargs
+
 from pfnet.vit import LN_EPS, MLP_RATIO, _pair, init_transformer_weights, make_blocks
 
 
@@ -115,11 +117,7 @@ PIT_SIZES = {
 
 
 def _build(name: str, pretrained: bool, kwargs: dict) -> PiTMax:
-    if pretrained:
-        raise ValueError("use pfnet.load(model_id) for pretrained weights; timm's pretrained flag is not wired")
-    allowed = {"num_classes", "img_size"}
-    # timm's create_model passes its own options (cache_dir, pretrained_cfg, ...): not ours to use.
-    return PiTMax(**PIT_SIZES[name], **{key: value for key, value in kwargs.items() if key in allowed})
+    return PiTMax(**PIT_SIZES[name], **builder_kwargs(pretrained, kwargs, {"num_classes", "img_size"}))
 
 
 @register_model

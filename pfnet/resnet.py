@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from timm.models import register_model
 
+from pfnet.registry import builder_kwargs
+
 STAGE_DEPTHS = (3, 4, 6, 3)
 STEM_WIDTH = 64
 EXPANSION = 4
@@ -116,11 +118,7 @@ class PFResNet(nn.Module):
 
 
 def _build(variant: str, pretrained: bool, kwargs: dict) -> PFResNet:
-    if pretrained:
-        raise ValueError("use pfnet.load(model_id) for pretrained weights; timm's pretrained flag is not wired")
-    allowed = {"num_classes", "width_mult", "depths"}
-    # timm's create_model passes its own options (cache_dir, pretrained_cfg, ...): not ours to use.
-    return PFResNet(variant, **{key: value for key, value in kwargs.items() if key in allowed})
+    return PFResNet(variant, **builder_kwargs(pretrained, kwargs, {"num_classes", "width_mult", "depths"}))
 
 
 @register_model

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models import register_model
 
+from pfnet.registry import builder_kwargs
+
 LN_EPS = 1e-6
 MLP_RATIO = 4.0
 
@@ -184,11 +186,7 @@ VIT_SIZES = {
 
 
 def _build(name: str, pretrained: bool, kwargs: dict) -> ViTMax:
-    if pretrained:
-        raise ValueError("use pfnet.load(model_id) for pretrained weights; timm's pretrained flag is not wired")
-    allowed = {"num_classes", "img_size"}
-    # timm's create_model passes its own options (cache_dir, pretrained_cfg, ...): not ours to use.
-    return ViTMax(**VIT_SIZES[name], **{key: value for key, value in kwargs.items() if key in allowed})
+    return ViTMax(**VIT_SIZES[name], **builder_kwargs(pretrained, kwargs, {"num_classes", "img_size"}))
 
 
 @register_model
