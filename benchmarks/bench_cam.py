@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--width-mult", type=float, default=1.0, help="<1 only for smoke tests")
     parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput section")
+    parser.add_argument("--export-images", type=int, default=48,
+                        help="images per export run (the last batch's writes cannot overlap anything; more images "
+                             "weigh that tail less, as in a real folder)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip pytorch-grad-cam")
     parser.add_argument("--no-throughput", action="store_true")
@@ -227,13 +230,13 @@ def main(argv: list[str] | None = None) -> str:
                                      min(args.warmup, 1), device=device)
 
         def export(model, label, layers):
-            return export_throughput(model, MODEL_IDS[label], layers, args.batch, device=device)
+            return export_throughput(model, MODEL_IDS[label], layers, args.batch, args.export_images, device=device)
 
         sections = [
             (f"Engine throughput (cams.explain only, no rendering or files; batch {args.batch}, "
              f"{args.size}x{args.size}, Grad-CAM, top-1)", "engine throughput img/s", engine),
             (f"Export throughput (python -m cams export path: decode 640x480 JPEGs, preprocess, explain, overlays, "
-             f"grids, .npy, manifest; batch {args.batch}, 16 images, Grad-CAM, top-1)", "export img/s", export),
+             f"grids, .npy, manifest; batch {args.batch}, {args.export_images} images, Grad-CAM, top-1)", "export img/s", export),
         ]
         for title, column, measure in sections:
             header = ["", title, "", f"| model | layers | forward-only img/s | {column} | ratio | target |",

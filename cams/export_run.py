@@ -15,7 +15,7 @@ from cams.export_files import (ExportReport, STATE_FORMAT, _ensure_dir, _key, _n
                                _write_npy, _write_png, _write_text)
 from cams.export_inputs import InputItem, _inside, _short_hash, safe_name
 from cams.images import ImageError, load_image
-from cams.render import grid, overlay
+from cams.render import grid, overlay, thumbnail
 from pfnet.errors import PfnetError
 
 
@@ -100,16 +100,33 @@ class _Run:
         self.colormap, self.opacity, self.overwrite = colormap, float(opacity), overwrite
         self.batch_size, self.cell_size, self.report = batch_size, cell_size, report
         self.stale_count = 0
-        # Encoding PNGs is most of the export's own cost; one writer thread overlaps it with the next explain
-        # (Pillow and zlib release the GIL). The backlog is bounded so a large folder cannot pile up in memory.
+        # Rendering overlays and grids and encoding PNGs are the export's own cost; one writer thread overlaps
+        # them with the next explain (numpy, OpenCV, Pillow and zlib release the GIL). It runs jobs in the order
+        # they were queued, so a grid job finds the thumbnails of the overlay jobs queued before it done. The
+        # backlog is bounded so a large folder cannot pile up in memory.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfcam-export-writer")
         self._pending: deque[Future] = deque()
 
-    def write(self, write: Callable[[Path, Any], None], path: Path, value: Any) -> None:
-        """Write ``value`` to ``path`` (atomically, as ``write`` does) on the writer thread."""
-        self._pending.append(self._writer.submit(write, path, value))
+    def submit(self, job: Callable[..., Any], *args: Any) -> Future:
+        """Run ``job(*args)`` on the writer thread, after every job queued before it."""
+        future = self._writer.submit(job, *args)
+        self._pending.append(future)
         while len(self._pending) > MAX_PENDING_WRITES:
             self._pending.popleft().result()
+        return future
+
+    def write(self, write: Callable[[Path, Any], None], path: Path, value: Any) -> None:
+        """Write ``value`` to ``path`` (atomically, as ``write`` does) on the writer thread."""
+        self.submit(write, path, value)
+
+    def _render(self, image: Image.Image, heat, box, files: list[tuple[Path, Callable[[Path, Any], None], str]]
+                ) -> Image.Image:
+        """Writer-thread job: the overlay, the files in ``files`` ((path, writer, "overlay"|"heatmap")), and the
+        grid thumbnail, which is returned."""
+        picture = overlay(image, heat, box, self.colormap, self.opacity)
+        for path, write, kind in files:
+            write(path, picture if kind == "overlay" else heat)
+        return thumbnail(picture, self.cell_size)
 
     def finish(self) -> None:
         """Wait for every queued write; re-raise the first failure."""
@@ -132,7 +149,7 @@ class _Run:
         from cams.engine import explain
         from pfnet.preprocess import crop_box_for, prepare_batch
 
-        # cells[(image index, model id, layer, rank)] = (thumbnail or None, caption, computed now?)
+        # cells[(image index, model id, layer, rank)] = (thumbnail, its future, or None; caption; computed now?)
         cells: dict[tuple[int, str, str, int], tuple[Image.Image | None, str, bool]] = {}
         rows: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(batch))}
         for plan in self.plans:
@@ -208,11 +225,11 @@ class _Run:
                         f"{safe_name(class_name, CLASS_CHARS, f'class{class_id}')}")
                 png, npy = folder / f"{stem}.png", folder / f"{stem}.npy"
                 heat = explanation.heatmaps[position, rank - 1, layer_index].numpy()
-                picture = overlay(image, heat, box, self.colormap, self.opacity)
-                for path, write, value in ((png, _write_png, picture), (npy, _write_npy, heat)):
-                    if self.overwrite or not path.exists():
-                        self.write(write, path, value)
-                        self.report.files.append(self.rel(path))
+                files = [(path, write, kind) for path, write, kind in ((png, _write_png, "overlay"),
+                                                                      (npy, _write_npy, "heatmap"))
+                         if self.overwrite or not path.exists()]
+                self.report.files.extend(self.rel(path) for path, _, _ in files)
+                thumb = self.submit(self._render, image, heat, box, files)
                 if self.overwrite and isinstance(old, dict):  # a different class name leaves an old file behind
                     for name in ("overlay", "heatmap"):
                         previous = old.get(name)
@@ -220,8 +237,6 @@ class _Run:
                             target = self.root / previous
                             if _inside(target, self.root) and target.is_file() and target.parent == folder.resolve():
                                 target.unlink()
-                thumb = picture.copy()
-                thumb.thumbnail((self.cell_size, self.cell_size), Image.Resampling.LANCZOS, reducing_gap=None)
                 entries[key] = {"layer": layer, "rank": rank, "class_id": class_id, "class_name": class_name,
                                 "probability": probability, "overlay": self.rel(png), "heatmap": self.rel(npy),
                                 "crop_box": [round(float(v), 4) for v in box], "input_size": plan.input_size,
@@ -275,11 +290,18 @@ class _Run:
                     row_captions.append("" if cell is None else cell[1])
                 pictures.append(row_pictures)
                 captions.append(row_captions)
-            sheet = grid(pictures, [plan.label for plan in self.plans], columns, captions, cell_size=self.cell_size)
-            self.write(_write_png, path, sheet)
+            self.submit(self._write_grid, path, pictures, columns, captions)
             self.report.files.append(self.rel(path))
             written[rank] = self.rel(path)
         return written
+
+    def _write_grid(self, path: Path, pictures: list[list[Any]], columns: list[str],
+                    captions: list[list[str]]) -> None:
+        """Writer-thread job: compose and write one grid; cells are thumbnails or futures of earlier jobs."""
+        cells = [[picture.result() if isinstance(picture, Future) else picture for picture in row]
+                 for row in pictures]
+        sheet = grid(cells, [plan.label for plan in self.plans], columns, captions, cell_size=self.cell_size)
+        _write_png(path, sheet)
 
     def _thumb_from_disk(self, item: InputItem, plan: _Plan, layer: str, rank: int) -> Image.Image | None:
         state = _read_state(self.root / item.folder / plan.folder / f"results__{safe_name(self.method)}.json")
@@ -290,5 +312,4 @@ class _Run:
             picture = load_image(self.root / entry["overlay"])
         except ImageError:
             return None
-        picture.thumbnail((self.cell_size, self.cell_size), Image.Resampling.LANCZOS, reducing_gap=None)
-        return picture
+        return thumbnail(picture, self.cell_size)

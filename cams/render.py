@@ -214,9 +214,14 @@ def grid_geometry(rows: int, cols: int, row_labels: Sequence[str] = (), cell_siz
     return GridGeometry(rows, cols, cell_size, pad, label_width, header_height, caption_height, font_size)
 
 
-def _thumbnail(image: Image.Image, side: int) -> Image.Image:
+def thumbnail(image: Image.Image, side: int) -> Image.Image:
+    """An RGB copy fitted into a ``side`` square (aspect kept, never enlarged).
+
+    ``reducing_gap=2``: a cheap integer box reduction first, then Lanczos over the last factor of two or more;
+    indistinguishable at grid-cell size and several times faster than Lanczos from a full-size photo.
+    """
     thumb = image.convert("RGB")
-    thumb.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=None)
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0)
     return thumb
 
 
@@ -263,7 +268,7 @@ def grid(cells: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str
                 draw.text((x + (cell_size - width) // 2, y + (cell_size - line_height) // 2), "n/a",
                           fill=TEXT_COLOUR, font=font)
             else:
-                thumb = _thumbnail(image, cell_size)
+                thumb = thumbnail(image, cell_size)
                 sheet.paste(thumb, (x + (cell_size - thumb.width) // 2, y + (cell_size - thumb.height) // 2))
             row_captions = captions[row] if row < len(captions) else []
             caption = str(row_captions[col]) if col < len(row_captions) else ""
