@@ -39,6 +39,11 @@ TEST_SEED = 2022
 #: Object diameter (circumscribed circle) as a fraction of the image side.
 SIZE_RANGE = (0.28, 0.46)
 MIN_CONTRAST = 90.0  # Euclidean RGB distance between object colour and the mean background under it
+#: Grey levels at ``palette=0`` (the start of the training curriculum). With fully random colours from the first
+#: step, width-0.25 ResNets stay at chance for the whole CPU budget (measured: 700 steps at 96 px, loss ln 10);
+#: light-on-dark scenes reach 60 % train accuracy within 300 steps.
+PLAIN_OBJECT = 230.0
+PLAIN_BACKGROUND = 25.0
 
 
 @dataclass(frozen=True)
@@ -167,13 +172,16 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, clutter: float = 1.0
                 cv2.circle(img, (int(x), int(y)), int(rng.integers(1, 4)), colour, -1, cv2.LINE_AA)
 
 
-def render_scene(seed: int, index: int, size: int = 160, *, draw_object: bool = True, clutter: float = 1.0) -> Scene:
+def render_scene(seed: int, index: int, size: int = 160, *, draw_object: bool = True, clutter: float = 1.0,
+                 palette: float = 1.0) -> Scene:
     """Scene ``index`` of stream ``seed`` at ``size`` x ``size`` pixels.
 
     ``draw_object=False`` returns the identical scene without the object painted (same mask/box/label):
     the exact background under the object, used by tests. ``clutter`` in [0, 1] scales the background's
-    gradient, noise and texture amplitudes and the number of distractors (the same random draws are made, so the
-    object is the same); training ramps it up from 0 (a curriculum), evaluation always uses 1.
+    gradient, noise and texture amplitudes and the number of distractors; ``palette`` in [0, 1] blends the
+    colours from a light object on a dark background (0) to the random ones (1). Both make the same random
+    draws at every value, so the object is the same; training ramps them up from 0 (a curriculum), evaluation
+    always uses 1.
     """
     if size < 32:
         raise ValueError("size must be at least 32")
@@ -206,22 +214,27 @@ def render_scene(seed: int, index: int, size: int = 160, *, draw_object: bool = 
     colour = candidates[ok[0]] if ok.size else candidates[int(np.argmax(dist))]
     if np.linalg.norm(colour - under) < MIN_CONTRAST:
         colour = np.where(under > 127, 0.0, 255.0)
+    palette = float(min(max(palette, 0.0), 1.0))
+    if palette < 1.0:
+        colour = palette * colour + (1.0 - palette) * PLAIN_OBJECT
+        img *= np.float32(palette)
+        img += np.float32((1.0 - palette) * PLAIN_BACKGROUND)
     shade_dir = rng.uniform(-1, 1, 2)
     shade_amp = rng.uniform(0, 25)
     noise_sigma = rng.uniform(0, 6) * clutter
     sensor = _noise_patch(rng, s)
 
-    if draw_object:
-        ax = (np.arange(s, dtype=np.float32) - np.float32(centre[0])) * np.float32(shade_dir[0])
-        ay = (np.arange(s, dtype=np.float32) - np.float32(centre[1])) * np.float32(shade_dir[1])
+    x, y, w, h = cv2.boundingRect(mask_u8)
+    box = (int(x), int(y), int(x + w), int(y + h))
+    if draw_object:  # shading computed over the object's box only
+        ax = (np.arange(x, x + w, dtype=np.float32) - np.float32(centre[0])) * np.float32(shade_dir[0])
+        ay = (np.arange(y, y + h, dtype=np.float32) - np.float32(centre[1])) * np.float32(shade_dir[1])
         shade = (ay[:, None] + ax[None, :]) * np.float32(shade_amp / (diameter / 2))
         fill = shade[..., None] + colour.astype(np.float32)
-        np.copyto(img, fill, where=mask[..., None])
+        np.copyto(img[y:y + h, x:x + w], fill, where=mask[y:y + h, x:x + w, None])
     img += np.float32(noise_sigma) * sensor
-    image = np.clip(img, 0, 255).astype(np.uint8)
+    image = np.clip(img, 0, 255, out=img).astype(np.uint8)
 
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
-    box = (int(x), int(y), int(x + w), int(y + h))
     return Scene(image=image, label=label, box=box, mask=mask)
 
 
@@ -236,10 +249,10 @@ def to_tensor(images: np.ndarray | Sequence[np.ndarray], mean: Sequence[float] =
     return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
 
 
-def scene_batch(seed: int, indices: Sequence[int] | range, size: int = 160, clutter: float = 1.0
-                ) -> tuple[torch.Tensor, torch.Tensor, list[Scene]]:
+def scene_batch(seed: int, indices: Sequence[int] | range, size: int = 160, clutter: float = 1.0,
+                palette: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, list[Scene]]:
     """Render ``indices`` of stream ``seed``: (normalized [N,3,S,S] tensor, labels int64 [N], scenes)."""
-    scenes = [render_scene(seed, int(i), size, clutter=clutter) for i in indices]
+    scenes = [render_scene(seed, int(i), size, clutter=clutter, palette=palette) for i in indices]
     x = to_tensor(np.stack([sc.image for sc in scenes]))
     y = torch.tensor([sc.label for sc in scenes], dtype=torch.int64)
     return x, y, scenes

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pfnet.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, Scene, SceneDataset, render_scene, \
-    scene_batch, to_tensor
+from pfnet.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, PLAIN_BACKGROUND, PLAIN_OBJECT, Scene, \
+    SceneDataset, render_scene, scene_batch, to_tensor
 
 SIZES = (128, 160, 224)
 
@@ -109,3 +109,19 @@ def test_clutter_curriculum_keeps_the_object():
     bg = plain.image[~plain.mask].reshape(-1, 3).astype(float)
     assert bg.std(0).max() < 1.0  # flat background without clutter
     assert np.array_equal(render_scene(4, 17, 128, clutter=1.0).image, full.image)
+
+
+def test_palette_curriculum_goes_from_light_on_dark_to_the_random_colours():
+    full = render_scene(4, 17, 128)
+    plain = render_scene(4, 17, 128, clutter=0.0, palette=0.0)
+    assert plain.label == full.label and plain.box == full.box and np.array_equal(plain.mask, full.mask)
+    obj = plain.image[plain.mask].astype(float)
+    bg = plain.image[~plain.mask].astype(float)
+    # only the object's shading (up to 25 grey levels from its centre) varies; the background is one grey
+    assert abs(np.median(obj) - PLAIN_OBJECT) <= 25 and np.abs(bg - PLAIN_BACKGROUND).max() <= 1
+    half = render_scene(4, 17, 128, clutter=0.0, palette=0.5)
+    coloured = render_scene(4, 17, 128, clutter=0.0)
+    # halfway, each background pixel is the mean of the plain grey and the random colour
+    assert np.abs(half.image[~half.mask].astype(float)
+                  - (coloured.image[~coloured.mask].astype(float) + PLAIN_BACKGROUND) / 2).max() <= 1
+    assert np.array_equal(render_scene(4, 17, 128, palette=1.0).image, full.image)
