@@ -144,7 +144,8 @@ def train(net: PFResNet, minutes: float, size: int, batch: int = 32, lr: float =
         step += 1
         seen += batch
         if step % log_every == 0:
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  {cur}px  clutter {clutter:.2f}  lr {opt.param_groups[0]['lr']:.2e}  "
+            print(f"step {step:5d}  {elapsed / 60:5.1f} min  {cur}px  difficulty {clutter:.2f}  "
+                  f"lr {opt.param_groups[0]['lr']:.2e}  "
                   f"loss {loss_avg:.3f}  train acc {acc_avg:.3f}  {seen / max(elapsed, 1e-6):.1f} img/s", flush=True)
     minutes_used = (time.perf_counter() - start) / 60.0
     net.to(memory_format=torch.contiguous_format).eval()
@@ -324,11 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         "width_mult": WIDTH_MULT, "num_classes": len(CLASS_NAMES), "dtype": "float16",
         "recipe": {"optimizer": "AdamW", "lr": args.lr, "weight_decay": 0.05, "schedule":
                    "one-cycle on wall clock (10% warm-up, cosine)", "batch": args.batch, "label_smoothing": 0.1,
-                   "input_size": args.size, "size_schedule": [[e, size_at(e - 1e-9, args.size)] for e, _ in SIZE_SCHEDULE],
+                   "input_size": args.size,
+                   "size_schedule": [[e, size_at(e - 1e-9, args.size)] for e, _ in SIZE_SCHEDULE],
                    "scene_curriculum": f"palette and clutter 0 -> 1: linear over the first {CLUTTER_RAMP:.0%} of "
                                        "the budget, held back while running train accuracy < 0.8",
                    "aux_localization_loss": args.aux_weight,
-                   "init": "kaiming + zero-init last BN of each bottleneck", "data": f"fresh scenes, seed {TRAIN_SEED}", "steps": stats["steps"],
+                   "init": "kaiming + zero-init last BN of each bottleneck",
+                   "data": f"fresh scenes, seed {TRAIN_SEED}", "steps": stats["steps"],
                    "images": stats["images"], "threads": torch.get_num_threads()},
         "seed": args.seed, "train_minutes": stats["minutes"], "test_accuracy": round(acc, 4),
         "test_set": {"seed": TEST_SEED, "n": 1000}, "pointing_game": pg, "pointing_game_layer3": pg3,

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pfnet.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, PLAIN_BACKGROUND, PLAIN_OBJECT, Scene, \
-    SceneDataset, render_scene, scene_batch, to_tensor
+from pfnet.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, LUMA, MIN_LUMA_CONTRAST, PLAIN_DARK, \
+    PLAIN_LIGHT, Scene, SceneDataset, render_scene, scene_batch, to_tensor
 
 SIZES = (128, 160, 224)
 
@@ -111,17 +111,33 @@ def test_clutter_curriculum_keeps_the_object():
     assert np.array_equal(render_scene(4, 17, 128, clutter=1.0).image, full.image)
 
 
-def test_palette_curriculum_goes_from_light_on_dark_to_the_random_colours():
-    full = render_scene(4, 17, 128)
-    plain = render_scene(4, 17, 128, clutter=0.0, palette=0.0)
-    assert plain.label == full.label and plain.box == full.box and np.array_equal(plain.mask, full.mask)
-    obj = plain.image[plain.mask].astype(float)
-    bg = plain.image[~plain.mask].astype(float)
-    # only the object's shading (up to 25 grey levels from its centre) varies; the background is one grey
-    assert abs(np.median(obj) - PLAIN_OBJECT) <= 25 and np.abs(bg - PLAIN_BACKGROUND).max() <= 1
-    half = render_scene(4, 17, 128, clutter=0.0, palette=0.5)
-    coloured = render_scene(4, 17, 128, clutter=0.0)
-    # halfway, each background pixel is the mean of the plain grey and the random colour
-    assert np.abs(half.image[~half.mask].astype(float)
-                  - (coloured.image[~coloured.mask].astype(float) + PLAIN_BACKGROUND) / 2).max() <= 1
-    assert np.array_equal(render_scene(4, 17, 128, palette=1.0).image, full.image)
+def test_palette_curriculum_goes_from_plain_greys_to_the_random_colours():
+    for index in range(12):
+        full = render_scene(4, index, 128)
+        plain = render_scene(4, index, 128, clutter=0.0, palette=0.0)
+        assert plain.label == full.label and plain.box == full.box and np.array_equal(plain.mask, full.mask)
+        coloured = render_scene(4, index, 128, clutter=0.0)
+        under = render_scene(4, index, 128, clutter=0.0, draw_object=False).image[full.mask].astype(float).mean(0)
+        light = (coloured.image[full.mask].astype(float).mean(0) - under) @ LUMA > 0
+        obj, bg = plain.image[plain.mask].astype(float), plain.image[~plain.mask].astype(float)
+        # the plain scene keeps the polarity of the coloured one at the same clutter; only the object's shading
+        # (up to 25 levels) varies, the background is one grey
+        want_obj, want_bg = (PLAIN_LIGHT, PLAIN_DARK) if light else (PLAIN_DARK, PLAIN_LIGHT)
+        assert abs(np.median(obj) - want_obj) <= 25 and np.abs(bg - want_bg).max() <= 1
+        half = render_scene(4, index, 128, clutter=0.0, palette=0.5)
+        # halfway, each background pixel is the mean of the plain grey and the random colour
+        assert np.abs(half.image[~half.mask].astype(float)
+                      - (coloured.image[~coloured.mask].astype(float) + want_bg) / 2).max() <= 1
+        assert np.array_equal(render_scene(4, index, 128, palette=1.0).image, full.image)
+
+
+def test_objects_stand_out_in_luma_both_ways():
+    differences = []
+    for index in range(200):
+        scene = render_scene(9, index, 96)
+        under = render_scene(9, index, 96, draw_object=False).image[scene.mask].astype(float).mean(0)
+        differences.append((scene.image[scene.mask].astype(float).mean(0) - under) @ LUMA)
+    differences = np.array(differences)
+    # shading is symmetric about the centre and sensor noise has mean 0: the mean keeps the chosen contrast
+    assert np.abs(differences).min() >= MIN_LUMA_CONTRAST - 8
+    assert 0.35 <= (differences > 0).mean() <= 0.65  # light-on-dark and dark-on-light both common
