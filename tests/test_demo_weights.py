@@ -66,9 +66,8 @@ def test_weights_load_and_classify(model):
     assert abs(accuracy - entry["test_accuracy"]) <= 0.08, (model, accuracy, entry["test_accuracy"])
 
 
-@pytest.mark.xfail(strict=True, reason="open: the shipped demo models do not reach the issue's 95% held-out accuracy "
-                                       "(and R50-max is not trained yet); see assets/weights/DEMO_CARD.md")
-def test_demo_models_reach_the_target():
-    assert set(SHIPPED) == set(MODELS)
-    for model in SHIPPED:
-        assert held_out_accuracy(model) >= TARGET_ACCURACY, model
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_demo_model_reaches_the_target(model):
+    """The issue's bar: >= 95 % on held-out scenes, here 500 of a stream neither training nor the card used."""
+    assert model in SHIPPED, f"demo_{model} is not shipped"
+    assert held_out_accuracy(model, n=500) >= TARGET_ACCURACY, model
