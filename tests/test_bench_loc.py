@@ -236,9 +236,11 @@ def test_bench_loc_on_the_bundled_demo_model(tmp_path: Path, capsys: pytest.Capt
     _, rows = parse_table(out)
     check_rows(rows, DEMO, ["layer3", "layer4"], LABELS)
     assert float(rows[0][3]) > 0.1  # better than chance (10 classes): a trained model, not a random one
-    gradcam3 = next(row for row in rows if row[1] == "layer3" and row[2] == "Grad-CAM")
+    gradcam4 = next(row for row in rows if row[1] == "layer4" and row[2] == "Grad-CAM")
     noise = next(row for row in rows if row[2] == bench_loc.RANDOM)
-    assert float(gradcam3[4]) > float(noise[4])  # pointing game: the trained CAM beats uniform noise
+    # pointing game at the default layer: the trained CAM beats uniform noise (its layer3 map need not: measured
+    # 0.33 against the centre reference's 0.37 on 500 scenes, see the README)
+    assert float(gradcam4[4]) > float(noise[4]) + 0.2
     assert (tmp_path / "demo.md").read_text().count("| " + DEMO + " |") == 10
 
 
