@@ -128,7 +128,7 @@ MODEL_IDS = {"R50": "r50", "R50-hybrid": "r50_hybrid"}
 
 
 def export_throughput(model: torch.nn.Module, model_id: str, layers: list[str], batch: int = 8,
-                      n_images: int = 16, repeats: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
+                      n_images: int = 48, repeats: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
     """Images/s of the whole export path (decode, preprocess, explain, render, write PNG/npy/grid/manifest)
     against forward-only images/s at the same batch size."""
     import tempfile

@@ -62,18 +62,18 @@ def size_at(fraction: float, size: int) -> int:
     return size
 
 
-#: Scene curriculum: colours (``palette``: light object on a dark plain background -> random colours) and
+#: Scene curriculum: colours (``palette``: plain greys, in each scene's own polarity -> random colours) and
 #: background clutter (gradient, noise, texture, distractors) ramp together from 0 to full over this fraction of
 #: the budget. Random colours are what stalls the nets: from the first step on full scenes, and even on clean
-#: ones with random colours, width-0.25 R50s stay at loss ln 10 for 700+ steps; on light-on-dark shapes they
+#: ones with random colours, width-0.25 R50s stay at loss ln 10 for 700+ steps; on plain grey shapes they
 #: reach 60 % train accuracy within 300 steps.
-CLUTTER_RAMP = 0.4
+DIFFICULTY_RAMP = 0.4
 
 
-def clutter_at(fraction: float, train_acc: float = 1.0) -> float:
+def difficulty_at(fraction: float, train_acc: float = 1.0) -> float:
     """Scene difficulty (palette and clutter): min(time ramp, competence gate); it stays low until the running
     train accuracy leaves chance, and steps back when accuracy drops."""
-    ramp = min(1.0, fraction / CLUTTER_RAMP) if CLUTTER_RAMP > 0 else 1.0
+    ramp = min(1.0, fraction / DIFFICULTY_RAMP) if DIFFICULTY_RAMP > 0 else 1.0
     gate = min(max((train_acc - 0.2) / 0.6, 0.0), 1.0)
     return min(ramp, gate)
 
@@ -127,9 +127,9 @@ def train(net: PFResNet, minutes: float, size: int, batch: int = 32, lr: float =
         for group in opt.param_groups:
             group["lr"] = lr_at(elapsed / budget, lr)
         cur = size_at(elapsed / budget, size)
-        clutter = clutter_at(elapsed / budget, acc_avg if acc_avg is not None else 0.0)
-        x, y, scenes = scene_batch(TRAIN_SEED, range(step * batch, (step + 1) * batch), cur, clutter=clutter,
-                                   palette=clutter)
+        difficulty = difficulty_at(elapsed / budget, acc_avg if acc_avg is not None else 0.0)
+        x, y, scenes = scene_batch(TRAIN_SEED, range(step * batch, (step + 1) * batch), cur, clutter=difficulty,
+                                   palette=difficulty)
         features = net.forward_features(x.contiguous(memory_format=torch.channels_last))
         logits = net.forward_head(features)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
@@ -144,7 +144,7 @@ def train(net: PFResNet, minutes: float, size: int, batch: int = 32, lr: float =
         step += 1
         seen += batch
         if step % log_every == 0:
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  {cur}px  difficulty {clutter:.2f}  "
+            print(f"step {step:5d}  {elapsed / 60:5.1f} min  {cur}px  difficulty {difficulty:.2f}  "
                   f"lr {opt.param_groups[0]['lr']:.2e}  "
                   f"loss {loss_avg:.3f}  train acc {acc_avg:.3f}  {seen / max(elapsed, 1e-6):.1f} img/s", flush=True)
     minutes_used = (time.perf_counter() - start) / 60.0
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                    "one-cycle on wall clock (10% warm-up, cosine)", "batch": args.batch, "label_smoothing": 0.1,
                    "input_size": args.size,
                    "size_schedule": [[e, size_at(e - 1e-9, args.size)] for e, _ in SIZE_SCHEDULE],
-                   "scene_curriculum": f"palette and clutter 0 -> 1: linear over the first {CLUTTER_RAMP:.0%} of "
+                   "scene_curriculum": f"palette and clutter 0 -> 1: linear over the first {DIFFICULTY_RAMP:.0%} of "
                                        "the budget, held back while running train accuracy < 0.8",
                    "aux_localization_loss": args.aux_weight,
                    "init": "kaiming + zero-init last BN of each bottleneck",
