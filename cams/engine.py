@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
 
 METHODS: dict[str, str] = {
@@ -340,25 +341,35 @@ def _min_max(maps: torch.Tensor) -> torch.Tensor:
     return flat.view(maps.shape)
 
 
-def normalise(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def normalise(maps: torch.Tensor, size: tuple[int, int], offset: Offset = NO_OFFSET) -> torch.Tensor:
     """Raw maps ``[..., h, w]`` -> heatmaps ``[..., H, W]`` in [0, 1], as pytorch-grad-cam post-processes one layer:
-    ReLU, min-max, bilinear resize (``cv2.resize`` INTER_LINEAR == align_corners=False), ReLU, min-max."""
+    ReLU, min-max, bilinear resize (``cv2.resize`` INTER_LINEAR == align_corners=False), ReLU, min-max.
+    A non-zero ``offset`` (dy, dx) draws the resized map moved by that many input pixels (:mod:`cams.align`),
+    edges replicated."""
     lead = maps.shape[:-2]
+    size = tuple(size)
     maps = _min_max(maps.float().clamp_min(0)).reshape(-1, 1, *maps.shape[-2:])
-    if tuple(maps.shape[-2:]) != tuple(size):
-        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    if tuple(offset) != NO_OFFSET:
+        grid = sampling_grid(size, offset).to(maps.device).expand(maps.shape[0], -1, -1, -1)
+        maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    elif tuple(maps.shape[-2:]) != size:
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     return _min_max(maps.clamp_min_(0)).reshape(*lead, *size)
 
 
 # ------------------------------------------------------------------------------------------------ entry point
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
-            targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32) -> Explanation:
+            targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
+            align: str | Mapping[str, Sequence[float]] = "model") -> Explanation:
     """Heatmaps of ``method`` for every image x target x layer.
 
     ``images``: a preprocessed batch ``[N, 3, H, W]`` (moved to the model's device if it is elsewhere).
     ``layers``: names from :func:`cams.layers.available_layers`. ``targets``: None (each image's top-1 class),
     an int k (each image's top-k) or a list of class ids / names (names need ``class_names``), the same for
     every image. ``batch_size``: images per forward pass, and masked inputs per forward pass for Score-CAM.
+    ``align``: where each layer's cells are drawn (:mod:`cams.align`): "model" (the default) uses the offsets
+    recorded for the model (``model.cam_offsets``, set by ``pfnet.load``; none for most models), "none" the
+    plain resize, or a mapping layer -> (dy, dx) in input pixels.
     """
     if isinstance(layers, str):
         layers = [layers]
@@ -367,6 +378,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         raise LayerError("no layers requested")
     modules = {name: resolve(model, name) for name in layers}
     _check_method(model, method, layers)
+    offsets = layer_offsets(model, layers, align)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise CamError(f"images must be a float tensor [N, 3, H, W]; got "
                        f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
@@ -421,7 +433,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                         raw = _fc_cam_maps(model, act, class_ids)
                     else:
                         raw = _score_cam_maps(model, batch, act, class_ids, batch_size)
-                    maps = normalise(raw, size)  # [T, n, H, W]
+                    maps = normalise(raw, size, offsets[position])  # [T, n, H, W]
                     heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
                 del acts, grads
     return Explanation(

@@ -119,7 +119,7 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
 
 
 def load(model_id: str, weights: WeightsArg = None, device: str | torch.device | None = None) -> nn.Module:
-    """A zoo model with its weights, in eval mode on ``device``.
+    """A zoo model with its weights, in eval mode on ``device``, with ``model.cam_offsets`` (see cams.align).
 
     ``weights``: None (the zoo's source: bundled file, cache, or a download), a path, bytes (an upload), or an
     already-read state dict / checkpoint dict.
@@ -137,6 +137,8 @@ def load(model_id: str, weights: WeightsArg = None, device: str | torch.device |
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:  # pragma: no cover - _prepare_for checks keys and shapes first
         raise CheckpointError(f"the checkpoint does not fit {entry.name}: {_short(str(error), 400)}") from None
+    # The heatmap alignment was measured for the entry's own weights; other weights are drawn unshifted.
+    model.cam_offsets = dict(entry.cam_offsets) if weights is None else {}
     return model.to(target).eval()
 
 

@@ -69,6 +69,9 @@ class ZooEntry:
     classes: Literal["imagenet", "scenes"] = "imagenet"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # Heatmap alignment per layer, (dy, dx) in input pixels, measured on a validation split (see cams.align);
+    # pfnet.load attaches it to the model as ``model.cam_offsets``. Empty: heatmaps are drawn unshifted.
+    cam_offsets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -111,8 +114,8 @@ def _imagenet(size: int = 224, interpolation: str = "bilinear") -> Preprocess:
     return Preprocess(size, round(size / 0.875), IMAGENET_MEAN, IMAGENET_STD, interpolation)
 
 
-def _demo_preprocess() -> Preprocess:
-    size = int(demo_card().get("input_size", 160))
+def _demo_preprocess(card: dict[str, Any]) -> Preprocess:
+    size = int(card.get("input_size", demo_card().get("input_size", 128)))
     # Scenes are drawn at the input size: no crop margin to remove.
     return Preprocess(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
@@ -128,8 +131,9 @@ def _demo(model_id: str, arch: str, name: str) -> ZooEntry:
     return ZooEntry(
         id=model_id, name=name, arch=arch, family="resnet",
         source=WeightSource("bundled", filename, filename, card.get("sha256")),
-        preprocess=_demo_preprocess(), classes="scenes", arch_kwargs={"width_mult": 0.25},
+        preprocess=_demo_preprocess(card), classes="scenes", arch_kwargs={"width_mult": 0.25},
         note="Width-0.25 demo model trained on pfnet.scenes; bundled, works offline.",
+        cam_offsets={layer: (float(dy), float(dx)) for layer, (dy, dx) in card.get("cam_offsets", {}).items()},
     )
 
 

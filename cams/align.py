@@ -1,0 +1,143 @@
+"""Heatmap alignment: where a layer's cells really look, in input pixels.
+
+Upsampling a ``h x w`` map to the input (``cv2.resize``, or ``F.interpolate`` with ``align_corners=False``, as
+pytorch-grad-cam does) puts cell ``i`` at ``S*i + (S-1)/2`` for a stride-``S`` layer. In a ResNet every stride-2
+step (the 7x7 stem, the 3x3 max-pool, the strided 3x3 convs or max-pools) centres output ``i`` on input ``2i``,
+so the cells of ``layer4`` are centred at ``32*i``: the plain resize draws the heatmap ``(S-1)/2`` = 15.5 px
+down and right of what the layer saw. Learned 3x3 convolutions can absorb part of that shift, parameter-free
+max-pools cannot, so the size of the shift depends on the model and its weights.
+
+The alignment is therefore measured, not assumed: :func:`fit_offset` takes the unaligned heatmap peaks of a
+validation split with object masks and finds the translation ``(dy, dx)`` that brings them closest to the
+objects' centres. Zoo entries record it per layer (``ZooEntry.cam_offsets``; the demo card for the bundled
+models), ``pfnet.load`` attaches it to the model as ``model.cam_offsets``, and ``cams.explain`` draws every
+heatmap of that layer shifted by it (``align="model"``, the default; ``align="none"`` gives the plain resize).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from cams.layers import CamError, canonical
+
+Offset = tuple[float, float]
+NO_OFFSET: Offset = (0.0, 0.0)
+ALIGN_MODES = ("model", "none")
+
+
+class AlignError(CamError):
+    """An alignment argument that cannot be used."""
+
+
+def _check_offset(layer: str, value) -> Offset:
+    try:
+        dy, dx = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise AlignError(f"offset for {layer!r} must be a pair (dy, dx) of numbers; got {value!r}") from None
+    if not (np.isfinite(dy) and np.isfinite(dx)):
+        raise AlignError(f"offset for {layer!r} must be finite; got {value!r}")
+    return dy, dx
+
+
+def layer_offsets(model, layers: Sequence[str], align: str | Mapping[str, Sequence[float]] = "model"
+                  ) -> list[Offset]:
+    """The ``(dy, dx)`` shift, in input pixels, for each of ``layers``.
+
+    ``align``: "model" (the model's recorded ``cam_offsets``, none for layers it does not list), "none", or a
+    mapping layer -> (dy, dx) for the layers it lists.
+    """
+    if isinstance(align, str):
+        if align not in ALIGN_MODES:
+            raise AlignError(f"align must be one of {ALIGN_MODES} or a mapping layer -> (dy, dx); got {align!r}")
+        table = getattr(model, "cam_offsets", None) if align == "model" else None
+    else:
+        table = align
+    table = table if isinstance(table, Mapping) else {}
+    offsets = []
+    for layer in layers:
+        key = layer if layer in table else canonical(model, layer)
+        offsets.append(_check_offset(layer, table[key]) if key in table else NO_OFFSET)
+    return offsets
+
+
+def sampling_grid(size: tuple[int, int], offset: Offset):
+    """A ``grid_sample`` grid ``[1, H, W, 2]`` (align_corners=False) that draws a map moved by ``offset``.
+
+    Output pixel ``p`` takes the plain upsampled value at ``p - offset``; with ``offset`` (0, 0) it is exactly
+    bilinear ``F.interpolate(align_corners=False)``.
+    """
+    import torch
+
+    height, width = size
+    dy, dx = offset
+    ys = (torch.arange(height, dtype=torch.float32) - dy + 0.5) / height * 2 - 1
+    xs = (torch.arange(width, dtype=torch.float32) - dx + 0.5) / width * 2 - 1
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y], dim=-1)[None]
+
+
+def _nonempty(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or not mask.any():
+        raise AlignError("an object mask must be a non-empty 2-D array")
+    return mask
+
+
+def peak(heatmap: np.ndarray) -> tuple[int, int] | None:
+    """(row, col) of the maximum, or None for a flat map (no peak to align)."""
+    from cams import metrics
+
+    return None if metrics.is_flat(heatmap) else metrics.peak(heatmap)
+
+
+def fit_offset(peaks: Sequence[tuple[int, int] | None], regions: Sequence[np.ndarray], max_shift: int) -> Offset:
+    """The integer translation (|dy|, |dx| <= ``max_shift``) that minimises the mean distance from the moved
+    peaks to the centres (centroids) of their objects.
+
+    ``peaks``: the unaligned heatmap maximum of each image (None for flat maps: skipped); ``regions``: each
+    image's object mask (bool, heatmap geometry). A moved peak is clipped to the image, as the maximum of a
+    map drawn moved with border replication is. Centres rather than "anywhere on the object": a peak inside
+    a large object says little about how far the drawing is off, and the centre of the region of equally good
+    shifts is what a centroid cost picks. Ties go to the smallest shift.
+    """
+    if len(peaks) != len(regions):
+        raise AlignError(f"{len(peaks)} peaks for {len(regions)} regions")
+    if max_shift < 0:
+        raise AlignError("max_shift must be >= 0")
+    shifts = np.arange(-max_shift, max_shift + 1)
+    total = np.zeros((len(shifts), len(shifts)))
+    used = 0
+    for point, region in zip(peaks, regions):
+        region = _nonempty(region)
+        if point is None:
+            continue
+        height, width = region.shape
+        ys, xs = np.nonzero(region)
+        rows = np.clip(point[0] + shifts, 0, height - 1) - ys.mean()
+        cols = np.clip(point[1] + shifts, 0, width - 1) - xs.mean()
+        total += np.hypot(rows[:, None], cols[None, :])
+        used += 1
+    if not used:
+        raise AlignError("no heatmap with a peak to fit an offset to")
+    cost = total / used
+    # ties: the smallest shift (cost rounded so that float noise does not decide)
+    magnitude = np.abs(shifts)[:, None] + np.abs(shifts)[None, :]
+    order = np.lexsort((magnitude.ravel(), np.round(cost.ravel(), 9)))
+    r, c = np.unravel_index(order[0], cost.shape)
+    return float(shifts[r]), float(shifts[c])
+
+
+def shift_heatmap(heatmap: np.ndarray, offset: Offset) -> np.ndarray:
+    """A heatmap in [0, 1] drawn moved by a whole-pixel ``offset``, edges replicated, min-max again: for a
+    heatmap from ``cams.explain(align="none")`` this is exactly what ``align={layer: offset}`` draws."""
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    dy, dx = (int(round(v)) for v in offset)
+    if (dy, dx) == (0, 0):
+        return heatmap
+    height, width = heatmap.shape
+    rows = np.clip(np.arange(height) - dy, 0, height - 1)
+    cols = np.clip(np.arange(width) - dx, 0, width - 1)
+    moved = heatmap[rows[:, None], cols[None, :]]
+    low, high = float(moved.min()), float(moved.max())
+    return (moved - low) / (high - low) if high > low else np.zeros_like(moved)
