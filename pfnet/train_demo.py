@@ -49,16 +49,18 @@ def lr_at(fraction: float, peak: float, warmup: float = 0.1, final_div: float = 
     return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-#: Progressive resizing on the wall clock: (fraction of the budget where the phase ends, input side as a
-#: fraction of the final size). Small early images give several times more steps while the net learns what the
-#: shapes are; the last phase runs at the evaluation size so that BN statistics and the layer-4 grid match.
-SIZE_SCHEDULE = ((0.3, 0.75), (1.0, 1.0))
+#: Progressive resizing on the wall clock: (fraction of the budget where the phase ends, input side in px, capped
+#: at the final size; None: the final size). Small early images give several times more steps while the net learns
+#: what the shapes are; the last phase runs at the evaluation size so that BN statistics and the layer-4 grid
+#: match. At 128 px this is 96 px then 128; at 160, 96 -> 128 -> 160 (a 160-px net trained 30 % at 128 and 70 %
+#: at 160 got a third fewer steps and stayed at 0.94 accuracy).
+SIZE_SCHEDULE = ((0.3, 96), (0.75, 128), (1.0, None))
 
 
 def size_at(fraction: float, size: int) -> int:
-    for end, scale in SIZE_SCHEDULE:
+    for end, side in SIZE_SCHEDULE:
         if fraction < end:
-            return max(32, int(round(size * scale / 32)) * 32)
+            return size if side is None else min(side, size)
     return size
 
 
@@ -162,52 +164,80 @@ def accuracy(net: torch.nn.Module, size: int, n: int = 1000, seed: int = TEST_SE
     return correct / n
 
 
-def gradcam(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, layer: str = "layer4") -> torch.Tensor:
-    """Plain Grad-CAM maps [N, H, W] at input resolution (bilinear upsampling), for class ``targets``."""
-    store: dict[str, torch.Tensor] = {}
-    handle = getattr(net, layer).register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
-        with torch.enable_grad():
-            logits = net(x)
-            score = logits.gather(1, targets[:, None]).sum()
-            (grad,) = torch.autograd.grad(score, store["a"])
-    finally:
-        handle.remove()
-    act = store["a"].detach()
-    cam = F.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
-    return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+#: Output stride of each ResNet stage: the largest alignment offset searched is one cell.
+LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+EVAL_LAYERS = ("layer4", "layer3")
+CALIBRATION_SEED = TEST_SEED + 1  # bench-loc's validation stream: the alignment is chosen there, never on the test
+CALIBRATION_N = 300
 
 
-def _dist_to_mask(mask: np.ndarray) -> np.ndarray:
-    return cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+def gradcam_maps(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, layer: str,
+                 offset: tuple[float, float] | None = None) -> np.ndarray:
+    """Grad-CAM heatmaps [N, H, W] of each image's ground-truth class (``cams.explain``: every class in one
+    gradient call, then the label's map), drawn with ``offset`` (None: the plain resize)."""
+    from cams.engine import explain  # the engine is above pfnet; imported only when scoring
+
+    align = {layer: offset} if offset is not None else "none"
+    result = explain(net, x, [layer], targets=list(range(len(CLASS_NAMES))), align=align)
+    return result.heatmaps[torch.arange(len(x)), labels, 0].numpy()
+
+
+def fit_alignment(net: torch.nn.Module, size: int, layer: str = "layer4", n: int = CALIBRATION_N,
+                  seed: int = CALIBRATION_SEED, batch: int = 50) -> tuple[float, float]:
+    """The heatmap offset (dy, dx) for ``layer`` (``cams.align.fit_offset``), chosen on ``n`` scenes of the
+    validation stream from the unaligned Grad-CAM peaks of the ground-truth class."""
+    from cams.align import fit_offset, peak
+
+    peaks, masks = [], []
+    net.eval()
+    for lo in range(0, n, batch):
+        x, y, scenes = scene_batch(seed, range(lo, min(lo + batch, n)), size)
+        peaks += [peak(m) for m in gradcam_maps(net, x, y, layer)]
+        masks += [sc.mask for sc in scenes]
+    return fit_offset(peaks, masks, max_shift=LAYER_STRIDES[layer])
 
 
 def pointing_game(net: torch.nn.Module, size: int, n: int = 500, seed: int = TEST_SEED, layer: str = "layer4",
-                  batch: int = 50) -> dict:
-    """Pointing game with the ground-truth class: hit if the argmax is within 15*S/224 px of the mask (and
-    strict: inside it). Also the centred (argmax = image centre) and uniform-random (expected) baselines."""
-    tol = 15.0 * size / 224.0
-    hits = strict = centre = centre_strict = 0
+                  offset: tuple[float, float] | None = None, batch: int = 50) -> dict:
+    """Pointing game with the ground-truth class: hit if the peak is within 15*S/224 px of the mask (and
+    strict: inside it); a flat map is a miss. Also the centred (peak = image centre) and uniform-random
+    (expected) baselines. ``offset``: the heatmap alignment (None: unaligned)."""
+    from cams.metrics import is_flat, pointing_game as hit, pointing_tolerance
+
+    tol = pointing_tolerance((size, size))
+    hits = strict = centre = centre_strict = flat = 0
     rand = rand_strict = 0.0
     net.eval()
     for lo in range(0, n, batch):
         x, y, scenes = scene_batch(seed, range(lo, min(lo + batch, n)), size)
-        cams = gradcam(net, x, y, layer)
-        flat = cams.flatten(1).argmax(1)
-        for k, sc in enumerate(scenes):
-            dist = _dist_to_mask(sc.mask)
-            r, c = divmod(int(flat[k]), size)
-            hits += int(dist[r, c] <= tol)
-            strict += bool(sc.mask[r, c])
+        for heatmap, sc in zip(gradcam_maps(net, x, y, layer, offset), scenes):
+            dist = cv2.distanceTransform((~sc.mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+            flat += is_flat(heatmap)
+            hits += hit(heatmap, mask=sc.mask)
+            strict += hit(heatmap, mask=sc.mask, tolerance=0)
             cr = cc = size // 2
             centre += int(dist[cr, cc] <= tol)
             centre_strict += bool(sc.mask[cr, cc])
             rand += float((dist <= tol).mean())
             rand_strict += float(sc.mask.mean())
-    return {"layer": layer, "n": n, "tolerance_px": round(tol, 2),
-            "hit_15px": round(hits / n, 4), "hit_strict": round(strict / n, 4),
-            "centre_baseline_15px": round(centre / n, 4), "centre_baseline_strict": round(centre_strict / n, 4),
-            "random_baseline_15px": round(rand / n, 4), "random_baseline_strict": round(rand_strict / n, 4)}
+    result = {"layer": layer, "n": n, "tolerance_px": round(tol, 2),
+              "hit_15px": round(hits / n, 4), "hit_strict": round(strict / n, 4), "flat_maps": flat,
+              "centre_baseline_15px": round(centre / n, 4), "centre_baseline_strict": round(centre_strict / n, 4),
+              "random_baseline_15px": round(rand / n, 4), "random_baseline_strict": round(rand_strict / n, 4)}
+    if offset is not None:
+        result["offset"] = [float(offset[0]), float(offset[1])]
+    return result
+
+
+def localization(net: torch.nn.Module, size: int) -> dict:
+    """The card's localization figures: per layer, the fitted offset and the pointing game with and without it."""
+    offsets = {layer: fit_alignment(net, size, layer) for layer in EVAL_LAYERS}
+    report = {"cam_offsets": {layer: list(offset) for layer, offset in offsets.items()}}
+    for layer in EVAL_LAYERS:
+        suffix = "" if layer == "layer4" else f"_{layer}"
+        report[f"pointing_game{suffix}"] = pointing_game(net, size, layer=layer, offset=offsets[layer])
+        report[f"pointing_game{suffix}_unaligned"] = pointing_game(net, size, layer=layer)
+    return report
 
 
 def fp16_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -241,6 +271,13 @@ hollow ring 0.31 (15-px rule: ring 0.83 at 128, 0.34 at 224, because the hole gr
 these scenes the best any layer-4 map can do (strict) is 0.78 at 128 px and 0.91 at 160 px (0.67 / 0.82 with
 22-40 % objects); with the 15-px rule it is 0.99-1.0.
 
+Alignment (`cams.align`; the card's `cam_offsets`): a plain resize draws a layer-4 cell at 32*i + 15.5 px, but every
+stride-2 step of these ResNets (7x7 stem conv, 3x3 max-pool, strided 3x3 conv or max-pool, padded by half the
+kernel) centres output i on input 2*i, so a cell looks around 32*i and its heatmap is drawn up to 15.5 px down and
+right of it. Learned 3x3 convolutions can absorb part of that shift; parameter-free max-pools cannot. For each
+model and layer the offset is fitted on the validation stream (peaks of the ground-truth class's Grad-CAM to the
+object centres) and the card reports the pointing game on the test stream with and without it.
+
 Recipe: AdamW, one-cycle on the wall clock, batch 32, progressive resizing (96 px then the final size), zero-init
 residual BN, channels-last, and a scene curriculum: colours go from plain greys (light on dark or dark on light, as
 each scene's own colours are) to the random colours while the clutter (gradient, noise, texture, distractors)
@@ -259,31 +296,74 @@ steps). One torch thread per training: on a shared 2-core machine, 2 threads ran
 
 def write_card(out: Path, card: dict) -> None:
     (out / "demo_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    models = card["models"]
+    sizes = ", ".join(f"{name} {m['input_size']} px" for name, m in models.items())
     lines = ["# Demo models: PF ResNets on procedural scenes", "",
              "Offline default for pfcam: width-0.25 R50, R50-max and R50-hybrid (stem 64 channels as in the "
              "official code) trained from scratch on CPU on `pfnet.scenes` shapes, so that Grad-CAM heatmaps can "
              "be checked against ground-truth boxes and masks.", "",
-             f"- input size: {card['input_size']} x {card['input_size']} (whole image squashed, no crop)",
+             f"- input size: {sizes} (whole image squashed, no crop)",
              f"- normalization: ImageNet mean {card['mean']} / std {card['std']}",
              f"- classes ({len(card['class_names'])}): {', '.join(card['class_names'])}",
              "- training: fresh scenes of stream seed %d; evaluation: stream seed %d (1,000 scenes for accuracy, "
-             "first 500 for the pointing game)" % (TRAIN_SEED, TEST_SEED), "",
-             "| model | timm arch | file | test acc | pointing 15px | pointing strict | centre baseline (15px/strict)"
-             " | random baseline (15px/strict) | train min | steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, m in card["models"].items():
-        pg = m["pointing_game"]
-        lines.append(f"| {name} | {m['arch']} | {m['file']} | {m['test_accuracy']:.3f} | {pg['hit_15px']:.3f} | "
-                     f"{pg['hit_strict']:.3f} | {pg['centre_baseline_15px']:.3f} / {pg['centre_baseline_strict']:.3f}"
+             "first 500 for the pointing game); heatmap alignment chosen on stream seed %d (%d scenes)"
+             % (TRAIN_SEED, TEST_SEED, CALIBRATION_SEED, CALIBRATION_N), "",
+             "| model | input | test acc | layer4 offset (dy, dx) px | pointing 15px | pointing strict | "
+             "unaligned 15px / strict | centre baseline (15px/strict) | random baseline (15px/strict) | "
+             "train min | steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        pg, raw = m["pointing_game"], m.get("pointing_game_unaligned", m["pointing_game"])
+        dy, dx = m.get("cam_offsets", {}).get("layer4", (0, 0))
+        lines.append(f"| {name} | {m['input_size']} | {m['test_accuracy']:.3f} | ({dy:g}, {dx:g}) | "
+                     f"{pg['hit_15px']:.3f} | {pg['hit_strict']:.3f} | {raw['hit_15px']:.3f} / {raw['hit_strict']:.3f}"
+                     f" | {pg['centre_baseline_15px']:.3f} / {pg['centre_baseline_strict']:.3f}"
                      f" | {pg['random_baseline_15px']:.3f} / {pg['random_baseline_strict']:.3f} | "
                      f"{m['train_minutes']} | {m['recipe'].get('steps', '')} |")
-    lines += ["", "Pointing game: Grad-CAM (ground-truth class) at `layer4`, bilinear upsampling to the input; a hit "
-              "when the argmax is within 15*S/224 px of the object mask; strict: inside the mask.", ""]
-    for name, m in card["models"].items():
-        lines.append(f"- {name}: sha256 `{m['sha256']}`, recipe {json.dumps(m['recipe'])}, seed {m['seed']}, "
-                     f"date {m['date']}")
+    lines += ["", "Pointing game: Grad-CAM (ground-truth class) at `layer4`, drawn with the model's alignment "
+              "offset (`cams.align`); a hit when the peak is within 15*S/224 px of the object mask; strict: inside "
+              "the mask; a flat map is a miss. Unaligned: the plain bilinear resize (pytorch-grad-cam's drawing).",
+              ""]
+    for name, m in models.items():
+        lines.append(f"- {name}: `{m['file']}` ({m['arch']}), sha256 `{m['sha256']}`, recipe "
+                     f"{json.dumps(m['recipe'])}, seed {m['seed']}, trained {m['date']}, scored {m.get('scored', m['date'])}")
     lines += ["", "## Notes", "", card.get("notes", NOTES).rstrip(), ""]
     (out / "DEMO_CARD.md").write_text("\n".join(lines))
+
+
+def _size_phases(size: int) -> list[list]:
+    """The schedule as the card records it: [end fraction, px] per phase, merging phases of equal size."""
+    phases: list[list] = []
+    for end, _ in SIZE_SCHEDULE:
+        side = size_at(end - 1e-9, size)
+        if phases and phases[-1][1] == side:
+            phases[-1][0] = end
+        else:
+            phases.append([end, side])
+    return phases
+
+
+def score(model: str, path: Path, size: int) -> dict:
+    """The card's figures for the weights at ``path``, exactly as shipped (fp16 -> fp32)."""
+    shipped = load_demo(model, path)
+    figures = {"test_accuracy": round(accuracy(shipped, size), 4), "test_set": {"seed": TEST_SEED, "n": 1000}}
+    figures.update(localization(shipped, size))
+    figures["scored"] = _dt.date.today().isoformat()
+    print(f"{model}: test accuracy {figures['test_accuracy']:.4f}; offsets {figures['cam_offsets']}; "
+          f"pointing game layer4 {figures['pointing_game']['hit_15px']} "
+          f"(unaligned {figures['pointing_game_unaligned']['hit_15px']})", flush=True)
+    return figures
+
+
+def _read_card(out: Path) -> dict:
+    card_path = out / "demo_card.json"
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    card.pop("input_size", None)  # per model since the models may differ
+    card.update({"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "class_names": list(CLASS_NAMES),
+                 "classes": "scenes", "notes": NOTES})
+    for entry in card.setdefault("models", {}).values():
+        entry.setdefault("input_size", entry.get("recipe", {}).get("input_size"))
+    return card
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the mask-supervised CAM loss (0: off; > 0 trains the heatmaps directly)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--score-only", action="store_true",
+                   help="do not train: re-score the weights already in --out and update their card entry")
     args = p.parse_args(argv)
     if not 128 <= args.size <= 224:
         p.error("--size must be between 128 and 224")
@@ -305,46 +387,44 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    net = build(args.model)
-    print(f"training {args.model} ({MODELS[args.model]}, width {WIDTH_MULT}) at {args.size}px for "
-          f"{args.minutes} min", flush=True)
-    stats = train(net, args.minutes, args.size, batch=args.batch, lr=args.lr, aux_weight=args.aux_weight)
     path = args.out / f"demo_{args.model}.safetensors"
-    save_file(fp16_state(net), str(path), metadata={"arch": TIMM_NAMES[args.model], "width_mult": str(WIDTH_MULT),
-                                                    "num_classes": str(len(CLASS_NAMES))})
-    path.chmod(0o644)
-    shipped = load_demo(args.model, path)  # evaluate exactly what is shipped (fp16 -> fp32)
-    acc = accuracy(shipped, args.size)
-    pg = pointing_game(shipped, args.size)
-    pg3 = pointing_game(shipped, args.size, layer="layer3")
-    print(f"test accuracy {acc:.4f}; pointing game layer4 {pg}; layer3 {pg3}", flush=True)
+    card = _read_card(args.out)
 
-    card_path = args.out / "demo_card.json"
-    card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    if card.get("input_size") not in (None, args.size):
-        print(f"warning: card input_size {card.get('input_size')} != {args.size}; card now says {args.size}")
-    card.update({"input_size": args.size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                 "class_names": list(CLASS_NAMES), "classes": "scenes", "notes": NOTES})
-    card.setdefault("models", {})[args.model] = {
-        "file": path.name, "sha256": sha256(path), "arch": TIMM_NAMES[args.model], "variant": MODELS[args.model],
-        "width_mult": WIDTH_MULT, "num_classes": len(CLASS_NAMES), "dtype": "float16",
-        "recipe": {"optimizer": "AdamW", "lr": args.lr, "weight_decay": 0.05, "schedule":
-                   "one-cycle on wall clock (10% warm-up, cosine)", "batch": args.batch, "label_smoothing": 0.1,
-                   "input_size": args.size,
-                   "size_schedule": [[e, size_at(e - 1e-9, args.size)] for e, _ in SIZE_SCHEDULE],
-                   "scene_curriculum": f"palette and clutter 0 -> 1: linear over the first {DIFFICULTY_RAMP:.0%} of "
-                                       "the budget, held back while running train accuracy < 0.8",
-                   "aux_localization_loss": args.aux_weight,
-                   "init": "kaiming + zero-init last BN of each bottleneck",
-                   "data": f"fresh scenes, seed {TRAIN_SEED}", "steps": stats["steps"],
-                   "images": stats["images"], "threads": torch.get_num_threads()},
-        "seed": args.seed, "train_minutes": stats["minutes"], "test_accuracy": round(acc, 4),
-        "test_set": {"seed": TEST_SEED, "n": 1000}, "pointing_game": pg, "pointing_game_layer3": pg3,
-        "date": _dt.date.today().isoformat()}
+    if args.score_only:
+        entry = card["models"].get(args.model)
+        if entry is None or not path.is_file():
+            p.error(f"no card entry and weights for {args.model} in {args.out}")
+        if entry.get("sha256") != sha256(path):
+            p.error(f"{path} is not the file its card entry describes (sha256 differs)")
+        entry.update(score(args.model, path, entry["input_size"]))
+    else:
+        net = build(args.model)
+        print(f"training {args.model} ({MODELS[args.model]}, width {WIDTH_MULT}) at {args.size}px for "
+              f"{args.minutes} min", flush=True)
+        stats = train(net, args.minutes, args.size, batch=args.batch, lr=args.lr, aux_weight=args.aux_weight)
+        save_file(fp16_state(net), str(path), metadata={"arch": TIMM_NAMES[args.model],
+                                                        "width_mult": str(WIDTH_MULT),
+                                                        "num_classes": str(len(CLASS_NAMES))})
+        path.chmod(0o644)
+        card["models"][args.model] = {
+            "file": path.name, "sha256": sha256(path), "arch": TIMM_NAMES[args.model],
+            "variant": MODELS[args.model], "width_mult": WIDTH_MULT, "num_classes": len(CLASS_NAMES),
+            "dtype": "float16", "input_size": args.size,
+            "recipe": {"optimizer": "AdamW", "lr": args.lr, "weight_decay": 0.05, "schedule":
+                       "one-cycle on wall clock (10% warm-up, cosine)", "batch": args.batch, "label_smoothing": 0.1,
+                       "input_size": args.size,
+                       "size_schedule": _size_phases(args.size),
+                       "scene_curriculum": f"palette and clutter 0 -> 1: linear over the first {DIFFICULTY_RAMP:.0%}"
+                                           " of the budget, held back while running train accuracy < 0.8",
+                       "aux_localization_loss": args.aux_weight,
+                       "init": "kaiming + zero-init last BN of each bottleneck",
+                       "data": f"fresh scenes, seed {TRAIN_SEED}", "steps": stats["steps"],
+                       "images": stats["images"], "threads": torch.get_num_threads()},
+            "seed": args.seed, "train_minutes": stats["minutes"], "date": _dt.date.today().isoformat(),
+            **score(args.model, path, args.size)}
     card["models"] = dict(sorted(card["models"].items()))
     write_card(args.out, card)
-    print(f"wrote {path} and {card_path}", flush=True)
+    print(f"wrote {path} and {args.out / 'demo_card.json'}", flush=True)
     return 0
 
 
