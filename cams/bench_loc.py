@@ -116,7 +116,9 @@ def format_markdown(rows: Sequence[Row], caption: str) -> str:
     return "\n".join(out) + "\n"
 
 
-CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "flat_heatmaps"]
+CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "flat_heatmaps",
+              "offset_dy", "offset_dx"]
+ALIGN_CHOICES = ("model", "none", "fit")
 
 
 def write_csv(rows: Sequence[Row], path: str | Path) -> None:
@@ -126,7 +128,8 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
         for row in rows:
             writer.writerow([row.model, row.layer, row.method, _method_label(row.method)]
                             + ["" if row.values.get(key) is None else f"{row.values[key]:.6f}" for key in KEYS]
-                            + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.flat])
+                            + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.flat]
+                            + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"]))
 
 
 def load_model(model_id: str, device: str | None = None):
@@ -148,7 +151,8 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
               val_n: int = DEFAULT_VAL_N, faith_n: int = DEFAULT_FAITH_N, faith_steps: int = DEFAULT_FAITH_STEPS,
               faith_baseline: str = "blur", seed: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
               threshold: float | None = None, data: str | Path | None = None, device: str | None = None,
-              target: str = "predicted", log: Callable[[str], None] = lambda _: None) -> BenchResult:
+              target: str = "predicted", align: str = "model",
+              log: Callable[[str], None] = lambda _: None) -> BenchResult:
     """Evaluate every model (models whose weights are missing are skipped, with the reason in ``skipped``)."""
     from cams.engine import METHODS
     from cams.layers import LayerError, layer_names
@@ -175,8 +179,13 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
                          f"from the training stream ({TRAIN_SEED})")
     if target not in TARGETS:
         raise BenchError(f"--target must be one of {', '.join(TARGETS)}")
+    if align not in ALIGN_CHOICES:
+        raise BenchError(f"--align must be one of {', '.join(ALIGN_CHOICES)}")
+    if align == "fit" and val_n < 1:
+        raise BenchError("--align fit chooses the offsets on the validation split: --val-n must be at least 1")
     opts = Options(tuple(layers), tuple(methods), batch_size, faith_n, faith_steps, faith_baseline, threshold,
-                   seed, target=target)
+                   seed, target=target, align=align)
+    need_val = threshold is None or align == "fit"
 
     problems: list[str] = []
     annotations = read_annotations(data, problems) if data is not None else None
@@ -223,8 +232,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             model = model.to(memory_format=torch.channels_last)
         pre = entry.preprocess
         if annotations is not None:
-            val, test = data_splits(annotations, pre, n, 0 if threshold is not None else val_n, seed, problems,
-                                    split_cache)
+            val, test = data_splits(annotations, pre, n, val_n if need_val else 0, seed, problems, split_cache)
             if not len(test):
                 raise BenchError(f"--data {data}: no usable test image")
         else:
@@ -232,7 +240,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             if key not in split_cache:
                 t0 = time.perf_counter()
                 val_split = (scene_split("validation", seed + 1, val_n, pre, 1)
-                             if threshold is None and val_n else None)
+                             if need_val and val_n else None)
                 split_cache[key] = (val_split, scene_split("test", seed, n, pre, 0))
                 log(f"rendered {n + (val_n if val_split else 0)} scenes at {pre.input_size} px "
                     f"in {time.perf_counter() - t0:.0f} s")
@@ -280,6 +288,16 @@ def _caption(used: dict, opts: Options, data, skipped: list[str], rows: list[Row
         f"Reference rows ({GAUSSIAN}, {RANDOM}) use those heatmaps on the same images; accuracy is the model's "
         f"top-1 on the test images.",
     ]
+    if opts.align == "none":
+        parts.append("Heatmaps drawn by the plain bilinear resize (no alignment).")
+    elif opts.align == "fit":
+        where = val_text or "on the validation split"
+        parts.append(f"Heatmaps drawn moved by an offset fitted per model x layer x method {where} "
+                     "(peaks to object centres; offsets in the CSV).")
+    else:
+        aligned = sorted({row.model for row in rows if row.kind == "cam" and row.offset and any(row.offset)})
+        parts.append("Heatmaps drawn with each model's recorded alignment offset (cams.align)"
+                     + (f": {', '.join(aligned)}; the others unshifted." if aligned else "; none recorded."))
     if flat:
         parts.append(f"{flat} CAM heatmap(s) were flat (no peak) and count as misses.")
     if skipped:
@@ -322,6 +340,9 @@ def add_bench_loc_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--target", choices=TARGETS, default="predicted",
                         help="class to explain: each image's top-1 class (default) or its ground-truth label "
                              f"(models with at most {MAX_LABEL_CLASSES} classes)")
+    parser.add_argument("--align", choices=ALIGN_CHOICES, default="model",
+                        help="where heatmaps are drawn: each model's recorded alignment offset (default), the plain "
+                             "resize (none), or an offset fitted per row on the validation split (fit)")
     parser.add_argument("--device", default=None, help="torch device (default: PFCAM_DEVICE or auto)")
     parser.set_defaults(handler=main_bench_loc)
     return parser
@@ -343,7 +364,7 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
                            val_n=args.val_n, faith_n=args.faith_n, faith_steps=args.faith_steps,
                            faith_baseline=args.faith_baseline, seed=args.seed, batch_size=args.batch_size,
                            threshold=args.threshold, data=args.data, device=args.device, target=args.target,
-                           log=log)
+                           align=args.align, log=log)
     except (BenchError, UnknownModelError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"bench-loc: error: {message}", file=err)

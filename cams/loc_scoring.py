@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cams import metrics as M
+from cams.align import NO_OFFSET, fit_offset, layer_offsets, peak, shift_heatmap
 from cams.loc_data import TEST_SEED, Sample, Split
 
 
@@ -33,6 +34,7 @@ class Row:
     faith_n: int = 0
     flat: int = 0  # heatmaps with no peak (scored as misses)
     kind: str = "cam"  # "cam" | "baseline"
+    offset: tuple[float, float] | None = None  # the heatmap alignment (dy, dx) px the row was scored with
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Options:
     seed: int = TEST_SEED
     candidates: tuple[float, ...] = M.DEFAULT_THRESHOLDS
     target: str = "predicted"  # "predicted" (top-1) | "label" (ground-truth class)
+    align: str = "model"  # "model" (recorded offsets) | "none" | "fit" (fitted on the validation split)
 
 
 def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) -> np.ndarray:
@@ -117,12 +120,13 @@ def _cam_batches(model, split: Split, opts: Options, method: str, class_names) -
 
     table = _label_index(class_names)
     all_classes = list(range(len(class_names)))
+    align = "none" if opts.align == "fit" else opts.align  # fitted offsets are applied by the caller
     for start in range(0, len(split), opts.batch_size):
         stop = min(len(split), start + opts.batch_size)
         inputs = split.tensors(start, stop)
         if opts.target == "label":
             result = explain(model, inputs, list(opts.layers), method=method, targets=all_classes,
-                             class_names=class_names, batch_size=opts.batch_size)
+                             class_names=class_names, batch_size=opts.batch_size, align=align)
             probs = result.probs.numpy()
             chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
                                for i in range(stop - start)], dtype=np.int64)
@@ -130,13 +134,21 @@ def _cam_batches(model, split: Split, opts: Options, method: str, class_names) -
             yield start, inputs, maps, chosen, probs
         else:
             result = explain(model, inputs, list(opts.layers), method=method, targets=None,
-                             class_names=class_names, batch_size=opts.batch_size)
+                             class_names=class_names, batch_size=opts.batch_size, align=align)
             yield (start, inputs, result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(),
                    result.probs.numpy())
 
 
 def _choose(maps: list[np.ndarray], split: Split, opts: Options) -> float:
     return M.choose_threshold(maps, [s.boxes for s in split.samples], opts.candidates)
+
+
+def _fit_offsets(val_maps: list[list[np.ndarray]], val: Split) -> list[tuple[float, float]]:
+    """Per layer, the offset that brings the validation heatmap peaks closest to the objects' centres."""
+    regions = [M.object_mask((val.size, val.size), box=s.boxes, mask=s.mask) for s in val.samples]
+    keep = [i for i, region in enumerate(regions) if region.any()]
+    return [fit_offset([peak(maps[i]) for i in keep], [regions[i] for i in keep], max_shift=val.size // 4)
+            if any(peak(maps[i]) is not None for i in keep) else NO_OFFSET for maps in val_maps]
 
 
 def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split | None, test: Split,
@@ -161,17 +173,28 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
             acc.deletion.extend(deletion[:, r].tolist())
             acc.insertion.extend(insertion[:, r].tolist())
 
+    recorded = layer_offsets(model, opts.layers, "model" if opts.align == "model" else "none")
     for method in opts.methods:
         t0 = time.perf_counter()
         thresholds = [fallback] * len(opts.layers)
-        if opts.threshold is None and val is not None and len(val):
+        offsets = recorded
+        if val is not None and len(val) and (opts.threshold is None or opts.align == "fit"):
             val_maps: list[list[np.ndarray]] = [[] for _ in opts.layers]
             for _, _, maps, _, _ in _cam_batches(model, val, opts, method, class_names):
                 for position in range(len(opts.layers)):
                     val_maps[position].extend(maps[:, position])
-            thresholds = [_choose(val_maps[position], val, opts) for position in range(len(opts.layers))]
+            if opts.align == "fit":
+                offsets = _fit_offsets(val_maps, val)
+                val_maps = [[shift_heatmap(m, offsets[p]) for m in val_maps[p]] for p in range(len(opts.layers))]
+                log(f"{model_id} {method}: fitted offsets " + ", ".join(
+                    f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))
+            if opts.threshold is None:
+                thresholds = [_choose(val_maps[position], val, opts) for position in range(len(opts.layers))]
         accs = [_Acc() for _ in opts.layers]
         for start, inputs, maps, targets, probs in _cam_batches(model, test, opts, method, class_names):
+            if opts.align == "fit":
+                maps = np.stack([np.stack([shift_heatmap(maps[b, p], offsets[p]) for p in range(maps.shape[1])])
+                                 for b in range(maps.shape[0])])
             preds[start:start + len(targets)] = probs.argmax(axis=1)
             explained[start:start + len(targets)] = targets
             for position, acc in enumerate(accs):
@@ -181,7 +204,8 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
         accuracy = _accuracy(preds, test, table)
         for position, layer in enumerate(opts.layers):
             rows.append(Row(model_id, layer, method, accs[position].values(accuracy), thresholds[position],
-                            accs[position].count, len(accs[position].deletion), accs[position].flat))
+                            accs[position].count, len(accs[position].deletion), accs[position].flat,
+                            offset=offsets[position]))
         log(f"{model_id} {method}: {len(test)} images, {time.perf_counter() - t0:.0f} s")
 
     t0 = time.perf_counter()

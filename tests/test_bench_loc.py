@@ -265,3 +265,70 @@ def test_target_label_explains_the_ground_truth_class(tiny_zoo, capsys: pytest.C
 def test_imagenet_model_needs_data(capsys: pytest.CaptureFixture):
     assert main(["bench-loc", "--models", "r50", "--n", "2"]) == 1
     assert "give it your own images with --data" in capsys.readouterr().err
+
+
+def _csv_rows(path: Path) -> dict[tuple[str, str], dict]:
+    return {(r["layer"], r["method"]): r for r in csv.DictReader(path.open()) if r["layer"] != "-"}
+
+
+def test_align_modes_record_the_offsets_they_used(tiny_zoo, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    real = bench_loc.load_model
+
+    def with_offsets(model_id, device=None):
+        model = real(model_id, device)
+        model.cam_offsets = {"layer4": (-15.0, -16.0)}
+        return model
+
+    monkeypatch.setattr(bench_loc, "load_model", with_offsets)
+    common = ["bench-loc", "--models", TINY, "--layers", "layer3,layer4", "--methods", "gradcam", *FAST]
+    results = {}
+    for mode in ("model", "none", "fit"):
+        path = tmp_path / f"{mode}.csv"
+        assert main(common + ["--align", mode, "--csv", str(path)]) == 0
+        out, err = capsys.readouterr()
+        results[mode] = (_csv_rows(path), out, err)
+    recorded, out, _ = results["model"]
+    assert (recorded[("layer4", "gradcam")]["offset_dy"], recorded[("layer4", "gradcam")]["offset_dx"]) == ("-15", "-16")
+    assert recorded[("layer3", "gradcam")]["offset_dy"] == "0"
+    assert "recorded alignment offset (cams.align): " + TINY in " ".join(out.split())
+    plain, out, _ = results["none"]
+    assert {(r["offset_dy"], r["offset_dx"]) for r in plain.values()} == {("0", "0")}
+    assert "plain bilinear resize" in out
+    fitted, out, err = results["fit"]
+    assert "fitted offsets layer3 (" in err and "fitted per model x layer x method" in " ".join(out.split())
+    for row in fitted.values():
+        assert abs(float(row["offset_dy"])) <= 16 and abs(float(row["offset_dx"])) <= 16  # size // 4 at 64 px
+    assert main(common + ["--align", "fit", "--val-n", "0"]) == 2
+    assert "--val-n must be at least 1" in capsys.readouterr().err
+
+
+def test_fitted_offset_undoes_a_known_displacement_on_user_boxes(tmp_path: Path):
+    """Region from boxes (no masks): peaks 6 px right of every box centre are moved back."""
+    from cams.loc_data import Sample, Split
+    from cams.loc_scoring import _fit_offsets
+
+    samples, maps = [], []
+    for index in range(12):
+        cy, cx = 20 + 2 * index, 40 - index
+        samples.append(Sample(f"s{index}", [(cx - 5, cy - 5, cx + 5, cy + 5)]))
+        heat = np.zeros((64, 64), np.float32)
+        heat[cy, cx + 6] = 1.0
+        maps.append(heat)
+    split = Split("validation", samples, lambda a, b: torch.zeros(b - a, 3, 64, 64), 64)
+    assert _fit_offsets([maps], split) == [(0.0, -6.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (zoo.DEMO_DIR / zoo.get("demo_r50_max").source.filename).is_file(),
+                    reason="bundled demo weights not present")
+def test_recorded_alignment_moves_demo_max_heatmaps_onto_the_objects(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """R50-max draws layer-4 maps about half a cell down-right of its objects; its recorded offset fixes that."""
+    pointing = {}
+    for mode in ("none", "model"):
+        assert main(["bench-loc", "--models", "demo_r50_max", "--layers", "layer4", "--methods", "gradcam",
+                     "--n", "120", "--val-n", "0", "--threshold", "0.5", "--faith-n", "0",
+                     "--align", mode, "--csv", str(tmp_path / f"{mode}.csv")]) == 0
+        capsys.readouterr()
+        pointing[mode] = float(_csv_rows(tmp_path / f"{mode}.csv")[("layer4", "gradcam")]["pointing15"])
+    assert pointing["model"] >= pointing["none"] + 0.1, pointing
