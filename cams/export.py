@@ -166,7 +166,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         report.warnings.append("no images found in the inputs")
 
     settings = {"models": {plan.id: {"name": plan.label, "layers": plan.layers, "input_size": plan.input_size,
-                                     "topk": plan.topk} for plan in plans},
+                                     "topk": plan.topk, "cam_offsets": plan.cam_offsets} for plan in plans},
                 "method": method, "topk": topk, "batch_size": batch_size, "mode": mode, "colormap": colormap,
                 "opacity": float(opacity), "overwrite": bool(overwrite),
                 "heatmap_npy": "float32 [S, S] in [0, 1] at the network input resolution S, covering crop_box "

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
+from cams.align import layer_offsets
 from cams.export_files import (ExportReport, STATE_FORMAT, _ensure_dir, _key, _now, _read_state, _usable,
                                _write_npy, _write_png, _write_text)
 from cams.export_inputs import InputItem, _inside, _short_hash, safe_name
@@ -37,6 +38,12 @@ class _Plan:
     @property
     def input_size(self) -> int:
         return int(self.entry.preprocess.input_size)
+
+    @property
+    def cam_offsets(self) -> dict[str, list[float]]:
+        """The non-zero heatmap alignment offsets (dy, dx) the engine draws these layers with."""
+        return {layer: list(offset) for layer, offset in zip(self.layers, layer_offsets(self.model, self.layers))
+                if any(offset)}
 
 
 def _requested_layers(layers: Any, model_id: str, family: str | None) -> Sequence[str] | None:
@@ -138,8 +145,11 @@ class _Run:
             self._writer.shutdown(wait=True)
 
     def settings_for(self, plan: _Plan) -> dict[str, Any]:
-        return {"mode": self.mode, "colormap": self.colormap, "opacity": round(self.opacity, 4),
-                "input_size": plan.input_size}
+        settings = {"mode": self.mode, "colormap": self.colormap, "opacity": round(self.opacity, 4),
+                    "input_size": plan.input_size}
+        if plan.cam_offsets:  # outputs drawn with another alignment are not reused
+            settings["cam_offsets"] = plan.cam_offsets
+        return settings
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
