@@ -98,6 +98,11 @@ with st.sidebar:
                     format_func={"full": "Whole image", "center": "Centre crop"}.get,
                     help="Whole image: squashed to the input size. Centre crop: the ImageNet evaluation crop; "
                          "the heatmap then covers only the cropped part.")
+    align = "model" if st.toggle(
+        "Align heatmaps to what each layer sees", value=True, key="align",
+        help="A plain resize draws a stride-32 layer's heatmap up to half a cell down-right of what its cells "
+             "look at. Models with a measured offset (the demo models) are drawn moved by it; off: the plain "
+             "resize, as pytorch-grad-cam draws it.") else "none"
     with core.guard("Device"):
         st.caption(f"Device in use: **{core.device_name()}** (set `PFCAM_DEVICE` to change)")
 
@@ -136,7 +141,8 @@ if sources and runnable:
     totals: dict[str, float] = {}
     for source in sources:
         with core.guard(f"Explaining {source.name}"):
-            spent = views.render_image(source, runnable, layers_by_family, method, target, mode, colormap, opacity)
+            spent = views.render_image(source, runnable, layers_by_family, method, target, mode, colormap, opacity,
+                                       align)
             for model_id, seconds in spent.items():
                 totals[model_id] = totals.get(model_id, 0.0) + seconds
     summary.caption("Time per model this run: " + " · ".join(

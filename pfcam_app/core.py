@@ -117,7 +117,8 @@ def photo_source(name: str) -> Source:
 
 
 def scene_size() -> int:
-    return zoo.get(DEMO_DEFAULT[0]).preprocess.input_size
+    """Demo scenes are drawn at the largest demo input size: the other demo models see them downscaled."""
+    return max(zoo.get(model_id).preprocess.input_size for model_id in zoo.DEMO_IDS)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -247,7 +248,7 @@ def engine_targets(target: tuple) -> Any:
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def run_cams(digest: str, model_key: str, model_id: str, layers: tuple[str, ...], method: str, target: tuple,
-             mode: str, _image: Image.Image, _model: Any) -> dict[str, Any]:
+             mode: str, align: str, _image: Image.Image, _model: Any) -> dict[str, Any]:
     """One image through one model: heatmaps [T, L, H, W], targets [T], probs [C], crop box, time taken."""
     from cams.engine import explain
 
@@ -255,7 +256,8 @@ def run_cams(digest: str, model_key: str, model_id: str, layers: tuple[str, ...]
     started = time.perf_counter()
     prepared = prepare(_image, entry.preprocess, mode)
     result = explain(_model, prepared.tensor.unsqueeze(0), list(layers), method=method,
-                     targets=engine_targets(target), class_names=entry.class_names(), batch_size=SCORECAM_BATCH)
+                     targets=engine_targets(target), class_names=entry.class_names(), batch_size=SCORECAM_BATCH,
+                     align=align)
     seconds = time.perf_counter() - started
     return {"heatmaps": _numpy(result.heatmaps[0], np.float32), "targets": _numpy(result.targets[0], np.int64),
             "probs": _numpy(result.probs[0], np.float32), "crop_box": tuple(float(v) for v in prepared.crop_box),

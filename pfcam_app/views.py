@@ -79,10 +79,10 @@ def scene_scores(source: Source, heatmap: np.ndarray, crop_box: tuple, image_siz
 # ------------------------------------------------------------------------------------------------- the grid
 
 def render_image(source: Source, slots: list[Slot], layers_by_family: dict[str, list[str]], method: str,
-                 target: tuple, mode: str, colormap: str, opacity: float) -> dict[str, float]:
+                 target: tuple, mode: str, colormap: str, opacity: float, align: str = "model") -> dict[str, float]:
     """One image: the original (with its ground-truth box for scenes) beside the model x layer grid,
     then each model's top-5. Returns seconds spent computing per model id (0 when served from the cache)."""
-    from cams import render
+    from cams import metrics, render
     from pfcam_app.core import decode
 
     st.subheader(source.name, anchor=False, divider="gray")
@@ -119,7 +119,7 @@ def render_image(source: Source, slots: list[Slot], layers_by_family: dict[str, 
                                f"{slot.entry.num_classes} classes; pick a class it knows.")
                     continue
                 before = time.time()
-                result = run_cams(source.digest, slot.key, slot.id, tuple(layers), method, target, mode,
+                result = run_cams(source.digest, slot.key, slot.id, tuple(layers), method, target, mode, align,
                                   image, slot.model)
                 fresh = result["stamp"] >= before
                 timings[slot.id] = result["seconds"] if fresh else 0.0
@@ -136,6 +136,8 @@ def render_image(source: Source, slots: list[Slot], layers_by_family: dict[str, 
                         crop = tuple(v * scale for v in result["crop_box"])
                         cell = render.overlay(shown, heatmap, crop, colormap, opacity)
                         caption = f"{names[int(class_id)]} · {percent(result['probs'][int(class_id)])}"
+                        if metrics.is_flat(heatmap):
+                            caption += " · flat map: no positive evidence at this layer"
                         if source.box is not None:  # demo scene: ground-truth box and its scores
                             cell = with_box(cell, source.box, scale)
                             caption += " · " + scene_scores(source, heatmap, result["crop_box"], image.size)
@@ -163,6 +165,11 @@ def model_card(slot: Slot, device: str) -> None:
     entry = slot.entry
     with st.expander(f"Model card · {entry.name}", expanded=False, icon=":material/memory:"):
         st.caption(f"`{entry.id}` · architecture `{entry.arch}` · weights: {slot.weights_label}")
+        offsets = getattr(slot.model, "cam_offsets", None) or {}
+        if offsets:
+            moved = ", ".join(f"{layer} ({dy:+g}, {dx:+g}) px" for layer, (dy, dx) in offsets.items())
+            st.caption(f"Alignment measured for these weights (rows, columns): {moved}; used while "
+                       "*Align heatmaps* is on.")
         if entry.note:
             st.markdown(entry.note)
         with guard(f"Measuring {entry.name}"):
@@ -197,9 +204,13 @@ def demo_card_line(card: dict) -> str:
     for key in ("pointing_game", "pointing_game_layer3"):
         pointing = card.get(key) or {}
         if isinstance(pointing.get("hit_15px"), (int, float)):
-            strict = pointing.get("hit_strict")
+            notes = [f"strict {percent(pointing['hit_strict'])}"] if isinstance(pointing.get("hit_strict"),
+                                                                                  (int, float)) else []
+            plain = (card.get(f"{key}_unaligned") or {}).get("hit_15px")
+            if isinstance(plain, (int, float)):
+                notes.append(f"unaligned {percent(plain)}")
             facts.append(f"Grad-CAM pointing game at {pointing.get('layer', '?')} {percent(pointing['hit_15px'])}"
-                         + (f" (strict {percent(strict)})" if isinstance(strict, (int, float)) else ""))
+                         + (f" ({'; '.join(notes)})" if notes else ""))
     if card.get("train_minutes") is not None:
         facts.append(f"trained {card['train_minutes']} min on CPU")
     return "Demo card (from training): " + (" · ".join(facts) if facts else "no figures recorded") + \
