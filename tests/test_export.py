@@ -21,7 +21,7 @@ from PIL import Image
 
 import cams.engine
 from cams.export import MANIFEST_COLUMNS, ExportError, collect_inputs, run_export, safe_name, zip_directory
-from pfnet import PFResNet
+from pfnet import PFResNet, zoo
 from pfnet.preprocess import Preprocess
 
 CLASSES = [f"shape {i}" for i in range(10)]
@@ -426,6 +426,7 @@ def test_cli_export_with_a_weights_file(tmp_path, capsys, pfcam_cache):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(row["model"], row["layer"]) for row in manifest["rows"]] == [("demo_r50", "layer4")]
     assert manifest["settings"]["weights"] == {"demo_r50": str(weights)}
+    assert manifest["settings"]["models"]["demo_r50"]["cam_offsets"] == {}  # measured for the bundled weights only
     assert (out / manifest["rows"][0]["overlay"]).is_file()
 
     assert main(argv) == 0  # re-run: everything kept, still listed
@@ -466,6 +467,9 @@ def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(row["model"], row["layer"]) for row in manifest["rows"]] == [
         ("demo_r50", "layer3"), ("demo_r50", "layer4"), ("demo_r50_hybrid", "layer3"), ("demo_r50_hybrid", "layer4")]
+    for model_id in ("demo_r50", "demo_r50_hybrid"):  # drawn with the offsets measured for the bundled weights
+        recorded = {layer: list(offset) for layer, offset in zoo.get(model_id).cam_offsets.items() if any(offset)}
+        assert recorded and manifest["settings"]["models"][model_id]["cam_offsets"] == recorded
     grid_image = Image.open(out / manifest["rows"][0]["grid"])
     assert grid_image.height > 2 * 224  # two models: two rows
     assert "4 results computed" in capsys.readouterr().out
