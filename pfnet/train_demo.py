@@ -17,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -169,32 +170,49 @@ LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 EVAL_LAYERS = ("layer4", "layer3")
 CALIBRATION_SEED = TEST_SEED + 1  # bench-loc's validation stream: the alignment is chosen there, never on the test
 CALIBRATION_N = 300
+#: The offset is a property of the layer, not of the method: it is fitted from the peaks of each of these and
+#: recorded only where they agree (every fit within AGREEMENT_PX of the median, per axis).
+FIT_METHODS = ("gradcam", "gradcampp", "layercam")
+AGREEMENT_PX = 2.0
 
 
-def gradcam_maps(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, layer: str,
-                 offset: tuple[float, float] | None = None) -> np.ndarray:
-    """Grad-CAM heatmaps [N, H, W] of each image's ground-truth class (``cams.explain``: every class in one
-    gradient call, then the label's map), drawn with ``offset`` (None: the plain resize)."""
+def label_maps(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, layers: Sequence[str],
+               method: str = "gradcam", align: str | dict = "none") -> np.ndarray:
+    """Heatmaps [N, L, H, W] of each image's ground-truth class (``cams.explain``: every class in one gradient
+    call, then the label's maps)."""
     from cams.engine import explain  # the engine is above pfnet; imported only when scoring
 
-    align = {layer: offset} if offset is not None else "none"
-    result = explain(net, x, [layer], targets=list(range(len(CLASS_NAMES))), align=align)
-    return result.heatmaps[torch.arange(len(x)), labels, 0].numpy()
+    result = explain(net, x, list(layers), method=method, targets=list(range(len(CLASS_NAMES))), align=align)
+    return result.heatmaps[torch.arange(len(x)), labels].numpy()
 
 
-def fit_alignment(net: torch.nn.Module, size: int, layer: str = "layer4", n: int = CALIBRATION_N,
-                  seed: int = CALIBRATION_SEED, batch: int = 50) -> tuple[float, float]:
-    """The heatmap offset (dy, dx) for ``layer`` (``cams.align.fit_offset``), chosen on ``n`` scenes of the
-    validation stream from the unaligned Grad-CAM peaks of the ground-truth class."""
+def fit_alignment(net: torch.nn.Module, size: int, layers: Sequence[str] = EVAL_LAYERS, n: int = CALIBRATION_N,
+                  seed: int = CALIBRATION_SEED, batch: int = 50) -> dict[str, dict]:
+    """Per layer: the offset (dy, dx) fitted (``cams.align.fit_offset``) from the unaligned peaks of each of
+    :data:`FIT_METHODS` on ``n`` scenes of the validation stream, and ``offset``, their per-axis median when
+    all agree within :data:`AGREEMENT_PX`, else None (the layer is drawn unshifted)."""
     from cams.align import fit_offset, peak
 
-    peaks, masks = [], []
+    peaks = {method: {layer: [] for layer in layers} for method in FIT_METHODS}
+    masks = []
     net.eval()
     for lo in range(0, n, batch):
         x, y, scenes = scene_batch(seed, range(lo, min(lo + batch, n)), size)
-        peaks += [peak(m) for m in gradcam_maps(net, x, y, layer)]
         masks += [sc.mask for sc in scenes]
-    return fit_offset(peaks, masks, max_shift=LAYER_STRIDES[layer])
+        for method in FIT_METHODS:
+            maps = label_maps(net, x, y, layers, method)
+            for position, layer in enumerate(layers):
+                peaks[method][layer] += [peak(m) for m in maps[:, position]]
+    report = {}
+    for layer in layers:
+        fits = {method: fit_offset(peaks[method][layer], masks, max_shift=LAYER_STRIDES[layer])
+                for method in FIT_METHODS}
+        values = np.array(list(fits.values()))
+        median = np.median(values, axis=0)
+        agree = bool(np.all(np.abs(values - median) <= AGREEMENT_PX))
+        report[layer] = {"fits": {m: list(v) for m, v in fits.items()},
+                         "offset": [float(v) for v in median] if agree else None}
+    return report
 
 
 def pointing_game(net: torch.nn.Module, size: int, n: int = 500, seed: int = TEST_SEED, layer: str = "layer4",
@@ -210,7 +228,8 @@ def pointing_game(net: torch.nn.Module, size: int, n: int = 500, seed: int = TES
     net.eval()
     for lo in range(0, n, batch):
         x, y, scenes = scene_batch(seed, range(lo, min(lo + batch, n)), size)
-        for heatmap, sc in zip(gradcam_maps(net, x, y, layer, offset), scenes):
+        align = {layer: offset} if offset is not None else "none"
+        for heatmap, sc in zip(label_maps(net, x, y, [layer], "gradcam", align)[:, 0], scenes):
             dist = cv2.distanceTransform((~sc.mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
             flat += is_flat(heatmap)
             hits += hit(heatmap, mask=sc.mask)
@@ -230,13 +249,17 @@ def pointing_game(net: torch.nn.Module, size: int, n: int = 500, seed: int = TES
 
 
 def localization(net: torch.nn.Module, size: int) -> dict:
-    """The card's localization figures: per layer, the fitted offset and the pointing game with and without it."""
-    offsets = {layer: fit_alignment(net, size, layer) for layer in EVAL_LAYERS}
-    report = {"cam_offsets": {layer: list(offset) for layer, offset in offsets.items()}}
+    """The card's localization figures: the fitted offsets, and per layer the Grad-CAM pointing game drawn with
+    the recorded offset and unaligned."""
+    fits = fit_alignment(net, size)
+    offsets = {layer: fit["offset"] for layer, fit in fits.items() if fit["offset"] is not None}
+    report = {"cam_offsets": offsets, "cam_offset_fits": {layer: fit["fits"] for layer, fit in fits.items()}}
     for layer in EVAL_LAYERS:
         suffix = "" if layer == "layer4" else f"_{layer}"
-        report[f"pointing_game{suffix}"] = pointing_game(net, size, layer=layer, offset=offsets[layer])
-        report[f"pointing_game{suffix}_unaligned"] = pointing_game(net, size, layer=layer)
+        unaligned = pointing_game(net, size, layer=layer)
+        report[f"pointing_game{suffix}_unaligned"] = unaligned
+        report[f"pointing_game{suffix}"] = (pointing_game(net, size, layer=layer, offset=tuple(offsets[layer]))
+                                            if layer in offsets else unaligned)
     return report
 
 
@@ -275,10 +298,19 @@ Alignment (`cams.align`; the card's `cam_offsets`): a plain resize draws a layer
 stride-2 step of these ResNets (7x7 stem conv, 3x3 max-pool, strided 3x3 conv or max-pool, padded by half the
 kernel) centres output i on input 2*i, so a cell looks around 32*i and its heatmap is drawn up to 15.5 px down and
 right of it. Learned 3x3 convolutions can absorb part of that shift; parameter-free max-pools cannot. For each
-model and layer the offset is fitted on the validation stream (peaks of the ground-truth class's Grad-CAM to the
-object centres) and the card reports the pointing game on the test stream with and without it.
+model and layer the offset is fitted on the validation stream (unaligned peaks of the ground-truth class to the
+object centres) from Grad-CAM, Grad-CAM++ and LayerCAM separately (`cam_offset_fits`), and recorded only where the
+three agree within 2 px per axis; the card reports the pointing game on the test stream with and without it. At
+layer4 they agree for every model: about the geometric 15.5 px for R50-max, 13 px for R50-hybrid (its
+downsampling blocks average-pool 2x2, which is centred, before their conv) and 6-7 px for R50. At layer3 they do
+not (spreads of 4-9 px, many flat Grad-CAM maps), so layer3 is drawn unshifted.
 
-Recipe: AdamW, one-cycle on the wall clock, batch 32, progressive resizing (96 px then the final size), zero-init
+Input size: R50 and R50-hybrid at 128 px. R50-max at 160 px: at 128 its aligned pointing game was 0.79 (0.56
+unaligned; `--score-only` of the earlier 128-px weights), below the issue's 0.8, and a 5x5 layer-4 grid has a
+higher ceiling than 4x4. Two 160-px runs (seeds 0 and 1, 96 -> 128 -> 160 px) were trained; seed 0 is shipped,
+chosen on the validation stream (accuracy 0.974 vs 0.960, aligned pointing 0.853 vs 0.843 on stream 2023).
+
+Recipe: AdamW, one-cycle on the wall clock, batch 32, progressive resizing (96 px, 128 px, the final size), zero-init
 residual BN, channels-last, and a scene curriculum: colours go from plain greys (light on dark or dark on light, as
 each scene's own colours are) to the random colours while the clutter (gradient, noise, texture, distractors)
 ramps in, held back while the running train accuracy is below 0.8. No localization signal is used in training:
