@@ -14,7 +14,9 @@ How a call works (``explain``):
    stacked and sent in the same call with ``is_grads_batched=True``. No parameter ``.grad`` is touched and no
    weight gradient is computed.
 4. Per-method weighting (the maths of pytorch-grad-cam 1.5.x, done in torch), ReLU, per-map min-max,
-   bilinear upsampling to the input size and a second min-max, exactly as ``BaseCAM`` does for one layer.
+   bilinear upsampling to the input size and a second min-max, exactly as ``BaseCAM`` does for one layer;
+   where the model records an alignment offset for the layer (:mod:`cams.align`) the upsampled map is drawn
+   moved by it (``align="none"`` keeps pytorch-grad-cam's drawing).
 
 Score-CAM additionally runs the masked inputs (``batch_size`` at a time, under ``no_grad``); Eigen-CAM and CAM
 need no gradients at all.
