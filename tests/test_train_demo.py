@@ -1,0 +1,50 @@
+"""pfnet.train_demo's schedule and its --score-only door (the training itself is exercised by the shipped card)."""
+import json
+import shutil
+
+import pytest
+
+from pfnet import train_demo
+from pfnet.zoo import DEMO_DIR
+
+
+@pytest.mark.parametrize("size, phases", [
+    (128, [[0.3, 96], [1.0, 128]]),                  # the recipe the 128-px demo models were trained with
+    (160, [[0.3, 96], [0.75, 128], [1.0, 160]]),
+    (224, [[0.3, 96], [0.75, 128], [1.0, 224]]),
+])
+def test_size_schedule_ends_at_the_evaluation_size(size, phases):
+    assert train_demo._size_phases(size) == phases
+    assert train_demo.size_at(0.0, size) == 96 and train_demo.size_at(0.999, size) == size
+
+
+def test_score_only_refuses_weights_the_card_does_not_describe(tmp_path, capsys):
+    with pytest.raises(SystemExit) as missing:
+        train_demo.main(["--model", "r50", "--score-only", "--out", str(tmp_path)])
+    assert missing.value.code == 2 and "no card entry and weights for r50" in capsys.readouterr().err
+    card = DEMO_DIR / "demo_card.json"
+    if not card.is_file():
+        pytest.skip("bundled demo card not present")
+    shutil.copy(card, tmp_path / "demo_card.json")
+    (tmp_path / "demo_r50.safetensors").write_bytes(b"not the shipped file")
+    with pytest.raises(SystemExit) as changed:
+        train_demo.main(["--model", "r50", "--score-only", "--out", str(tmp_path)])
+    assert changed.value.code == 2 and "sha256 differs" in capsys.readouterr().err
+    assert json.loads((tmp_path / "demo_card.json").read_text()) == json.loads(card.read_text())  # untouched
+
+
+def test_card_offsets_are_recorded_only_where_the_fits_agree():
+    card_path = DEMO_DIR / "demo_card.json"
+    if not card_path.is_file():
+        pytest.skip("bundled demo card not present")
+    for name, entry in json.loads(card_path.read_text())["models"].items():
+        for layer, fits in entry["cam_offset_fits"].items():
+            assert set(fits) == set(train_demo.FIT_METHODS)
+            values = list(fits.values())
+            spread = max(max(abs(a[k] - b[k]) for a in values for b in values) for k in (0, 1))
+            if layer in entry["cam_offsets"]:
+                median = [sorted(v[k] for v in values)[1] for k in (0, 1)]
+                assert entry["cam_offsets"][layer] == median, (name, layer)
+                assert spread <= 2 * train_demo.AGREEMENT_PX
+            else:
+                assert spread > train_demo.AGREEMENT_PX, (name, layer)
