@@ -99,7 +99,7 @@ _SHAPES = _shapes()
 assert len(_SHAPES) == len(CLASS_NAMES)
 
 
-_NOISE_BANK: np.ndarray | None = None
+_NOISE_BANK: tuple[np.ndarray, np.ndarray] | None = None  # the bank and its transpose, both C-contiguous
 _BANK_SIDE = 1024
 
 
@@ -107,18 +107,26 @@ def _noise_patch(rng: np.random.Generator, size: int) -> np.ndarray:
     """[S, S, 3] unit Gaussian noise: a randomly offset window of a fixed bank (a per-pixel draw is slow)."""
     global _NOISE_BANK
     if _NOISE_BANK is None:
-        _NOISE_BANK = np.random.default_rng(0x0B5E55).standard_normal((_BANK_SIDE, _BANK_SIDE, 3),
-                                                                      dtype=np.float32)
+        bank = np.random.default_rng(0x0B5E55).standard_normal((_BANK_SIDE, _BANK_SIDE, 3), dtype=np.float32)
+        _NOISE_BANK = bank, np.ascontiguousarray(bank.transpose(1, 0, 2))
     if size > _BANK_SIDE:
         return rng.standard_normal((size, size, 3), dtype=np.float32)
     oy, ox = rng.integers(0, _BANK_SIDE - size + 1, 2)
     flip = int(rng.integers(0, 4))
-    patch = _NOISE_BANK[oy:oy + size, ox:ox + size]
-    return patch.transpose(1, 0, 2) if flip & 1 else patch
+    if flip & 1:  # the transposed window, read from the transposed bank (rows contiguous: faster to add)
+        return _NOISE_BANK[1][ox:ox + size, oy:oy + size]
+    return _NOISE_BANK[0][oy:oy + size, ox:ox + size]
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0, 255, 3)
+
+
+def _add_scaled(img: np.ndarray, plane: np.ndarray, colour: np.ndarray) -> None:
+    """``img += plane[..., None] * colour`` one channel at a time: the same float32 products and sums, about
+    four times faster than broadcasting over a last axis of 3."""
+    for channel in range(img.shape[-1]):
+        img[..., channel] += plane * colour[channel]
 
 
 def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> np.ndarray:
@@ -136,7 +144,7 @@ def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> np
     blob += c0.astype(np.float32)
     small = cv2.resize(blob, (max(4 * k, 8), max(4 * k, 8)), interpolation=cv2.INTER_CUBIC)
     img = cv2.resize(small, (s, s), interpolation=cv2.INTER_LINEAR)
-    img += ramp[..., None] * (clutter * (c1 - c0)).astype(np.float32)
+    _add_scaled(img, ramp, (clutter * (c1 - c0)).astype(np.float32))
     kind = int(rng.integers(0, 4))
     amp = rng.uniform(10, 40)
     phi, freq = rng.uniform(0, np.pi), rng.uniform(4, 14) * 2 * np.pi
@@ -150,7 +158,7 @@ def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> np
         tex = _noise_patch(rng, s)[..., 0]
     else:            # plain
         return img
-    img += tex.astype(np.float32)[..., None] * colour
+    _add_scaled(img, tex.astype(np.float32), colour)
     return img
 
 
@@ -239,8 +247,9 @@ def render_scene(seed: int, index: int, size: int = 160, *, draw_object: bool = 
         ax = (np.arange(x, x + w, dtype=np.float32) - np.float32(centre[0])) * np.float32(shade_dir[0])
         ay = (np.arange(y, y + h, dtype=np.float32) - np.float32(centre[1])) * np.float32(shade_dir[1])
         shade = (ay[:, None] + ax[None, :]) * np.float32(shade_amp / (diameter / 2))
-        fill = shade[..., None] + colour.astype(np.float32)
-        np.copyto(img[y:y + h, x:x + w], fill, where=mask[y:y + h, x:x + w, None])
+        inside = mask[y:y + h, x:x + w]
+        for channel, value in enumerate(np.broadcast_to(np.float32(colour), (3,))):
+            np.copyto(img[y:y + h, x:x + w, channel], shade + value, where=inside)
     img += np.float32(noise_sigma) * sensor
     image = np.clip(img, 0, 255, out=img).astype(np.uint8)
 
