@@ -159,4 +159,4 @@ if ready:
 
 # ------------------------------------------------------------------------------------------------------ export
 if sources and runnable:
-    export_panel(sources, runnable, layers_by_family, method, target, mode, colormap, opacity)
+    export_panel(sources, runnable, layers_by_family, method, target, mode, colormap, opacity, align)

@@ -96,7 +96,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                method: str = "gradcam", topk: int = 1, batch_size: int = 8, mode: str = "full",
                colormap: str = "jet", opacity: float = 0.5, overwrite: bool = False,
                progress: Progress | None = None, *, cell_size: int = GRID_CELL, max_bytes: int = DEFAULT_MAX_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None) -> ExportReport:
+               max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
+               align: str = "model") -> ExportReport:
     """Explain every image with every model and write the layout described in this module's docstring.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -106,15 +107,18 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     skipped for that model. Images go through ``batch_size`` at a time, one ``cams.explain`` call per batch and
     model (all layers and top-``topk`` targets at once). ``progress(done, total, message)`` counts image x model
     steps. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
+    ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
     Raises ``ExportError`` for bad settings or an output folder that cannot be used.
     """
     _validate(method, topk, batch_size, mode, colormap, opacity)
+    if align not in ("model", "none"):
+        raise ExportError(f"align must be 'model' or 'none', got {align!r}")
     started = _now()
     root = _check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root)
     items, scan_skipped = collect_inputs(sources, exclude=root)
     report.skipped.extend(scan_skipped)
-    plans = _plans(models, layers, topk, report.warnings.append)
+    plans = _plans(models, layers, topk, report.warnings.append, align)
     if not models:
         report.warnings.append("no model to run")
     run = _Run(root, plans, method, mode, colormap, opacity, overwrite, batch_size, cell_size, report)
@@ -168,6 +172,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     settings = {"models": {plan.id: {"name": plan.label, "layers": plan.layers, "input_size": plan.input_size,
                                      "topk": plan.topk, "cam_offsets": plan.cam_offsets} for plan in plans},
                 "method": method, "topk": topk, "batch_size": batch_size, "mode": mode, "colormap": colormap,
+                "align": align,
                 "opacity": float(opacity), "overwrite": bool(overwrite),
                 "heatmap_npy": "float32 [S, S] in [0, 1] at the network input resolution S, covering crop_box "
                                "(left, top, right, bottom) of the original image in its pixels",
@@ -286,6 +291,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--opacity", type=_probability, default=0.5,
                         help="heatmap opacity in the overlays, 0..1 (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing outputs")
+    parser.add_argument("--align", choices=("model", "none"), default="model",
+                        help="draw heatmaps with each model's measured offset (default) or the plain resize (none)")
     parser.set_defaults(handler=export_command)
     return parser
 
@@ -324,7 +331,7 @@ def export_command(args: argparse.Namespace) -> int:
             report = run_export(args.inputs, args.out, models, layers=args.layers, method=args.method,
                                 topk=args.topk, batch_size=args.batch_size, mode=args.mode, colormap=args.colormap,
                                 opacity=args.opacity, overwrite=args.overwrite, progress=progress,
-                                extra_settings={"weights": weights, "device": args.device})
+                                extra_settings={"weights": weights, "device": args.device}, align=args.align)
         except ExportError as exc:
             log(f"error: {exc}")
             return 2

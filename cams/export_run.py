@@ -34,6 +34,7 @@ class _Plan:
     layers: list[str]
     class_names: list[str] | None
     topk: int
+    align: str = "model"  # cams.explain's align: "model" (the model's recorded offsets) or "none"
 
     @property
     def input_size(self) -> int:
@@ -42,8 +43,8 @@ class _Plan:
     @property
     def cam_offsets(self) -> dict[str, list[float]]:
         """The non-zero heatmap alignment offsets (dy, dx) the engine draws these layers with."""
-        return {layer: list(offset) for layer, offset in zip(self.layers, layer_offsets(self.model, self.layers))
-                if any(offset)}
+        return {layer: list(offset) for layer, offset in
+                zip(self.layers, layer_offsets(self.model, self.layers, self.align)) if any(offset)}
 
 
 def _requested_layers(layers: Any, model_id: str, family: str | None) -> Sequence[str] | None:
@@ -55,7 +56,8 @@ def _requested_layers(layers: Any, model_id: str, family: str | None) -> Sequenc
     return list(layers)
 
 
-def _plans(models: Mapping[str, tuple[Any, Any]], layers: Any, topk: int, warn: Callable[[str], None]) -> list[_Plan]:
+def _plans(models: Mapping[str, tuple[Any, Any]], layers: Any, topk: int, warn: Callable[[str], None],
+           align: str = "model") -> list[_Plan]:
     from cams.layers import LayerError, default_layers, family_of, layer_names
 
     plans: list[_Plan] = []
@@ -94,7 +96,7 @@ def _plans(models: Mapping[str, tuple[Any, Any]], layers: Any, topk: int, warn: 
         if folder in folders:
             folder = f"{folder}-{_short_hash(model_id)}"
         folders.add(folder)
-        plans.append(_Plan(model_id, folder, str(label), model, entry, chosen, class_names, k))
+        plans.append(_Plan(model_id, folder, str(label), model, entry, chosen, class_names, k, align))
     return plans
 
 
@@ -179,7 +181,7 @@ class _Run:
                 images = [batch[index][1] for index in need]
                 tensor, boxes = prepare_batch(images, plan.entry.preprocess, self.mode)
                 try:
-                    explanation = explain(plan.model, tensor, plan.layers, self.method, targets=plan.topk,
+                    explanation = explain(plan.model, tensor, plan.layers, self.method, targets=plan.topk, align=plan.align,
                                           class_names=plan.class_names, batch_size=self.batch_size)
                 except (PfnetError, ValueError, RuntimeError) as exc:
                     names = ", ".join(batch[index][0].label for index in need)

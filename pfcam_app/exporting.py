@@ -21,7 +21,8 @@ def _signature(sources: list[Source], slots: list[Slot], *settings: Any) -> str:
 
 
 def _export(out_dir: Path, sources: list[Source], slots: list[Slot], layers_by_family: dict[str, list[str]],
-            method: str, target: tuple, mode: str, colormap: str, opacity: float, overwrite: bool) -> Any:
+            method: str, target: tuple, mode: str, colormap: str, opacity: float, overwrite: bool,
+            align: str = "model") -> Any:
     from cams.export import run_export
 
     bar = st.progress(0.0, text="Exporting…")
@@ -35,7 +36,7 @@ def _export(out_dir: Path, sources: list[Source], slots: list[Slot], layers_by_f
         sources=[(s.name, s.data) for s in sources if not s.refused], out_dir=out_dir,
         models={slot.id: (slot.model, slot.entry) for slot in slots}, layers=layers, method=method,
         topk=int(target[1]) if target[0] == "top" else 1, batch_size=8, mode=mode, colormap=colormap,
-        opacity=opacity, overwrite=overwrite, progress=progress)
+        opacity=opacity, overwrite=overwrite, progress=progress, align=align)
     bar.empty()
     return report
 
@@ -52,7 +53,7 @@ def _problems(report: Any) -> None:
 
 
 def export_panel(sources: list[Source], slots: list[Slot], layers_by_family: dict[str, list[str]], method: str,
-                 target: tuple, mode: str, colormap: str, opacity: float) -> None:
+                 target: tuple, mode: str, colormap: str, opacity: float, align: str = "model") -> None:
     st.header("Export", anchor=False)
     try:
         from cams.export import zip_directory  # noqa: F401
@@ -64,7 +65,7 @@ def export_panel(sources: list[Source], slots: list[Slot], layers_by_family: dic
                    f"the class picked in the sidebar ('{target[1]}') applies to the page only.")
     st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `python -m cams export`.")
     settings = (tuple(sorted((k, tuple(v)) for k, v in layers_by_family.items())), method, target, mode, colormap,
-                round(opacity, 3))
+                round(opacity, 3), align)
     signature = _signature(sources, slots, *settings)
     zip_col, folder_col = st.columns(2, gap="large")
     with zip_col:
@@ -76,7 +77,7 @@ def export_panel(sources: list[Source], slots: list[Slot], layers_by_family: dic
                 with tempfile.TemporaryDirectory(prefix="pfcam_zip_") as tmp:
                     out_dir = Path(tmp) / "pfcam_export"
                     report = _export(out_dir, sources, slots, layers_by_family, method, target, mode, colormap,
-                                     opacity, overwrite=True)
+                                     opacity, overwrite=True, align=align)
                     st.session_state["_zip"] = (signature, zip_directory(out_dir))
                 _problems(report)
             except Exception as exc:  # noqa: BLE001
@@ -94,7 +95,7 @@ def export_panel(sources: list[Source], slots: list[Slot], layers_by_family: dic
             try:
                 out_dir = Path(folder).expanduser()
                 report = _export(out_dir, sources, slots, layers_by_family, method, target, mode, colormap,
-                                 opacity, overwrite=overwrite)
+                                 opacity, overwrite=overwrite, align=align)
                 (st.success if report.ok else st.warning)(_summary(report), icon=":material/check:")
                 _problems(report)
             except Exception as exc:  # noqa: BLE001

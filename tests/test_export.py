@@ -473,3 +473,18 @@ def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
     grid_image = Image.open(out / manifest["rows"][0]["grid"])
     assert grid_image.height > 2 * 224  # two models: two rows
     assert "4 results computed" in capsys.readouterr().out
+
+    # --align none: the plain resize; recorded as such, and the aligned outputs are not reused for it
+    plain = tmp_path / "plain"
+    assert main(["export", str(example), "--out", str(plain), "--models", "demo_r50", "--device", "cpu",
+                 "--align", "none"]) == 0
+    settings = json.loads((plain / "manifest.json").read_text())["settings"]
+    assert settings["align"] == "none" and settings["models"]["demo_r50"]["cam_offsets"] == {}
+    aligned_npy = np.load(out / manifest["rows"][1]["heatmap"])   # demo_r50 layer4, aligned
+    plain_rows = json.loads((plain / "manifest.json").read_text())["rows"]
+    plain_npy = np.load(plain / plain_rows[1]["heatmap"])
+    assert plain_rows[1]["layer"] == "layer4" and not np.allclose(aligned_npy, plain_npy)
+    assert main(["export", str(example), "--out", str(out), "--models", "demo_r50", "--device", "cpu",
+                 "--align", "none"]) == 0
+    rerun = json.loads((out / "manifest.json").read_text())["rows"]
+    assert {row["status"] for row in rerun} == {"stale"}  # made with other settings: kept, flagged
