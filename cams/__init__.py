@@ -1,6 +1,6 @@
 """pfcam's CAM workbench: explainable layers of the pfnet models and the one-pass CAM engine.
 
-``cams.explain(model, images, layers, method, targets, class_names, batch_size) -> Explanation``; the other
+``cams.explain(model, images, layers, method, targets, class_names, batch_size, align) -> Explanation``; the other
 modules (``cams.images``, ``cams.render``, ``cams.export``, ``cams.metrics``) are imported on their own.
 """
 from cams.engine import GRADIENT_METHODS, METHODS, Explanation, MethodError, TargetError, explain, normalise

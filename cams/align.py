@@ -45,20 +45,46 @@ def layer_offsets(model, layers: Sequence[str], align: str | Mapping[str, Sequen
     """The ``(dy, dx)`` shift, in input pixels, for each of ``layers``.
 
     ``align``: "model" (the model's recorded ``cam_offsets``, none for layers it does not list), "none", or a
-    mapping layer -> (dy, dx) for the layers it lists.
+    mapping layer -> (dy, dx). Layer names may be aliases (``layer4`` and ``layer4.2`` are the same tensor on a
+    ResNet); a mapping that names a layer the model does not have is refused (``LayerError``).
     """
     if isinstance(align, str):
         if align not in ALIGN_MODES:
             raise AlignError(f"align must be one of {ALIGN_MODES} or a mapping layer -> (dy, dx); got {align!r}")
-        table = getattr(model, "cam_offsets", None) if align == "model" else None
-    else:
+        if align == "none":
+            return [NO_OFFSET] * len(layers)
+        table = getattr(model, "cam_offsets", None)
+        table = table if isinstance(table, Mapping) else {}
+    elif isinstance(align, Mapping):
         table = align
-    table = table if isinstance(table, Mapping) else {}
-    offsets = []
-    for layer in layers:
-        key = layer if layer in table else canonical(model, layer)
-        offsets.append(_check_offset(layer, table[key]) if key in table else NO_OFFSET)
-    return offsets
+    else:
+        raise AlignError(f"align must be one of {ALIGN_MODES} or a mapping layer -> (dy, dx); "
+                         f"got {type(align).__name__} {align!r}")
+    by_layer = {canonical(model, str(key)): _check_offset(str(key), value) for key, value in table.items()}
+    return [by_layer.get(canonical(model, layer), NO_OFFSET) for layer in layers]
+
+
+def layer_strides(model, layers: Sequence[str], input_hw: tuple[int, int]) -> list[int]:
+    """Input pixels per cell (rows) of each layer at this input size, from one forward pass of a blank image:
+    the largest offset worth searching is one cell."""
+    import torch
+
+    from cams.layers import resolve, to_grid
+
+    heights: dict[str, int] = {}
+    handles = [resolve(model, name).register_forward_hook(
+        lambda module, inputs, output, name=name: heights.__setitem__(
+            name, int(to_grid(model, name, output, input_hw).shape[-2])))
+        for name in layers]
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else "cpu"
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_hw, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [max(1, round(input_hw[0] / heights[name])) for name in layers]
 
 
 def sampling_grid(size: tuple[int, int], offset: Offset):
@@ -129,10 +155,16 @@ def fit_offset(peaks: Sequence[tuple[int, int] | None], regions: Sequence[np.nda
 
 
 def shift_heatmap(heatmap: np.ndarray, offset: Offset) -> np.ndarray:
-    """A heatmap in [0, 1] drawn moved by a whole-pixel ``offset``, edges replicated, min-max again: for a
+    """A 2-D heatmap in [0, 1] drawn moved by a whole-pixel ``offset``, edges replicated, min-max again: for a
     heatmap from ``cams.explain(align="none")`` this is exactly what ``align={layer: offset}`` draws."""
     heatmap = np.asarray(heatmap, dtype=np.float32)
-    dy, dx = (int(round(v)) for v in offset)
+    if heatmap.ndim != 2:
+        raise AlignError(f"expected a 2-D heatmap [H, W]; got shape {heatmap.shape}")
+    dy, dx = _check_offset("heatmap", offset)
+    if dy != round(dy) or dx != round(dx):
+        raise AlignError(f"shift_heatmap moves by whole pixels; got {offset!r} (use cams.explain(align=...) for "
+                         "fractional offsets)")
+    dy, dx = int(dy), int(dx)
     if (dy, dx) == (0, 0):
         return heatmap
     height, width = heatmap.shape

@@ -51,6 +51,7 @@ from typing import Callable, Sequence, TextIO
 import torch
 
 from cams import metrics as M
+from cams.align import ALIGN_MODES
 # The data and the scoring live in cams/loc_data.py and cams/loc_scoring.py; re-exported here.
 from cams.loc_data import (CSV_NAME, MAX_ANNOTATION_BYTES, TEST_SEED, TRAIN_SEED, Annotation, BenchError,  # noqa: F401
                            Sample, Split, data_splits, read_annotations, read_boxes_csv, read_voc, scene_split)
@@ -118,7 +119,7 @@ def format_markdown(rows: Sequence[Row], caption: str) -> str:
 
 CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "flat_heatmaps",
               "offset_dy", "offset_dx"]
-ALIGN_CHOICES = ("model", "none", "fit")
+ALIGN_CHOICES = (*ALIGN_MODES, "fit")
 
 
 def write_csv(rows: Sequence[Row], path: str | Path) -> None:

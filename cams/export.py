@@ -27,8 +27,9 @@ Manifest rows: ``manifest.csv`` has exactly the columns ``MANIFEST_COLUMNS``::
 ``image`` is the input as given (path or upload name), ``image_dir`` its folder, ``rank`` the target rank
 (1 = top class), ``probability`` the softmax probability of ``class_id``, ``overlay``/``heatmap``/``grid`` paths
 relative to ``OUT`` (POSIX separators), ``status`` ``computed`` (written by this run), ``existing`` (kept from an
-earlier run) or ``stale`` (kept from an earlier run made with other mode/colormap/opacity/input size: pass
-``overwrite=True`` to redo it). ``manifest.json["rows"]`` has the same keys plus ``crop_box`` ([left, top,
+earlier run) or ``stale`` (kept from an earlier run made with other mode/colormap/opacity/input size/heatmap
+alignment: the files on disk are the earlier ones; pass ``overwrite=True`` to redo them).
+``manifest.json["rows"]`` has the same keys plus ``crop_box`` ([left, top,
 right, bottom] in the original's pixels) and ``input_size`` (S). ``manifest.json`` also holds ``format``,
 ``versions`` (pfcam, python, torch, timm, pillow, numpy), ``settings``, ``started_at``/``finished_at`` (UTC,
 ISO 8601), ``columns``, ``images`` (every readable or bad input, with size or reason), ``skipped`` (bad and
@@ -54,6 +55,7 @@ from PIL import Image
 
 # Inputs and names, safe writing and manifests, and the per-batch work live in cams/export_inputs.py,
 # cams/export_files.py and cams/export_run.py; re-exported here.
+from cams.align import ALIGN_MODES
 from cams.export_files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError,  # noqa: F401
                                ExportReport, _check_out_dir, _now, _versions, _write_manifests)
 from cams.export_inputs import STEM_CHARS, InputItem, UploadSource, collect_inputs, safe_name  # noqa: F401
@@ -111,8 +113,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     Raises ``ExportError`` for bad settings or an output folder that cannot be used.
     """
     _validate(method, topk, batch_size, mode, colormap, opacity)
-    if align not in ("model", "none"):
-        raise ExportError(f"align must be 'model' or 'none', got {align!r}")
+    if align not in ALIGN_MODES:
+        raise ExportError(f"align must be one of {', '.join(ALIGN_MODES)}; got {align!r}")
     started = _now()
     root = _check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root)
@@ -291,7 +293,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--opacity", type=_probability, default=0.5,
                         help="heatmap opacity in the overlays, 0..1 (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing outputs")
-    parser.add_argument("--align", choices=("model", "none"), default="model",
+    parser.add_argument("--align", choices=ALIGN_MODES, default="model",
                         help="draw heatmaps with each model's measured offset (default) or the plain resize (none)")
     parser.set_defaults(handler=export_command)
     return parser

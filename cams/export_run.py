@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,16 +35,11 @@ class _Plan:
     class_names: list[str] | None
     topk: int
     align: str = "model"  # cams.explain's align: "model" (the model's recorded offsets) or "none"
+    cam_offsets: dict[str, list[float]] = field(default_factory=dict)  # the non-zero offsets explain draws with
 
     @property
     def input_size(self) -> int:
         return int(self.entry.preprocess.input_size)
-
-    @property
-    def cam_offsets(self) -> dict[str, list[float]]:
-        """The non-zero heatmap alignment offsets (dy, dx) the engine draws these layers with."""
-        return {layer: list(offset) for layer, offset in
-                zip(self.layers, layer_offsets(self.model, self.layers, self.align)) if any(offset)}
 
 
 def _requested_layers(layers: Any, model_id: str, family: str | None) -> Sequence[str] | None:
@@ -96,7 +91,9 @@ def _plans(models: Mapping[str, tuple[Any, Any]], layers: Any, topk: int, warn: 
         if folder in folders:
             folder = f"{folder}-{_short_hash(model_id)}"
         folders.add(folder)
-        plans.append(_Plan(model_id, folder, str(label), model, entry, chosen, class_names, k, align))
+        offsets = {layer: list(offset) for layer, offset in zip(chosen, layer_offsets(model, chosen, align))
+                   if any(offset)}
+        plans.append(_Plan(model_id, folder, str(label), model, entry, chosen, class_names, k, align, offsets))
     return plans
 
 
@@ -181,7 +178,8 @@ class _Run:
                 images = [batch[index][1] for index in need]
                 tensor, boxes = prepare_batch(images, plan.entry.preprocess, self.mode)
                 try:
-                    explanation = explain(plan.model, tensor, plan.layers, self.method, targets=plan.topk, align=plan.align,
+                    explanation = explain(plan.model, tensor, plan.layers, self.method, targets=plan.topk,
+                                          align=plan.align,
                                           class_names=plan.class_names, batch_size=self.batch_size)
                 except (PfnetError, ValueError, RuntimeError) as exc:
                     names = ", ".join(batch[index][0].label for index in need)

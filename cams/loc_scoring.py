@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cams import metrics as M
-from cams.align import NO_OFFSET, fit_offset, layer_offsets, peak, shift_heatmap
+from cams.align import NO_OFFSET, fit_offset, layer_offsets, layer_strides, peak, shift_heatmap
 from cams.loc_data import TEST_SEED, Sample, Split
 
 
@@ -143,12 +143,16 @@ def _choose(maps: list[np.ndarray], split: Split, opts: Options) -> float:
     return M.choose_threshold(maps, [s.boxes for s in split.samples], opts.candidates)
 
 
-def _fit_offsets(val_maps: list[list[np.ndarray]], val: Split) -> list[tuple[float, float]]:
-    """Per layer, the offset that brings the validation heatmap peaks closest to the objects' centres."""
+def _fit_offsets(val_maps: list[list[np.ndarray]], val: Split, strides: Sequence[int]) -> list[tuple[float, float]]:
+    """Per layer, the offset (at most one cell) that brings the validation peaks closest to the objects' centres."""
     regions = [M.object_mask((val.size, val.size), box=s.boxes, mask=s.mask) for s in val.samples]
-    keep = [i for i, region in enumerate(regions) if region.any()]
-    return [fit_offset([peak(maps[i]) for i in keep], [regions[i] for i in keep], max_shift=val.size // 4)
-            if any(peak(maps[i]) is not None for i in keep) else NO_OFFSET for maps in val_maps]
+    offsets = []
+    for maps, stride in zip(val_maps, strides):
+        pairs = [(peak(m), region) for m, region in zip(maps, regions) if region.any()]
+        pairs = [(point, region) for point, region in pairs if point is not None]
+        offsets.append(fit_offset([p for p, _ in pairs], [r for _, r in pairs], max_shift=stride)
+                       if pairs else NO_OFFSET)
+    return offsets
 
 
 def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split | None, test: Split,
@@ -184,7 +188,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
                 for position in range(len(opts.layers)):
                     val_maps[position].extend(maps[:, position])
             if opts.align == "fit":
-                offsets = _fit_offsets(val_maps, val)
+                offsets = _fit_offsets(val_maps, val, layer_strides(model, opts.layers, (val.size, val.size)))
                 val_maps = [[shift_heatmap(m, offsets[p]) for m in val_maps[p]] for p in range(len(opts.layers))]
                 log(f"{model_id} {method}: fitted offsets " + ", ".join(
                     f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))

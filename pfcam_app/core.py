@@ -2,7 +2,8 @@
 
 Everything here is glue between Streamlit and the pfnet/cams functions: no model or CAM maths.
 Models are loaded once per process (``st.cache_resource``, shared by every session; the engine is thread-safe);
-CAM results are cached (``st.cache_data``) by (image hash, model, weights identity, layers, method, target, mode),
+CAM results are cached (``st.cache_data``) by (image hash, model, weights identity, layers, method, target, mode,
+alignment),
 so changing the colormap or the opacity only re-renders.
 """
 from __future__ import annotations

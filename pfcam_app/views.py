@@ -59,20 +59,24 @@ def percent(value: float) -> str:
 
 
 def scene_scores(source: Source, heatmap: np.ndarray, crop_box: tuple, image_size: tuple[int, int]) -> str:
-    """Pointing-game hit and energy in the ground-truth region, in the heatmap's (network input) geometry."""
+    """Pointing-game hit and energy in the ground-truth region, in the heatmap's (network input) geometry: the
+    scene's mask (resized to the input when the model's input size differs) for the pointing game, its box for
+    the energy, as bench-loc scores them."""
+    import cv2
+
     from cams import metrics
 
     height, width = heatmap.shape
-    aligned = tuple(image_size) == (width, height) and tuple(round(v) for v in crop_box) == (0, 0, width, height)
-    if aligned and source.mask is not None:
-        hit = metrics.pointing_game(heatmap, mask=source.mask)
-        energy = metrics.energy_in_box(heatmap, box=source.box)
-    else:
-        box = metrics.map_box(source.box, crop_box, (width, height))
-        if box is None:
-            return "object outside the crop"
-        hit = metrics.pointing_game(heatmap, box=box)
-        energy = metrics.energy_in_box(heatmap, box=box)
+    box = metrics.map_box(source.box, crop_box, (width, height))
+    if box is None:
+        return "object outside the crop"
+    mask = None
+    if source.mask is not None and tuple(round(v) for v in crop_box) == (0, 0, *image_size):
+        mask = source.mask if source.mask.shape == (height, width) else cv2.resize(
+            source.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    hit = metrics.pointing_game(heatmap, mask=mask) if mask is not None and mask.any() else \
+        metrics.pointing_game(heatmap, box=box)
+    energy = metrics.energy_in_box(heatmap, box=box)
     return f"pointing {'hit ✓' if hit else 'miss ✗'} · energy in box {percent(energy)}"
 
 

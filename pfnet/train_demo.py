@@ -165,8 +165,6 @@ def accuracy(net: torch.nn.Module, size: int, n: int = 1000, seed: int = TEST_SE
     return correct / n
 
 
-#: Output stride of each ResNet stage: the largest alignment offset searched is one cell.
-LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 EVAL_LAYERS = ("layer4", "layer3")
 CALIBRATION_SEED = TEST_SEED + 1  # bench-loc's validation stream: the alignment is chosen there, never on the test
 CALIBRATION_N = 300
@@ -191,7 +189,7 @@ def fit_alignment(net: torch.nn.Module, size: int, layers: Sequence[str] = EVAL_
     """Per layer: the offset (dy, dx) fitted (``cams.align.fit_offset``) from the unaligned peaks of each of
     :data:`FIT_METHODS` on ``n`` scenes of the validation stream, and ``offset``, their per-axis median when
     all agree within :data:`AGREEMENT_PX`, else None (the layer is drawn unshifted)."""
-    from cams.align import fit_offset, peak
+    from cams.align import fit_offset, layer_strides, peak
 
     peaks = {method: {layer: [] for layer in layers} for method in FIT_METHODS}
     masks = []
@@ -204,9 +202,8 @@ def fit_alignment(net: torch.nn.Module, size: int, layers: Sequence[str] = EVAL_
             for position, layer in enumerate(layers):
                 peaks[method][layer] += [peak(m) for m in maps[:, position]]
     report = {}
-    for layer in layers:
-        fits = {method: fit_offset(peaks[method][layer], masks, max_shift=LAYER_STRIDES[layer])
-                for method in FIT_METHODS}
+    for layer, stride in zip(layers, layer_strides(net, layers, (size, size))):  # search at most one cell
+        fits = {method: fit_offset(peaks[method][layer], masks, max_shift=stride) for method in FIT_METHODS}
         values = np.array(list(fits.values()))
         median = np.median(values, axis=0)
         agree = bool(np.all(np.abs(values - median) <= AGREEMENT_PX))
@@ -358,7 +355,8 @@ def write_card(out: Path, card: dict) -> None:
               ""]
     for name, m in models.items():
         lines.append(f"- {name}: `{m['file']}` ({m['arch']}), sha256 `{m['sha256']}`, recipe "
-                     f"{json.dumps(m['recipe'])}, seed {m['seed']}, trained {m['date']}, scored {m.get('scored', m['date'])}")
+                     f"{json.dumps(m['recipe'])}, seed {m['seed']}, trained {m['date']}, "
+                     f"scored {m.get('scored', m['date'])}")
     lines += ["", "## Notes", "", card.get("notes", NOTES).rstrip(), ""]
     (out / "DEMO_CARD.md").write_text("\n".join(lines))
 

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 import pfnet
 from cams import explain
-from cams.align import AlignError, fit_offset, layer_offsets, peak, sampling_grid
+from cams import metrics
+from cams.align import AlignError, fit_offset, layer_offsets, layer_strides, peak, sampling_grid, shift_heatmap
+from cams.layers import LayerError
 from cams.engine import normalise
 from pfnet import zoo
 
@@ -83,8 +85,8 @@ def test_normalise_draws_the_map_moved_by_the_offset_with_edges_replicated(offse
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = pfnet.resnet.PFResNet("max", num_classes=4, width_mult=0.125).eval()
-    return model
+    torch.manual_seed(0)
+    return pfnet.resnet.PFResNet("max", num_classes=4, width_mult=0.125).eval()
 
 
 def test_explain_uses_the_models_offsets_unless_told_otherwise(tiny):
@@ -99,24 +101,46 @@ def test_explain_uses_the_models_offsets_unless_told_otherwise(tiny):
         assert torch.equal(aligned[:, :, 0], plain[:, :, 0])
         rows = np.clip(np.arange(64) + 15, 0, 63)
         cols = np.clip(np.arange(64) + 16, 0, 63)
+        assert all(not metrics.is_flat(plain[n, 0, 1].numpy()) for n in range(2))  # something to move
         for n in range(2):
             want = plain[n, 0, 1].numpy()[rows[:, None], cols[None, :]]
             if want.max() > want.min():
                 want = (want - want.min()) / (want.max() - want.min())
             assert np.allclose(aligned[n, 0, 1].numpy(), want, atol=1e-4)
         assert torch.equal(explain(tiny, images, ["layer4"], align="none").heatmaps[:, :, 0], plain[:, :, 1])
-        # the same tensor under a longer name gets the same offset
+        # the same tensor under a longer name gets the same offset, whichever name the mapping uses
         assert layer_offsets(tiny, ["layer4.2"]) == [(-15.0, -16.0)]
         assert layer_offsets(tiny, ["layer4"], {"layer4": [1, 2]}) == [(1.0, 2.0)]
+        assert layer_offsets(tiny, ["layer4"], {"layer4.2": [1, 2]}) == [(1.0, 2.0)]
     finally:
         del tiny.cam_offsets
 
 
-@pytest.mark.parametrize("align, message", [("rf", "align must be one of"), ({"layer4": (1,)}, "pair"),
+@pytest.mark.parametrize("align, message", [("rf", "align must be one of"), (None, "align must be one of"),
+                                            (True, "align must be one of"), ({"layer4": (1,)}, "pair"),
                                             ({"layer4": (float("nan"), 0)}, "finite")])
 def test_bad_alignment_is_refused_clearly(tiny, align, message):
     with pytest.raises(AlignError, match=message):
         explain(tiny, torch.randn(1, 3, 64, 64), ["layer4"], align=align)
+
+
+def test_an_offset_for_a_layer_the_model_lacks_is_refused(tiny):
+    with pytest.raises(LayerError, match="unknown layer 'layer5'"):
+        explain(tiny, torch.randn(1, 3, 64, 64), ["layer4"], align={"layer5": (1, 1)})
+
+
+def test_layer_strides_come_from_the_network():
+    model = pfnet.resnet.PFResNet("conv", num_classes=4, width_mult=0.125).eval()
+    assert layer_strides(model, ["layer1", "layer3", "layer4.2"], (128, 96)) == [4, 16, 32]
+
+
+def test_shift_heatmap_refuses_what_it_cannot_draw_exactly():
+    with pytest.raises(AlignError, match="whole pixels"):
+        shift_heatmap(np.eye(8, dtype=np.float32), (0.4, 0))
+    with pytest.raises(AlignError, match="2-D"):
+        shift_heatmap(np.zeros(8, np.float32), (1, 1))
+    moved = shift_heatmap(np.eye(8, dtype=np.float32), (2, 0))
+    assert moved[4, 2] == 1.0 and moved[2, 2] == 0.0 and moved[0, 0] == 1.0  # edge rows replicated
 
 
 def test_demo_models_carry_their_fitted_offsets_only_with_their_own_weights():

@@ -388,3 +388,22 @@ def test_download_button_fetches_with_progress_and_the_model_loads(pfcam_cache, 
         assert len(errors) == 1 and "HTTP 404" in errors[0] and "R50" in errors[0]
     finally:
         server.shutdown()
+
+
+def test_scene_scores_use_the_mask_at_any_model_input_size():
+    """A 160-px scene scored for a 128-px model: the mask is resized, not replaced by the box."""
+    from pfcam_app.core import Source
+    from pfcam_app.views import scene_scores
+
+    mask = np.zeros((160, 160), bool)
+    yy, xx = np.mgrid[:160, :160]
+    mask[(yy - 80) ** 2 + (xx - 100) ** 2 <= 40 ** 2] = True  # a disc; its box corners are off the object
+    source = Source("scene.png", b"", "d", kind="scene", box=(60, 40, 141, 121), mask=mask, label="circle")
+    heat = np.zeros((128, 128), np.float32)
+    heat[64, 80] = 1.0  # the disc's centre at 128 px
+    assert scene_scores(source, heat, (0, 0, 160, 160), (160, 160)).startswith("pointing hit ✓")
+    corner = np.zeros((128, 128), np.float32)
+    corner[33, 49] = 1.0  # the box's corner at 128 px: 13 px from the disc (tolerance 8.6), a box would say hit
+    assert scene_scores(source, corner, (0, 0, 160, 160), (160, 160)).startswith("pointing miss ✗")
+    cropped = scene_scores(source, heat, (20, 20, 140, 140), (160, 160))  # centre crop: box geometry only
+    assert cropped.startswith("pointing ") and "energy in box" in cropped

@@ -289,7 +289,8 @@ def test_align_modes_record_the_offsets_they_used(tiny_zoo, tmp_path: Path, caps
         out, err = capsys.readouterr()
         results[mode] = (_csv_rows(path), out, err)
     recorded, out, _ = results["model"]
-    assert (recorded[("layer4", "gradcam")]["offset_dy"], recorded[("layer4", "gradcam")]["offset_dx"]) == ("-15", "-16")
+    layer4 = recorded[("layer4", "gradcam")]
+    assert (layer4["offset_dy"], layer4["offset_dx"]) == ("-15", "-16")
     assert recorded[("layer3", "gradcam")]["offset_dy"] == "0"
     assert "recorded alignment offset (cams.align): " + TINY in " ".join(out.split())
     plain, out, _ = results["none"]
@@ -297,8 +298,9 @@ def test_align_modes_record_the_offsets_they_used(tiny_zoo, tmp_path: Path, caps
     assert "plain bilinear resize" in out
     fitted, out, err = results["fit"]
     assert "fitted offsets layer3 (" in err and "fitted per model x layer x method" in " ".join(out.split())
-    for row in fitted.values():
-        assert abs(float(row["offset_dy"])) <= 16 and abs(float(row["offset_dx"])) <= 16  # size // 4 at 64 px
+    for (layer, _), row in fitted.items():  # at most one cell: 16 px at layer3, 32 at layer4
+        cell = {"layer3": 16, "layer4": 32}[layer]
+        assert abs(float(row["offset_dy"])) <= cell and abs(float(row["offset_dx"])) <= cell
     assert main(common + ["--align", "fit", "--val-n", "0"]) == 2
     assert "--val-n must be at least 1" in capsys.readouterr().err
 
@@ -316,7 +318,8 @@ def test_fitted_offset_undoes_a_known_displacement_on_user_boxes(tmp_path: Path)
         heat[cy, cx + 6] = 1.0
         maps.append(heat)
     split = Split("validation", samples, lambda a, b: torch.zeros(b - a, 3, 64, 64), 64)
-    assert _fit_offsets([maps], split) == [(0.0, -6.0)]
+    assert _fit_offsets([maps], split, [16]) == [(0.0, -6.0)]
+    assert _fit_offsets([maps], split, [4]) == [(0.0, -4.0)]  # never more than one cell
 
 
 @pytest.mark.slow

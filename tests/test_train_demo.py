@@ -48,3 +48,41 @@ def test_card_offsets_are_recorded_only_where_the_fits_agree():
                 assert spread <= 2 * train_demo.AGREEMENT_PX
             else:
                 assert spread > train_demo.AGREEMENT_PX, (name, layer)
+
+
+def test_fit_alignment_records_the_median_only_where_the_methods_agree(monkeypatch):
+    """Synthetic Grad-CAM / Grad-CAM++ / LayerCAM peaks displaced from each object's centre by known amounts:
+    layer4's three fits agree (recorded, the median), layer3's spread 10 px (not recorded)."""
+    import numpy as np
+    import torch
+
+    from pfnet.resnet import PFResNet
+
+    displaced = {"layer4": {"gradcam": (6, 7), "gradcampp": (6, 7), "layercam": (7, 8)},
+                 "layer3": {"gradcam": (5, 0), "gradcampp": (0, 0), "layercam": (-5, 0)}}
+    shown: list = []
+    real_batch = train_demo.scene_batch
+
+    def batch(*args, **kwargs):
+        x, y, scenes = real_batch(*args, **kwargs)
+        shown[:] = scenes
+        return x, y, scenes
+
+    def maps(net, x, labels, layers, method="gradcam", align="none"):
+        out = np.zeros((len(x), len(layers), x.shape[-2], x.shape[-1]), np.float32)
+        for i, scene in enumerate(shown):
+            ys, xs = np.nonzero(scene.mask)
+            for position, layer in enumerate(layers):
+                dy, dx = displaced[layer][method]
+                out[i, position, int(round(ys.mean())) + dy, int(round(xs.mean())) + dx] = 1.0
+        return out
+
+    monkeypatch.setattr(train_demo, "scene_batch", batch)
+    monkeypatch.setattr(train_demo, "label_maps", maps)
+    torch.manual_seed(0)
+    net = PFResNet("max", num_classes=10, width_mult=0.125).eval()
+    report = train_demo.fit_alignment(net, 128, n=40, batch=20)
+    fits4 = report["layer4"]["fits"]
+    assert all(abs(fits4[m][k] + displaced["layer4"][m][k]) <= 1 for m in fits4 for k in (0, 1)), fits4
+    assert report["layer4"]["offset"] == [float(np.median([f[k] for f in fits4.values()])) for k in (0, 1)]
+    assert report["layer3"]["offset"] is None, report["layer3"]
