@@ -146,7 +146,7 @@ class _Run:
     def settings_for(self, plan: _Plan) -> dict[str, Any]:
         settings = {"mode": self.mode, "colormap": self.colormap, "opacity": round(self.opacity, 4),
                     "input_size": plan.input_size}
-        if plan.cam_offsets:  # outputs drawn with another alignment are not reused
+        if plan.cam_offsets:  # outputs drawn with another alignment are kept, flagged stale
             settings["cam_offsets"] = plan.cam_offsets
         return settings
 

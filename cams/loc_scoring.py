@@ -178,6 +178,8 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
             acc.insertion.extend(insertion[:, r].tolist())
 
     recorded = layer_offsets(model, opts.layers, "model" if opts.align == "model" else "none")
+    # one cell per layer bounds the fitted offsets; the grid is the same for every method
+    strides = layer_strides(model, opts.layers, (val.size, val.size)) if opts.align == "fit" and val else None
     for method in opts.methods:
         t0 = time.perf_counter()
         thresholds = [fallback] * len(opts.layers)
@@ -188,7 +190,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
                 for position in range(len(opts.layers)):
                     val_maps[position].extend(maps[:, position])
             if opts.align == "fit":
-                offsets = _fit_offsets(val_maps, val, layer_strides(model, opts.layers, (val.size, val.size)))
+                offsets = _fit_offsets(val_maps, val, strides)
                 val_maps = [[shift_heatmap(m, offsets[p]) for m in val_maps[p]] for p in range(len(opts.layers))]
                 log(f"{model_id} {method}: fitted offsets " + ", ".join(
                     f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))

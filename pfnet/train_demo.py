@@ -305,7 +305,8 @@ not (spreads of 4-9 px, many flat Grad-CAM maps), so layer3 is drawn unshifted.
 Input size: R50 and R50-hybrid at 128 px. R50-max at 160 px: at 128 its aligned pointing game was 0.79 (0.56
 unaligned; `--score-only` of the earlier 128-px weights), below the issue's 0.8, and a 5x5 layer-4 grid has a
 higher ceiling than 4x4. Two 160-px runs (seeds 0 and 1, 96 -> 128 -> 160 px) were trained; seed 0 is shipped,
-chosen on the validation stream (accuracy 0.974 vs 0.960, aligned pointing 0.853 vs 0.843 on stream 2023).
+chosen on the validation stream (accuracy 0.974 vs 0.960, aligned pointing 0.853 vs 0.843 on stream 2023; an
+ad-hoc script calling this module's accuracy and pointing_game, not in the repo).
 
 Recipe: AdamW, one-cycle on the wall clock, batch 32, progressive resizing (96 px, 128 px, the final size), zero-init
 residual BN, channels-last, and a scene curriculum: colours go from plain greys (light on dark or dark on light, as

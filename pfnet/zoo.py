@@ -115,7 +115,7 @@ def _imagenet(size: int = 224, interpolation: str = "bilinear") -> Preprocess:
 
 
 def _demo_preprocess(card: dict[str, Any]) -> Preprocess:
-    size = int(card.get("input_size", demo_card().get("input_size", 128)))
+    size = int(card.get("input_size", 128))  # each model's card entry (pfnet.train_demo writes it)
     # Scenes are drawn at the input size: no crop margin to remove.
     return Preprocess(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
