@@ -1,5 +1,10 @@
-"""Downloading a zoo checkpoint (Google Drive, Hugging Face) into the cache: streamed to a temporary file, renamed
-into place when complete, its sha256 recorded next to it and checked on every later load."""
+"""Downloading a zoo checkpoint into the cache, its sha256 recorded and checked on every later load.
+
+Hugging Face files go through ``huggingface_hub.hf_hub_download`` into the Hugging Face cache that timm shares
+(HF_HOME / HF_HUB_CACHE, HF_ENDPOINT mirrors, HF_TOKEN for gated repositories); a file timm already fetched is
+used as it is. Google Drive files are streamed to a temporary file in pfcam's cache and renamed into place when
+complete. Either way the sha256 is recorded in pfcam's cache, next to where a hand-placed copy would go.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +27,7 @@ from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 
 Progress = Callable[[int, Union[int, None]], None]
 GDRIVE_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
-HF_URL = "{endpoint}/{repo}/resolve/main/{filename}"
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 HF_DEFAULT_FILE = "model.safetensors"
 CHUNK = 1 << 20
 USER_AGENT = "pfcam/1.0 (+https://github.com/naver-ai/PfLayer)"
@@ -68,28 +73,34 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _verify(entry: zoo.ZooEntry, path: Path) -> None:
-    """Check a cached/bundled file against the known or recorded sha256; record it the first time."""
+def verify(entry: zoo.ZooEntry, path: Path, record: Path | None = None) -> None:
+    """Check a cached/bundled file against the known or recorded sha256; record it the first time.
+
+    ``record``: the pfcam-cache path whose ``.sha256`` sidecar holds the record (default: ``path`` itself; a file
+    in the Hugging Face cache is recorded under the entry's name in pfcam's cache, never inside the HF cache).
+    """
+    record = record or path
     expected = (entry.source.sha256 or "").lower() or None
-    recorded = None if entry.source.kind == "bundled" else _read_recorded(path)
+    recorded = None if entry.source.kind == "bundled" else _read_recorded(record)
     actual = _sha256_of(path)
     reference = expected or recorded or None  # "" (an unreadable record) counts as no record
     if reference is None:
         if entry.source.kind != "bundled":
-            # Placed by hand: trust it now, notice any later change.
+            # Placed by hand (or fetched by timm): trust it now, notice any later change.
             with contextlib.suppress(OSError):
-                _write_atomic(_sha_file(path), f"{actual}  {path.name}\n".encode())
+                record.parent.mkdir(parents=True, exist_ok=True)
+                _write_atomic(_sha_file(record), f"{actual}  {path.name}\n".encode())
         return
     if actual != reference:
         where = "bundled file" if entry.source.kind == "bundled" else "cached file"
         advice = (f"restore it from the repository (git checkout -- {path})" if entry.source.kind == "bundled"
-                  else f"delete {path} and {_sha_file(path)} and download it again "
+                  else f"delete {path} and {_sha_file(record)} and download it again "
                        f"(or place a fresh copy from {entry.source.page} there)")
         raise CheckpointError(f"the {where} for {entry.name} is corrupt or was changed: its sha256 is "
                               f"{actual[:16]}..., expected {reference[:16]}...; {advice}")
 
 
-def _unavailable(entry: zoo.ZooEntry, path: Path, reason: str) -> WeightsUnavailableError:
+def unavailable(entry: zoo.ZooEntry, path: Path, reason: str) -> WeightsUnavailableError:
     """Not cached and cannot be downloaded: say where to get the file and where to save it (``path``)."""
     return WeightsUnavailableError(
         f"weights for {entry.name} are not cached and cannot be downloaded ({reason}). "
@@ -97,23 +108,15 @@ def _unavailable(entry: zoo.ZooEntry, path: Path, reason: str) -> WeightsUnavail
         f"(or upload it / pass its path as weights=...).")
 
 
-def _source_url(entry: zoo.ZooEntry) -> str:
+def source_url(entry: zoo.ZooEntry) -> str:
+    """The Google Drive download URL of an entry (``PFCAM_GDRIVE_URL`` overrides the template, for mirrors)."""
     source = entry.source
-    if source.kind == "gdrive":
-        template = os.environ.get("PFCAM_GDRIVE_URL") or GDRIVE_URL
-        if "{id}" not in template:
-            raise PfnetError("PFCAM_GDRIVE_URL must contain '{id}' where the Drive file id goes")
-        return template.replace("{id}", urllib.parse.quote(source.ref, safe=""))
-    if source.kind == "hf":
-        parts = source.ref.split("/")
-        repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or HF_DEFAULT_FILE
-        template = os.environ.get("PFCAM_HF_URL") or HF_URL
-        endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-        try:
-            return template.format(endpoint=endpoint, repo=repo, filename=filename)
-        except (KeyError, IndexError, ValueError):
-            raise PfnetError("PFCAM_HF_URL may only use {endpoint}, {repo} and {filename}") from None
-    raise PfnetError(f"{entry.name} has no download source ({source.kind})")
+    if source.kind != "gdrive":
+        raise PfnetError(f"{entry.name} has no Google Drive source ({source.kind})")
+    template = os.environ.get("PFCAM_GDRIVE_URL") or GDRIVE_URL
+    if "{id}" not in template:
+        raise PfnetError("PFCAM_GDRIVE_URL must contain '{id}' where the Drive file id goes")
+    return template.replace("{id}", urllib.parse.quote(source.ref, safe=""))
 
 
 def _html_reason(head: bytes) -> str:
@@ -151,7 +154,7 @@ class _Tqdm:
             self.bar.close()
 
 
-def _download(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | None) -> None:
+def download_url(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | None) -> None:
     """Stream ``url`` into a temporary file next to ``path``; rename it into place only when all is well."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,13 +177,13 @@ def _download(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | No
                 response = urllib.request.urlopen(request, timeout=_timeout())
             except urllib.error.HTTPError as error:
                 error.close()
-                raise _unavailable(entry, path, f"download failed: HTTP {error.code} {error.reason}") from None
+                raise unavailable(entry, path, f"download failed: HTTP {error.code} {error.reason}") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
-                raise _unavailable(entry, path, f"network error: {_reason(error)}") from None
+                raise unavailable(entry, path, f"network error: {_reason(error)}") from None
             with response:
                 total = _content_length(response)
                 if total is not None and total > limit:
-                    raise _unavailable(entry, path, f"the file is {total} bytes, over the {limit}-byte limit "
+                    raise unavailable(entry, path, f"the file is {total} bytes, over the {limit}-byte limit "
                                               "(PFCAM_MAX_BYTES)")
                 content_type = (response.headers.get("Content-Type") or "").lower()
                 done = 0
@@ -191,39 +194,39 @@ def _download(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | No
                         block = response.read(CHUNK)
                     except http.client.IncompleteRead as error:
                         got = done + len(error.partial or b"")
-                        raise _unavailable(entry, path, f"download interrupted after {got} of {total} bytes") from None
+                        raise unavailable(entry, path, f"download interrupted after {got} of {total} bytes") from None
                     except (OSError, http.client.HTTPException) as error:
-                        raise _unavailable(entry, path, f"download interrupted after {done} bytes: "
+                        raise unavailable(entry, path, f"download interrupted after {done} bytes: "
                                                   f"{_reason(error)}") from None
                     if not block:
                         break
                     if first:
                         first = False
                         if "text/html" in content_type or _looks_like_html(block):
-                            raise _unavailable(entry, path, _html_reason(block))
+                            raise unavailable(entry, path, _html_reason(block))
                     done += len(block)
                     if done > limit:
-                        raise _unavailable(entry, path, f"the file is over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+                        raise unavailable(entry, path, f"the file is over the {limit}-byte limit (PFCAM_MAX_BYTES)")
                     out.write(block)
                     digest.update(block)
                     progress(done, total)
             if total is not None and done != total:
-                raise _unavailable(entry, path, f"download interrupted: got {done} of {total} bytes")
+                raise unavailable(entry, path, f"download interrupted: got {done} of {total} bytes")
             if done == 0:
-                raise _unavailable(entry, path, "the server sent an empty file")
+                raise unavailable(entry, path, "the server sent an empty file")
             out.flush()
             os.fsync(out.fileno())
         value = digest.hexdigest()
         expected = (entry.source.sha256 or "").lower()
         if expected and value != expected:
-            raise _unavailable(entry, path, f"the downloaded file's sha256 {value[:16]}... is not the expected "
+            raise unavailable(entry, path, f"the downloaded file's sha256 {value[:16]}... is not the expected "
                                       f"{expected[:16]}...")
         with open(temp, "rb") as check:
             head = check.read(64)
         try:
             _sniff(head, "the downloaded file", done)
         except CheckpointError as error:
-            raise _unavailable(entry, path, str(error)) from None
+            raise unavailable(entry, path, str(error)) from None
         _write_atomic(_sha_file(path), f"{value}  {path.name}\n".encode())
         os.replace(temp, path)
     except OSError as error:  # disk full, permissions: the network errors were mapped above
@@ -258,3 +261,128 @@ def _reason(error: BaseException) -> str:
         return "host not found (no network?)"
     text = getattr(reason, "strerror", None) or str(reason)
     return text or type(reason).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face: through huggingface_hub, into the cache timm shares
+# ----------------------------------------------------------------------------------------------------------------
+
+def hf_location(entry: zoo.ZooEntry) -> tuple[str, str]:
+    """(repo id, file name) of a Hugging Face source: ``owner/repo[/path/in/repo]`` (default model.safetensors)."""
+    parts = entry.source.ref.split("/")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or HF_DEFAULT_FILE
+
+
+def hf_endpoint() -> str:
+    """The Hub to use, read when called: ``HF_ENDPOINT`` (a mirror) or huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read when called (timm and huggingface_hub resolve it the same way)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hf_cached(entry: zoo.ZooEntry) -> Path | None:
+    """The entry's file if the Hugging Face cache already holds it (fetched by timm, pfcam or the hf CLI)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename = hf_location(entry)
+    try:
+        found = try_to_load_from_cache(repo, filename, cache_dir=hf_cache_dir())
+    except (OSError, ValueError):
+        return None
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def download_hf(entry: zoo.ZooEntry, record: Path, progress: Progress | None) -> Path:
+    """Fetch the entry's file with ``hf_hub_download`` (size-capped before the transfer, sha256 recorded under
+    ``record``); the path returned is in the Hugging Face cache."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    repo, filename = hf_location(entry)
+    limit = max_bytes()
+    endpoint = hf_endpoint()
+    options = dict(cache_dir=hf_cache_dir(), endpoint=endpoint, etag_timeout=_timeout(), library_name="pfcam")
+    try:
+        # One HEAD first, without huggingface_hub's retries (about 25 s against an unreachable Hub): it fails
+        # fast with the reason, and gives the size to check against the cap before any byte is transferred.
+        planned = get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=endpoint), timeout=_timeout(),
+                                       endpoint=endpoint, library_name="pfcam", retry_on_errors=False)
+        size = planned.size
+        if size is not None and size > limit:
+            raise unavailable(entry, record, f"the file is {size} bytes, over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+        local = Path(hf_hub_download(repo, filename, tqdm_class=_progress_bar_class(entry.name, progress), **options))
+    except PfnetError:
+        raise
+    except Exception as error:  # noqa: BLE001 - huggingface_hub's and httpx's errors become one plain message
+        raise unavailable(entry, record, _hf_reason(error)) from None
+    size = local.stat().st_size
+    if size > limit:
+        raise unavailable(entry, record, f"the file is {size} bytes, over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+    with open(local, "rb") as check:
+        head = check.read(64)
+    try:
+        _sniff(head, "the downloaded file", size)
+    except CheckpointError as error:
+        raise unavailable(entry, record, str(error)) from None
+    verify(entry, local, record)
+    return local
+
+
+def _progress_bar_class(name: str, progress: Progress | None) -> type:
+    """A tqdm class for hf_hub_download: reports to ``progress`` (the app), or a terminal bar (the CLI)."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True if progress is not None else None  # None: only on a terminal
+            kwargs["desc"] = name
+            kwargs["leave"] = False
+            super().__init__(*args, **kwargs)
+            self.done = int(kwargs.get("initial") or 0)
+            self.expected = kwargs.get("total")
+            if progress is not None:
+                progress(self.done, self.expected)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += int(n or 0)
+            if progress is not None:
+                progress(self.done, self.expected)
+            return super().update(n)
+
+    return Bar
+
+
+def _hf_reason(error: BaseException) -> str:
+    """A short reason for a failed Hub request, from the innermost cause that says something."""
+    from huggingface_hub import errors
+
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    status = status if isinstance(status, int) and status >= 400 else None
+    suffix = f" (HTTP {status})" if status else ""
+    if isinstance(error, errors.LocalEntryNotFoundError):  # the Hub could not be reached (an EntryNotFound too)
+        status = None
+    elif isinstance(error, errors.GatedRepoError):
+        return "the repository is gated: accept its terms on the Hub and set HF_TOKEN" + suffix
+    elif isinstance(error, errors.RepositoryNotFoundError):
+        return "repository not found on the Hub, or it needs HF_TOKEN" + suffix
+    elif isinstance(error, (errors.RemoteEntryNotFoundError, errors.EntryNotFoundError)):
+        return "the file is not in the repository" + suffix
+    if status:
+        return f"download failed: HTTP {status}"
+    cause: BaseException | None = error
+    while cause is not None:
+        text = str(cause).lower()
+        if isinstance(cause, ConnectionRefusedError) or "connection refused" in text or "connect" in type(cause).__name__.lower():
+            return "network error: cannot reach the Hub (" + _reason(cause) + ")"
+        if isinstance(cause, (socket.timeout, TimeoutError)) or "timeout" in type(cause).__name__.lower():
+            return "network error: timed out"
+        cause = cause.__cause__ or cause.__context__
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"download failed: {first[:200]}"

@@ -18,12 +18,13 @@ from torch import nn
 
 from pfnet import zoo
 from pfnet.checkpoint import _short, max_bytes, normalize_state_dict, read_checkpoint  # noqa: F401  (re-exported)
-from pfnet.download import GDRIVE_URL, HF_URL, Progress, _download, _source_url, _unavailable, _verify
+from pfnet.download import (GDRIVE_URL, Progress, download_hf, download_url, hf_cached, source_url, unavailable,
+                            verify)
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 from pfnet.fit import Fit, _matching_dtypes, _prepare_for, detect_architecture
 
 __all__ = [
-    "Fit", "GDRIVE_URL", "HF_URL", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
+    "Fit", "GDRIVE_URL", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
     "max_bytes", "offline", "read_checkpoint", "select_device", "weight_status",
 ]
 
@@ -79,11 +80,15 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def cached_path(model_id: str) -> Path:
-    """Where the entry's file is (bundled: assets/weights) or should be (cache: downloaded or placed by hand)."""
+    """Where the entry's file is: bundled (assets/weights), placed in pfcam's cache by hand or downloaded there,
+    or in the Hugging Face cache (hf sources, shared with timm); else where to place it by hand."""
     entry = zoo.get(model_id)
     if entry.source.kind == "bundled":
         return zoo.DEMO_DIR / entry.source.filename
-    return cache_dir() / entry.source.filename
+    own = cache_dir() / entry.source.filename
+    if entry.source.kind == "hf" and not own.is_file():
+        return hf_cached(entry) or own
+    return own
 
 
 def weight_status(model_id: str) -> str:
@@ -98,23 +103,28 @@ def weight_status(model_id: str) -> str:
 
 
 def fetch(model_id: str, progress: Progress | None = None) -> Path:
-    """The entry's checkpoint on local disk: bundled, cached (verified), or downloaded into the cache now."""
+    """The entry's checkpoint on local disk: bundled, cached (verified), or downloaded now.
+
+    ``progress(done_bytes, total_bytes | None)`` is called while downloading (a terminal bar when None).
+    """
     entry = zoo.get(model_id)
     path = cached_path(model_id)
+    record = cache_dir() / entry.source.filename  # where the sha256 record of a non-bundled file lives
     if entry.source.kind == "bundled":
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"the bundled weights for {entry.name} are missing: expected {path} "
                 "(recreate them with `python -m pfnet.train_demo`, or restore assets/weights from the repository)")
-        _verify(entry, path)
+        verify(entry, path)
         return path
     if path.is_file():
-        _verify(entry, path)
+        verify(entry, path, record)
         return path
     if offline():
-        raise _unavailable(entry, path, "offline")
-    url = _source_url(entry)
-    _download(url, path, entry, progress)
+        raise unavailable(entry, path, "offline")
+    if entry.source.kind == "hf":
+        return download_hf(entry, record, progress)
+    download_url(source_url(entry), path, entry, progress)
     return path
 
 

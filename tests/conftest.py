@@ -25,6 +25,9 @@ def _offline(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
     """
     monkeypatch.setenv("PFCAM_OFFLINE", "1")
     monkeypatch.setenv("PFCAM_CACHE", str(_session_cache))
+    monkeypatch.setenv("HF_HOME", str(_session_cache / "huggingface"))  # never the user's Hugging Face cache
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -34,6 +37,7 @@ def pfcam_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache.mkdir()
     monkeypatch.setenv("PFCAM_CACHE", str(cache))
     monkeypatch.setenv("PFCAM_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "huggingface"))
     return cache
 
 

@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import pickle
 import random
 import socket
@@ -429,23 +430,53 @@ class QuietServer(http.server.ThreadingHTTPServer):
         pass
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
 class Server:
+    """A loopback server for both sources: Drive-style ``/download?id=KEY`` and the Hub's
+    ``/<owner>/<repo>/resolve/<revision>/<file>`` (HEAD with X-Repo-Commit and ETag, then GET), as
+    huggingface_hub expects. The key (Drive id or repo name) chooses a failure mode."""
+
     def __init__(self, payload: bytes):
         self.payload = payload
         self.requests: list[str] = []
+        self.methods: list[str] = []
+        self.authorization: list[str | None] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep pytest output clean
                 pass
 
+            def _key(self) -> str:
+                parsed = urllib.parse.urlparse(self.path)
+                if "/resolve/" in parsed.path:
+                    return parsed.path.split("/")[2]  # /<owner>/<repo>/resolve/...
+                query = urllib.parse.parse_qs(parsed.query)
+                return (query.get("id") or [parsed.path.rsplit("/", 1)[-1]])[0]
+
+            def do_HEAD(self):
+                self._answer(head=True)
+
             def do_GET(self):
-                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
-                key = (query.get("id") or [self.path.rsplit("/", 1)[-1]])[0]
+                self._answer(head=False)
+
+            def _answer(self, head: bool):
+                key = self._key()
                 server.requests.append(self.path)
+                server.methods.append(self.command)
+                server.authorization.append(self.headers.get("Authorization"))
                 body = server.payload
                 if key == "err500":
                     self.send_error(500, "boom")
+                    return
+                if key == "missing":  # what the Hub answers for a file that is not in the repository
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("X-Repo-Commit", COMMIT)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if key in ("html", "html_as_binary"):
                     self.send_response(200)
@@ -453,12 +484,17 @@ class Server:
                     self.send_header("Content-Type", kind)
                     self.send_header("Content-Length", str(len(DRIVE_HTML)))
                     self.end_headers()
-                    self.wfile.write(DRIVE_HTML)
+                    if not head:
+                        self.wfile.write(DRIVE_HTML)
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
                 self.end_headers()
+                if head:
+                    return
                 if key == "trunc":
                     self.wfile.write(body[: len(body) // 3])
                     self.wfile.flush()
@@ -491,7 +527,7 @@ def server(online, tiny_state, monkeypatch):
     torch.save({"state_dict": tiny_state, "epoch": 1}, buffer)
     srv = Server(buffer.getvalue())
     monkeypatch.setenv("PFCAM_GDRIVE_URL", f"http://127.0.0.1:{srv.port}/download?id={{id}}&export=download")
-    monkeypatch.setenv("PFCAM_HF_URL", f"http://127.0.0.1:{srv.port}/hf/{{repo}}/{{filename}}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.port}")
     yield srv
     srv.close()
 
@@ -516,11 +552,87 @@ def test_download_caches_records_sha_and_detects_tampering(server, online, tiny_
         weights.load("tiny_max")
 
 
-def test_hf_download_without_callback(server, online, tiny_state, register):
+def test_hf_download_goes_through_the_hub_cache(server, online, tiny_state, register, monkeypatch):
     register(tiny_entry("tiny_hf", kind="hf", ref="someone/tiny", filename="tiny_hf.safetensors"))
     server.payload = save_safetensors(dict(tiny_state))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_for_a_gated_repo")
+    assert weights.weight_status("tiny_hf") == "downloadable"
     assert_same(weights.load("tiny_hf"), tiny_state)  # tqdm progress path (disabled: not a terminal)
-    assert server.requests == ["/hf/someone/tiny/model.safetensors"]
+    assert server.requests and set(server.requests) == {"/someone/tiny/resolve/main/model.safetensors"}
+    assert server.methods[-1] == "GET"
+    assert set(server.authorization) == {"Bearer hf_secret_for_a_gated_repo"}
+    hub = weights.cached_path("tiny_hf")  # in the Hugging Face cache (HF_HOME), where timm would look
+    assert hub == Path(os.environ["HF_HOME"]) / "hub" / "models--someone--tiny" / "snapshots" / COMMIT / \
+        "model.safetensors"
+    assert hub.read_bytes() == server.payload
+    assert sorted(p.name for p in online.iterdir()) == ["tiny_hf.safetensors.sha256"]  # the record, not a copy
+    assert (online / "tiny_hf.safetensors.sha256").read_text().split()[0] == hashlib.sha256(server.payload).hexdigest()
+    assert weights.weight_status("tiny_hf") == "cached"
+    count = len(server.requests)
+    monkeypatch.setenv("PFCAM_OFFLINE", "1")
+    assert_same(weights.load("tiny_hf"), tiny_state)
+    assert len(server.requests) == count  # the second load used the Hub cache, offline
+
+    data = bytearray(hub.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    hub.resolve().write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or was changed"):
+        weights.load("tiny_hf")
+
+
+def test_file_timm_already_cached_is_used_offline(online, tiny_state, register, monkeypatch):
+    """A file timm (huggingface_hub) put in the Hub cache is found there: nothing is downloaded again."""
+    register(tiny_entry("tiny_hf", kind="hf", ref="timm/tiny.tv_in1k", filename="tiny_hf.safetensors"))
+    payload = save_safetensors(dict(tiny_state))
+    repo = Path(os.environ["HF_HOME"]) / "hub" / "models--timm--tiny.tv_in1k"
+    blob = repo / "blobs" / hashlib.sha256(payload).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(payload)
+    snapshot = repo / "snapshots" / COMMIT / "model.safetensors"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("PFCAM_OFFLINE", "1")
+    assert weights.weight_status("tiny_hf") == "cached"
+    assert_same(weights.load("tiny_hf"), tiny_state)
+
+
+@pytest.mark.parametrize("repo, reason", [
+    ("missing", "the file is not in the repository (HTTP 404)"),
+    ("err500", "HTTP 500"),
+])
+def test_failed_hub_downloads_say_why_and_leave_nothing(repo, reason, server, online, register, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    register(tiny_entry("tiny_hf", kind="hf", ref=f"someone/{repo}", filename="tiny_hf.safetensors"))
+    with pytest.raises(WeightsUnavailableError) as caught:
+        weights.fetch("tiny_hf")
+    message = str(caught.value)
+    assert reason in message and "huggingface.co/someone/" in message, message
+    assert list(online.iterdir()) == []
+    assert weights.weight_status("tiny_hf") == "downloadable"
+
+
+def test_hub_size_cap_is_checked_before_the_transfer(server, online, tiny_state, register, monkeypatch):
+    register(tiny_entry("tiny_hf", kind="hf", ref="someone/tiny", filename="tiny_hf.safetensors"))
+    server.payload = save_safetensors(dict(tiny_state))
+    monkeypatch.setenv("PFCAM_MAX_BYTES", "1000")
+    with pytest.raises(WeightsUnavailableError, match="over the 1000-byte limit"):
+        weights.fetch("tiny_hf")
+    assert "GET" not in server.methods  # refused on the HEAD's size
+    assert list(online.iterdir()) == []
+
+
+def test_unreachable_hub_is_a_clear_message(online, register, monkeypatch):
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    register(tiny_entry("tiny_hf", kind="hf", ref="someone/tiny", filename="tiny_hf.safetensors"))
+    progress = []
+    with pytest.raises(WeightsUnavailableError, match="cannot reach the Hub"):
+        weights.fetch("tiny_hf", progress=lambda done, total: progress.append(done))
+    assert list(online.iterdir()) == []
 
 
 @pytest.mark.parametrize("ref, reason", [
