@@ -221,12 +221,7 @@ def download_url(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress |
         if expected and value != expected:
             raise unavailable(entry, path, f"the downloaded file's sha256 {value[:16]}... is not the expected "
                                       f"{expected[:16]}...")
-        with open(temp, "rb") as check:
-            head = check.read(64)
-        try:
-            _sniff(head, "the downloaded file", done)
-        except CheckpointError as error:
-            raise unavailable(entry, path, str(error)) from None
+        _check_looks_like_checkpoint(entry, path, temp, done)
         _write_atomic(_sha_file(path), f"{value}  {path.name}\n".encode())
         os.replace(temp, path)
     except OSError as error:  # disk full, permissions: the network errors were mapped above
@@ -240,6 +235,16 @@ def download_url(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress |
     finally:
         if bar is not None:
             bar.close()
+
+
+def _check_looks_like_checkpoint(entry: zoo.ZooEntry, path: Path, downloaded: Path, size: int) -> None:
+    """A web page or junk instead of a checkpoint is a failed download, reported for ``path``."""
+    with open(downloaded, "rb") as check:
+        head = check.read(64)
+    try:
+        _sniff(head, "the downloaded file", size)
+    except CheckpointError as error:
+        raise unavailable(entry, path, str(error)) from None
 
 
 def _content_length(response: Any) -> int | None:
@@ -324,12 +329,7 @@ def download_hf(entry: zoo.ZooEntry, record: Path, progress: Progress | None) ->
     size = local.stat().st_size
     if size > limit:
         raise unavailable(entry, record, f"the file is {size} bytes, over the {limit}-byte limit (PFCAM_MAX_BYTES)")
-    with open(local, "rb") as check:
-        head = check.read(64)
-    try:
-        _sniff(head, "the downloaded file", size)
-    except CheckpointError as error:
-        raise unavailable(entry, record, str(error)) from None
+    _check_looks_like_checkpoint(entry, record, local, size)
     verify(entry, local, record)
     return local
 
