@@ -364,7 +364,7 @@ def test_download_button_fetches_with_progress_and_the_model_loads(pfcam_cache, 
         base = f"http://127.0.0.1:{server.server_address[1]}"
         monkeypatch.delenv("PFCAM_OFFLINE")
         monkeypatch.setenv("PFCAM_GDRIVE_URL", base + "/{id}")
-        monkeypatch.setenv("PFCAM_HF_URL", base + "/hf/{repo}/{filename}")  # 404: R50 stays unavailable
+        monkeypatch.setenv("HF_ENDPOINT", base)  # the Hub mirror answers 404: R50 stays unavailable
         at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
         at.run()
         assert_clean(at)
