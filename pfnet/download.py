@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from pfnet import zoo
-from pfnet.checkpoint import _looks_like_html, _sniff, max_bytes
+from pfnet.checkpoint import looks_like_html, max_bytes, sniff
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 
 
@@ -68,7 +68,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _verify(entry: zoo.ZooEntry, path: Path) -> None:
+def verify(entry: zoo.ZooEntry, path: Path) -> None:
     """Check a cached/bundled file against the known or recorded sha256; record it the first time."""
     expected = (entry.source.sha256 or "").lower() or None
     recorded = None if entry.source.kind == "bundled" else _read_recorded(path)
@@ -89,7 +89,7 @@ def _verify(entry: zoo.ZooEntry, path: Path) -> None:
                               f"{actual[:16]}..., expected {reference[:16]}...; {advice}")
 
 
-def _unavailable(entry: zoo.ZooEntry, path: Path, reason: str) -> WeightsUnavailableError:
+def unavailable(entry: zoo.ZooEntry, path: Path, reason: str) -> WeightsUnavailableError:
     """Not cached and cannot be downloaded: say where to get the file and where to save it (``path``)."""
     return WeightsUnavailableError(
         f"weights for {entry.name} are not cached and cannot be downloaded ({reason}). "
@@ -97,7 +97,7 @@ def _unavailable(entry: zoo.ZooEntry, path: Path, reason: str) -> WeightsUnavail
         f"(or upload it / pass its path as weights=...).")
 
 
-def _source_url(entry: zoo.ZooEntry) -> str:
+def source_url(entry: zoo.ZooEntry) -> str:
     source = entry.source
     if source.kind == "gdrive":
         template = os.environ.get("PFCAM_GDRIVE_URL") or GDRIVE_URL
@@ -151,7 +151,7 @@ class _Tqdm:
             self.bar.close()
 
 
-def _download(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | None) -> None:
+def download(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | None) -> None:
     """Stream ``url`` into a temporary file next to ``path``; rename it into place only when all is well."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,13 +174,13 @@ def _download(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | No
                 response = urllib.request.urlopen(request, timeout=_timeout())
             except urllib.error.HTTPError as error:
                 error.close()
-                raise _unavailable(entry, path, f"download failed: HTTP {error.code} {error.reason}") from None
+                raise unavailable(entry, path, f"download failed: HTTP {error.code} {error.reason}") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
-                raise _unavailable(entry, path, f"network error: {_reason(error)}") from None
+                raise unavailable(entry, path, f"network error: {_reason(error)}") from None
             with response:
                 total = _content_length(response)
                 if total is not None and total > limit:
-                    raise _unavailable(entry, path, f"the file is {total} bytes, over the {limit}-byte limit "
+                    raise unavailable(entry, path, f"the file is {total} bytes, over the {limit}-byte limit "
                                               "(PFCAM_MAX_BYTES)")
                 content_type = (response.headers.get("Content-Type") or "").lower()
                 done = 0
@@ -191,39 +191,39 @@ def _download(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress | No
                         block = response.read(CHUNK)
                     except http.client.IncompleteRead as error:
                         got = done + len(error.partial or b"")
-                        raise _unavailable(entry, path, f"download interrupted after {got} of {total} bytes") from None
+                        raise unavailable(entry, path, f"download interrupted after {got} of {total} bytes") from None
                     except (OSError, http.client.HTTPException) as error:
-                        raise _unavailable(entry, path, f"download interrupted after {done} bytes: "
+                        raise unavailable(entry, path, f"download interrupted after {done} bytes: "
                                                   f"{_reason(error)}") from None
                     if not block:
                         break
                     if first:
                         first = False
-                        if "text/html" in content_type or _looks_like_html(block):
-                            raise _unavailable(entry, path, _html_reason(block))
+                        if "text/html" in content_type or looks_like_html(block):
+                            raise unavailable(entry, path, _html_reason(block))
                     done += len(block)
                     if done > limit:
-                        raise _unavailable(entry, path, f"the file is over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+                        raise unavailable(entry, path, f"the file is over the {limit}-byte limit (PFCAM_MAX_BYTES)")
                     out.write(block)
                     digest.update(block)
                     progress(done, total)
             if total is not None and done != total:
-                raise _unavailable(entry, path, f"download interrupted: got {done} of {total} bytes")
+                raise unavailable(entry, path, f"download interrupted: got {done} of {total} bytes")
             if done == 0:
-                raise _unavailable(entry, path, "the server sent an empty file")
+                raise unavailable(entry, path, "the server sent an empty file")
             out.flush()
             os.fsync(out.fileno())
         value = digest.hexdigest()
         expected = (entry.source.sha256 or "").lower()
         if expected and value != expected:
-            raise _unavailable(entry, path, f"the downloaded file's sha256 {value[:16]}... is not the expected "
+            raise unavailable(entry, path, f"the downloaded file's sha256 {value[:16]}... is not the expected "
                                       f"{expected[:16]}...")
         with open(temp, "rb") as check:
             head = check.read(64)
         try:
-            _sniff(head, "the downloaded file", done)
+            sniff(head, "the downloaded file", done)
         except CheckpointError as error:
-            raise _unavailable(entry, path, str(error)) from None
+            raise unavailable(entry, path, str(error)) from None
         _write_atomic(_sha_file(path), f"{value}  {path.name}\n".encode())
         os.replace(temp, path)
     except OSError as error:  # disk full, permissions: the network errors were mapped above
