@@ -105,7 +105,7 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"the bundled weights for {entry.name} are missing: expected {path} "
-                "(recreate them with `python -m pfnet.train_demo`, or restore assets/weights from the repository)")
+                "(recreate them with `python -m pfdemo.train`, or restore assets/weights from the repository)")
         verify(entry, path)
         return path
     if path.is_file():
