@@ -409,7 +409,7 @@ def demo_checkpoint(folder: Path) -> Path:
 
 
 def test_cli_export_with_a_weights_file(tmp_path, capsys, pfcam_cache):
-    from cams.__main__ import main
+    from pfcam.cli import main
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -443,7 +443,7 @@ def test_cli_export_with_a_weights_file(tmp_path, capsys, pfcam_cache):
 
 
 def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_cache):
-    from cams.__main__ import main
+    from pfcam.cli import main
 
     noise(20, 20).save(tmp_path / "a.png")
     code = main(["export", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--models", "r50_hybrid,nope"])
@@ -455,7 +455,7 @@ def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_ca
 
 
 def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
-    from cams.__main__ import main
+    from pfcam.cli import main
     from pfnet.weights import weight_status
 
     if any(weight_status(model_id) != "bundled" for model_id in ("demo_r50", "demo_r50_hybrid")):
