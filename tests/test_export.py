@@ -23,6 +23,7 @@ import cams.engine
 from cams.export import MANIFEST_COLUMNS, ExportError, collect_inputs, run_export, safe_name, zip_directory
 from pfnet import PFResNet, zoo
 from pfnet.preprocess import Preprocess
+from pfnet.version import __version__
 
 CLASSES = [f"shape {i}" for i in range(10)]
 
@@ -187,6 +188,7 @@ def test_manifest_json_and_csv(first_run):
     base, _, _, report, _ = first_run
     manifest = json.loads((base / "out" / "manifest.json").read_text())
     assert {"pfcam", "torch", "timm"} <= set(manifest["versions"])
+    assert manifest["versions"]["pfcam"] == __version__  # the one version string
     assert manifest["versions"]["torch"] == torch.__version__
     settings = manifest["settings"]
     assert settings["method"] == "gradcam" and settings["topk"] == 1 and settings["mode"] == "full"
