@@ -7,7 +7,7 @@ Training reads an infinite stream of fresh scenes (``scenes.TRAIN_SEED``, batch 
 evaluation uses the disjoint stream ``scenes.TEST_SEED``: accuracy on 1,000 scenes and the Grad-CAM pointing
 game at ``layer4`` on the first 500 of them, measured on the fp16 weights that are shipped. The run writes
 ``demo_<model>.safetensors`` (fp16, keys exactly ``PFResNet.state_dict()``) and updates ``demo_card.json`` and
-``DEMO_CARD.md`` in ``--out``.
+``DEMO_CARD.md`` in ``--out``. The scoring is :mod:`pfdemo.scoring`'s.
 """
 from __future__ import annotations
 
