@@ -1,4 +1,4 @@
-"""How fast ``pfnet.scenes`` renders: scenes per second on one core and in N processes, per image size.
+"""How fast ``pfdemo.scenes`` renders: scenes per second on one core and in N processes, per image size.
 
     python benchmarks/bench_scenes.py [--n 1000] [--sizes 128 160 224] [--workers 2]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pfnet.scenes import render_scene  # noqa: E402
+from pfdemo.scenes import render_scene  # noqa: E402
 
 
 def scenes_per_second(size: int, n: int, seed: int = 0) -> float:

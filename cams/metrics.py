@@ -9,7 +9,7 @@ Conventions
 -----------
 * A box is ``(x0, y0, x1, y1)`` in pixel units, half-open: pixel ``(x, y)`` (its centre at
   ``(x + 0.5, y + 0.5)``) belongs to the box when ``x0 <= x + 0.5 < x1`` and ``y0 <= y + 0.5 < y1``; for
-  integer boxes that is ``x0 <= x < x1`` (the convention of ``pfnet.scenes.Scene.box``).
+  integer boxes that is ``x0 <= x < x1`` (the convention of ``pfdemo.scenes.Scene.box``).
 * Where a function takes ``box`` it also accepts a list of boxes (several annotated objects of the image).
   The *any-object* rule applies: the object region is the union of the boxes (pointing game, energy), and a
   predicted box counts as correct when it matches any one of them (box accuracy).

@@ -13,7 +13,6 @@ import hashlib
 import io
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,11 +20,11 @@ import streamlit as st
 from PIL import Image
 
 from pfnet import weights, zoo
+from pfnet.assets import assets_dir
 from pfnet.errors import PfnetError
 from pfnet.preprocess import prepare
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES_DIR = ROOT / "assets" / "examples"
+EXAMPLES_DIR = assets_dir() / "examples"
 IMAGE_LIMIT_MB = 20
 CHECKPOINT_LIMIT_MB = 1024
 CHECKPOINT_TYPES = ["pth", "pt", "bin", "safetensors", "ckpt", "tar"]
@@ -124,7 +123,7 @@ def scene_size() -> int:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _scene(index: int, size: int) -> tuple[bytes, tuple[int, int, int, int], np.ndarray, str]:
-    from pfnet import scenes
+    from pfdemo import scenes
 
     scene = scenes.render_scene(scenes.TEST_SEED, index, size)
     buffer = io.BytesIO()
@@ -133,7 +132,7 @@ def _scene(index: int, size: int) -> tuple[bytes, tuple[int, int, int, int], np.
 
 
 def scene_options() -> list[str]:
-    """Demo scenes (held-out evaluation stream of pfnet.scenes, at the demo models' input size)."""
+    """Demo scenes (held-out evaluation stream of pfdemo.scenes, at the demo models' input size)."""
     try:
         return [f"scene_{i:02d}_{_scene(i, scene_size())[3]}.png" for i in range(N_SCENES)]
     except Exception:  # noqa: BLE001 - the app works without demo scenes (the caller says so)

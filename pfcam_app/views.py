@@ -201,7 +201,7 @@ def model_card(slot: Slot, device: str) -> None:
 
 
 def demo_card_line(card: dict) -> str:
-    """The demo card's own figures (measured when the model was trained, by pfnet.train_demo)."""
+    """The demo card's own figures (measured when the model was trained, by pfdemo.train)."""
     facts = []
     if isinstance(card.get("test_accuracy"), (int, float)):
         facts.append(f"test accuracy {percent(card['test_accuracy'])} on held-out scenes")

@@ -1,4 +1,5 @@
 """pfnet: the networks of "Learning Features with Parameter-Free Layers" (ICLR 2022), registered with timm."""
+from pfnet.version import __version__  # noqa: F401
 from pfnet import resnet  # noqa: F401  (registers the ResNets with timm)
 from pfnet.resnet import PFResNet, resnet50_hybrid, resnet50_max, resnet50_pf
 

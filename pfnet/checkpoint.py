@@ -37,7 +37,7 @@ def max_bytes() -> int:
     return DEFAULT_MAX_BYTES
 
 
-def _sniff(head: bytes, what: str = "the file", total: int | None = None) -> str:
+def sniff(head: bytes, what: str = "the file", total: int | None = None) -> str:
     """'safetensors' | 'zip' | 'pickle', else a CheckpointError saying what the file looks like."""
     if not head:
         raise CheckpointError(f"{what} is empty, not a checkpoint")
@@ -50,7 +50,7 @@ def _sniff(head: bytes, what: str = "the file", total: int | None = None) -> str
         raise CheckpointError(f"{what} is a truncated or corrupt safetensors file")
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "pickle"
-    if _looks_like_html(head):
+    if looks_like_html(head):
         raise CheckpointError(f"{what} is a web page (HTML), not a checkpoint; if it came from Google Drive, "
                               "download the file itself rather than the page")
     sample = head[:256]
@@ -60,7 +60,7 @@ def _sniff(head: bytes, what: str = "the file", total: int | None = None) -> str
                           "(unrecognised format)")
 
 
-def _looks_like_html(head: bytes) -> bool:
+def looks_like_html(head: bytes) -> bool:
     text = head.lstrip()[:512].lower()
     return text.startswith((b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<meta", b"<!--", b"<title"))
 
@@ -106,10 +106,10 @@ def _torch_load_reason(error: Exception, what: str) -> str:
     if "Invalid magic number" in text:
         return f"{what} is a Python pickle but not a PyTorch checkpoint (not written by torch.save)"
     detail_text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", detail_text)
-    return f"{what} is a truncated or corrupt checkpoint ({_short(detail_text)})"
+    return f"{what} is a truncated or corrupt checkpoint ({shorten(detail_text)})"
 
 
-def _short(text: str, limit: int = 160) -> str:
+def shorten(text: str, limit: int = 160) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "unknown error"
     line = line.split(". ")[0].rstrip(".")  # the first sentence; torch appends paragraphs of advice
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -123,7 +123,7 @@ def _load_safetensors(data: bytes | None, path: Path | None, what: str) -> dict[
     try:
         return dict(load_file(str(path), device="cpu") if path is not None else load_bytes(bytes(data)))
     except Exception as error:  # noqa: BLE001 - SafetensorError and friends
-        raise CheckpointError(f"{what} is a truncated or corrupt safetensors file ({_short(str(error))})") from None
+        raise CheckpointError(f"{what} is a truncated or corrupt safetensors file ({shorten(str(error))})") from None
 
 
 def _read_raw(source: Any) -> Any:
@@ -134,7 +134,7 @@ def _read_raw(source: Any) -> Any:
         if len(data) > limit:
             raise CheckpointError(f"the uploaded file is {len(data)} bytes, over the {limit}-byte limit "
                                   "(PFCAM_MAX_BYTES)")
-        kind = _sniff(data[:64], "the uploaded file", len(data))
+        kind = sniff(data[:64], "the uploaded file", len(data))
         if kind == "safetensors":
             return _load_safetensors(data, None, "the uploaded file")
         return _torch_load(io.BytesIO(data), "the uploaded file")
@@ -159,7 +159,7 @@ def _read_raw(source: Any) -> Any:
             head = handle.read(64)
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
-    kind = _sniff(head, what, size)
+    kind = sniff(head, what, size)
     if kind == "safetensors":
         return _load_safetensors(None, path, what)
     return _torch_load(str(path), what)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from pfnet import zoo
-from pfnet.checkpoint import _looks_like_html, _sniff, max_bytes
+from pfnet.checkpoint import looks_like_html, max_bytes, sniff
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 
 
@@ -202,7 +202,7 @@ def download_url(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress |
                         break
                     if first:
                         first = False
-                        if "text/html" in content_type or _looks_like_html(block):
+                        if "text/html" in content_type or looks_like_html(block):
                             raise unavailable(entry, path, _html_reason(block))
                     done += len(block)
                     if done > limit:
@@ -242,7 +242,7 @@ def _check_looks_like_checkpoint(entry: zoo.ZooEntry, path: Path, downloaded: Pa
     with open(downloaded, "rb") as check:
         head = check.read(64)
     try:
-        _sniff(head, "the downloaded file", size)
+        sniff(head, "the downloaded file", size)
     except CheckpointError as error:
         raise unavailable(entry, path, str(error)) from None
 

@@ -189,7 +189,7 @@ def _mismatch_error(entry: zoo.ZooEntry, state: Mapping[str, torch.Tensor], miss
     return CheckpointError("; ".join(parts) + (". " + "; ".join(details) if details else ""))
 
 
-def _prepare_for(entry: zoo.ZooEntry, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def prepare_for(entry: zoo.ZooEntry, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Check ``state`` against the entry's layout (one clear error), fill BN counters, match dtypes."""
     layout = _layout(entry.arch, _kwargs_key(_arch_kwargs(entry)))
     if layout is None:
@@ -204,7 +204,7 @@ def _prepare_for(entry: zoo.ZooEntry, state: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
-def _matching_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def matching_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     reference = model.state_dict()
     out = {}
     for key, value in state.items():

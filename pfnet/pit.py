@@ -14,11 +14,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.layers import to_2tuple
 from timm.models import register_model
 
 from pfnet.registry import builder_kwargs
 
-from pfnet.vit import LN_EPS, MLP_RATIO, _pair, init_transformer_weights, make_blocks
+from pfnet.vit import LN_EPS, MLP_RATIO, init_transformer_weights, make_blocks
 
 
 class ConvPatchEmbed(nn.Module):
@@ -68,7 +69,7 @@ class PiTMax(nn.Module):
         super().__init__()
         if len(heads) != len(depths):
             raise ValueError("heads and depths must have one entry per stage")
-        height, width = _pair(img_size)
+        height, width = to_2tuple(img_size)
         if height < patch_size or width < patch_size:
             raise ValueError(f"img_size {img_size} is smaller than one {patch_size}px patch")
         dims = [base_dims * h for h in heads]

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from pfnet import zoo
-from pfnet.checkpoint import _short, max_bytes, normalize_state_dict, read_checkpoint  # noqa: F401  (re-exported)
+from pfnet.checkpoint import max_bytes, normalize_state_dict, read_checkpoint, shorten  # noqa: F401  (re-exported)
 from pfnet.download import (GDRIVE_URL, Progress, download_hf, download_url, hf_cached, source_url, unavailable,
                             verify)
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
-from pfnet.fit import Fit, _matching_dtypes, _prepare_for, detect_architecture
+from pfnet.fit import Fit, detect_architecture, matching_dtypes, prepare_for
 
 __all__ = [
     "Fit", "GDRIVE_URL", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
@@ -114,7 +114,7 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"the bundled weights for {entry.name} are missing: expected {path} "
-                "(recreate them with `python -m pfnet.train_demo`, or restore assets/weights from the repository)")
+                "(recreate them with `python -m pfdemo.train`, or restore assets/weights from the repository)")
         verify(entry, path)
         return path
     if path.is_file():
@@ -140,13 +140,13 @@ def load(model_id: str, weights: WeightsArg = None, device: str | torch.device |
         state = read_checkpoint(fetch(model_id))
     else:
         state = read_checkpoint(weights)
-    state = _prepare_for(entry, state)
+    state = prepare_for(entry, state)
     model = entry.build()
-    state = _matching_dtypes(model, state)
+    state = matching_dtypes(model, state)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as error:  # pragma: no cover - _prepare_for checks keys and shapes first
-        raise CheckpointError(f"the checkpoint does not fit {entry.name}: {_short(str(error), 400)}") from None
+    except RuntimeError as error:  # pragma: no cover - prepare_for checks keys and shapes first
+        raise CheckpointError(f"the checkpoint does not fit {entry.name}: {shorten(str(error), 400)}") from None
     # The heatmap alignment was measured for the entry's own weights; other weights are drawn unshifted.
     model.cam_offsets = dict(entry.cam_offsets) if weights is None else {}
     return model.to(target).eval()

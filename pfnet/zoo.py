@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
 import timm
 from torch import nn
 
+from pfnet.assets import assets_dir
 from pfnet.errors import UnknownModelError
 from pfnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = assets_dir()
 DEMO_DIR = ASSETS / "weights"
 DEMO_CARD = DEMO_DIR / "demo_card.json"
 GDRIVE_VIEW_URL = "https://drive.google.com/file/d/{}/view"
@@ -95,10 +95,14 @@ def imagenet_classes() -> tuple[str, ...]:
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def scene_classes() -> tuple[str, ...]:
-    from pfnet.scenes import CLASS_NAMES
+#: The demo models' classes in label order: the shapes ``pfdemo.scenes`` draws (it takes them from here).
+SCENE_CLASSES: tuple[str, ...] = (
+    "circle", "square", "triangle", "star", "cross", "heart", "half_disc", "arrow", "ellipse", "diamond",
+)
 
-    return tuple(CLASS_NAMES)
+
+def scene_classes() -> tuple[str, ...]:
+    return SCENE_CLASSES
 
 
 @lru_cache(maxsize=1)
@@ -115,7 +119,7 @@ def _imagenet(size: int = 224, interpolation: str = "bilinear") -> Preprocess:
 
 
 def _demo_preprocess(card: dict[str, Any]) -> Preprocess:
-    size = int(card.get("input_size", 128))  # each model's card entry (pfnet.train_demo writes it)
+    size = int(card.get("input_size", 128))  # each model's card entry (pfdemo.train writes it)
     # Scenes are drawn at the input size: no crop margin to remove.
     return Preprocess(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
@@ -125,14 +129,14 @@ def _gdrive(model_id: str, file_id: str) -> WeightSource:
 
 
 def _demo(model_id: str, arch: str, name: str) -> ZooEntry:
-    # The card (written by pfnet.train_demo) names models without the "demo_" prefix.
+    # The card (written by pfdemo.train) names models without the "demo_" prefix.
     card = demo_card().get("models", {}).get(model_id.removeprefix("demo_"), {})
     filename = card.get("file", f"{model_id}.safetensors")
     return ZooEntry(
         id=model_id, name=name, arch=arch, family="resnet",
         source=WeightSource("bundled", filename, filename, card.get("sha256")),
         preprocess=_demo_preprocess(card), classes="scenes", arch_kwargs={"width_mult": 0.25},
-        note="Width-0.25 demo model trained on pfnet.scenes; bundled, works offline.",
+        note="Width-0.25 demo model trained on pfdemo.scenes; bundled, works offline.",
         cam_offsets={layer: (float(dy), float(dx)) for layer, (dy, dx) in card.get("cam_offsets", {}).items()},
     )
 

@@ -31,7 +31,7 @@ def _demo_weights_bundled() -> bool:
     return all(weights.weight_status(model_id) == "bundled" for model_id in core.DEMO_DEFAULT)
 
 
-DEMO_MISSING = "bundled demo weights missing in assets/weights (made by `python -m pfnet.train_demo`)"
+DEMO_MISSING = "bundled demo weights missing in assets/weights (made by `pfcam train-demo`)"
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -44,7 +44,8 @@ def png(array: np.ndarray) -> bytes:
 
 def scene_png(index: int) -> bytes:
     """A demo scene at the demo input size, from a stream the app does not offer (seed 31337)."""
-    from pfnet import scenes, zoo
+    from pfdemo import scenes
+    from pfnet import zoo
 
     return png(scenes.render_scene(31337, index, zoo.get("demo_r50").preprocess.input_size).image)
 

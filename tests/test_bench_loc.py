@@ -1,4 +1,4 @@
-"""python -m cams bench-loc end to end on tiny inputs (a tiny random model; the bundled demo model when present)."""
+"""pfcam bench-loc end to end on tiny inputs (a tiny random model; the bundled demo model when present)."""
 from __future__ import annotations
 
 import csv
@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from cams import bench_loc
-from cams.__main__ import main
+from cams.bench_loc import bench as bench_run
+from pfcam.cli import main
+from pfdemo.bench import scene_split
+from pfdemo.scenes import CLASS_NAMES, render_scene
 from pfnet import zoo
 from pfnet.preprocess import Preprocess
-from pfnet.scenes import CLASS_NAMES, render_scene
 
 TINY = "tiny_hybrid"
 GONE = "tiny_missing"
@@ -35,7 +37,7 @@ def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
     """A fake zoo entry TINY (random width-0.25 R50-hybrid at 64 px) and GONE (bundled file missing)."""
     monkeypatch.setitem(zoo.ZOO, TINY, _entry(TINY))
     monkeypatch.setitem(zoo.ZOO, GONE, _entry(GONE))
-    real = bench_loc.load_model
+    real = bench_run.load_model
 
     def load(model_id, device=None):
         if model_id != TINY:
@@ -46,7 +48,7 @@ def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
             model.fc.weight.mul_(1e-3)  # random init saturates the softmax; keep probabilities informative
         return model
 
-    monkeypatch.setattr(bench_loc, "load_model", load)
+    monkeypatch.setattr(bench_run, "load_model", load)
 
 
 def parse_table(text: str) -> tuple[list[str], list[list[str]]]:
@@ -246,10 +248,10 @@ def test_bench_loc_on_the_bundled_demo_model(tmp_path: Path, capsys: pytest.Capt
 
 def test_target_label_explains_the_ground_truth_class(tiny_zoo, capsys: pytest.CaptureFixture):
     entry = zoo.get(TINY)
-    model = bench_loc.load_model(TINY)
-    split = bench_loc.scene_split("test", 5, 6, entry.preprocess, 0)
+    model = bench_run.load_model(TINY)
+    split = scene_split("test", 5, 6, entry.preprocess, 0)
     opts = bench_loc.Options(("layer3", "layer4"), ("gradcam",), batch_size=4, target="label")
-    batches = list(bench_loc._cam_batches(model, split, opts, "gradcam", entry.class_names()))
+    batches = list(bench_loc.cam_batches(model, split, opts, "gradcam", entry.class_names()))
     explained = np.concatenate([batch[3] for batch in batches])
     labels = [CLASS_NAMES.index(sample.labels[0]) for sample in split.samples]
     assert explained.tolist() == labels
@@ -273,14 +275,14 @@ def _csv_rows(path: Path) -> dict[tuple[str, str], dict]:
 
 def test_align_modes_record_the_offsets_they_used(tiny_zoo, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch):
-    real = bench_loc.load_model
+    real = bench_run.load_model
 
     def with_offsets(model_id, device=None):
         model = real(model_id, device)
         model.cam_offsets = {"layer4": (-15.0, -16.0)}
         return model
 
-    monkeypatch.setattr(bench_loc, "load_model", with_offsets)
+    monkeypatch.setattr(bench_run, "load_model", with_offsets)
     common = ["bench-loc", "--models", TINY, "--layers", "layer3,layer4", "--methods", "gradcam", *FAST]
     results = {}
     for mode in ("model", "none", "fit"):
@@ -307,8 +309,7 @@ def test_align_modes_record_the_offsets_they_used(tiny_zoo, tmp_path: Path, caps
 
 def test_fitted_offset_undoes_a_known_displacement_on_user_boxes(tmp_path: Path):
     """Region from boxes (no masks): peaks 6 px right of every box centre are moved back."""
-    from cams.loc_data import Sample, Split
-    from cams.loc_scoring import _fit_offsets
+    from cams.bench_loc import Sample, Split, fit_offsets
 
     samples, maps = [], []
     for index in range(12):
@@ -318,8 +319,8 @@ def test_fitted_offset_undoes_a_known_displacement_on_user_boxes(tmp_path: Path)
         heat[cy, cx + 6] = 1.0
         maps.append(heat)
     split = Split("validation", samples, lambda a, b: torch.zeros(b - a, 3, 64, 64), 64)
-    assert _fit_offsets([maps], split, [16]) == [(0.0, -6.0)]
-    assert _fit_offsets([maps], split, [4]) == [(0.0, -4.0)]  # never more than one cell
+    assert fit_offsets([maps], split, [16]) == [(0.0, -6.0)]
+    assert fit_offsets([maps], split, [4]) == [(0.0, -4.0)]  # never more than one cell
 
 
 @pytest.mark.slow

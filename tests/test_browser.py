@@ -62,7 +62,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def scene_file(tmp_path: Path) -> Path:
     """A demo scene (not one of the app's own examples) written as a PNG, to upload like a user would."""
-    from pfnet import scenes, zoo
+    from pfdemo import scenes
+    from pfnet import zoo
 
     scene = scenes.render_scene(4242, 3, zoo.get("demo_r50").preprocess.input_size)
     path = tmp_path / f"my_{scene.class_name}.png"
@@ -99,7 +100,7 @@ def test_upload_in_chromium_renders_non_blank_heatmaps(tmp_path):
     from pfnet import weights
 
     if not all(weights.weight_status(model_id) == "bundled" for model_id in ("demo_r50", "demo_r50_hybrid")):
-        pytest.skip("bundled demo weights missing in assets/weights (made by `python -m pfnet.train_demo`)")
+        pytest.skip("bundled demo weights missing in assets/weights (made by `pfcam train-demo`)")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pfnet.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, TEST_SEED, TRAIN_SEED
-from pfnet.train_demo import accuracy, build, load_demo, pointing_game
+from pfdemo.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, TEST_SEED, TRAIN_SEED
+from pfdemo.scoring import accuracy, pointing_game
+from pfdemo.train import build, load_demo
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "weights"
 if not (WEIGHTS / "demo_card.json").is_file():
-    pytest.skip("demo weights not trained yet: python -m pfnet.train_demo --model ...", allow_module_level=True)
+    pytest.skip("demo weights not trained yet: pfcam train-demo --model ...", allow_module_level=True)
 CARD = json.loads((WEIGHTS / "demo_card.json").read_text())
 MODELS = {"r50": "conv", "r50_max": "max", "r50_hybrid": "hybrid"}
 SHIPPED = sorted(CARD.get("models", {}))

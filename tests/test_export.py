@@ -23,6 +23,7 @@ import cams.engine
 from cams.export import MANIFEST_COLUMNS, ExportError, collect_inputs, run_export, safe_name, zip_directory
 from pfnet import PFResNet, zoo
 from pfnet.preprocess import Preprocess
+from pfnet.version import __version__
 
 CLASSES = [f"shape {i}" for i in range(10)]
 
@@ -187,6 +188,7 @@ def test_manifest_json_and_csv(first_run):
     base, _, _, report, _ = first_run
     manifest = json.loads((base / "out" / "manifest.json").read_text())
     assert {"pfcam", "torch", "timm"} <= set(manifest["versions"])
+    assert manifest["versions"]["pfcam"] == __version__  # the one version string
     assert manifest["versions"]["torch"] == torch.__version__
     settings = manifest["settings"]
     assert settings["method"] == "gradcam" and settings["topk"] == 1 and settings["mode"] == "full"
@@ -409,7 +411,7 @@ def demo_checkpoint(folder: Path) -> Path:
 
 
 def test_cli_export_with_a_weights_file(tmp_path, capsys, pfcam_cache):
-    from cams.__main__ import main
+    from pfcam.cli import main
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -443,7 +445,7 @@ def test_cli_export_with_a_weights_file(tmp_path, capsys, pfcam_cache):
 
 
 def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_cache):
-    from cams.__main__ import main
+    from pfcam.cli import main
 
     noise(20, 20).save(tmp_path / "a.png")
     code = main(["export", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--models", "r50_hybrid,nope"])
@@ -455,7 +457,7 @@ def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_ca
 
 
 def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
-    from cams.__main__ import main
+    from pfcam.cli import main
     from pfnet.weights import weight_status
 
     if any(weight_status(model_id) != "bundled" for model_id in ("demo_r50", "demo_r50_hybrid")):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfnet.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, LUMA, MIN_LUMA_CONTRAST, PLAIN_DARK, \
+from pfdemo.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, LUMA, MIN_LUMA_CONTRAST, PLAIN_DARK, \
     PLAIN_LIGHT, Scene, SceneDataset, render_scene, scene_batch, to_tensor
 
 SIZES = (128, 160, 224)

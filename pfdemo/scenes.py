@@ -27,13 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-CLASS_NAMES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross", "heart", "half_disc", "arrow", "ellipse", "diamond",
-)
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from pfnet.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from pfnet.zoo import SCENE_CLASSES as CLASS_NAMES  # the demo models' head: label i is shape i below
 
-#: Seeds used by ``pfnet.train_demo``: training streams ``TRAIN_SEED`` (indices 0, 1, 2, ...), evaluation
+#: Seeds used by ``pfdemo.train``: training streams ``TRAIN_SEED`` (indices 0, 1, 2, ...), evaluation
 #: uses ``TEST_SEED``; tests use yet another seed. Different seeds give independent streams.
 TRAIN_SEED = 0
 TEST_SEED = 2022

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import platform
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,8 +16,9 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from cams.export_inputs import _inside
+from cams.export.inputs import inside
 from pfnet.errors import PfnetError
+from pfnet.version import __version__
 
 
 MANIFEST_COLUMNS = ("image", "image_dir", "model", "layer", "method", "rank", "class_id", "class_name",
@@ -31,7 +31,7 @@ class ExportError(PfnetError):
     """An export that cannot start (bad settings, an output folder that is not ours to write)."""
 
 
-def _ensure_dir(root: Path, *parts: str) -> Path:
+def ensure_dir(root: Path, *parts: str) -> Path:
     """``root/parts...`` created as real directories inside ``root`` (never through a symlink)."""
     folder = root
     for part in parts:
@@ -41,7 +41,7 @@ def _ensure_dir(root: Path, *parts: str) -> Path:
         if folder.is_symlink():
             raise ExportError(f"refusing to write through the symbolic link {folder}")
         folder.mkdir(exist_ok=True)
-    if not _inside(folder, root):
+    if not inside(folder, root):
         raise ExportError(f"refusing to write outside {root}: {folder}")
     return folder
 
@@ -62,16 +62,16 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
-def _write_png(path: Path, image: Image.Image) -> None:
+def write_png(path: Path, image: Image.Image) -> None:
     _atomic_write(path, lambda stream: image.save(stream, format="PNG", compress_level=1))
 
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
+def write_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda stream: np.save(stream, np.ascontiguousarray(array, dtype=np.float32),
                                                allow_pickle=False))
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
@@ -81,11 +81,11 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def _key(layer: str, rank: int) -> str:
+def entry_key(layer: str, rank: int) -> str:
     return f"{layer}|{rank}"
 
 
-def _read_state(path: Path) -> dict[str, Any] | None:
+def read_state(path: Path) -> dict[str, Any] | None:
     """An earlier run's record for one image and model, or None if absent or unusable."""
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -96,7 +96,7 @@ def _read_state(path: Path) -> dict[str, Any] | None:
     return state
 
 
-def _usable(root: Path, entry: Any) -> bool:
+def usable_entry(root: Path, entry: Any) -> bool:
     """An earlier run's entry that is well-formed and whose files are still there (inside ``root``)."""
     if not isinstance(entry, dict):
         return False
@@ -108,12 +108,12 @@ def _usable(root: Path, entry: Any) -> bool:
         if not isinstance(relative, str) or not relative:
             return False
         path = root / relative
-        if ".." in PurePosixPath(relative).parts or not _inside(path, root) or not path.is_file():
+        if ".." in PurePosixPath(relative).parts or not inside(path, root) or not path.is_file():
             return False
     return True
 
 
-def _check_out_dir(out: Path) -> Path:
+def check_out_dir(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ExportError(f"the output path {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -133,43 +133,16 @@ def _check_out_dir(out: Path) -> Path:
     return root
 
 
-def _pfcam_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("pfcam")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        pass
-    for module in ("cams", "pfnet"):
-        value = getattr(sys.modules.get(module), "__version__", None)
-        if value:
-            return str(value)
-    head = Path(__file__).resolve().parent.parent / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            ref_path = head.parent / ref[5:]
-            commit = ref_path.read_text().strip() if ref_path.is_file() else ""
-            if not commit:
-                packed = (head.parent / "packed-refs").read_text()
-                commit = next((line.split()[0] for line in packed.splitlines() if line.endswith(" " + ref[5:])), "")
-        else:
-            commit = ref
-        return f"0+git.{commit[:10]}" if commit else "unknown"
-    except (OSError, StopIteration):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import PIL
     import timm
     import torch
 
-    return {"pfcam": _pfcam_version(), "python": platform.python_version(), "torch": torch.__version__,
+    return {"pfcam": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -216,12 +189,12 @@ class ExportReport:
         return self.out_dir / "manifest.csv"
 
 
-def _write_manifests(root: Path, report: ExportReport) -> None:
+def write_manifests(root: Path, report: ExportReport) -> None:
     """``manifest.json`` (``report.manifest``) and ``manifest.csv`` (``report.rows``, columns MANIFEST_COLUMNS)."""
-    _write_text(root / "manifest.json", json.dumps(report.manifest, indent=1, ensure_ascii=False, default=str))
+    write_text(root / "manifest.json", json.dumps(report.manifest, indent=1, ensure_ascii=False, default=str))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(MANIFEST_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
         writer.writerow({key: _csv_cell(value) for key, value in row.items()})
-    _write_text(root / "manifest.csv", buffer.getvalue())
+    write_text(root / "manifest.csv", buffer.getvalue())

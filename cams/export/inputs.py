@@ -39,7 +39,7 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
-def _short_hash(key: str) -> str:
+def short_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
@@ -55,7 +55,7 @@ class InputItem:
 
     @property
     def folder(self) -> str:
-        return f"{safe_name(self.stem, STEM_CHARS, 'image')}-{_short_hash(self.key)}"
+        return f"{safe_name(self.stem, STEM_CHARS, 'image')}-{short_hash(self.key)}"
 
     def load(self) -> Image.Image:
         return load_image(self.path if self.data is None else self.data, name=self.label)
@@ -72,7 +72,7 @@ def _upload_item(name: object, data: object) -> InputItem:
     return InputItem(label, key, stem, None, data)
 
 
-def _inside(path: Path, root: Path | None) -> bool:
+def inside(path: Path, root: Path | None) -> bool:
     if root is None:
         return False
     try:
@@ -113,15 +113,15 @@ def collect_inputs(sources: Iterable[str | os.PathLike | UploadSource],
             continue
         path = Path(source)
         if path.is_dir():
-            if _inside(path, root):
+            if inside(path, root):
                 skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "inside the output folder"})
                 continue
             for folder, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not _inside(Path(folder, d), root))
+                dirs[:] = sorted(d for d in dirs if not inside(Path(folder, d), root))
                 for name in sorted(files):
                     add_file(Path(folder, name))
         elif path.is_file():
-            if not _inside(path, root):
+            if not inside(path, root):
                 add_file(path)
         elif path.exists() or path.is_symlink():
             skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "not a regular file"})

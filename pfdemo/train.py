@@ -1,12 +1,13 @@
 """Train the bundled demo models (width 0.25 R50 / R50-max / R50-hybrid) on procedural scenes.
 
-    python -m pfnet.train_demo --model r50|r50_max|r50_hybrid [--minutes M] [--size S] [--out assets/weights]
+    pfcam train-demo --model r50|r50_max|r50_hybrid [--minutes M] [--size S] [--out assets/weights]
+    python -m pfdemo.train ...  (the same)
 
 Training reads an infinite stream of fresh scenes (``scenes.TRAIN_SEED``, batch k = indices 32k..32k+31);
 evaluation uses the disjoint stream ``scenes.TEST_SEED``: accuracy on 1,000 scenes and the Grad-CAM pointing
 game at ``layer4`` on the first 500 of them, measured on the fp16 weights that are shipped. The run writes
 ``demo_<model>.safetensors`` (fp16, keys exactly ``PFResNet.state_dict()``) and updates ``demo_card.json`` and
-``DEMO_CARD.md`` in ``--out``.
+``DEMO_CARD.md`` in ``--out``. The scoring is :mod:`pfdemo.scoring`'s.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -26,14 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
 
+from pfdemo.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, TEST_SEED, TRAIN_SEED, scene_batch
+from pfdemo.scoring import CALIBRATION_N, CALIBRATION_SEED, accuracy, localization
+from pfnet.assets import assets_dir
 from pfnet.resnet import PFResNet
-from pfnet.scenes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, TEST_SEED, TRAIN_SEED, render_scene, \
-    scene_batch
 
 MODELS = {"r50": "conv", "r50_max": "max", "r50_hybrid": "hybrid"}
 TIMM_NAMES = {"r50": "resnet50_pf", "r50_max": "resnet50_max", "r50_hybrid": "resnet50_hybrid"}
 WIDTH_MULT = 0.25
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "weights"
+DEFAULT_OUT = assets_dir() / "weights"
 
 
 def build(model: str) -> PFResNet:
@@ -155,111 +157,6 @@ def train(net: PFResNet, minutes: float, size: int, batch: int = 32, lr: float =
     return {"steps": step, "images": seen, "minutes": round(minutes_used, 2)}
 
 
-@torch.no_grad()
-def accuracy(net: torch.nn.Module, size: int, n: int = 1000, seed: int = TEST_SEED, batch: int = 100) -> float:
-    net.eval()
-    correct = 0
-    for lo in range(0, n, batch):
-        x, y, _ = scene_batch(seed, range(lo, min(lo + batch, n)), size)
-        correct += int((net(x).argmax(1) == y).sum())
-    return correct / n
-
-
-EVAL_LAYERS = ("layer4", "layer3")
-CALIBRATION_SEED = TEST_SEED + 1  # bench-loc's validation stream: the alignment is chosen there, never on the test
-CALIBRATION_N = 300
-#: The offset is a property of the layer, not of the method: it is fitted from the peaks of each of these and
-#: recorded only where they agree (every fit within AGREEMENT_PX of the median, per axis).
-FIT_METHODS = ("gradcam", "gradcampp", "layercam")
-AGREEMENT_PX = 2.0
-
-
-def label_maps(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, layers: Sequence[str],
-               method: str = "gradcam", align: str | dict = "none") -> np.ndarray:
-    """Heatmaps [N, L, H, W] of each image's ground-truth class (``cams.explain``: every class in one gradient
-    call, then the label's maps)."""
-    from cams.engine import explain  # the engine is above pfnet; imported only when scoring
-
-    result = explain(net, x, list(layers), method=method, targets=list(range(len(CLASS_NAMES))), align=align)
-    return result.heatmaps[torch.arange(len(x)), labels].numpy()
-
-
-def fit_alignment(net: torch.nn.Module, size: int, layers: Sequence[str] = EVAL_LAYERS, n: int = CALIBRATION_N,
-                  seed: int = CALIBRATION_SEED, batch: int = 50) -> dict[str, dict]:
-    """Per layer: the offset (dy, dx) fitted (``cams.align.fit_offset``) from the unaligned peaks of each of
-    :data:`FIT_METHODS` on ``n`` scenes of the validation stream, and ``offset``, their per-axis median when
-    all agree within :data:`AGREEMENT_PX`, else None (the layer is drawn unshifted)."""
-    from cams.align import fit_offset, layer_strides, peak
-
-    peaks = {method: {layer: [] for layer in layers} for method in FIT_METHODS}
-    masks = []
-    net.eval()
-    for lo in range(0, n, batch):
-        x, y, scenes = scene_batch(seed, range(lo, min(lo + batch, n)), size)
-        masks += [sc.mask for sc in scenes]
-        for method in FIT_METHODS:
-            maps = label_maps(net, x, y, layers, method)
-            for position, layer in enumerate(layers):
-                peaks[method][layer] += [peak(m) for m in maps[:, position]]
-    report = {}
-    for layer, stride in zip(layers, layer_strides(net, layers, (size, size))):  # search at most one cell
-        fits = {method: fit_offset(peaks[method][layer], masks, max_shift=stride) for method in FIT_METHODS}
-        values = np.array(list(fits.values()))
-        median = np.median(values, axis=0)
-        agree = bool(np.all(np.abs(values - median) <= AGREEMENT_PX))
-        report[layer] = {"fits": {m: list(v) for m, v in fits.items()},
-                         "offset": [float(v) for v in median] if agree else None}
-    return report
-
-
-def pointing_game(net: torch.nn.Module, size: int, n: int = 500, seed: int = TEST_SEED, layer: str = "layer4",
-                  offset: tuple[float, float] | None = None, batch: int = 50) -> dict:
-    """Pointing game with the ground-truth class: hit if the peak is within 15*S/224 px of the mask (and
-    strict: inside it); a flat map is a miss. Also the centred (peak = image centre) and uniform-random
-    (expected) baselines. ``offset``: the heatmap alignment (None: unaligned)."""
-    from cams.metrics import is_flat, pointing_game as hit, pointing_tolerance
-
-    tol = pointing_tolerance((size, size))
-    hits = strict = centre = centre_strict = flat = 0
-    rand = rand_strict = 0.0
-    net.eval()
-    for lo in range(0, n, batch):
-        x, y, scenes = scene_batch(seed, range(lo, min(lo + batch, n)), size)
-        align = {layer: offset} if offset is not None else "none"
-        for heatmap, sc in zip(label_maps(net, x, y, [layer], "gradcam", align)[:, 0], scenes):
-            dist = cv2.distanceTransform((~sc.mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-            flat += is_flat(heatmap)
-            hits += hit(heatmap, mask=sc.mask)
-            strict += hit(heatmap, mask=sc.mask, tolerance=0)
-            cr = cc = size // 2
-            centre += int(dist[cr, cc] <= tol)
-            centre_strict += bool(sc.mask[cr, cc])
-            rand += float((dist <= tol).mean())
-            rand_strict += float(sc.mask.mean())
-    result = {"layer": layer, "n": n, "tolerance_px": round(tol, 2),
-              "hit_15px": round(hits / n, 4), "hit_strict": round(strict / n, 4), "flat_maps": flat,
-              "centre_baseline_15px": round(centre / n, 4), "centre_baseline_strict": round(centre_strict / n, 4),
-              "random_baseline_15px": round(rand / n, 4), "random_baseline_strict": round(rand_strict / n, 4)}
-    if offset is not None:
-        result["offset"] = [float(offset[0]), float(offset[1])]
-    return result
-
-
-def localization(net: torch.nn.Module, size: int) -> dict:
-    """The card's localization figures: the fitted offsets, and per layer the Grad-CAM pointing game drawn with
-    the recorded offset and unaligned."""
-    fits = fit_alignment(net, size)
-    offsets = {layer: fit["offset"] for layer, fit in fits.items() if fit["offset"] is not None}
-    report = {"cam_offsets": offsets, "cam_offset_fits": {layer: fit["fits"] for layer, fit in fits.items()}}
-    for layer in EVAL_LAYERS:
-        suffix = "" if layer == "layer4" else f"_{layer}"
-        unaligned = pointing_game(net, size, layer=layer)
-        report[f"pointing_game{suffix}_unaligned"] = unaligned
-        report[f"pointing_game{suffix}"] = (pointing_game(net, size, layer=layer, offset=tuple(offsets[layer]))
-                                            if layer in offsets else unaligned)
-    return report
-
-
 def fp16_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
 
@@ -280,7 +177,7 @@ def sha256(path: str | Path) -> str:
 
 
 NOTES = """\
-Scenes (`pfnet/scenes.py`): one solid shape per image (10 classes), random colour / size (28-46 % of the side) /
+Scenes (`pfdemo/scenes.py`): one solid shape per image (10 classes), random colour / size (28-46 % of the side) /
 rotation / position (uniform, always fully inside), on a gradient + colour-noise + texture background with thin
 distractor strokes, arcs and dots. Only solid, compact shapes are used.
 
@@ -330,7 +227,7 @@ def write_card(out: Path, card: dict) -> None:
     sizes = ", ".join(f"{name} {m['input_size']} px" for name, m in models.items())
     lines = ["# Demo models: PF ResNets on procedural scenes", "",
              "Offline default for pfcam: width-0.25 R50, R50-max and R50-hybrid (stem 64 channels as in the "
-             "official code) trained from scratch on CPU on `pfnet.scenes` shapes, so that Grad-CAM heatmaps can "
+             "official code) trained from scratch on CPU on `pfdemo.scenes` shapes, so that Grad-CAM heatmaps can "
              "be checked against ground-truth boxes and masks.", "",
              f"- input size: {sizes} (whole image squashed, no crop)",
              f"- normalization: ImageNet mean {card['mean']} / std {card['std']}",
@@ -362,7 +259,7 @@ def write_card(out: Path, card: dict) -> None:
     (out / "DEMO_CARD.md").write_text("\n".join(lines))
 
 
-def _size_phases(size: int) -> list[list]:
+def size_phases(size: int) -> list[list]:
     """The schedule as the card records it: [end fraction, px] per phase, merging phases of equal size."""
     phases: list[list] = []
     for end, _ in SIZE_SCHEDULE:
@@ -397,11 +294,18 @@ def _read_card(out: Path) -> dict:
     return card
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _input_size(text: str) -> int:
+    size = int(text)
+    if not 128 <= size <= 224:
+        raise argparse.ArgumentTypeError(f"must be between 128 and 224, got {text}")
+    return size
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The trainer's options, on ``p`` (``pfcam train-demo`` and ``python -m pfdemo.train`` share them)."""
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--minutes", type=float, default=15.0)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--size", type=_input_size, default=128, help="evaluation input size, 128-224 px")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=32)
@@ -411,9 +315,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--score-only", action="store_true",
                    help="do not train: re-score the weights already in --out and update their card entry")
-    args = p.parse_args(argv)
-    if not 128 <= args.size <= 224:
-        p.error("--size must be between 128 and 224")
+    p.set_defaults(handler=train_demo_command)
+    return p
+
+
+def add_train_demo_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``train-demo`` on an ``argparse`` subparsers object (``pfcam train-demo``)."""
+    return configure_parser(subparsers.add_parser(
+        "train-demo", help="train (or re-score) a bundled demo model on procedural scenes",
+        description=__doc__.splitlines()[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = configure_parser(argparse.ArgumentParser(prog="python -m pfdemo.train",
+                                                      description=__doc__.splitlines()[0]))
+    return train_demo_command(parser.parse_args(argv))
+
+
+def train_demo_command(args: argparse.Namespace) -> int:
+    """Train (or with ``--score-only`` re-score) one demo model and update the card; returns the exit status."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -423,10 +343,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.score_only:
         entry = card["models"].get(args.model)
-        if entry is None or not path.is_file():
-            p.error(f"no card entry and weights for {args.model} in {args.out}")
-        if entry.get("sha256") != sha256(path):
-            p.error(f"{path} is not the file its card entry describes (sha256 differs)")
+        problem = ("" if entry is not None and path.is_file() else f"no card entry and weights for {args.model} "
+                   f"in {args.out}")
+        if not problem and entry.get("sha256") != sha256(path):
+            problem = f"{path} is not the file its card entry describes (sha256 differs)"
+        if problem:
+            print(f"train-demo: error: {problem}", file=sys.stderr)
+            return 2
         entry.update(score(args.model, path, entry["input_size"]))
     else:
         net = build(args.model)
@@ -444,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": {"optimizer": "AdamW", "lr": args.lr, "weight_decay": 0.05, "schedule":
                        "one-cycle on wall clock (10% warm-up, cosine)", "batch": args.batch, "label_smoothing": 0.1,
                        "input_size": args.size,
-                       "size_schedule": _size_phases(args.size),
+                       "size_schedule": size_phases(args.size),
                        "scene_curriculum": f"palette and clutter 0 -> 1: linear over the first {DIFFICULTY_RAMP:.0%}"
                                            " of the budget, held back while running train accuracy < 0.8",
                        "aux_localization_loss": args.aux_weight,

@@ -1,5 +1,6 @@
-"""The images ``bench-loc`` scores: held-out pfnet scenes, or the user's folder with ``boxes.csv`` / Pascal-VOC XML
-boxes, as validation and test splits in network-input geometry."""
+"""The images ``bench-loc`` scores, as validation and test splits in network-input geometry. The caller chooses
+where they come from (a :class:`DataSource`): :class:`FolderData` is the user's folder with ``boxes.csv`` /
+Pascal-VOC XML boxes; the demo scenes (``pfdemo.bench.SceneData``) are the command line's default."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +8,7 @@ import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -17,15 +18,7 @@ from cams import metrics as M
 
 MAX_ANNOTATION_BYTES = 4 * 1024 * 1024
 CSV_NAME = "boxes.csv"
-
-
-def _scene_seeds() -> tuple[int, int]:
-    from pfnet import scenes
-
-    return int(getattr(scenes, "TRAIN_SEED", 0)), int(getattr(scenes, "TEST_SEED", 2022))
-
-
-TRAIN_SEED, TEST_SEED = _scene_seeds()
+DEFAULT_SEED = 2022  # a folder's shuffle seed when none is given
 
 
 class BenchError(Exception):
@@ -54,20 +47,30 @@ class Split:
         return len(self.samples)
 
 
-def scene_split(name: str, seed: int, n: int, preprocess, stream: int) -> Split:
-    """``n`` scenes of stream ``seed`` at the entry's input size (mode "full": scene == input geometry)."""
-    from pfnet.scenes import CLASS_NAMES, render_scene, to_tensor
+class DataSource(Protocol):
+    """Where bench-loc's images come from. ``run_bench`` asks it for each model's splits."""
 
-    size = int(preprocess.input_size)
-    scenes = [render_scene(seed, index, size) for index in range(n)]
-    images = np.stack([scene.image for scene in scenes]) if scenes else np.zeros((0, size, size, 3), np.uint8)
-    samples = [Sample(f"scene {seed}/{index}", [tuple(float(v) for v in scene.box)], scene.mask,
-                      (CLASS_NAMES[scene.label],)) for index, scene in enumerate(scenes)]
+    seed: int            # the source's seed; it also seeds the uniform-random reference heatmaps
+    region: str          # what the pointing game aims at, for the caption: "mask" or "box(es)"
+    problems: list[str]  # unusable inputs met so far (reported, then skipped)
 
-    def tensors(start: int, stop: int) -> torch.Tensor:
-        return to_tensor(images[start:stop], preprocess.mean, preprocess.std)
+    def skip_reason(self, entry: Any) -> str | None:
+        """Why the zoo entry's model cannot be scored on these images, or None."""
 
-    return Split(name, samples, tensors, size, stream)
+    def splits(self, preprocess: Any, n: int, val_n: int, log: Callable[[str], None]) -> tuple[Split | None, Split]:
+        """(validation or None, test) at the preprocessing's input size; the same images for every model."""
+
+    def describe(self, n_test: int, n_val: int | None, sizes: str) -> tuple[str, str]:
+        """For the caption: what the test images are, and where the validation images come from ("" if none)."""
+
+
+@dataclass(frozen=True)
+class DefaultData:
+    """The data the command line uses without ``--data``, chosen by whoever registers the command."""
+
+    make: Callable[[int | None], DataSource]  # --seed (None: the source's default) -> the source
+    description: str  # what the images are, for --help
+    seed_help: str    # what --seed means for them
 
 
 @dataclass
@@ -262,3 +265,33 @@ def data_splits(annotations: list[Annotation], preprocess, n: int, val_n: int, s
     result = (make("validation", val_items, 1) if val_items else None, make("test", test_items, 0))
     cache[preprocess] = result
     return result
+
+
+class FolderData:
+    """A folder of the user's images with boxes (``--data DIR``; :func:`read_annotations`), shuffled with ``seed``
+    into validation and test splits (:func:`data_splits`)."""
+
+    region = "box(es)"
+
+    def __init__(self, folder: str | Path, seed: int | None = None):
+        self.name = str(folder)
+        self.seed = DEFAULT_SEED if seed is None else int(seed)
+        self.problems: list[str] = []
+        self.annotations = read_annotations(folder, self.problems)
+        if not self.annotations:
+            raise BenchError(f"--data {folder}: no image with usable boxes" +
+                             (f" ({len(self.problems)} problem(s) reported)" if self.problems else ""))
+        self._cache: dict = {}
+
+    def skip_reason(self, entry: Any) -> str | None:
+        return None
+
+    def splits(self, preprocess: Any, n: int, val_n: int, log: Callable[[str], None]) -> tuple[Split | None, Split]:
+        val, test = data_splits(self.annotations, preprocess, n, val_n, self.seed, self.problems, self._cache)
+        if not len(test):
+            raise BenchError(f"--data {self.name}: no usable test image")
+        return val, test
+
+    def describe(self, n_test: int, n_val: int | None, sizes: str) -> tuple[str, str]:
+        return (f"{n_test} test images of {self.name} (mode full, boxes mapped to {sizes} px input)",
+                f"on {n_val} validation images of the same folder (disjoint)" if n_val is not None else "")

@@ -1,0 +1,61 @@
+"""bench-loc (``pfcam bench-loc``, ``run_bench``): how well do the CAMs of each model x layer x method localize
+the object?
+
+One table, one row per model x layer x method plus two reference rows per model (a centred Gaussian and
+seeded uniform noise used as heatmaps on the same images), with the columns
+
+    accuracy | pointing game (15 px) | pointing game (strict) | energy in box | box accuracy | deletion AUC |
+    insertion AUC
+
+(definitions in :mod:`cams.metrics`). Every number is a mean over images, in [0, 1].
+
+Data
+----
+The caller gives the images (a :class:`DataSource`: validation and test splits per preprocessing):
+
+* the command line's default, from ``pfdemo.bench.SceneData``: held-out ``pfdemo.scenes`` rendered at each
+  model's input size (preprocessing mode "full": the scene *is* the network input, so scene boxes and masks are
+  already in heatmap geometry). The test split is stream ``--seed`` (default ``pfdemo.scenes.TEST_SEED``, the
+  held-out stream of ``pfdemo.train``), indices ``0 .. n-1``; the box-accuracy threshold is chosen on a separate
+  validation split, stream ``--seed + 1`` indices ``0 .. val_n-1``. Neither may be the training stream.
+* :class:`FolderData` (``--data DIR``): a folder of the user's images with boxes, either ``DIR/boxes.csv`` (columns
+  ``image,x0,y0,x1,y1[,label]``; ``image`` is a path relative to DIR; coordinates are original-image pixels,
+  ``(x0, y0)`` the top-left and ``(x1, y1)`` the bottom-right corner, exclusive; several rows per image are
+  several objects) or, for images the CSV does not list, a Pascal-VOC XML file with the image's stem
+  (``<object><name/><bndbox><xmin/>..</bndbox></object>``; VOC corners are 1-based inclusive pixels, read as
+  ``(xmin - 1, ymin - 1, xmax, ymax)``). Several objects: the *any-object* rule of :mod:`cams.metrics`
+  (pointing game and energy on the union of the boxes; box accuracy: IoU >= 0.5 with any box). Images are read
+  with :func:`cams.images.load_image`, preprocessed by each model's zoo entry in mode "full", and the boxes
+  mapped into input geometry with :func:`cams.metrics.map_box`. Unreadable images or annotations are reported
+  on stderr and skipped. The images are shuffled with ``--seed`` (default
+  :data:`DEFAULT_SEED`); up to ``val_n`` of them (at most half) form
+  the validation split for the threshold, up to ``n`` of the rest are the test split. Accuracy counts the
+  images whose labels name one of the model's classes (a hit when the top-1 class is any of them).
+
+Regions: the pointing game uses the object mask where there is one (scenes) and the boxes otherwise; "energy in
+box" always uses the box(es); box accuracy compares boxes.
+
+What is explained: by default each image's top-1 class (``cams.explain(targets=None)``), as in the CAM
+"top-1 localization" protocol, so a misclassified image is scored on the CAM of the wrong class; with
+``--target label`` the ground-truth class (Zhang et al.'s cued pointing game; all classes go through the
+engine at once, so only for heads of at most 64 classes). Deletion/insertion follow the probability of the
+explained class. One ``explain`` call per batch per method covers all layers. Deletion/insertion are costly and
+run on the first ``--faith-n`` test images only; the table caption says so.
+"""
+from cams.bench_loc.bench import (DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N, DEFAULT_VAL_N,
+                                  BenchResult, NothingEvaluated, run_bench)
+from cams.bench_loc.cli import add_bench_loc_parser, main_bench_loc
+from cams.bench_loc.data import (CSV_NAME, DEFAULT_SEED, Annotation, BenchError, DataSource, DefaultData, FolderData,
+                                 Sample, Split, data_splits, read_annotations)
+from cams.bench_loc.scoring import GAUSSIAN, RANDOM, Options, Row, cam_batches, evaluate_model, fit_offsets
+from cams.bench_loc.table import KEYS, format_markdown, format_table, write_csv
+
+__all__ = [
+    "run_bench", "BenchResult", "BenchError", "NothingEvaluated", "DEFAULT_MODELS", "DEFAULT_LAYERS",
+    "DEFAULT_METHODS", "DEFAULT_N", "DEFAULT_VAL_N",
+    "DataSource", "DefaultData", "FolderData", "Sample", "Split", "Annotation", "read_annotations", "data_splits",
+    "CSV_NAME", "DEFAULT_SEED",
+    "Options", "Row", "evaluate_model", "cam_batches", "fit_offsets", "GAUSSIAN", "RANDOM",
+    "KEYS", "format_table", "format_markdown", "write_csv",
+    "add_bench_loc_parser", "main_bench_loc",
+]

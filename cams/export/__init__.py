@@ -1,0 +1,62 @@
+"""Batch export of CAM overlays, raw heatmaps, comparison grids and a manifest (CLI, app folder export and ZIP).
+
+The family: ``plan`` (what each model computes, and whether an image still needs it), ``executor`` (carrying a
+plan out here: explain per batch, draw and write on a writer thread), ``run`` (``run_export``: inputs -> plan ->
+executor -> manifests), ``inputs`` (files, folders, uploads; safe names), ``files`` (atomic writes, records,
+manifests, ``ExportReport``), ``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
+
+Folder layout written under ``OUT`` (every name component is sanitised: ASCII letters, digits, ``.``, ``_``
+and ``-`` only, no leading dot, length-capped; nothing is ever written outside ``OUT``)::
+
+    OUT/
+      manifest.json                       the run: versions, settings, timestamps, images, rows, skipped inputs
+      manifest.csv                        one row per image x model x layer x target rank (MANIFEST_COLUMNS)
+      <stem>-<hash8>/                     one folder per input image
+        grid__<method>__top<k>.png        rows = models, columns = layers, caption = class + probability
+        <model>/
+          <layer>__<method>__top<k>-<class>.png   overlay on the ORIGINAL image, at its size (EXIF-upright)
+          <layer>__<method>__top<k>-<class>.npy   raw heatmap, float32 [S, S] in [0, 1] at the network's input
+                                                  resolution S; it covers ``crop_box`` of the original image
+          results__<method>.json          what was computed for this image and model (read by re-runs)
+
+``<stem>`` is the input's file name without extension (for uploads, the last path component of the upload
+name), ``<hash8>`` the first 8 hex digits of the SHA-256 of the source: the absolute path of a file, or
+``upload:<name>:<sha256 of the bytes>`` of an upload. ``<k>`` is the target rank (1 = the top class),
+``<class>`` the class name (``class<id>`` without names). ``--mode center`` heatmaps cover the central crop
+only: the overlay dims the rest and outlines the crop.
+
+Manifest rows: ``manifest.csv`` has exactly the columns ``MANIFEST_COLUMNS``::
+
+    image, image_dir, model, layer, method, rank, class_id, class_name, probability, overlay, heatmap, grid, status
+
+``image`` is the input as given (path or upload name), ``image_dir`` its folder, ``rank`` the target rank
+(1 = top class), ``probability`` the softmax probability of ``class_id``, ``overlay``/``heatmap``/``grid`` paths
+relative to ``OUT`` (POSIX separators), ``status`` ``computed`` (written by this run), ``existing`` (kept from an
+earlier run) or ``stale`` (kept from an earlier run made with other mode/colormap/opacity/input size/heatmap
+alignment: the files on disk are the earlier ones; pass ``overwrite=True`` to redo them).
+``manifest.json["rows"]`` has the same keys plus ``crop_box`` ([left, top,
+right, bottom] in the original's pixels) and ``input_size`` (S). ``manifest.json`` also holds ``format``,
+``versions`` (pfcam, python, torch, timm, pillow, numpy), ``settings``, ``started_at``/``finished_at`` (UTC,
+ISO 8601), ``columns``, ``images`` (every readable or bad input, with size or reason), ``skipped`` (bad and
+unsupported inputs: ``input``, ``stage`` "scan" or "load", ``reason``) and ``warnings``. Text cells a
+spreadsheet would run as a formula (starting with ``= + - @``) are prefixed with ``'`` in the CSV only.
+
+Re-runs: an image whose outputs for a model (every requested layer and rank, this method) all exist is not
+recomputed; existing files are never replaced unless ``overwrite`` (an image's grid is redrawn when it gains
+new results). The manifests always describe the whole latest run (existing outputs included). Every file is
+written to a temporary name and moved into place (``os.replace``), so no output is ever half-written.
+"""
+from cams.export.cli import DEFAULT_MODELS, OFFLINE_HINT, add_export_parser, export_command
+from cams.export.executor import ExportExecutor
+from cams.export.files import MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport
+from cams.export.inputs import InputItem, UploadSource, collect_inputs, safe_name
+from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, validate_settings
+from cams.export.run import Progress, load_models, run_export, zip_directory
+
+__all__ = [
+    "run_export", "zip_directory", "load_models", "Progress", "ExportError", "ExportReport",
+    "MANIFEST_COLUMNS", "MANIFEST_FORMAT", "STATE_FORMAT",
+    "InputItem", "UploadSource", "collect_inputs", "safe_name",
+    "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor",
+    "add_export_parser", "export_command", "DEFAULT_MODELS", "OFFLINE_HINT",
+]

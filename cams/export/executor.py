@@ -1,0 +1,239 @@
+"""Carrying out an export plan (:mod:`cams.export.plan`) on this machine: per batch of images one ``explain``
+call per model, then the overlays, heatmaps, result records and grids, drawn and written on one writer thread
+while the next batch is explained."""
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from PIL import Image
+
+from cams import engine
+from cams.export.files import (STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, usable_entry,
+                               write_npy, write_png, write_text)
+from cams.export.inputs import InputItem, inside, safe_name
+from cams.export.plan import ExportPlan, ModelPlan
+from cams.images import ImageError, load_image
+from cams.render import grid, overlay, thumbnail
+from pfnet.errors import PfnetError
+from pfnet.preprocess import crop_box_for, prepare_batch
+
+
+CLASS_CHARS = 40
+MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
+
+
+class ExportExecutor:
+    """Carries out ``plan`` into the folder ``root`` (checked by the caller), accumulating ``report``."""
+
+    def __init__(self, root: Path, plan: ExportPlan, report: ExportReport):
+        self.root, self.plan, self.report = root, plan, report
+        self.stale_count = 0
+        # Rendering overlays and grids and encoding PNGs are the export's own cost; one writer thread overlaps
+        # them with the next explain (numpy, OpenCV, Pillow and zlib release the GIL). It runs jobs in the order
+        # they were queued, so a grid job finds the thumbnails of the overlay jobs queued before it done. The
+        # backlog is bounded so a large folder cannot pile up in memory.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfcam-export-writer")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, job: Callable[..., Any], *args: Any) -> Future:
+        """Run ``job(*args)`` on the writer thread, after every job queued before it."""
+        future = self._writer.submit(job, *args)
+        self._pending.append(future)
+        while len(self._pending) > MAX_PENDING_WRITES:
+            self._pending.popleft().result()
+        return future
+
+    def write(self, write: Callable[[Path, Any], None], path: Path, value: Any) -> None:
+        """Write ``value`` to ``path`` (atomically, as ``write`` does) on the writer thread."""
+        self.submit(write, path, value)
+
+    def _render(self, image: Image.Image, heat, box, files: list[tuple[Path, Callable[[Path, Any], None], str]]
+                ) -> Image.Image:
+        """Writer-thread job: the overlay, the files in ``files`` ((path, writer, "overlay"|"heatmap")), and the
+        grid thumbnail, which is returned."""
+        picture = overlay(image, heat, box, self.plan.colormap, self.plan.opacity)
+        for path, write, kind in files:
+            write(path, picture if kind == "overlay" else heat)
+        return thumbnail(picture, self.plan.cell_size)
+
+    def finish(self) -> None:
+        """Wait for every queued write; re-raise the first failure."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pending.clear()
+            self._writer.shutdown(wait=True)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # -------------------------------------------------------------------------------------------- one batch
+    def process(self, batch: list[tuple[InputItem, Image.Image, dict[str, Any]]]) -> None:
+        # cells[(image index, model id, layer, rank)] = (thumbnail, its future, or None; caption; computed now?)
+        cells: dict[tuple[int, str, str, int], tuple[Image.Image | None, str, bool]] = {}
+        rows: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(batch))}
+        for model in self.plan.models:
+            states: list[dict[str, Any]] = []
+            need: list[int] = []
+            for index, (item, image, _) in enumerate(batch):
+                folder = ensure_dir(self.root, item.folder, model.folder)
+                state = read_state(folder / self.plan.record_name) or {}
+                states.append(state)
+                if self.plan.needs(self.root, state, model):
+                    need.append(index)
+            explanation = None
+            if need:
+                images = [batch[index][1] for index in need]
+                tensor, boxes = prepare_batch(images, model.entry.preprocess, self.plan.mode)
+                try:
+                    explanation = engine.explain(model.network, tensor, model.layers, self.plan.method,
+                                          targets=model.topk, align=model.align, class_names=model.class_names,
+                                          batch_size=self.plan.batch_size)
+                except (PfnetError, ValueError, RuntimeError) as exc:
+                    names = ", ".join(batch[index][0].label for index in need)
+                    self.report.warnings.append(f"{model.id}: explaining failed for {names}: {exc}")
+                    need = []
+            for index, (item, image, info) in enumerate(batch):
+                position = need.index(index) if index in need else None
+                box = crop_box_for(image.size, model.entry.preprocess, self.plan.mode)
+                state = self._update(model, item, image, box, states[index], explanation, position)
+                for layer in model.layers:
+                    for rank in range(1, model.topk + 1):
+                        entry = state.get("entries", {}).get(entry_key(layer, rank))
+                        if entry is None:
+                            continue
+                        rows[index].append(self._row(item, model, entry))
+                        cells[(index, model.id, layer, rank)] = (entry.pop("_thumb", None),
+                                                                 f"{entry['class_name']}\n{entry['probability']:.1%}",
+                                                                 entry.get("_status") == "computed")
+        for index, (item, image, info) in enumerate(batch):
+            grids = self._grids(index, item, cells)
+            info["grids"] = grids
+            for row in rows[index]:
+                row["grid"] = grids.get(row["rank"], "")
+            self.report.rows.extend(rows[index])
+
+    def _update(self, model: ModelPlan, item: InputItem, image: Image.Image, box, state: dict[str, Any],
+                explanation, position: int | None) -> dict[str, Any]:
+        """Write what this image and model still need; return the merged state (entries get ``_status``)."""
+        settings = self.plan.record_settings(model)
+        old_entries = state.get("entries", {}) if isinstance(state.get("entries"), dict) else {}
+        folder = self.root / item.folder / model.folder
+        entries: dict[str, Any] = {}
+        changed = False
+        for layer_index, layer in enumerate(model.layers):
+            for rank in range(1, model.topk + 1):
+                key = entry_key(layer, rank)
+                old = old_entries.get(key)
+                old_ok = usable_entry(self.root, old)
+                if old_ok and not self.plan.overwrite:
+                    kept = dict(old)
+                    kept["_status"] = "existing" if (old.get("settings") or state.get("settings")) == settings \
+                        else "stale"
+                    self.stale_count += kept["_status"] == "stale"
+                    entries[key] = kept
+                    continue
+                if explanation is None or position is None:
+                    continue  # not computed (explain failed): no row
+                class_id = int(explanation.targets[position, rank - 1])
+                names = model.class_names
+                class_name = names[class_id] if names and 0 <= class_id < len(names) else f"class{class_id}"
+                probability = float(explanation.probs[position, class_id])
+                stem = (f"{safe_name(layer)}__{safe_name(self.plan.method)}__top{rank}-"
+                        f"{safe_name(class_name, CLASS_CHARS, f'class{class_id}')}")
+                png, npy = folder / f"{stem}.png", folder / f"{stem}.npy"
+                heat = explanation.heatmaps[position, rank - 1, layer_index].numpy()
+                files = [(path, write, kind) for path, write, kind in ((png, write_png, "overlay"),
+                                                                      (npy, write_npy, "heatmap"))
+                         if self.plan.overwrite or not path.exists()]
+                self.report.files.extend(self.rel(path) for path, _, _ in files)
+                thumb = self.submit(self._render, image, heat, box, files)
+                if self.plan.overwrite and isinstance(old, dict):  # another class name leaves an old file behind
+                    for name in ("overlay", "heatmap"):
+                        previous = old.get(name)
+                        if isinstance(previous, str) and previous not in (self.rel(png), self.rel(npy)):
+                            target = self.root / previous
+                            if inside(target, self.root) and target.is_file() and target.parent == folder.resolve():
+                                target.unlink()
+                entries[key] = {"layer": layer, "rank": rank, "class_id": class_id, "class_name": class_name,
+                                "probability": probability, "overlay": self.rel(png), "heatmap": self.rel(npy),
+                                "crop_box": [round(float(v), 4) for v in box], "input_size": model.input_size,
+                                "settings": settings, "_status": "computed", "_thumb": thumb}
+                changed = True
+        if changed:
+            kept_extra = {key: value for key, value in old_entries.items()
+                          if key not in entries and isinstance(value, dict)}
+            record = {"format": STATE_FORMAT, "image": item.label, "model": model.id, "method": self.plan.method,
+                      "settings": settings, "size": list(image.size), "updated_at": now(),
+                      "entries": {key: {k: v for k, v in value.items() if not k.startswith("_")}
+                                  for key, value in {**kept_extra, **entries}.items()}}
+            path = folder / self.plan.record_name
+            write_text(path, json.dumps(record, indent=1, ensure_ascii=True))
+            self.report.files.append(self.rel(path))
+        return {"entries": entries}
+
+    def _row(self, item: InputItem, model: ModelPlan, entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {"image": item.label, "image_dir": item.folder, "model": model.id, "layer": entry["layer"],
+                "method": self.plan.method, "rank": int(entry["rank"]), "class_id": int(entry["class_id"]),
+                "class_name": str(entry["class_name"]), "probability": round(float(entry["probability"]), 6),
+                "overlay": entry["overlay"], "heatmap": entry["heatmap"], "grid": "",
+                "status": entry.get("_status", "existing"),
+                "crop_box": entry.get("crop_box"), "input_size": entry.get("input_size")}
+
+    def _grids(self, index: int, item: InputItem, cells) -> dict[int, str]:
+        """Write (when new results or missing) one grid per rank; return rank -> relative path."""
+        columns: list[str] = []
+        for model in self.plan.models:
+            columns.extend(layer for layer in model.layers if layer not in columns)
+        ranks = max(model.topk for model in self.plan.models)
+        written: dict[int, str] = {}
+        for rank in range(1, ranks + 1):
+            mine = {key: value for key, value in cells.items() if key[0] == index and key[3] == rank}
+            if not mine:
+                continue
+            path = self.root / item.folder / f"grid__{safe_name(self.plan.method)}__top{rank}.png"
+            fresh = any(value[2] for value in mine.values())
+            if path.exists() and not fresh and not self.plan.overwrite:
+                written[rank] = self.rel(path)
+                continue
+            pictures, captions = [], []
+            for model in self.plan.models:
+                row_pictures, row_captions = [], []
+                for layer in columns:
+                    cell = mine.get((index, model.id, layer, rank))
+                    picture = None if cell is None else cell[0]
+                    if cell is not None and picture is None:  # kept from an earlier run: read it back
+                        picture = self._thumb_from_disk(item, model, layer, rank)
+                    row_pictures.append(picture)
+                    row_captions.append("" if cell is None else cell[1])
+                pictures.append(row_pictures)
+                captions.append(row_captions)
+            self.submit(self._write_grid, path, pictures, columns, captions)
+            self.report.files.append(self.rel(path))
+            written[rank] = self.rel(path)
+        return written
+
+    def _write_grid(self, path: Path, pictures: list[list[Any]], columns: list[str],
+                    captions: list[list[str]]) -> None:
+        """Writer-thread job: compose and write one grid; cells are thumbnails or futures of earlier jobs."""
+        cells = [[picture.result() if isinstance(picture, Future) else picture for picture in row]
+                 for row in pictures]
+        sheet = grid(cells, [model.label for model in self.plan.models], columns, captions,
+                     cell_size=self.plan.cell_size)
+        write_png(path, sheet)
+
+    def _thumb_from_disk(self, item: InputItem, model: ModelPlan, layer: str, rank: int) -> Image.Image | None:
+        state = read_state(self.root / item.folder / model.folder / self.plan.record_name)
+        entry = (state or {}).get("entries", {}).get(entry_key(layer, rank))
+        if not usable_entry(self.root, entry):
+            return None
+        try:
+            picture = load_image(self.root / entry["overlay"])
+        except ImageError:
+            return None
+        return thumbnail(picture, self.plan.cell_size)

@@ -1,0 +1,175 @@
+"""What an export computes, decided before any image is read: per model the layers, top-k, class names and
+heatmap alignment (:class:`ModelPlan`), and the run's settings (:class:`ExportPlan`), which also say, from an
+image's earlier record, whether the image still needs a model. A plan holds no state of a run: an executor
+(:class:`cams.export.executor.ExportExecutor`) carries it out, batch by batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from cams.align import ALIGN_MODES, layer_offsets
+from cams.engine import METHODS
+from cams.export.files import ExportError, entry_key, usable_entry
+from cams.export.inputs import safe_name, short_hash
+from cams.layers import LayerError, default_layers, family_of, layer_names
+from cams.render import COLORMAPS
+from pfnet.preprocess import MODES
+
+GRID_CELL = 224
+
+#: layers: None (each model's defaults), a list for every model, or a dict keyed by model id or family.
+LayerChoice = Sequence[str] | Mapping[str, Sequence[str]] | str | None
+
+
+@dataclass
+class ModelPlan:
+    """One model's part of an export."""
+
+    id: str
+    folder: str  # its sub-folder in every image folder (unique among the run's models)
+    label: str
+    network: Any  # the eval-mode nn.Module
+    entry: Any  # its zoo entry (preprocess, class_names(), name)
+    layers: list[str]
+    class_names: list[str] | None
+    topk: int
+    align: str = "model"  # cams.explain's align: "model" (the model's recorded offsets) or "none"
+    cam_offsets: dict[str, list[float]] = field(default_factory=dict)  # the non-zero offsets explain draws with
+
+    @property
+    def input_size(self) -> int:
+        return int(self.entry.preprocess.input_size)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """The settings of one export and its models' plans."""
+
+    models: tuple[ModelPlan, ...]
+    method: str = "gradcam"
+    topk: int = 1
+    batch_size: int = 8
+    mode: str = "full"
+    colormap: str = "jet"
+    opacity: float = 0.5
+    overwrite: bool = False
+    align: str = "model"
+    cell_size: int = GRID_CELL
+
+    def outputs(self, model: ModelPlan) -> list[tuple[str, int]]:
+        """The (layer, rank) results every image gets from ``model``."""
+        return [(layer, rank) for layer in model.layers for rank in range(1, model.topk + 1)]
+
+    @property
+    def record_name(self) -> str:
+        """The per-image, per-model record of what was computed (``<image>/<model>/<record_name>``)."""
+        return f"results__{safe_name(self.method)}.json"
+
+    def needs(self, root: Path, record: Mapping[str, Any] | None, model: ModelPlan) -> bool:
+        """Whether an image whose earlier record for ``model`` is ``record`` (None: none) must be explained."""
+        entries = (record or {}).get("entries", {})
+        return self.overwrite or not all(usable_entry(root, entries.get(entry_key(layer, rank)))
+                                         for layer, rank in self.outputs(model))
+
+    def record_settings(self, model: ModelPlan) -> dict[str, Any]:
+        """What ``model``'s outputs are drawn with; outputs kept from a run with other settings are "stale"."""
+        settings = {"mode": self.mode, "colormap": self.colormap, "opacity": round(float(self.opacity), 4),
+                    "input_size": model.input_size}
+        if model.cam_offsets:  # outputs drawn with another alignment are kept, flagged stale
+            settings["cam_offsets"] = model.cam_offsets
+        return settings
+
+    def manifest_settings(self) -> dict[str, Any]:
+        """``manifest.json["settings"]``, before the caller's extra settings."""
+        return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
+                                  "cam_offsets": m.cam_offsets} for m in self.models},
+                "method": self.method, "topk": self.topk, "batch_size": self.batch_size, "mode": self.mode,
+                "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
+                "overwrite": bool(self.overwrite),
+                "heatmap_npy": "float32 [S, S] in [0, 1] at the network input resolution S, covering crop_box "
+                               "(left, top, right, bottom) of the original image in its pixels"}
+
+
+def validate_settings(method: str, topk: int, batch_size: int, mode: str, colormap: str, opacity: float,
+                      align: str) -> None:
+    """Raise ``ExportError`` for a setting no export can run with."""
+    if method not in METHODS:
+        raise ExportError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ExportError(f"topk must be a positive integer, got {topk!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ExportError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if mode not in MODES:
+        raise ExportError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if colormap not in COLORMAPS:
+        raise ExportError(f"unknown colormap {colormap!r}; expected one of {', '.join(COLORMAPS)}")
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise ExportError(f"opacity must be between 0 and 1, got {opacity}")
+    if align not in ALIGN_MODES:
+        raise ExportError(f"align must be one of {', '.join(ALIGN_MODES)}; got {align!r}")
+
+
+def _requested_layers(layers: LayerChoice, model_id: str, family: str | None) -> Sequence[str] | None:
+    if layers is None or isinstance(layers, str):
+        return None if layers is None else [name.strip() for name in layers.split(",") if name.strip()]
+    if isinstance(layers, Mapping):  # keyed by model id or by family ("resnet", "vit", "pit")
+        chosen = layers.get(model_id, layers.get(family) if family else None)
+        return None if chosen is None else list(chosen)
+    return list(layers)
+
+
+def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk: int,
+                warn: Callable[[str], None], align: str = "model") -> list[ModelPlan]:
+    """One plan per usable model (id -> (eval-mode model, zoo entry)); what is left out is said through ``warn``:
+    layers a model lacks, models with none of the requested layers, a top-k beyond a model's classes."""
+    plans: list[ModelPlan] = []
+    folders: set[str] = set()
+    for model_id, pair in models.items():
+        network, entry = pair
+        label = getattr(entry, "name", None) or model_id
+        try:
+            family = family_of(network)
+            valid = layer_names(network)
+            wanted = _requested_layers(layers, model_id, family)
+            wanted = list(default_layers(network)) if wanted is None else wanted
+        except LayerError as exc:
+            warn(f"{model_id}: skipped ({exc})")
+            continue
+        chosen: list[str] = []
+        for name in wanted:
+            if name not in valid:
+                shown = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
+                warn(f"{model_id}: has no layer {name!r}; skipped for this model (valid layers: {shown})")
+            elif name not in chosen:
+                chosen.append(name)
+        if not chosen:
+            warn(f"{model_id}: none of the requested layers exists; model skipped")
+            continue
+        try:
+            class_names = list(entry.class_names())
+        except Exception:  # noqa: BLE001 - names are a nicety; ids still work
+            class_names = None
+        classes = getattr(network, "num_classes", None) or (len(class_names) if class_names else None)
+        k = topk
+        if isinstance(classes, int) and k > classes:
+            warn(f"{model_id}: top-{topk} asked of a model with {classes} classes; using top-{classes}")
+            k = classes
+        folder = safe_name(model_id, 64, "model")
+        if folder in folders:
+            folder = f"{folder}-{short_hash(model_id)}"
+        folders.add(folder)
+        offsets = {layer: list(offset) for layer, offset in zip(chosen, layer_offsets(network, chosen, align))
+                   if any(offset)}
+        plans.append(ModelPlan(model_id, folder, str(label), network, entry, chosen, class_names, k, align, offsets))
+    return plans
+
+
+def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = None, method: str = "gradcam",
+                topk: int = 1, batch_size: int = 8, mode: str = "full", colormap: str = "jet", opacity: float = 0.5,
+                overwrite: bool = False, align: str = "model", cell_size: int = GRID_CELL,
+                warn: Callable[[str], None] = lambda _: None) -> ExportPlan:
+    """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`)."""
+    validate_settings(method, topk, batch_size, mode, colormap, opacity, align)
+    return ExportPlan(tuple(plan_models(models, layers, topk, warn, align)), method, topk, batch_size, mode,
+                      colormap, float(opacity), overwrite, align, cell_size)

@@ -1,0 +1,162 @@
+"""``run_export``: plan the export, read the inputs, carry the plan out batch by batch, write the manifests (the
+layout is in the package docstring, :mod:`cams.export`); ``zip_directory`` and ``load_models`` for its callers."""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from PIL import Image
+
+from cams.export.executor import ExportExecutor
+from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, ExportError, ExportReport, check_out_dir, now,
+                               versions, write_manifests)
+from cams.export.inputs import InputItem, UploadSource, collect_inputs
+from cams.export.plan import GRID_CELL, LayerChoice, plan_export
+from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
+from pfnet.errors import PfnetError
+
+Progress = Callable[[int, int, str], None]
+
+
+def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str | os.PathLike,
+               models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = None,
+               method: str = "gradcam", topk: int = 1, batch_size: int = 8, mode: str = "full",
+               colormap: str = "jet", opacity: float = 0.5, overwrite: bool = False,
+               progress: Progress | None = None, *, cell_size: int = GRID_CELL, max_bytes: int = DEFAULT_MAX_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
+               align: str = "model") -> ExportReport:
+    """Explain every image with every model and write the layout described in :mod:`cams.export`.
+
+    ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
+    ``models``: model id -> (eval-mode model, zoo entry); the entry gives ``preprocess``, ``class_names()`` and
+    ``name``. ``layers``: None (each model's ``cams.layers.default_layers``), a list for every model, or a dict
+    keyed by model id or family (``"resnet"``, ``"vit"``, ``"pit"``); a layer a model lacks is reported and
+    skipped for that model. Images go through ``batch_size`` at a time, one ``cams.explain`` call per batch and
+    model (all layers and top-``topk`` targets at once). ``progress(done, total, message)`` counts image x model
+    steps. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
+    ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
+    Raises ``ExportError`` for bad settings or an output folder that cannot be used.
+    """
+    warnings: list[str] = []
+    plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
+                       cell_size, warn=warnings.append)
+    started = now()
+    root = check_out_dir(Path(out_dir))
+    report = ExportReport(out_dir=root, warnings=warnings)
+    items, scan_skipped = collect_inputs(sources, exclude=root)
+    report.skipped.extend(scan_skipped)
+    if not models:
+        report.warnings.append("no model to run")
+    run = ExportExecutor(root, plan, report)
+    per_image = max(1, len(plan.models))
+    total = len(items) * per_image
+    done = 0
+
+    def tick(step: int, message: str) -> None:
+        nonlocal done
+        done += step
+        if progress is not None:
+            progress(done, total, message)
+
+    if progress is not None:
+        progress(0, total, "starting")
+    batch: list[tuple[InputItem, Image.Image, dict[str, Any]]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        if plan.models:
+            run.process(batch)
+        tick(len(batch) * per_image, f"{len(report.images)} / {len(items)} images: {batch[-1][0].label}")
+        batch.clear()
+
+    try:
+        for item in items:
+            info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
+            report.images.append(info)
+            try:
+                image = load_image(item.path if item.data is None else item.data, name=item.label,
+                                   max_bytes=max_bytes, max_pixels=max_pixels)
+            except ImageError as exc:
+                info["reason"] = exc.reason
+                report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
+                tick(per_image, f"skipped {item.label}: {exc.reason}")
+                continue
+            info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
+            batch.append((item, image, info))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    finally:
+        run.finish()  # every queued file is on disk before the manifests name it
+    if run.stale_count:
+        report.warnings.append(f"{run.stale_count} outputs were made earlier with other settings and were kept; "
+                               f"pass --overwrite (overwrite=True) to redo them")
+    if not items:
+        report.warnings.append("no images found in the inputs")
+
+    settings = {**plan.manifest_settings(), **dict(extra_settings or {})}
+    report.manifest = {"format": MANIFEST_FORMAT, "versions": versions(), "settings": settings,
+                       "started_at": started, "finished_at": now(), "columns": list(MANIFEST_COLUMNS),
+                       "images": report.images, "rows": report.rows, "skipped": report.skipped,
+                       "warnings": report.warnings}
+    write_manifests(root, report)
+    return report
+
+
+def zip_directory(directory: str | os.PathLike) -> bytes:
+    """The folder's regular files (sorted, relative POSIX names; symlinks and temp files left out) as a ZIP."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ExportError(f"{root} is not a folder")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not Path(folder, d).is_symlink())
+            for name in sorted(files):
+                path = Path(folder, name)
+                if path.is_symlink() or not path.is_file() or (name.startswith(".") and name.endswith(".tmp")):
+                    continue
+                archive.write(path, path.relative_to(root).as_posix())
+    return buffer.getvalue()
+
+
+def load_models(model_ids: Sequence[str], weights: Mapping[str, str] | None = None, device: str | None = None,
+                log: Callable[[str], None] = print,
+                loader: Callable[..., Any] | None = None) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """Load each zoo model (``pfnet.load``, with a local checkpoint where ``weights`` names one).
+
+    A model that cannot be loaded is reported through ``log`` and left out. Returns the loaded models and
+    the ids whose weights were unavailable (not cached, no network).
+    """
+    from pfnet import zoo
+    from pfnet.errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+
+    if loader is None:
+        from pfnet.weights import load as loader
+    weights = dict(weights or {})
+    loaded: dict[str, tuple[Any, Any]] = {}
+    unavailable: list[str] = []
+    for model_id in model_ids:
+        try:
+            entry = zoo.get(model_id)
+        except UnknownModelError as exc:
+            log(f"skipping {model_id}: {exc}")
+            continue
+        path = weights.get(model_id)
+        try:
+            model = loader(model_id, weights=path, device=device)
+        except WeightsUnavailableError as exc:
+            log(f"skipping {model_id}: {exc}")
+            unavailable.append(model_id)
+            continue
+        except (CheckpointError, PfnetError, OSError) as exc:
+            log(f"skipping {model_id}: {exc}")
+            continue
+        loaded[model_id] = (model, entry)
+    return loaded, unavailable
+
+

@@ -1,0 +1,104 @@
+"""pfcam's command line: the subcommands, --version, the `python -m cams` door, and the command `pfcam app` runs
+(checked as a command; no server is started)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pfcam import launch
+from pfcam.cli import main
+from pfnet.version import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ("app", "export", "bench-loc", "train-demo")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_pfcam_help_and_version():
+    done = run("-m", "pfcam", "--help")
+    assert done.returncode == 0, done.stderr
+    assert all(command in done.stdout for command in COMMANDS), done.stdout
+    version = run("-m", "pfcam", "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"pfcam {__version__}"
+
+
+def test_python_m_cams_still_works():
+    done = run("-m", "cams", "export", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m cams export" in done.stdout and "--out" in done.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: pfcam {command}" in capsys.readouterr().out
+
+
+def test_unknown_options_are_refused_except_by_app(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "photo.jpg", "--out", "out", "--no-such-option"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_app_runs_streamlit_on_the_app_page_with_the_project_settings():
+    command = launch.streamlit_command(["--server.port", "8502"])
+    assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
+    assert Path(command[4]) == ROOT / "pfcam_app" / "page.py"  # the checkout's package, found without importing it
+    flags = command[5:-2]
+    # the settings of .streamlit/config.toml, whatever folder the app is started from
+    assert {"--server.maxUploadSize=1024", "--browser.gatherUsageStats=false", "--client.showErrorDetails=type",
+            "--theme.primaryColor=#d9480f"} <= set(flags)
+    assert command[-2:] == ["--server.port", "8502"]  # the user's options last: they win
+
+
+def test_config_flags_read_any_config(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[server]\nport = 9000\nheadless = true\n[theme]\nbase = "dark"\n')
+    assert launch.config_flags(config) == ["--server.port=9000", "--server.headless=true", "--theme.base=dark"]
+    assert launch.config_flags(tmp_path / "missing.toml") == []
+    config.write_text("not [ toml")
+    assert launch.config_flags(config) == []
+
+
+class Started(Exception):
+    pass
+
+
+def test_pfcam_app_hands_its_options_to_streamlit(tmp_path, monkeypatch):
+    page = tmp_path / "page.py"
+    page.write_text("")
+    monkeypatch.setattr(launch, "page_path", lambda: page)
+    started = []
+
+    def execv(path, argv):
+        started.append((path, argv))
+        raise Started
+
+    monkeypatch.setattr(launch.os, "execv", execv)
+    monkeypatch.setattr(launch.os, "name", "posix")
+    with pytest.raises(Started):
+        main(["app", "--server.port", "8502", "--server.headless=true"])
+    path, argv = started[0]
+    assert path == sys.executable and argv[4] == str(page)
+    assert argv[-3:] == ["--server.port", "8502", "--server.headless=true"]
+    with pytest.raises(Started):
+        main(["app", "--", "--help"])  # after "--", even pfcam's own options go to Streamlit
+    assert started[1][1][-1] == "--help"
+
+
+def test_pfcam_app_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(launch, "page_path", lambda: tmp_path / "page.py")
+    assert main(["app"]) == 2
+    assert "the app page" in capsys.readouterr().err
+    real = launch.importlib.util.find_spec
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None if name == "streamlit" else real(name))
+    assert main(["app"]) == 2
+    assert "Streamlit is not installed" in capsys.readouterr().err
