@@ -77,6 +77,12 @@ def test_state_dict_matches_official_layout(official):
     assert wrong == {}
 
 
+def test_parameter_order_matches_official(official):
+    """Keys in the official order, so optimizer states (indexed by parameter position) carry over."""
+    name, model = official
+    assert list(model.state_dict()) == list(LAYOUT[name]["state_dict"])
+
+
 def logits_sample(model: torch.nn.Module) -> list[list[float]]:
     """Every 50th logit of two fixed random images (eval mode)."""
     generator = torch.Generator().manual_seed(1)
