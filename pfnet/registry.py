@@ -40,9 +40,11 @@ def build(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, k
                          f"load the official weights with pfnet.load(zoo_id)")
     options = {key: kwargs.pop(key) for key in TIMM_OPTIONS if key in kwargs}
     allowed = COMMON_OPTIONS | set(accepted) | (FEATURE_OPTIONS if feature_cfg is not None else set())
+    if "features_only" in kwargs and not kwargs["features_only"]:
+        del kwargs["features_only"]  # asking for the plain model is always fine
     if kwargs.get("features_only") and feature_cfg is None:
         raise TypeError(f"{variant} does not support features_only=True (only the ResNets do); "
-                        f"use model.forward_features(x) or cams.layers for intermediate activations")
+                        f"model.forward_features(x) gives its final tokens")
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(f"{variant} does not accept {', '.join(unknown)}; "

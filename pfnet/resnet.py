@@ -131,8 +131,8 @@ class PFResNet(nn.Module):
         """A new (randomly initialised) ``fc`` for ``num_classes`` (0: none); pooling kept unless given."""
         pool = self.global_pool.pool_type if global_pool is None else global_pool
         placement = registry.module_device_dtype(self)
-        self.global_pool, self.fc = self._classifier(registry.check_classes(num_classes), pool)
-        self.num_classes = num_classes
+        self.num_classes = registry.check_classes(num_classes)
+        self.global_pool, self.fc = self._classifier(self.num_classes, pool)
         for module in (self.global_pool, self.fc):
             module.to(**placement).train(self.training)
 

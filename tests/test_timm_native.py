@@ -111,6 +111,7 @@ def test_unknown_options_are_refused(name):
 def test_features_only_refused_for_token_models(name):
     with pytest.raises(TypeError, match="features_only"):
         timm.create_model(name, features_only=True)
+    assert type(on_meta(name, features_only=False)).__name__ in ("ViTMax", "PiTMax")
 
 
 @pytest.mark.parametrize("options, message", [
