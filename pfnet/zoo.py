@@ -77,11 +77,17 @@ class ZooEntry:
     def num_classes(self) -> int:
         return len(self.class_names())
 
+    @property
+    def timm_cfg(self) -> dict[str, Any]:
+        """This entry's preprocessing and head size as timm ``pretrained_cfg`` fields."""
+        return preprocess_cfg(self.preprocess, self.num_classes)
+
     def build(self) -> nn.Module:
-        """The network with random weights and this entry's head size."""
+        """The network with random weights, this entry's head size and its preprocessing as ``pretrained_cfg``."""
         import pfnet  # noqa: F401  (registers the architectures with timm)
 
-        return timm.create_model(self.arch, num_classes=self.num_classes, **self.arch_kwargs)
+        return timm.create_model(self.arch, num_classes=self.num_classes, pretrained_cfg_overlay=self.timm_cfg,
+                                 **self.arch_kwargs)
 
     def class_names(self) -> list[str]:
         return list(imagenet_classes() if self.classes == "imagenet" else scene_classes())
@@ -172,6 +178,24 @@ _ENTRIES = [
 ZOO: dict[str, ZooEntry] = {entry.id: entry for entry in _ENTRIES}
 IMAGENET_IDS = tuple(entry.id for entry in _ENTRIES if entry.classes == "imagenet")
 DEMO_IDS = tuple(entry.id for entry in _ENTRIES if entry.classes == "scenes")
+
+
+def preprocess_cfg(preprocess: Preprocess, num_classes: int = 1000) -> dict[str, Any]:
+    """timm ``pretrained_cfg`` fields that make ``timm.data.resolve_data_config`` preprocess as ``preprocess``."""
+    return dict(input_size=(3, preprocess.input_size, preprocess.input_size), interpolation=preprocess.interpolation,
+                crop_pct=preprocess.crop_pct, crop_mode="center", mean=tuple(preprocess.mean),
+                std=tuple(preprocess.std), num_classes=num_classes)
+
+
+def timm_cfg(arch: str, family: Family) -> dict[str, Any]:
+    """An architecture's timm ``pretrained_cfg`` fields: the preprocessing of its ImageNet entries (of its family's
+    when it has none, e.g. ``vit_ti_max``), which must agree."""
+    imagenet = [entry for entry in _ENTRIES if entry.classes == "imagenet"]
+    entries = [entry for entry in imagenet if entry.arch == arch] or [e for e in imagenet if e.family == family]
+    preprocesses = {entry.preprocess for entry in entries}
+    if len(preprocesses) != 1:
+        raise ValueError(f"the zoo gives {arch} ({family}) {len(preprocesses)} ImageNet preprocessings, need one")
+    return preprocess_cfg(preprocesses.pop())
 
 
 def ids() -> list[str]:

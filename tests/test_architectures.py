@@ -20,6 +20,10 @@ from pfnet.vit import Attention, EffLayer, ViTMax
 
 LAYOUT_PATH = Path(__file__).parent / "data" / "official_checkpoint_layout.json"
 LAYOUT = json.loads(LAYOUT_PATH.read_text())["models"]
+# Logits of each official-size model built with seed 0, recorded before the timm-native rework (commit c48be40)
+# by running this file as a script (``PYTHONPATH=. python tests/test_architectures.py``); a change to construction
+# or initialisation order shows up here.
+REFERENCE_LOGITS_PATH = Path(__file__).parent / "data" / "reference_logits.json"
 
 # official layout name -> (timm name, class)
 OFFICIAL = {
@@ -71,6 +75,27 @@ def test_state_dict_matches_official_layout(official):
     assert sorted(set(ours) - set(expected)) == [], "keys the official checkpoint does not have"
     wrong = {key: (ours[key], shape) for key, shape in expected.items() if ours[key] != list(shape)}
     assert wrong == {}
+
+
+def test_parameter_order_matches_official(official):
+    """Keys in the official order, so optimizer states (indexed by parameter position) carry over."""
+    name, model = official
+    assert list(model.state_dict()) == list(LAYOUT[name]["state_dict"])
+
+
+def logits_sample(model: torch.nn.Module) -> list[list[float]]:
+    """Every 50th logit of two fixed random images (eval mode)."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 224, 224, generator=generator)
+    model.eval()
+    with torch.no_grad():
+        return model(images)[:, ::50].tolist()
+
+
+def test_logits_for_a_fixed_seed_unchanged(official):
+    name, model = official
+    expected = json.loads(REFERENCE_LOGITS_PATH.read_text())["models"][name]
+    assert torch.allclose(torch.tensor(logits_sample(model)), torch.tensor(expected), rtol=1e-4, atol=1e-5)
 
 
 def test_parameter_count(official):
@@ -159,3 +184,11 @@ def test_profile_keeps_model_state():
     assert measure_latency_ms(model, (64, 64), warmup=0, runs=1) > 0
     assert model.training and all(module.training for module in model.modules())
     assert torch.equal(model.conv1[1].running_mean, stats)
+
+
+if __name__ == "__main__":  # records tests/data/reference_logits.json (only when initialisation changes on purpose)
+    reference = {}
+    for layout_name, (timm_name, _) in OFFICIAL.items():
+        torch.manual_seed(0)
+        reference[layout_name] = logits_sample(timm.create_model(timm_name))
+    REFERENCE_LOGITS_PATH.write_text(json.dumps({"about": "see tests/test_architectures.py", "models": reference}))
