@@ -187,6 +187,11 @@ class _Run:
                     need = []
             for index, (item, image, info) in enumerate(batch):
                 position = need.index(index) if index in need else None
+                if position is not None and not (explanation.probs[position].isfinite().all()
+                                                 and explanation.heatmaps[position].isfinite().all()):
+                    self.report.warnings.append(f"{plan.id}: {item.label}: the model's output is NaN or infinite; "
+                                                "no result written for this image")
+                    position = None
                 box = crop_box_for(image.size, plan.entry.preprocess, self.mode)
                 state = self._update(plan, item, image, box, states[index], explanation, position)
                 for layer in plan.layers:
@@ -260,7 +265,7 @@ class _Run:
                       "entries": {key: {k: v for k, v in value.items() if not k.startswith("_")}
                                   for key, value in {**kept_extra, **entries}.items()}}
             path = folder / f"results__{safe_name(self.method)}.json"
-            _write_text(path, json.dumps(record, indent=1, ensure_ascii=True))
+            _write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
             self.report.files.append(self.rel(path))
         return {"entries": entries}
 
