@@ -210,6 +210,11 @@ def _prepare_for(entry: zoo.ZooEntry, state: dict[str, torch.Tensor]) -> dict[st
 _FINITE_CHUNK = 1 << 22  # elements checked at a time: the check's own memory stays small for any tensor
 
 
+def _finite(part: torch.Tensor) -> torch.Tensor:
+    # torch has no isfinite for some 8-bit floats (float8_e4m3fn): those are checked in float32
+    return torch.isfinite(part if part.element_size() > 1 else part.float())
+
+
 def _check_values(entry: zoo.ZooEntry, state: Mapping[str, torch.Tensor], layout: _Layout) -> None:
     """Refuse the first tensor (in the model's order) the model cannot use as it is: bool or complex anywhere,
     integers where the model holds floating point (integer counters may stay integer), NaN or infinity."""
@@ -225,8 +230,8 @@ def _check_values(entry: zoo.ZooEntry, state: Mapping[str, torch.Tensor], layout
                                   "wrongly converted checkpoint?)")
         if value.is_floating_point() and not value.is_meta:
             parts = value.reshape(-1).split(_FINITE_CHUNK)
-            if not all(bool(torch.isfinite(part).all()) for part in parts):
-                bad = sum(int((~torch.isfinite(part)).sum()) for part in parts)
+            if not all(bool(_finite(part).all()) for part in parts):
+                bad = sum(int((~_finite(part)).sum()) for part in parts)
                 raise CheckpointError(f"the checkpoint's {key} holds {bad:,} NaN or infinite value(s) (of "
                                       f"{value.numel():,}); refused: {entry.name} would give NaN heatmaps and "
                                       "probabilities")

@@ -249,6 +249,15 @@ def test_integer_counters_and_half_precision_still_load(demo_state):
         weights.load(DEMO, weights=state)
 
 
+def test_eight_bit_floats_are_checked_too(demo_state):
+    state = {key: value.to(torch.float8_e4m3fn) if value.is_floating_point() else value
+             for key, value in demo_state.items()}  # torch has no isfinite for this dtype
+    assert next(weights.load(DEMO, weights=state).parameters()).dtype == torch.float32
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+    with pytest.raises(CheckpointError, match=r"fc.bias holds 10 NaN or infinite value\(s\) \(of 10\)"):
+        weights.load(DEMO, weights=state)
+
+
 def test_cli_refuses_a_nan_checkpoint_and_writes_nothing(demo_state, tmp_path, capsys):
     from cams.__main__ import main
 
