@@ -98,7 +98,7 @@ def test_format_outside_allow_list_is_refused():
         load_image(ppm, name="x.ppm")
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF"])
 def test_truncated_files_fail(fmt):
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
