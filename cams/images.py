@@ -5,11 +5,12 @@
 * size limit in bytes, checked before the data is read;
 * a pixel limit, checked from the header before any pixel is decoded (Pillow's own decompression-bomb
   guard is turned into an ``ImageError`` too);
-* a format allow-list (JPEG, PNG, WEBP, BMP, TIFF) decided by content, not by the file name;
+* a format allow-list (JPEG, PNG, WEBP, BMP, TIFF, GIF) decided by content, not by the file name;
 * ``verify()`` and a full decode inside ``try``: truncated or corrupt files fail with ``ImageError``
   (truncated images are never "loaded anyway");
-* EXIF orientation applied; 16-bit and 32-bit greyscale scaled to 8 bit; CMYK, palette, greyscale -> RGB;
-  transparency composited on white; animated files: the first frame.
+* EXIF orientation applied; 16-bit and 32-bit greyscale scaled to 8 bit in float32, a band of rows at a time
+  (never a float64 or whole-image copy); CMYK, palette, greyscale -> RGB; transparency composited on white;
+  animated files (GIF, APNG, WebP, multi-page TIFF): the first frame.
 
 Every ``ImageError`` message names the file and the reason.
 """
@@ -20,6 +21,7 @@ import os
 import re
 import stat
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from struct import error as struct_error  # raised by some plugins on short headers
 
@@ -28,13 +30,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pfnet.errors import PfnetError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # Pillow format names accepted (MPO is the multi-picture JPEG some cameras write).
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF")
-_OPENERS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF"]  # Pillow's JPEG opener also yields MPO
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_OPENERS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]  # Pillow's JPEG opener also yields MPO
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 8000 * 8000
 BACKGROUND = (255, 255, 255)
+_BAND_SAMPLES = 1 << 22  # samples converted at a time from 16-bit and float images (16 MB of float32)
 
 __all__ = ["ImageError", "IMAGE_EXTENSIONS", "ALLOWED_FORMATS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS",
            "has_image_extension", "load_image"]
@@ -112,7 +115,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
             limit = min(max_pixels, int(pillow_limit)) if pillow_limit else max_pixels
             raise ImageError(name, _bomb_reason(str(exc), limit)) from None
         except UnidentifiedImageError:
-            raise ImageError(name, "not an image (supported: JPEG, PNG, WEBP, BMP, TIFF)") from None
+            raise ImageError(name, "not an image (supported: JPEG, PNG, WEBP, BMP, TIFF, GIF)") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
                 struct_error, MemoryError, ZeroDivisionError) as exc:
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -121,23 +124,45 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
 
 
 def _orient(image: Image.Image) -> Image.Image:
+    """``image`` turned upright in place (without EXIF orientation it is untouched: no copy is made)."""
     try:
-        return ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not sink a readable image
-        return image
+        pass
+    return image
+
+
+def _bands(image: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, pixels) of the image a band of rows at a time: no whole-image array is ever made."""
+    width, height = image.size
+    step = max(1, _BAND_SAMPLES // max(1, width))
+    for top in range(0, height, step):
+        yield top, np.asarray(image.crop((0, top, width, min(height, top + step))))
+
+
+def _finite_band(band: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(band.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
-    """Integer/float greyscale modes (16-bit PNG/TIFF, 32-bit TIFF) -> mode L, scaled, not clipped."""
-    array = np.asarray(image)
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # 16-bit samples (Pillow keeps 16-bit PNGs as I;16 or I): 0..65535 -> 0..255.
-        scaled = np.clip(array.astype(np.float64), 0, 65535) / 257.0
-    else:  # "F": floats; [0, 1] data is scaled, anything else is clipped to [0, 255]
-        finite = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        scaled = finite * 255.0 if finite.size and finite.max() <= 1.0 else finite
-        scaled = np.clip(scaled, 0, 255)
-    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    """Integer/float greyscale modes (16-bit PNG/TIFF, 32-bit TIFF) -> mode L, scaled, not clipped. Worked in
+    float32 a band of rows at a time, so the cost is the decoded image plus the 8-bit result."""
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    if image.mode == "F":  # floats: [0, 1] data is scaled, anything else is clipped to [0, 255]
+        top_value = max((float(_finite_band(band).max()) for _, band in _bands(image) if band.size), default=0.0)
+        gain = 255.0 if top_value <= 1.0 else 1.0
+    for top, band in _bands(image):
+        if image.mode == "F":
+            scaled = _finite_band(band)
+            scaled *= gain
+        else:  # 16-bit samples (Pillow keeps 16-bit PNGs as I;16 or I): 0..65535 -> 0..255
+            scaled = np.clip(band, 0, 65535).astype(np.float32)
+            scaled /= 257.0
+        np.clip(scaled, 0, 255, out=scaled)
+        np.rint(scaled, out=scaled)
+        out[top:top + band.shape[0]] = scaled
+    return Image.fromarray(out, mode="L")
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -145,8 +170,6 @@ def _has_alpha(image: Image.Image) -> bool:
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_eight_bit(image)
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
@@ -183,7 +206,11 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None, *,
         raise TypeError(f"load_image takes a path or bytes, not {type(source).__name__}")
     image = _open(data, label, max_pixels)
     try:
-        rgb = _to_rgb(_orient(image), label)
+        upright = _orient(image)
+        if upright.mode.startswith("I") or upright.mode == "F":  # 16-bit or float samples
+            upright = _to_eight_bit(upright)
+            image.close()  # the wide samples are no longer needed: free them before the RGB copy is made
+        rgb = _to_rgb(upright, label)
     except ImageError:
         raise
     except (OSError, ValueError, MemoryError) as exc:

@@ -1,5 +1,9 @@
 """Reading a checkpoint without running code (path, bytes, upload; torch weights_only or safetensors) and
-normalising it to a flat state dict in pfnet's key names (containers unwrapped, ``module.`` stripped, ResNet names)."""
+normalising it to a flat state dict in pfnet's key names (containers unwrapped, ``module.`` stripped, ResNet names).
+
+Nothing is inflated or allocated before its size is known to fit :func:`max_bytes`: a path's file size, the
+uncompressed size of every member of torch's zip, the storage sizes the pickle declares (read by walking its
+opcodes, never by unpickling) and the tensor sizes a safetensors header declares are all checked first."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +12,15 @@ import io
 import os
 import re
 import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
+from pfnet.checkpoint_sizes import pickle_storage_bytes, safetensors_tensor_bytes
 from pfnet.errors import CheckpointError, PfnetError
 
 
@@ -22,10 +28,13 @@ DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: larger than any checkpoint in the zoo, opt
 # Container keys that hold the weights, in order of preference (timm train.py, DeiT main.py, DDP wrappers).
 CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
 _MAX_NESTING = 4
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers itself
+_LEGACY_PICKLES = 4  # torch's pre-zip format: magic number, protocol, system info, then the state (then raw data)
 
 
 def max_bytes() -> int:
-    """The hard cap on downloaded and uploaded checkpoints (env ``PFCAM_MAX_BYTES``, default 1 GiB)."""
+    """The hard cap on checkpoints (env ``PFCAM_MAX_BYTES``, default 1 GiB): on a path's file size, an upload's
+    or download's bytes, and on what a file would decompress or allocate to."""
     raw = os.environ.get("PFCAM_MAX_BYTES", "").strip()
     if raw:
         try:
@@ -35,6 +44,15 @@ def max_bytes() -> int:
         if value > 0:
             return value
     return DEFAULT_MAX_BYTES
+
+
+def check_size(nbytes: int, subject: str) -> None:
+    """Refuse ``nbytes`` over :func:`max_bytes` with a CheckpointError that reads "<subject> N bytes, over ..."
+    (``subject`` e.g. "'x.pth' is" or "the download is"); for the download code as much as for reading."""
+    limit = max_bytes()
+    if nbytes > limit:
+        raise CheckpointError(f"{subject} {nbytes:,} bytes, over the {limit:,}-byte limit (PFCAM_MAX_BYTES); "
+                              "refused before reading it")
 
 
 def sniff(head: bytes, what: str = "the file", total: int | None = None) -> str:
@@ -97,12 +115,13 @@ def _torch_load_reason(error: Exception, what: str) -> str:
     text = str(error)
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     detail_text = detail.group(1).strip() if detail else text
-    unsafe = re.search(r"Unsupported global: GLOBAL\s+([\w.]+)", text)
+    # torch names the refused callable as "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL posix.system".
+    unsafe = re.search(r"GLOBAL\s+([\w.]+)", text)
     if unsafe or "Unsupported global" in text:
-        name = f" ({unsafe.group(1)})" if unsafe else ""
-        return (f"{what} was refused: its pickle refers to a Python object{name} that is not a tensor or a plain "
-                "value, and pfcam never runs code from a checkpoint. Re-save only the state_dict "
-                "(torch.save(model.state_dict(), path)) or use .safetensors")
+        name = f" (GLOBAL {unsafe.group(1)})" if unsafe else ""
+        return (f"{what} was refused: the file tries to run code{name}, and pfcam never runs code from a "
+                "checkpoint. If it is your own, re-save only the state_dict (torch.save(model.state_dict(), "
+                "path)) or use .safetensors")
     if "Invalid magic number" in text:
         return f"{what} is a Python pickle but not a PyTorch checkpoint (not written by torch.save)"
     detail_text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", detail_text)
@@ -113,6 +132,36 @@ def shorten(text: str, limit: int = 160) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "unknown error"
     line = line.split(". ")[0].rstrip(".")  # the first sentence; torch appends paragraphs of advice
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _check_zip(source: str | IO[bytes], what: str) -> None:
+    """Torch's zip: every member's uncompressed size (as torch's own reader sees the archive) and the storages
+    its pickle declares must fit the cap, before anything is inflated."""
+    try:
+        reader = torch._C.PyTorchFileReader(source)
+        records = reader.get_all_records()
+        if hasattr(reader, "get_record_size"):
+            total = sum(reader.get_record_size(name) for name in records)
+        else:  # torch before 2.6: the central directory as Python's zipfile reads it
+            with zipfile.ZipFile(source) as archive:
+                total = sum(info.file_size for info in archive.infolist())
+    except Exception as error:  # noqa: BLE001 - torch.load would fail at the same place: say so now
+        raise CheckpointError(_torch_load_reason(error, what)) from None
+    check_size(total, f"{what} would decompress to")
+    if "data.pkl" in records:
+        check_size(pickle_storage_bytes(io.BytesIO(reader.get_record("data.pkl"))), f"{what} declares tensors of")
+
+
+def _check_pickle(stream: IO[bytes], what: str) -> None:
+    """Torch's older pickle format: the storages its pickles declare (torch allocates them as it meets them)."""
+    check_size(pickle_storage_bytes(stream, pickles=_LEGACY_PICKLES), f"{what} declares tensors of")
+
+
+def _check_safetensors(read: Any, head: bytes, what: str) -> None:
+    """The tensor sizes a safetensors header declares (``read(n)``: the file's first n bytes)."""
+    (length,) = struct.unpack("<Q", head[:8])
+    header = read(8 + min(length, _SAFETENSORS_MAX_HEADER))
+    check_size(safetensors_tensor_bytes(header), f"{what} declares tensors of")
 
 
 def _load_safetensors(data: bytes | None, path: Path | None, what: str) -> dict[str, torch.Tensor]:
@@ -130,19 +179,22 @@ def _read_raw(source: Any) -> Any:
     """The file's content as loaded (a dict, perhaps nested), from a path, bytes or a file-like object."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        limit = max_bytes()
-        if len(data) > limit:
-            raise CheckpointError(f"the uploaded file is {len(data)} bytes, over the {limit}-byte limit "
-                                  "(PFCAM_MAX_BYTES)")
-        kind = sniff(data[:64], "the uploaded file", len(data))
+        what = "the uploaded file"
+        check_size(len(data), f"{what} is")
+        kind = sniff(data[:64], what, len(data))
         if kind == "safetensors":
-            return _load_safetensors(data, None, "the uploaded file")
-        return _torch_load(io.BytesIO(data), "the uploaded file")
+            _check_safetensors(lambda n: data[:n], data, what)
+            return _load_safetensors(data, None, what)
+        if kind == "zip":
+            _check_zip(io.BytesIO(data), what)
+        else:
+            _check_pickle(io.BytesIO(data), what)
+        return _torch_load(io.BytesIO(data), what)
     if hasattr(source, "read") and not isinstance(source, (str, os.PathLike)):
         limit = max_bytes()
         data = source.read(limit + 1)
         if len(data) > limit:
-            raise CheckpointError(f"the uploaded file is over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+            raise CheckpointError(f"the uploaded file is over the {limit:,}-byte limit (PFCAM_MAX_BYTES)")
         return _read_raw(data)
     if not isinstance(source, (str, os.PathLike)):
         raise CheckpointError(f"cannot read a checkpoint from a {type(source).__name__}; "
@@ -155,13 +207,22 @@ def _read_raw(source: Any) -> Any:
         raise CheckpointError(f"{path} is not a file")
     try:
         size = path.stat().st_size
+        check_size(size, f"{what} is")
         with open(path, "rb") as handle:
             head = handle.read(64)
+            kind = sniff(head, what, size)
+            if kind == "safetensors":
+                handle.seek(0)
+                _check_safetensors(handle.read, head, what)
+            elif kind == "pickle":
+                handle.seek(0)
+                _check_pickle(handle, what)
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
-    kind = sniff(head, what, size)
     if kind == "safetensors":
         return _load_safetensors(None, path, what)
+    if kind == "zip":
+        _check_zip(str(path), what)
     return _torch_load(str(path), what)
 
 

@@ -1,5 +1,6 @@
 """Which zoo architecture a state dict fits (from its keys and shapes), and checking one against a zoo entry
-before loading, with one clear error saying what does not fit."""
+before loading, with one clear error saying what does not fit: keys, shapes, then values (floating-point weights
+must be floating point and finite; nothing may be bool or complex)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ class Fit:
 class _Layout:
     shapes: dict[str, tuple[int, ...]]
     head: frozenset[str]  # keys whose first dimension is the number of classes
+    floating: frozenset[str]  # keys the model holds in floating point (the rest: integer counters such as BN's)
 
 
 def _kwargs_key(kwargs: Mapping[str, Any]) -> tuple:
@@ -57,7 +59,7 @@ def _layout(arch: str, kwargs_key: tuple) -> _Layout | None:
         return None
     shapes = {k: tuple(v.shape) for k, v in a.items()}
     head = frozenset(k for k, v in b.items() if k in shapes and tuple(v.shape) != shapes[k])
-    return _Layout(shapes, head)
+    return _Layout(shapes, head, frozenset(k for k, v in a.items() if v.is_floating_point()))
 
 
 def _arch_kwargs(entry: zoo.ZooEntry) -> dict[str, Any]:
@@ -197,11 +199,42 @@ def prepare_for(entry: zoo.ZooEntry, state: dict[str, torch.Tensor]) -> dict[str
     missing, unexpected, misshaped, classes = _compare(state, layout, entry.num_classes)
     if missing or unexpected or misshaped:
         raise _mismatch_error(entry, state, missing, unexpected, misshaped, classes)
+    _check_values(entry, state, layout)
     out = dict(state)
     for key, shape in layout.shapes.items():
         if key not in out and key.endswith("num_batches_tracked"):
             out[key] = torch.zeros(shape, dtype=torch.long)  # torchvision's v1 checkpoints predate the counter
     return out
+
+
+_FINITE_CHUNK = 1 << 22  # elements checked at a time: the check's own memory stays small for any tensor
+
+
+def _finite(part: torch.Tensor) -> torch.Tensor:
+    # torch has no isfinite for some 8-bit floats (float8_e4m3fn): those are checked in float32
+    return torch.isfinite(part if part.element_size() > 1 else part.float())
+
+
+def _check_values(entry: zoo.ZooEntry, state: Mapping[str, torch.Tensor], layout: _Layout) -> None:
+    """Refuse the first tensor (in the model's order) the model cannot use as it is: bool or complex anywhere,
+    integers where the model holds floating point (integer counters may stay integer), NaN or infinity."""
+    for key in layout.shapes:
+        value = state.get(key)
+        if value is None:
+            continue
+        floating = key in layout.floating
+        if value.dtype == torch.bool or value.is_complex() or (floating and not value.is_floating_point()):
+            need = "floating-point" if floating else "integer"
+            raise CheckpointError(f"the checkpoint's {key} holds {str(value.dtype).replace('torch.', '')} values, "
+                                  f"but {entry.name} needs {need} values there; refused (a quantised or "
+                                  "wrongly converted checkpoint?)")
+        if value.is_floating_point() and not value.is_meta:
+            parts = value.reshape(-1).split(_FINITE_CHUNK)
+            if not all(bool(_finite(part).all()) for part in parts):
+                bad = sum(int((~_finite(part)).sum()) for part in parts)
+                raise CheckpointError(f"the checkpoint's {key} holds {bad:,} NaN or infinite value(s) (of "
+                                      f"{value.numel():,}); refused: {entry.name} would give NaN heatmaps and "
+                                      "probabilities")
 
 
 def matching_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -324,7 +324,7 @@ def test_nothing_processable(tmp_path, models):
     assert not report.ok and report.rows == []
     assert [(item["input"], item["reason"]) for item in report.skipped] == [
         (str(tmp_path / "missing.png"), "no such file or folder"),
-        ("bad.jpg", "not an image (supported: JPEG, PNG, WEBP, BMP, TIFF)")]
+        ("bad.jpg", "not an image (supported: JPEG, PNG, WEBP, BMP, TIFF, GIF)")]
     assert (tmp_path / "out" / "manifest.json").is_file()
 
 
@@ -361,12 +361,12 @@ def test_output_folder_inside_an_input_folder_is_not_read_back(tmp_path, models)
 
 
 def test_collect_inputs_order_and_duplicates(tmp_path):
-    for name in ["b.png", "a.PNG", "z/c.jpg", "y.gif"]:
+    for name in ["b.png", "a.PNG", "z/c.jpg", "y.svg"]:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     items, skipped = collect_inputs([tmp_path, tmp_path / "b.png", ("u.png", b"1"), ("u.png", b"1")])
     assert [item.label for item in items] == [str(tmp_path / n) for n in ["a.PNG", "b.png", "z/c.jpg"]] + ["u.png"]
-    assert [item["input"] for item in skipped] == [str(tmp_path / "y.gif")]
+    assert [item["input"] for item in skipped] == [str(tmp_path / "y.svg")]
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -44,12 +44,12 @@ def red_png() -> bytes:
 
 def test_error_type_and_extensions():
     assert issubclass(ImageError, PfnetError)
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
     assert has_image_extension("a/B.JPG") and has_image_extension("x.tiff")
-    assert not has_image_extension("notes.txt") and not has_image_extension("pic.gif")
+    assert not has_image_extension("notes.txt") and not has_image_extension("pic.svg")
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_allowed_formats_load_as_rgb(tmp_path, fmt):
     path = tmp_path / f"ok.{fmt.lower()}"
     path.write_bytes(encode(Image.new("RGB", (31, 17), (10, 200, 30)), fmt))
@@ -93,12 +93,12 @@ def test_not_an_image_even_if_named_jpg(tmp_path, payload):
 
 
 def test_format_outside_allow_list_is_refused():
-    gif = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "GIF")
+    ppm = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PPM")
     with pytest.raises(ImageError, match="not an image"):
-        load_image(gif, name="x.gif")
+        load_image(ppm, name="x.ppm")
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF"])
 def test_truncated_files_fail(fmt):
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))

@@ -100,6 +100,11 @@ class ExportExecutor:
                     need = []
             for index, (item, image, info) in enumerate(batch):
                 position = need.index(index) if index in need else None
+                if position is not None and not (explanation.probs[position].isfinite().all()
+                                                 and explanation.heatmaps[position].isfinite().all()):
+                    self.report.warnings.append(f"{model.id}: {item.label}: the model's output is NaN or infinite; "
+                                                "no result written for this image")
+                    position = None
                 box = crop_box_for(image.size, model.entry.preprocess, self.plan.mode)
                 state = self._update(model, item, image, box, states[index], explanation, position)
                 for layer in model.layers:
@@ -173,7 +178,7 @@ class ExportExecutor:
                       "entries": {key: {k: v for k, v in value.items() if not k.startswith("_")}
                                   for key, value in {**kept_extra, **entries}.items()}}
             path = folder / self.plan.record_name
-            write_text(path, json.dumps(record, indent=1, ensure_ascii=True))
+            write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
             self.report.files.append(self.rel(path))
         return {"entries": entries}
 

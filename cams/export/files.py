@@ -85,10 +85,14 @@ def entry_key(layer: str, rank: int) -> str:
     return f"{layer}|{rank}"
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def read_state(path: Path) -> dict[str, Any] | None:
     """An earlier run's record for one image and model, or None if absent or unusable."""
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+    try:  # NaN and Infinity are not JSON: a record holding them is redone, never carried into the manifest
+        state = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
     except (OSError, ValueError):
         return None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("entries"), dict):
@@ -191,7 +195,8 @@ class ExportReport:
 
 def write_manifests(root: Path, report: ExportReport) -> None:
     """``manifest.json`` (``report.manifest``) and ``manifest.csv`` (``report.rows``, columns MANIFEST_COLUMNS)."""
-    write_text(root / "manifest.json", json.dumps(report.manifest, indent=1, ensure_ascii=False, default=str))
+    write_text(root / "manifest.json", json.dumps(report.manifest, indent=1, ensure_ascii=False, default=str,
+                                                       allow_nan=False))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(MANIFEST_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
