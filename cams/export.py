@@ -59,7 +59,7 @@ from cams.align import ALIGN_MODES
 from cams.export_files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError,  # noqa: F401
                                ExportReport, _check_out_dir, _now, _versions, _write_manifests)
 from cams.export_inputs import STEM_CHARS, InputItem, UploadSource, collect_inputs, safe_name  # noqa: F401
-from cams.export_run import CLASS_CHARS, _plans, _Run  # noqa: F401
+from cams.export_run import CLASS_CHARS, Reuse, _plans, _Run  # noqa: F401
 from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
 from cams.render import COLORMAPS
 from pfnet.errors import PfnetError
@@ -99,7 +99,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                colormap: str = "jet", opacity: float = 0.5, overwrite: bool = False,
                progress: Progress | None = None, *, cell_size: int = GRID_CELL, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
-               align: str = "model") -> ExportReport:
+               align: str = "model", reuse: Reuse | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in this module's docstring.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -108,8 +108,10 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     keyed by model id or family (``"resnet"``, ``"vit"``, ``"pit"``); a layer a model lacks is reported and
     skipped for that model. Images go through ``batch_size`` at a time, one ``cams.explain`` call per batch and
     model (all layers and top-``topk`` targets at once). ``progress(done, total, message)`` counts image x model
-    steps. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
+    steps, once per image. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
+    ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
+    (the app passes the CAMs on its page), or None; only the images it has none for are explained.
     Raises ``ExportError`` for bad settings or an output folder that cannot be used.
     """
     _validate(method, topk, batch_size, mode, colormap, opacity)
@@ -123,16 +125,17 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     plans = _plans(models, layers, topk, report.warnings.append, align)
     if not models:
         report.warnings.append("no model to run")
-    run = _Run(root, plans, method, mode, colormap, opacity, overwrite, batch_size, cell_size, report)
+    run = _Run(root, plans, method, mode, colormap, opacity, overwrite, batch_size, cell_size, report, reuse)
     per_image = max(1, len(plans))
     total = len(items) * per_image
-    done = 0
+    done = finished = 0
 
-    def tick(step: int, message: str) -> None:
-        nonlocal done
-        done += step
+    def tick(label: str) -> None:
+        """One image done (or skipped): ``per_image`` steps."""
+        nonlocal done, finished
+        done, finished = done + per_image, finished + 1
         if progress is not None:
-            progress(done, total, message)
+            progress(done, total, f"{finished} / {len(items)} images: {label}")
 
     if progress is not None:
         progress(0, total, "starting")
@@ -143,7 +146,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             return
         if plans:
             run.process(batch)
-        tick(len(batch) * per_image, f"{len(report.images)} / {len(items)} images: {batch[-1][0].label}")
+        for item, _, _ in batch:
+            tick(item.label)
         batch.clear()
 
     try:
@@ -156,7 +160,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             except ImageError as exc:
                 info["reason"] = exc.reason
                 report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
-                tick(per_image, f"skipped {item.label}: {exc.reason}")
+                tick(f"skipped {item.label}: {exc.reason}")
                 continue
             info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
             batch.append((item, image, info))
@@ -322,8 +326,13 @@ def export_command(args: argparse.Namespace) -> int:
         return 1
     from tqdm import tqdm
 
-    with tqdm(total=0, unit="step", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+    lines = not sys.stderr.isatty()  # logs, CI, nohup: one line per image instead of a bar
+    with tqdm(total=0, unit="step", file=sys.stderr, disable=True if lines else None, dynamic_ncols=True) as bar:
         def progress(done: int, total: int, message: str) -> None:
+            if lines:
+                if done:
+                    log(message)
+                return
             bar.total = total
             bar.n = done
             bar.set_postfix_str(message[:60], refresh=False)

@@ -22,6 +22,8 @@ from pfnet.errors import PfnetError
 
 CLASS_CHARS = 40
 MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
+# reuse(model id, input, image) -> an Explanation of that one image made with the run's settings, or None
+Reuse = Callable[[str, InputItem, Image.Image], Any]
 
 
 @dataclass
@@ -101,10 +103,11 @@ class _Run:
     """One export run: holds the settings and accumulates the report."""
 
     def __init__(self, root: Path, plans: list[_Plan], method: str, mode: str, colormap: str, opacity: float,
-                 overwrite: bool, batch_size: int, cell_size: int, report: ExportReport):
+                 overwrite: bool, batch_size: int, cell_size: int, report: ExportReport, reuse: Reuse | None = None):
         self.root, self.plans, self.method, self.mode = root, plans, method, mode
         self.colormap, self.opacity, self.overwrite = colormap, float(opacity), overwrite
         self.batch_size, self.cell_size, self.report = batch_size, cell_size, report
+        self.reuse = reuse
         self.stale_count = 0
         # Rendering overlays and grids and encoding PNGs are the export's own cost; one writer thread overlaps
         # them with the next explain (numpy, OpenCV, Pillow and zlib release the GIL). It runs jobs in the order
@@ -173,7 +176,9 @@ class _Run:
                 states.append(state)
                 if self.overwrite or not done:
                     need.append(index)
-            explanation = None
+            found = {index: (known, 0) for index in need
+                     if (known := self._reused(plan, *batch[index][:2])) is not None}
+            need = [index for index in need if index not in found]
             if need:
                 images = [batch[index][1] for index in need]
                 tensor, boxes = prepare_batch(images, plan.entry.preprocess, self.mode)
@@ -181,12 +186,12 @@ class _Run:
                     explanation = explain(plan.model, tensor, plan.layers, self.method, targets=plan.topk,
                                           align=plan.align,
                                           class_names=plan.class_names, batch_size=self.batch_size)
+                    found.update((index, (explanation, position)) for position, index in enumerate(need))
                 except (PfnetError, ValueError, RuntimeError) as exc:
                     names = ", ".join(batch[index][0].label for index in need)
                     self.report.warnings.append(f"{plan.id}: explaining failed for {names}: {exc}")
-                    need = []
             for index, (item, image, info) in enumerate(batch):
-                position = need.index(index) if index in need else None
+                explanation, position = found.get(index, (None, None))
                 box = crop_box_for(image.size, plan.entry.preprocess, self.mode)
                 state = self._update(plan, item, image, box, states[index], explanation, position)
                 for layer in plan.layers:
@@ -204,6 +209,16 @@ class _Run:
             for row in rows[index]:
                 row["grid"] = grids.get(row["rank"], "")
             self.report.rows.extend(rows[index])
+
+    def _reused(self, plan: _Plan, item: InputItem, image: Image.Image) -> Any:
+        """The caller's explanation of this image (``reuse``), if it has one made as this run would make it."""
+        if self.reuse is None:
+            return None
+        known = self.reuse(plan.id, item, image)
+        fits = (known is not None and tuple(known.layers) == tuple(plan.layers) and known.method == self.method
+                and tuple(known.heatmaps.shape[:2]) == (1, plan.topk)
+                and int(known.heatmaps.shape[-1]) == plan.input_size)
+        return known if fits else None
 
     def _update(self, plan: _Plan, item: InputItem, image: Image.Image, box, state: dict[str, Any], explanation,
                 position: int | None) -> dict[str, Any]:
