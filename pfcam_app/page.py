@@ -89,13 +89,15 @@ def main() -> None:
     if sources and runnable:
         st.header("Heatmaps", anchor=False)
         views.heatmaps_header(settings)
-        stopped = views.stop_control(sources, settings)
+        stopped, stop_button = views.stop_control(sources, settings)
         summary = st.empty()
         totals: dict[str, float] = {}
         for source in sources:
             with core.guard(f"Explaining {source.name}"):
                 for model_id, seconds in views.render_image(source, settings, stopped).items():
                     totals[model_id] = totals.get(model_id, 0.0) + seconds
+        if stop_button is not None and not stopped:
+            stop_button.empty()  # nothing left to stop
         summary.caption("Time per model this run: " + " · ".join(
             f"**{slot.entry.name}** {totals.get(slot.id, 0.0):.2f} s" for slot in runnable)
             + " (0 s: everything came from the cache)")

@@ -122,35 +122,38 @@ def heatmaps_header(settings: Settings) -> None:
                    "under each cell, not the map.]")
 
 
-STOP_KEY = "_stopped_work"  # session state: the settings whose remaining work the user stopped
+STOP_KEY = "_stopped_work"  # session state: the CAM store keys whose computation the user stopped
 
 
-def _stop(signature: tuple) -> None:
-    st.session_state[STOP_KEY] = signature
+def _stop(keys: frozenset) -> None:
+    st.session_state[STOP_KEY] = keys
 
 
 def _resume() -> None:
     st.session_state.pop(STOP_KEY, None)
 
 
-def stop_control(sources: list[Source], settings: Settings) -> bool:
+def stop_control(sources: list[Source], settings: Settings) -> tuple[frozenset, Any]:
     """For Score-CAM with work left: a Stop button (pressing it ends the running computation at its next
-    progress step), or, once stopped, what was left out and a Continue button. True while stopped."""
+    progress step and leaves what was left undone), or, once stopped, what was left out and a Continue button.
+    Returns the stopped store keys (new work, e.g. another image, is not stopped) and the placeholder holding
+    the button, for the page to clear once the work is done."""
     if settings.method != "scorecam":
-        return False
-    left = sum(cam_store().get(settings.key(source.digest, slot)) is None
-               for source in sources if not source.refused for slot in settings.runnable)
-    signature = (settings.method, tuple(sorted(settings.layers_by_family.items())), settings.target,
-                 settings.mode, settings.align, tuple(slot.key for slot in settings.runnable))
-    stopped = st.session_state.get(STOP_KEY) == signature
-    if left and stopped:
-        st.info(f"Score-CAM stopped: {left} image × model result{'s' * (left > 1)} not computed.",
-                icon=":material/pause_circle:")
-        st.button("Continue", key="resume_cams", icon=":material/play_arrow:", on_click=_resume)
-    elif left:
-        st.button("Stop Score-CAM", key="stop_cams", icon=":material/stop_circle:", on_click=_stop, args=(signature,),
-                  help="Ends the computation at its next progress step; finished results stay.")
-    return stopped
+        return frozenset(), None
+    pending = frozenset(key for key in (settings.key(source.digest, slot) for source in sources
+                                        if not source.refused for slot in settings.runnable)
+                        if cam_store().get(key) is None)
+    stopped = pending & st.session_state.get(STOP_KEY, frozenset())
+    holder = st.empty()
+    if stopped:
+        box = holder.container()
+        box.info(f"Score-CAM stopped: {len(stopped)} image × model result{'s' * (len(stopped) > 1)} not computed.",
+                 icon=":material/pause_circle:")
+        box.button("Continue", key="resume_cams", icon=":material/play_arrow:", on_click=_resume)
+    elif pending:
+        holder.button("Stop Score-CAM", key="stop_cams", icon=":material/stop_circle:", on_click=_stop,
+                      args=(pending,), help="Ends the computation at its next progress step; finished results stay.")
+    return stopped, holder
 
 
 def photo_note(source: Source, slot: Slot) -> str | None:
@@ -186,7 +189,7 @@ def _computing(slot: Slot, layers: tuple[str, ...], method: str, where: Any):
     return progress
 
 
-def render_image(source: Source, settings: Settings, stopped: bool = False) -> dict[str, float]:
+def render_image(source: Source, settings: Settings, stopped: frozenset = frozenset()) -> dict[str, float]:
     """One image: the original (with its ground-truth box for scenes) beside the model x layer grid,
     then each model's top-5. Cells not yet computed show a progress bar while they compute (or, when the
     page's work was stopped, say so). Returns seconds spent computing per model id (0 when already computed)."""
@@ -229,7 +232,7 @@ def render_image(source: Source, settings: Settings, stopped: bool = False) -> d
                 key = settings.key(source.digest, slot)
                 result = cam_store().get(key)
                 fresh = result is None
-                if fresh and stopped:
+                if fresh and key in stopped:
                     st.caption(f"**{slot.entry.name}** · stopped before it was computed")
                     continue
                 if fresh:
