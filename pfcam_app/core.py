@@ -271,8 +271,9 @@ def load_default(model_id: str) -> Slot:
                         f"the sidebar, or {place}.")
         return slot
     if status == "unreachable":
-        slot.problem = (f"the weights for {entry.name} are not cached and cannot be downloaded "
-                        f"({network().reason}); {place}.")
+        state = network()
+        slot.problem = (f"the weights for {entry.name} are not cached and cannot be downloaded ({state.reason}: "
+                        f"{state.where}; `PFCAM_OFFLINE=0` tries anyway); {place}.")
         return slot
     if status == "failed":
         slot.problem = (f"the download of {entry.name} failed: {failed_downloads()[model_id]} Press **Download** to "

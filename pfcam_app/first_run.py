@@ -72,9 +72,10 @@ def banner(network: Network) -> None:
             "box. They know 10 shapes, not photographs.")
     if not network.online:
         st.info(f"**Offline demo.** The ImageNet weights of {names} are not cached and cannot be downloaded "
-                f"({network.reason}). {demo} To use the ImageNet models, place their checkpoints in "
-                f"`{weights.cache_dir()}` (each model's panel in the sidebar names the file) or upload one in the "
-                "sidebar; set `PFCAM_OFFLINE=1` to never touch the network.", icon=":material/wifi_off:")
+                f"({network.reason}). {demo} To use the ImageNet models, place their checkpoints in the cache "
+                "folder (each model's panel in the sidebar names the file) or upload one there. "
+                "`PFCAM_OFFLINE=1` never touches the network; `PFCAM_OFFLINE=0` tries downloads without the check.",
+                icon=":material/wifi_off:")
         return
     box = st.container(border=True)
     box.markdown(f"**Demo models on screen.** The ImageNet weights of {names} are not downloaded yet. {demo}")

@@ -18,6 +18,7 @@ HUB_TIMEOUT = 2.0  # seconds the hub reachability check may take
 class Network:
     online: bool  # downloads can be tried
     reason: str  # why, in words for the page
+    where: str = ""  # the address checked, for the model panels
 
 
 @st.cache_resource(show_spinner=False)
@@ -61,5 +62,6 @@ def network() -> Network:
     except Exception:  # noqa: BLE001 - a check that did not finish counts as no network
         reachable = False
     where = f"{host}:{port}"
-    return Network(True, f"{where} answers") if reachable else Network(
-        False, f"no network: {where} cannot be reached (set PFCAM_OFFLINE=0 to try downloads anyway)")
+    if reachable:
+        return Network(True, "the Hugging Face hub answers", where)
+    return Network(False, f"no network: the Hugging Face hub cannot be reached within {HUB_TIMEOUT:g} s", where)

@@ -67,7 +67,8 @@ def _model_controls(model_id: str) -> Slot:
                 if fetch_with_bar(model_id, st):
                     st.rerun()
         else:
-            why = "" if status == "missing" else f" ({network().reason})"
+            state = network()
+            why = "" if status == "missing" else f" ({state.reason}: {state.where})"
             st.caption(f"Not available offline{why}. Download it from {entry.source.page} and save it as `{path}`, "
                        "or upload the checkpoint below.")
         upload = st.file_uploader("Use a checkpoint file", type=core.CHECKPOINT_TYPES, key=f"ckpt_{model_id}",
