@@ -100,7 +100,7 @@ def main() -> None:
             stop_button.empty()  # nothing left to stop
         summary.caption("Time per model this run: " + " · ".join(
             f"**{slot.entry.name}** {totals.get(slot.id, 0.0):.2f} s" for slot in runnable)
-            + " (0 s: everything came from the cache)")
+            + (" (stopped work not counted)" if stopped else " (0 s: everything came from the cache)"))
     elif not sources:
         st.info("Upload images or pick examples to see the heatmaps.", icon=":material/image:")
 
