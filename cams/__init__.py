@@ -3,7 +3,8 @@
 ``cams.explain(model, images, layers, method, targets, class_names, batch_size, align) -> Explanation``; the other
 modules (``cams.images``, ``cams.render``, ``cams.export``, ``cams.metrics``) are imported on their own.
 """
-from cams.engine import GRADIENT_METHODS, METHODS, Explanation, MethodError, TargetError, explain, normalise
+from cams.engine import (GRADIENT_METHODS, METHODS, Cancelled, Explanation, MethodError, TargetError, explain,
+                         normalise)
 from cams.layers import (
     CamError,
     LayerError,
@@ -21,7 +22,7 @@ from cams.layers import (
 )
 
 __all__ = [
-    "explain", "Explanation", "METHODS", "GRADIENT_METHODS", "normalise",
+    "explain", "Explanation", "METHODS", "GRADIENT_METHODS", "normalise", "Cancelled",
     "CamError", "LayerError", "MethodError", "TargetError",
     "LayerSpec", "available_layers", "layer_names", "layer_spec", "canonical", "default_layer", "default_layers",
     "family_of", "resolve", "to_grid", "token_grid",

@@ -12,6 +12,13 @@ validation split with object masks and finds the translation ``(dy, dx)`` that b
 objects' centres. Zoo entries record it per layer (``ZooEntry.cam_offsets``; the demo card for the bundled
 models), ``pfnet.load`` attaches it to the model as ``model.cam_offsets``, and ``cams.explain`` draws every
 heatmap of that layer shifted by it (``align="model"``, the default; ``align="none"`` gives the plain resize).
+
+Layers of the same stride share a recorded offset. Every layer after a network's last stride-2 step sits on the
+same grid of cells centred at ``S*i``, so what misplaces one layer's drawing misplaces the others': with
+``align="model"`` a layer without an offset of its own takes the one recorded for a layer of its stride
+(``layer4`` -> ``layer4.0``, ``layer4.1``, their spatial ops), so that same-stride columns side by side are drawn
+alike. Where the recorded offsets of one stride disagree, the unrecorded layers of that stride are drawn
+unshifted. An explicit mapping (``align={layer: (dy, dx)}``) is applied exactly as given.
 """
 from __future__ import annotations
 
@@ -44,9 +51,10 @@ def layer_offsets(model, layers: Sequence[str], align: str | Mapping[str, Sequen
                   ) -> list[Offset]:
     """The ``(dy, dx)`` shift, in input pixels, for each of ``layers``.
 
-    ``align``: "model" (the model's recorded ``cam_offsets``, none for layers it does not list), "none", or a
-    mapping layer -> (dy, dx). Layer names may be aliases (``layer4`` and ``layer4.2`` are the same tensor on a
-    ResNet); a mapping that names a layer the model does not have is refused (``LayerError``).
+    ``align``: "model" (the model's recorded ``cam_offsets``, each shared by the layers of its stride: see the
+    module docstring; none for other layers), "none", or a mapping layer -> (dy, dx) (those layers only).
+    Layer names may be aliases (``layer4`` and ``layer4.2`` are the same tensor on a ResNet); a mapping that
+    names a layer the model does not have is refused (``LayerError``).
     """
     if isinstance(align, str):
         if align not in ALIGN_MODES:
@@ -61,7 +69,67 @@ def layer_offsets(model, layers: Sequence[str], align: str | Mapping[str, Sequen
         raise AlignError(f"align must be one of {ALIGN_MODES} or a mapping layer -> (dy, dx); "
                          f"got {type(align).__name__} {align!r}")
     by_layer = {canonical(model, str(key)): _check_offset(str(key), value) for key, value in table.items()}
-    return [by_layer.get(canonical(model, layer), NO_OFFSET) for layer in layers]
+    shared = _stride_offsets(model, by_layer) if isinstance(align, str) and by_layer else {}
+    return [by_layer[name] if name in by_layer else (shared.get(layer_stride(model, name)) or NO_OFFSET)
+            for name in (canonical(model, layer) for layer in layers)]
+
+
+def _stride_offsets(model, by_layer: Mapping[str, Offset]) -> dict[int, Offset | None]:
+    shared: dict[int, Offset | None] = {}
+    for name, offset in by_layer.items():
+        stride = layer_stride(model, name)
+        shared[stride] = offset if shared.get(stride, offset) == offset else None
+    return shared
+
+
+def stride_offsets(model) -> dict[int, Offset | None]:
+    """Stride -> the offset that ``align="model"`` draws the layers of that stride with (None where the model's
+    recorded offsets for that stride disagree: its unrecorded layers are drawn unshifted)."""
+    table = getattr(model, "cam_offsets", None)
+    table = table if isinstance(table, Mapping) else {}
+    return _stride_offsets(model, {canonical(model, str(key)): _check_offset(str(key), value)
+                                   for key, value in table.items()})
+
+
+def _module_stride(module) -> int:
+    """The product of the strides of the convolutions and pools in ``module`` (one path: no parallel branch)."""
+    from torch import nn
+
+    total = 1
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            stride = sub.stride
+            total *= stride if isinstance(stride, int) else int(stride[0])
+    return total
+
+
+def layer_stride(model, name: str) -> int:
+    """Input pixels per cell of layer ``name``, from the network's structure (no forward pass): the stem and
+    every stride-2 spatial op before the layer on a ResNet, the patch size on a ViT, the patch embedding and
+    the pools before the stage on a PiT."""
+    from cams.layers import family_of, layer_spec
+
+    spec = layer_spec(model, name)  # refuses unknown names
+    family = family_of(model)
+    if family == "vit":
+        return _module_stride(model.patch_embed)
+    if family == "pit":
+        stage = int(spec.name.split(".")[1])
+        stride = _module_stride(model.patch_embed)
+        for index in range(stage):
+            stride *= _module_stride(model.pools[index])
+        return stride
+    stride = _module_stride(model.conv1) * _module_stride(model.maxpool)
+    if spec.kind == "stem":
+        return stride
+    parts = spec.name.split(".")
+    last_stage, last_block = int(parts[0].removeprefix("layer")), (int(parts[1]) if len(parts) > 1 else None)
+    for stage_index in range(1, last_stage + 1):
+        for block_index, block in enumerate(getattr(model, f"layer{stage_index}")):
+            if stage_index == last_stage and last_block is not None and block_index > last_block:
+                break
+            stride *= _module_stride(block.conv_block)
+    return stride
 
 
 def layer_strides(model, layers: Sequence[str], input_hw: tuple[int, int]) -> list[int]:

@@ -21,6 +21,10 @@ How a call works (``explain``):
 Score-CAM additionally runs the masked inputs (``batch_size`` at a time, under ``no_grad``); Eigen-CAM and CAM
 need no gradients at all.
 
+Long calls can report progress and be stopped: ``progress(done, total)`` is called after every batch of images
+(for Score-CAM: after every chunk of masked inputs, counting channels); when it returns a true value ``explain`` raises
+:class:`Cancelled` (hooks removed, the model untouched).
+
 The model is used as it is: pass it in eval mode (``pfnet.load`` returns it so); ``explain`` neither switches
 the mode nor changes anything else on it.
 """
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +67,29 @@ class MethodError(CamError):
 
 class TargetError(CamError):
     """Targets that cannot be used (bad k, unknown class id or name)."""
+
+
+class Cancelled(Exception):
+    """``explain`` was stopped by its ``progress`` callback (returned a true value) before it finished."""
+
+
+# progress(done, total) -> stop?; see explain()
+Progress = Callable[[int, int], "bool | None"]
+
+
+class _Meter:
+    """Counts work units (images; masked inputs for Score-CAM) and asks ``progress`` whether to go on."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def grow(self, units: int) -> None:
+        self.total += units
+
+    def add(self, units: int) -> None:
+        self.done += units
+        if self.progress is not None and self.progress(self.done, self.total):
+            raise Cancelled(f"stopped after {self.done} of {self.total} steps")
 
 
 @dataclass(frozen=True, eq=False)
@@ -314,7 +341,7 @@ def _fc_cam_maps(model: nn.Module, acts: torch.Tensor, class_ids: torch.Tensor) 
 
 
 def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, class_ids: torch.Tensor,
-                    batch_size: int) -> torch.Tensor:
+                    batch_size: int, meter: _Meter) -> torch.Tensor:
     """Score-CAM as pytorch-grad-cam computes it: each channel, upsampled (align_corners=True) and min-max
     scaled, masks the input; the target logits of the masked inputs, softmaxed over channels, weight the maps."""
     size = images.shape[-2:]
@@ -331,6 +358,7 @@ def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, 
                 masks = (masks - low) / (high - low + SCORECAM_EPS)
                 logits = model(images[index:index + 1] * masks)
                 scores[index, :, start:start + chunk.shape[0]] = logits[:, class_ids[index]].t().float()
+                meter.add(chunk.shape[0])
     weights = torch.softmax(scores, dim=-1)  # [n, T, C]
     return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)
 
@@ -362,7 +390,7 @@ def normalise(maps: torch.Tensor, size: tuple[int, int], offset: Offset = NO_OFF
 # ------------------------------------------------------------------------------------------------ entry point
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
             targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
-            align: str | Mapping[str, Sequence[float]] = "model") -> Explanation:
+            align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None) -> Explanation:
     """Heatmaps of ``method`` for every image x target x layer.
 
     ``images``: a preprocessed batch ``[N, 3, H, W]`` (moved to the model's device if it is elsewhere).
@@ -372,6 +400,9 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     ``align``: where each layer's cells are drawn (:mod:`cams.align`): "model" (the default) uses the offsets
     recorded for the model (``model.cam_offsets``, set by ``pfnet.load``; none for most models), "none" the
     plain resize, or a mapping layer -> (dy, dx) in input pixels.
+    ``progress(done, total)``: called after each batch of images (units: images) or, for Score-CAM, after each
+    chunk of masked inputs (units: channels, one masked input per image x layer channel; the total grows by each
+    batch's channels once its forward pass shows them). Return a true value to stop: :class:`Cancelled`.
     """
     if isinstance(layers, str):
         layers = [layers]
@@ -389,6 +420,8 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     num_classes = getattr(model, "num_classes", None)
     num_classes = num_classes if isinstance(num_classes, int) else None
     top_k, fixed_ids = _target_plan(targets, class_names, num_classes)
+    if progress is not None and not callable(progress):
+        raise CamError(f"progress must be callable (done, total) -> stop?; got {type(progress).__name__}")
 
     parameter = next(model.parameters(), None)
     with torch.inference_mode(False):
@@ -403,6 +436,8 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         all_ids = torch.empty((count, n_targets), dtype=torch.int64)
         all_probs: list[torch.Tensor] = []
         want_grad = method in GRADIENT_METHODS
+        scored = method == "scorecam"  # counts channels, not images
+        meter = _Meter(progress, 0 if scored else count)
         with _Capture(modules) as capture:
             for start in range(0, count, batch_size):
                 batch = images[start:start + batch_size]
@@ -422,6 +457,9 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                 all_probs.append(torch.softmax(detached.float(), dim=1).cpu())
                 acts = [outputs[name] for name in layers]
                 grads = _gradients(logits, class_ids, acts) if want_grad else None
+                if scored:  # one masked input per channel of every layer, for each image
+                    meter.grow(batch.shape[0] * sum(int(to_grid(model, name, act, size).shape[1])
+                                                    for name, act in zip(layers, acts)))
                 del logits, outputs
                 for position, name in enumerate(layers):
                     act = to_grid(model, name, acts[position].detach(), size)
@@ -434,10 +472,12 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     elif method == "cam":
                         raw = _fc_cam_maps(model, act, class_ids)
                     else:
-                        raw = _score_cam_maps(model, batch, act, class_ids, batch_size)
+                        raw = _score_cam_maps(model, batch, act, class_ids, batch_size, meter)
                     maps = normalise(raw, size, offsets[position])  # [T, n, H, W]
                     heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
                 del acts, grads
+                if not scored:
+                    meter.add(batch.shape[0])
     return Explanation(
         heatmaps=heatmaps, targets=all_ids, probs=torch.cat(all_probs), layers=tuple(layers), method=method,
         class_names=tuple(class_names) if class_names is not None else None,

@@ -2,16 +2,18 @@
 
 Everything here is glue between Streamlit and the pfnet/cams functions: no model or CAM maths.
 Models are loaded once per process (``st.cache_resource``, shared by every session; the engine is thread-safe);
-CAM results are cached (``st.cache_data``) by (image hash, model, weights identity, layers, method, target, mode,
-alignment),
-so changing the colormap or the opacity only re-renders.
+CAM results are kept in one process-wide store (:class:`CamStore`) by (image hash, model, weights identity, layers,
+method, target, mode, alignment), so changing the colormap or the opacity only re-renders, and the export panel
+writes the CAMs already on the page instead of computing them again.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -19,6 +21,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from pfcam_app.network import network
 from pfnet import weights, zoo
 from pfnet.assets import assets_dir
 from pfnet.errors import PfnetError
@@ -31,10 +34,17 @@ CHECKPOINT_TYPES = ["pth", "pt", "bin", "safetensors", "ckpt", "tar"]
 IMAGENET_DEFAULT = ("r50", "r50_hybrid")
 DEMO_DEFAULT = ("demo_r50", "demo_r50_hybrid")
 N_SCENES = 8
+DEMO_SCENE = 1  # the scene selected on a first screen with the demo models
+FIRST_PHOTO = "cat_chelsea.jpg"  # the photo selected on a first screen with ImageNet models
 SCORECAM_BATCH = 32  # one image per explain call; Score-CAM's masked copies go through 32 at a time
-STATUS_LABEL = {"bundled": "bundled", "cached": "cached", "downloadable": "can download", "missing": "missing"}
+CAM_ENTRIES = 512  # CAM results kept (image x model x settings)
+STATUS_LABEL = {"bundled": "bundled", "cached": "cached", "downloadable": "can download", "missing": "missing",
+                "unreachable": "no network", "failed": "download failed"}
 STATUS_ICON = {"bundled": ":material/inventory_2:", "cached": ":material/check_circle:",
-               "downloadable": ":material/cloud_download:", "missing": ":material/error:"}
+               "downloadable": ":material/cloud_download:", "missing": ":material/error:",
+               "unreachable": ":material/wifi_off:", "failed": ":material/cloud_off:"}
+READY = ("bundled", "cached")
+FAILED_KEY = "_download_failed"  # session state: model id -> why its download failed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,6 +78,11 @@ def guard(context: str, where: Any = None) -> Iterator[None]:
         yield
     except Exception as exc:  # noqa: BLE001 - the point is to keep the page alive
         (where or st).error(f"**{context}** — {error_text(exc)}", icon=":material/error:")
+
+
+def widget_default(key: str, value: Any) -> Any:
+    """A widget's default, or None where the page already set its value (Streamlit warns about both)."""
+    return None if key in st.session_state else value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,6 +184,33 @@ class Slot:
     problem: str | None = None
 
 
+@dataclass
+class Settings:
+    """What the sidebar decided: the models (``ready``: those loaded) and how to explain and draw."""
+
+    slots: list[Slot]
+    ready: list[Slot]
+    method: str
+    layers_by_family: dict[str, list[str]]
+    target: tuple
+    colormap: str
+    opacity: float
+    mode: str
+    align: str
+
+    def layers_of(self, slot: Slot) -> tuple[str, ...]:
+        return tuple(self.layers_by_family.get(slot.entry.family, ()))
+
+    @property
+    def runnable(self) -> list[Slot]:
+        """Loaded models with at least one layer chosen."""
+        return [slot for slot in self.ready if self.layers_of(slot)]
+
+    def key(self, digest: str, slot: Slot, target: tuple | None = None) -> tuple:
+        """The CAM store key of one image through one model (``target``: another target than the page's)."""
+        return cam_key(digest, slot, self.layers_of(slot), self.method, target or self.target, self.mode, self.align)
+
+
 def device_name() -> str:
     return str(weights.select_device())
 
@@ -198,13 +240,43 @@ def _load_uploaded(model_id: str, digest: str, device: str, _state: dict) -> Any
     return weights.load(model_id, weights=_state, device=device)
 
 
+def failed_downloads() -> dict[str, str]:
+    """This session's failed downloads: model id -> the reason (cleared by a successful one)."""
+    return st.session_state.setdefault(FAILED_KEY, {})
+
+
+def model_status(model_id: str) -> str:
+    """pfnet's weight status, with "downloadable" split by what this page knows: "unreachable" (no network),
+    "failed" (this session's download failed), or "downloadable"."""
+    try:
+        status = weights.weight_status(model_id)
+    except Exception:  # noqa: BLE001 - an unreadable cache must not break the page
+        return "missing"
+    if status == "downloadable":
+        if model_id in failed_downloads():
+            return "failed"
+        if not network().online:
+            return "unreachable"
+    return status
+
+
 def load_default(model_id: str) -> Slot:
     entry = zoo.get(model_id)
-    status = weights.weight_status(model_id)
+    status = model_status(model_id)
     slot = Slot(model_id, entry, weights_label=STATUS_LABEL.get(status, status))
+    place = f"place the file at `{weights.cached_path(model_id)}` or upload a checkpoint (source: {entry.source.page})"
     if status == "downloadable":
         slot.problem = (f"the weights for {entry.name} are not downloaded yet: press **Download** next to it in "
-                        f"the sidebar, or upload a checkpoint (source: {entry.source.page}).")
+                        f"the sidebar, or {place}.")
+        return slot
+    if status == "unreachable":
+        state = network()
+        slot.problem = (f"the weights for {entry.name} are not cached and cannot be downloaded ({state.reason}: "
+                        f"{state.where}; `PFCAM_OFFLINE=0` tries anyway); {place}.")
+        return slot
+    if status == "failed":
+        slot.problem = (f"the download of {entry.name} failed: {failed_downloads()[model_id]} Press **Download** to "
+                        f"try again, or {place}.")
         return slot
     slot.key = default_weights_key(model_id, status)
     try:
@@ -246,22 +318,67 @@ def engine_targets(target: tuple) -> Any:
     return [target[1]]
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
-def run_cams(digest: str, model_key: str, model_id: str, layers: tuple[str, ...], method: str, target: tuple,
-             mode: str, align: str, _image: Image.Image, _model: Any) -> dict[str, Any]:
-    """One image through one model: heatmaps [T, L, H, W], targets [T], probs [C], crop box, time taken."""
+class CamStore:
+    """CAM results by key, least recently used dropped first; shared by the sessions of a process (thread-safe).
+
+    Values are never modified after ``put``: readers share them."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> dict[str, Any] | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: dict[str, Any]) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def values(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._items.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+@st.cache_resource(show_spinner=False)
+def cam_store() -> CamStore:
+    return CamStore(CAM_ENTRIES)
+
+
+def cam_key(digest: str, slot: Slot, layers: tuple[str, ...], method: str, target: tuple, mode: str,
+            align: str) -> tuple:
+    """What a CAM result depends on: the image, the model and its weights, and the settings."""
+    return digest, slot.key, slot.id, tuple(layers), method, tuple(target), mode, align
+
+
+def compute_cams(key: tuple, image: Image.Image, model: Any, progress: Any = None) -> dict[str, Any]:
+    """One image through one model (``key`` from :func:`cam_key`), stored: heatmaps [T, L, H, W], targets [T],
+    probs [C], crop box, seconds taken. ``progress(done, total)`` is passed to ``cams.explain``."""
     from cams.engine import explain
 
+    _, _, model_id, layers, method, target, mode, align = key
     entry = zoo.get(model_id)
     started = time.perf_counter()
-    prepared = prepare(_image, entry.preprocess, mode)
-    result = explain(_model, prepared.tensor.unsqueeze(0), list(layers), method=method,
+    prepared = prepare(image, entry.preprocess, mode)
+    result = explain(model, prepared.tensor.unsqueeze(0), list(layers), method=method,
                      targets=engine_targets(target), class_names=entry.class_names(), batch_size=SCORECAM_BATCH,
-                     align=align)
-    seconds = time.perf_counter() - started
-    return {"heatmaps": _numpy(result.heatmaps[0], np.float32), "targets": _numpy(result.targets[0], np.int64),
-            "probs": _numpy(result.probs[0], np.float32), "crop_box": tuple(float(v) for v in prepared.crop_box),
-            "seconds": seconds, "stamp": time.time()}
+                     align=align, progress=progress)
+    value = {"heatmaps": _numpy(result.heatmaps[0], np.float32), "targets": _numpy(result.targets[0], np.int64),
+             "probs": _numpy(result.probs[0], np.float32), "crop_box": tuple(float(v) for v in prepared.crop_box),
+             "seconds": time.perf_counter() - started}
+    cam_store().put(key, value)
+    return value
 
 
 def _numpy(value: Any, dtype: Any) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The export panel: "Download ZIP" and "Export to folder", both through ``cams.export.run_export`` so they write
-exactly the layout and manifest of ``python -m cams export``."""
+exactly the layout and manifest of ``python -m cams export``. The CAMs already computed for the page are passed
+in (``run_export(reuse=...)``, from the page's CAM store): an export computes only what the page has not."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,7 @@ from typing import Any
 
 import streamlit as st
 
-from pfcam_app.core import Slot, Source, error_text
+from pfcam_app.core import Settings, Slot, Source, cam_store, digest_of, error_text
 
 DEFAULT_DIR = "./cam_exports"
 
@@ -20,9 +21,39 @@ def _signature(sources: list[Source], slots: list[Slot], *settings: Any) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _export(out_dir: Path, sources: list[Source], slots: list[Slot], layers_by_family: dict[str, list[str]],
-            method: str, target: tuple, mode: str, colormap: str, opacity: float, overwrite: bool,
-            align: str = "model") -> Any:
+def export_topk(target: tuple) -> int:
+    """The export's top-k for the page's target (a class picked by name is exported as the top class)."""
+    return int(target[1]) if target[0] == "top" else 1
+
+
+def page_cams(settings: Settings, reused: list[str]):
+    """``run_export``'s ``reuse``: the page's stored CAMs of an image (as an Explanation), or None."""
+    slots = {slot.id: slot for slot in settings.runnable}
+    target = ("top", export_topk(settings.target))
+
+    def reuse(model_id: str, item: Any, image: Any) -> Any:
+        import torch
+
+        from cams.engine import Explanation
+
+        slot = slots.get(model_id)
+        if slot is None or item.data is None:
+            return None
+        found = cam_store().get(settings.key(digest_of(bytes(item.data)), slot, target))
+        if found is None:
+            return None
+        reused.append(model_id)
+        return Explanation(heatmaps=torch.from_numpy(found["heatmaps"][None]),
+                           targets=torch.from_numpy(found["targets"][None]),
+                           probs=torch.from_numpy(found["probs"][None]),
+                           layers=settings.layers_of(slot), method=settings.method,
+                           class_names=tuple(slot.entry.class_names()))
+
+    return reuse
+
+
+def _export(out_dir: Path, sources: list[Source], settings: Settings, overwrite: bool) -> tuple[Any, int]:
+    """The export report, and how many image x model results came from the page instead of being computed."""
     from cams.export import run_export
 
     bar = st.progress(0.0, text="Exporting…")
@@ -30,21 +61,24 @@ def _export(out_dir: Path, sources: list[Source], slots: list[Slot], layers_by_f
     def progress(done: int, total: int, message: str = "") -> None:
         bar.progress(min(1.0, done / total) if total else 0.0, text=message or f"{done} / {total}")
 
+    slots = settings.runnable
     families = {slot.entry.family for slot in slots}
-    layers = {family: list(names) for family, names in layers_by_family.items() if family in families}
+    layers = {family: list(names) for family, names in settings.layers_by_family.items() if family in families}
+    reused: list[str] = []
     report = run_export(
         sources=[(s.name, s.data) for s in sources if not s.refused], out_dir=out_dir,
-        models={slot.id: (slot.model, slot.entry) for slot in slots}, layers=layers, method=method,
-        topk=int(target[1]) if target[0] == "top" else 1, batch_size=8, mode=mode, colormap=colormap,
-        opacity=opacity, overwrite=overwrite, progress=progress, align=align)
+        models={slot.id: (slot.model, slot.entry) for slot in slots}, layers=layers, method=settings.method,
+        topk=export_topk(settings.target), batch_size=8, mode=settings.mode, colormap=settings.colormap,
+        opacity=settings.opacity, overwrite=overwrite, progress=progress, align=settings.align,
+        reuse=page_cams(settings, reused))
     bar.empty()
-    return report
+    return report, len(reused)
 
 
-def _summary(report: Any) -> str:
+def _summary(report: Any, reused: int) -> str:
     return (f"Exported {len(report.rows)} heatmaps of {report.processed} image(s) to `{report.out_dir}` "
-            f"({report.computed} computed, {report.existing} kept from an earlier export); "
-            f"manifest: `{report.manifest_json.name}`, `{report.manifest_csv.name}`.")
+            f"({report.computed} computed, {report.existing} kept from an earlier export; {reused} image × model "
+            f"results taken from the page); manifest: `{report.manifest_json.name}`, `{report.manifest_csv.name}`.")
 
 
 def _problems(report: Any) -> None:
@@ -52,21 +86,21 @@ def _problems(report: Any) -> None:
         st.warning(problem, icon=":material/warning:")
 
 
-def export_panel(sources: list[Source], slots: list[Slot], layers_by_family: dict[str, list[str]], method: str,
-                 target: tuple, mode: str, colormap: str, opacity: float, align: str = "model") -> None:
+def export_panel(sources: list[Source], settings: Settings) -> None:
     st.header("Export", anchor=False)
     try:
         from cams.export import zip_directory  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         st.warning(f"Export is unavailable: `cams.export` could not be loaded ({error_text(exc)}).")
         return
-    if target[0] == "class":
+    if settings.target[0] == "class":
         st.caption(f"Exports explain each image's predicted class (the export format has no fixed-class target); "
-                   f"the class picked in the sidebar ('{target[1]}') applies to the page only.")
-    st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `python -m cams export`.")
-    settings = (tuple(sorted((k, tuple(v)) for k, v in layers_by_family.items())), method, target, mode, colormap,
-                round(opacity, 3), align)
-    signature = _signature(sources, slots, *settings)
+                   f"the class picked in the sidebar ('{settings.target[1]}') applies to the page only.")
+    st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `python -m cams export`, "
+               "from the CAMs already on the page (only what is missing is computed).")
+    chosen = (tuple(sorted((k, tuple(v)) for k, v in settings.layers_by_family.items())), settings.method,
+              settings.target, settings.mode, settings.colormap, round(settings.opacity, 3), settings.align)
+    signature = _signature(sources, settings.runnable, *chosen)
     zip_col, folder_col = st.columns(2, gap="large")
     with zip_col:
         st.markdown("**Download ZIP** of everything shown")
@@ -76,8 +110,7 @@ def export_panel(sources: list[Source], slots: list[Slot], layers_by_family: dic
 
                 with tempfile.TemporaryDirectory(prefix="pfcam_zip_") as tmp:
                     out_dir = Path(tmp) / "pfcam_export"
-                    report = _export(out_dir, sources, slots, layers_by_family, method, target, mode, colormap,
-                                     opacity, overwrite=True, align=align)
+                    report, _ = _export(out_dir, sources, settings, overwrite=True)
                     st.session_state["_zip"] = (signature, zip_directory(out_dir))
                 _problems(report)
             except Exception as exc:  # noqa: BLE001
@@ -94,9 +127,8 @@ def export_panel(sources: list[Source], slots: list[Slot], layers_by_family: dic
         if st.button("Export to folder", key="export_folder", icon=":material/save:"):
             try:
                 out_dir = Path(folder).expanduser()
-                report = _export(out_dir, sources, slots, layers_by_family, method, target, mode, colormap,
-                                 opacity, overwrite=overwrite, align=align)
-                (st.success if report.ok else st.warning)(_summary(report), icon=":material/check:")
+                report, reused = _export(out_dir, sources, settings, overwrite=overwrite)
+                (st.success if report.ok else st.warning)(_summary(report, reused), icon=":material/check:")
                 _problems(report)
             except Exception as exc:  # noqa: BLE001
                 st.error(f"**Export failed** — {error_text(exc)}", icon=":material/error:")

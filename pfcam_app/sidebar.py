@@ -1,4 +1,5 @@
-"""Sidebar model management: the zoo picker, each model's weight status, download with progress, checkpoint upload."""
+"""The sidebar: models (weight status, download, checkpoint upload), method, layers (in network depth order),
+target, display. Everything it decides is returned as one :class:`~pfcam_app.core.Settings`."""
 from __future__ import annotations
 
 import hashlib
@@ -6,46 +7,37 @@ import hashlib
 import streamlit as st
 
 from pfcam_app import core
-from pfcam_app.core import STATUS_ICON, STATUS_LABEL, Slot
+from pfcam_app.core import STATUS_ICON, STATUS_LABEL, Settings, Slot
+from pfcam_app.first_run import fetch_with_bar
+from pfcam_app.network import network
 from pfnet import weights, zoo
 
+IGNORES_TARGET = {"eigencam": "Eigen-CAM draws the first principal component of the activations: the same map "
+                              "whatever the target class"}
+LAYER_HELP = {
+    "resnet": "One column per layer, in network depth order. `stem`: conv 7x7/2 + max-pool/2 output (1/4 "
+              "resolution); `layerS.i`: output of block i+1 of stage S; `layerS.i.conv_block`: that block's spatial "
+              "op (3x3 conv, 3x3 max-pool, or 2x2 avg-pool + 3x3 conv). Default: the last block of layer3 and "
+              "layer4.",
+    "vit": "One column per layer, in network depth order. `blocks.i`: output of block i+1 (even blocks attend, odd "
+           "blocks max-pool). Default: the last two blocks.",
+    "pit": "One column per layer, in network depth order. `transformers.s.blocks.i`: block i+1 of stage s+1. "
+           "Default: the last block of the last two stages.",
+}
 
-def _status(model_id: str) -> str:
-    try:
-        return weights.weight_status(model_id)
-    except Exception:  # noqa: BLE001 - an unreadable cache must not break the picker
-        return "missing"
+
+def short_name(model_id: str) -> str:
+    return zoo.get(model_id).name.removesuffix(" (scenes)")
 
 
 def model_picker(defaults: tuple[str, ...]) -> list[Slot]:
-    """Multi-select over the zoo (label shows the weight status), then one expander of controls per model."""
-    def label(model_id: str) -> str:
-        return f"{zoo.get(model_id).name} · {STATUS_LABEL.get(_status(model_id), '?')}"
-
-    selected = st.multiselect("Models", zoo.ids(), default=list(defaults), format_func=label, key="models",
-                              help="Any model of the zoo. ImageNet models need their weights: bundled, cached, "
-                                   "downloaded here, or uploaded as a checkpoint file.")
+    """Multi-select over the zoo (short names: the status is on each model's panel), then one panel per model."""
+    selected = st.multiselect("Models", zoo.ids(), default=core.widget_default("models", list(defaults)),
+                              format_func=short_name, key="models",
+                              help="Any model of the zoo (\"Demo\": the bundled models trained on shape scenes). "
+                                   "ImageNet models need their weights: bundled, cached, downloaded here, or "
+                                   "uploaded as a checkpoint file; each model's panel below says which.")
     return [_model_controls(model_id) for model_id in selected]
-
-
-def _download(model_id: str, where) -> None:
-    entry = zoo.get(model_id)
-    bar = where.progress(0.0, text=f"Downloading {entry.name}…")
-
-    def progress(done: int, total: int | None) -> None:
-        if total:
-            bar.progress(min(1.0, done / total), text=f"{entry.name}: {done / 2**20:.1f} / {total / 2**20:.1f} MB")
-        else:
-            bar.progress(0.0, text=f"{entry.name}: {done / 2**20:.1f} MB")
-
-    try:
-        weights.fetch(model_id, progress=progress)
-    except Exception as exc:  # noqa: BLE001
-        bar.empty()
-        where.error(core.error_text(exc), icon=":material/cloud_off:")
-        return
-    bar.progress(1.0, text=f"{entry.name}: downloaded")
-    st.rerun()
 
 
 def _upload_digest(upload) -> str:
@@ -59,19 +51,25 @@ def _upload_digest(upload) -> str:
 
 def _model_controls(model_id: str) -> Slot:
     entry = zoo.get(model_id)
-    status = _status(model_id)
+    status = core.model_status(model_id)
     with st.expander(f"{entry.name} · {STATUS_LABEL.get(status, status)}", icon=STATUS_ICON.get(status)):
         path = weights.cached_path(model_id)
         if status == "bundled":
             st.caption(f"Bundled with pfcam (`{path.name}`); works offline.")
         elif status == "cached":
             st.caption(f"Cached at `{path}`.")
-        elif status == "downloadable":
-            st.caption(f"Not downloaded yet. Source: {entry.source.page}")
-            if st.button("Download", key=f"download_{model_id}", icon=":material/download:", width="stretch"):
-                _download(model_id, st)
+        elif status in ("downloadable", "failed"):
+            if status == "failed":
+                st.error(f"Download failed: {core.failed_downloads()[model_id]}", icon=":material/cloud_off:")
+            st.caption(f"Not downloaded yet. Source: {entry.source.page}. Or save the file as `{path}`.")
+            if st.button("Download" if status == "downloadable" else "Try again", key=f"download_{model_id}",
+                         icon=":material/download:", width="stretch"):
+                if fetch_with_bar(model_id, st):
+                    st.rerun()
         else:
-            st.caption(f"Not available offline. Download it from {entry.source.page} and save it as `{path}`, "
+            state = network()
+            why = "" if status == "missing" else f" ({state.reason}: {state.where})"
+            st.caption(f"Not available offline{why}. Download it from {entry.source.page} and save it as `{path}`, "
                        "or upload the checkpoint below.")
         upload = st.file_uploader("Use a checkpoint file", type=core.CHECKPOINT_TYPES, key=f"ckpt_{model_id}",
                                   max_upload_size=core.CHECKPOINT_LIMIT_MB,
@@ -119,3 +117,89 @@ def _uploaded_slot(model_id: str, upload) -> Slot | None:
         st.caption(f"{entry.name} keeps its default weights (if it has any).")
         return None
     return slot
+
+
+# ------------------------------------------------------------------------------------------------------ layers
+
+def _in_depth_order(key: str, order: list[str]) -> None:
+    """Widget callback: the chosen layers re-sorted into network depth order, whatever the click order."""
+    rank = {name: index for index, name in enumerate(order)}
+    st.session_state[key] = sorted(st.session_state.get(key) or [], key=lambda name: rank.get(name, len(rank)))
+
+
+def layer_pickers(ready: list[Slot]) -> dict[str, list[str]]:
+    """One layer multi-select per model family on the page; each returns its layers in network depth order."""
+    from pfcam_app.views import layer_choices
+
+    chosen: dict[str, list[str]] = {}
+    families = {slot.entry.family for slot in ready}
+    for slot in ready:
+        family = slot.entry.family
+        if family in chosen:
+            continue
+        with core.guard(f"Layers of {slot.entry.name}"):
+            names, labels, default = layer_choices(slot.model)
+            key = f"layers_{family}"
+            title = "Layers" if len(families) == 1 else f"Layers ({family} models)"
+            picked = st.multiselect(title, names, default=core.widget_default(key, default), key=key,
+                                    on_change=_in_depth_order, args=(key, names), help=LAYER_HELP.get(family))
+            rank = {name: index for index, name in enumerate(names)}
+            chosen[family] = sorted(picked, key=lambda name: rank[name])
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+def settings_sidebar(defaults: tuple[str, ...]) -> Settings:
+    from cams import engine, render
+
+    st.header("Models", anchor=False)
+    slots = model_picker(defaults)
+    ready = [slot for slot in slots if slot.model is not None]
+
+    st.header("Explanation", anchor=False)
+    method = st.selectbox("CAM method", list(engine.METHODS), format_func=lambda m: engine.METHODS[m], key="method",
+                          help="Gradient methods need one forward and one backward pass per image; Score-CAM runs a "
+                               "forward pass per activation channel (slow on a CPU; it shows its progress and can "
+                               "be stopped).")
+    if method == "cam":
+        st.caption(":orange[CAM uses the fc weights, so it explains the final feature map only (layer4.2 on the "
+                   "ResNets); other layers get an error message.]")
+    if method in IGNORES_TARGET:
+        st.caption(f":orange[{IGNORES_TARGET[method]}: the target below changes only the class named under "
+                   "each cell.]")
+    if method == "scorecam" and core.device_name() == "cpu":
+        st.caption(":orange[Score-CAM on a CPU can take minutes per image and model.]")
+    layers_by_family = layer_pickers(ready)
+
+    target_kind = st.radio("Target", ["Predicted class", "Top-k classes", "A class I pick"], key="target_kind")
+    target: tuple = ("top", 1)
+    if target_kind == "Top-k classes":
+        target = ("top", st.slider("k", 2, 5, 3, key="top_k"))
+    elif target_kind == "A class I pick":
+        classes: list[str] = []
+        for slot in slots:
+            classes += [name for name in slot.entry.class_names() if name not in classes]
+        picked = st.selectbox("Class (type to search)", classes, index=None, key="target_class",
+                              placeholder="Type a class name…")
+        if picked is None:
+            st.caption("No class picked yet: explaining the predicted class.")
+        else:
+            target = ("class", picked)
+
+    st.header("Display", anchor=False)
+    colormap = st.selectbox("Colormap", list(render.COLORMAPS), key="colormap")
+    opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
+    mode = st.radio("Preprocessing", ["full", "center"], key="mode", horizontal=True,
+                    format_func={"full": "Whole image", "center": "Centre crop"}.get,
+                    help="Whole image: squashed to the input size. Centre crop: the ImageNet evaluation crop; "
+                         "the heatmap then covers only the cropped part.")
+    align = "model" if st.toggle(
+        "Align heatmaps to what each layer sees", value=True, key="align",
+        help="A plain resize draws a stride-32 layer's heatmap up to half a cell down-right of what its cells "
+             "look at. Models with a measured offset (the demo models) are drawn moved by it, every layer of the "
+             "same stride alike (the model card lists them); off: the plain resize, as pytorch-grad-cam draws "
+             "it.") else "none"
+    with core.guard("Device"):
+        st.caption(f"Device in use: **{core.device_name()}** (set `PFCAM_DEVICE` to change)")
+    return Settings(slots, ready, method, layers_by_family, target, colormap, opacity, mode, align)

@@ -386,3 +386,41 @@ def _hf_reason(error: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return f"download failed: {first[:200]}"
+
+
+def hub_address() -> tuple[str, int]:
+    """(host, port) of the Hugging Face hub: from ``HF_ENDPOINT`` when set, else huggingface.co:443."""
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip()
+    if endpoint:
+        parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        try:
+            port = parts.port
+        except ValueError:  # a port that is not a number
+            port = None
+        if parts.hostname:
+            return parts.hostname, port or (80 if parts.scheme == "http" else 443)
+    return "huggingface.co", 443
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub host answers a TCP connection (DNS lookup included) within ``timeout`` seconds; never raises.
+
+    The lookup and connection run on a daemon thread so that a resolver which ignores socket timeouts cannot
+    hold the caller for longer than ``timeout``.
+    """
+    import threading
+
+    host, port = hub_address()
+    outcome: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(True)
+        except (OSError, ValueError):
+            outcome.append(False)
+
+    worker = threading.Thread(target=attempt, name="pfcam-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(outcome and outcome[0])

@@ -155,3 +155,39 @@ def test_demo_models_carry_their_fitted_offsets_only_with_their_own_weights():
     reloaded = pfnet.load("demo_r50_max", weights=str(zoo.DEMO_DIR / card["file"]), device="cpu")
     assert reloaded.cam_offsets == {}
     assert zoo.get("r50").cam_offsets == {}
+
+
+def test_layer_strides_from_the_structure_equal_the_measured_ones():
+    from cams.align import layer_stride
+    from cams.layers import layer_names
+
+    for model, size in [(pfnet.resnet.PFResNet("hybrid", num_classes=4, width_mult=0.125).eval(), (96, 128)),
+                        (zoo.get("pit_s_max").build().eval(), (224, 224))]:
+        names = layer_names(model)
+        assert [layer_stride(model, name) for name in names] == layer_strides(model, names, size)
+    model = pfnet.resnet.PFResNet("max", num_classes=4, width_mult=0.125)
+    assert [layer_stride(model, n) for n in ("stem", "layer1.2", "layer2.0.conv_block", "layer3", "layer4.1")] == \
+        [4, 4, 8, 16, 32]
+
+
+def test_a_recorded_offset_is_shared_by_the_layers_of_its_stride(tiny):
+    from cams.align import stride_offsets
+
+    tiny.cam_offsets = {"layer4": (-15.0, -16.0)}
+    try:
+        same = ["layer4.0", "layer4.0.conv_block", "layer4.1", "layer4.2", "layer4"]
+        assert layer_offsets(tiny, same + ["layer3.5", "layer1", "stem"]) == [(-15.0, -16.0)] * 5 + [(0.0, 0.0)] * 3
+        assert stride_offsets(tiny) == {32: (-15.0, -16.0)}
+        # drawn alike: layer4.1's aligned map is its plain map moved by layer4's offset
+        images = torch.randn(1, 3, 64, 64)
+        moved = explain(tiny, images, ["layer4.1"], align={"layer4.1": (-15, -16)}).heatmaps
+        assert torch.equal(explain(tiny, images, ["layer4.1"]).heatmaps, moved)
+        # an explicit mapping is applied to the layers it names only
+        assert layer_offsets(tiny, ["layer4.1", "layer4"], {"layer4": (1, 2)}) == [(0.0, 0.0), (1.0, 2.0)]
+        # recorded offsets of one stride that disagree: each recorded layer keeps its own, the others none
+        tiny.cam_offsets = {"layer4": (-15.0, -16.0), "layer4.0": (-9.0, -9.0), "layer3": (-4.0, -4.0)}
+        assert layer_offsets(tiny, ["layer4.0", "layer4.1", "layer4.2", "layer3.1"]) == \
+            [(-9.0, -9.0), (0.0, 0.0), (-15.0, -16.0), (-4.0, -4.0)]
+        assert stride_offsets(tiny) == {32: None, 16: (-4.0, -4.0)}
+    finally:
+        del tiny.cam_offsets

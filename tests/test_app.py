@@ -1,110 +1,73 @@
 """The Streamlit app, driven headless with streamlit.testing.v1.AppTest.
 
 Offline (PFCAM_OFFLINE=1) with an empty PFCAM_CACHE: the app must fall back to the bundled demo models; weights come
-from assets/weights or from synthetic checkpoints written by the tests, never from the network.
+from assets/weights or from synthetic checkpoints written by the tests, never from the network. The first-screen
+test runs without the flag, the hub pointed at a closed loopback port; the download tests serve the weights from
+a loopback HTTP server.
 """
 from __future__ import annotations
 
 import io
 import json
 import re
+import socket
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "app.py"
-TIMEOUT = 900  # seconds per script run: the CPU is small and shared
-DEMO = ("demo_r50", "demo_r50_hybrid")
-CAPTION = re.compile(r"^(?P<cls>[a-z_]+) · (?P<pct>\d+\.\d)%")
+from apptest_support import (APP, CAPTION, DEMO, FIRST_SCENE, TIMEOUT, UPLOAD_NOTE, app, assert_clean,  # noqa: F401
+                             blank, expected_top1, originals, overlays, row_notes, scene_png, upload)
+
+FIRST_SCREEN_LIMIT = 90  # seconds: the first run of a fresh page, on this small shared CPU
 
 
-def _demo_weights_bundled() -> bool:
-    from pfcam_app import core
-    from pfnet import weights
-
-    # The app's offline default pair; demo R50-max is optional.
-    return all(weights.weight_status(model_id) == "bundled" for model_id in core.DEMO_DEFAULT)
-
-
-DEMO_MISSING = "bundled demo weights missing in assets/weights (made by `pfcam train-demo`)"
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-# ------------------------------------------------------------------------------------------------- helpers
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def scene_png(index: int) -> bytes:
-    """A demo scene at the demo input size, from a stream the app does not offer (seed 31337)."""
-    from pfdemo import scenes
-    from pfnet import zoo
-
-    return png(scenes.render_scene(31337, index, zoo.get("demo_r50").preprocess.input_size).image)
-
-
-def originals(at) -> list:
-    return [image for image in at.image if image.captions[0].startswith("Original")]
-
-
-def overlays(at) -> list:
-    return [image for image in at.image if not image.captions[0].startswith("Original")]
-
-
-def row_notes(at) -> list[str]:
-    return [m.value for m in at.markdown if "computed in" in m.value]
-
-
-def assert_clean(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def expected_top1(model_id: str, data: bytes) -> tuple[str, float]:
-    """What the model itself predicts for the image (computed here, independently of the app)."""
-    from cams.images import load_image
-    from pfnet import weights, zoo
-    from pfnet.preprocess import prepare
-
-    entry = zoo.get(model_id)
-    model = weights.load(model_id, device="cpu")
-    tensor = prepare(load_image(data, "x.png"), entry.preprocess, "full").tensor.unsqueeze(0)
-    with torch.no_grad():
-        probs = torch.softmax(model(tensor), dim=1)[0]
-    index = int(probs.argmax())
-    return entry.class_names()[index], float(probs[index])
-
-
-@pytest.fixture
-def app(pfcam_cache):
-    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded)."""
+def test_first_screen_without_flags_or_network_shows_an_example_and_heatmaps(tmp_path, monkeypatch):
+    """The README's `streamlit run app.py` on a fresh machine: no PFCAM_OFFLINE, empty caches, hub unreachable."""
     from streamlit.testing.v1 import AppTest
 
     from pfcam_app import core
 
-    if not _demo_weights_bundled():  # the offline default runs on the bundled demo models
-        pytest.skip(DEMO_MISSING)
-    core.run_cams.clear()
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.run()
+    for name in ("PFCAM_OFFLINE", "HF_HUB_OFFLINE", "PFCAM_GDRIVE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("PFCAM_CACHE", "HF_HOME"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    core.cam_store().clear()
+    at = AppTest.from_file(str(APP), default_timeout=FIRST_SCREEN_LIMIT)
+    started = time.monotonic()
+    at.run()  # raises if the run takes longer than FIRST_SCREEN_LIMIT
     assert_clean(at)
-    return at
-
-
-def upload(at, files: list[tuple[str, bytes]]) -> None:
-    mime = {"png": "image/png", "jpg": "image/jpeg"}
-    at.file_uploader(key="uploads").set_value([(n, d, mime.get(n.rsplit(".", 1)[-1], "image/png")) for n, d in files])
+    assert time.monotonic() - started < FIRST_SCREEN_LIMIT
+    assert not at.error and not at.warning
+    assert [o.captions[0] for o in originals(at)] == ["Original · 160×160 · ground truth: triangle (green box)"]
+    cells = overlays(at)
+    assert len(cells) == 4  # 2 demo models x 2 layers
+    assert all(re.search(r" · pointing (hit ✓|miss ✗) · energy in box ", cell.captions[0]) for cell in cells)
+    assert len({str(cell.value) for cell in cells}) == 4  # four different pictures
+    maps = [heat for result in core.cam_store().values() for heat in result["heatmaps"][0]]
+    assert len(maps) == 4 and sum(float(heat.max() - heat.min()) > 0.5 for heat in maps) >= 2  # real heatmaps
+    banner = " ".join(info.value for info in at.info)
+    assert "Offline demo" in banner and "cannot be reached" in banner and "PFCAM_OFFLINE" in banner
+    assert list(at.multiselect(key="models").value) == list(DEMO)
+    assert [e.label for e in at.expander if not e.label.startswith("Model card")] == \
+        ["Demo R50 (scenes) · bundled", "Demo R50-hybrid (scenes) · bundled"]
+    at.multiselect(key="models").set_value(list(DEMO) + ["r50"])
     at.run()
-    assert_clean(at)
+    assert any(e.label == "R50 · no network" for e in at.expander)  # not "can download"
+    assert not [b for b in at.button if b.key in ("download_imagenet", "download_r50")]
 
-
-# --------------------------------------------------------------------------------------------------- tests
 
 def test_offline_start_uses_demo_models_and_says_so(app):
     assert list(app.multiselect(key="models").value) == list(DEMO)
@@ -113,11 +76,17 @@ def test_offline_start_uses_demo_models_and_says_so(app):
     assert "Offline demo" in banner and "PFCAM_OFFLINE=1" in banner
     options = app.multiselect(key="examples").options
     assert any(o.startswith("scene_") for o in options) and "cat_chelsea.jpg" in options
-    assert not app.error
-    assert "Upload images or pick examples" in banner
+    assert list(app.multiselect(key="examples").value) == [FIRST_SCENE]
+    assert len(originals(app)) == 1 and len(overlays(app)) == 4  # heatmaps without a click
+    assert not app.error and not app.warning
+    assert not [b for b in app.button if b.key == "download_imagenet"]  # offline: nothing to download
+    app.multiselect(key="examples").set_value([])
+    app.run()
+    assert "Upload images or pick examples" in " ".join(info.value for info in app.info)
 
 
-def test_two_uploads_give_a_model_by_layer_grid_and_restyling_reuses_the_cams(app):
+def test_two_uploads_give_a_model_by_layer_grid_and_restyling_reuses_the_cams(blank):
+    app = blank
     files = [("first.png", scene_png(0)), ("second.png", scene_png(1))]
     upload(app, files)
     assert not app.error, [e.value for e in app.error]
@@ -131,9 +100,10 @@ def test_two_uploads_give_a_model_by_layer_grid_and_restyling_reuses_the_cams(ap
         for j, model_id in enumerate(DEMO):
             row = cells[4 * i + 2 * j: 4 * i + 2 * j + 2]
             cls, prob = expected_top1(model_id, data)
-            for cell in row:  # class and probability, then a note if the map is flat
+            for cell in row:  # class and probability, a note if the map is flat, the demo models' caveat
                 assert re.fullmatch(re.escape(f"{cls} · {100 * prob:.1f}%")
-                                    + r"( · flat map: no positive evidence at this layer)?", cell.captions[0])
+                                    + r"( · flat map: no positive evidence at this layer)?" + re.escape(UPLOAD_NOTE),
+                                    cell.captions[0])
     assert [m.value for m in app.markdown].count("**layer3.5**") == 2
     assert [m.value for m in app.markdown].count("**layer4.2**") == 2
     notes = row_notes(app)
@@ -164,7 +134,8 @@ def test_two_uploads_give_a_model_by_layer_grid_and_restyling_reuses_the_cams(ap
     assert sum(a != b for (a, _), (b, _) in zip(changed, after)) >= 4
 
 
-def test_a_corrupt_upload_shows_an_error_and_the_good_image_still_renders(app):
+def test_a_corrupt_upload_shows_an_error_and_the_good_image_still_renders(blank):
+    app = blank
     upload(app, [("good.png", scene_png(2)), ("corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 200)])
     errors = [e.value for e in app.error]
     assert len(errors) == 1 and "corrupt.png" in errors[0]
@@ -172,7 +143,8 @@ def test_a_corrupt_upload_shows_an_error_and_the_good_image_still_renders(app):
     assert len(originals(app)) == 1 and len(overlays(app)) == 4
 
 
-def test_an_oversized_upload_is_refused_with_a_message(app):
+def test_an_oversized_upload_is_refused_with_a_message(blank):
+    app = blank
     big = b"\x00" * (21 * 1024 * 1024)
     upload(app, [("huge.png", big), ("fine.png", scene_png(3))])
     errors = [e.value for e in app.error]
@@ -181,7 +153,7 @@ def test_an_oversized_upload_is_refused_with_a_message(app):
 
 
 def test_demo_scene_examples_show_ground_truth_and_localisation_scores(app):
-    option = next(o for o in app.multiselect(key="examples").options if o.startswith("scene_"))
+    option = [o for o in app.multiselect(key="examples").options if o.startswith("scene_")][2]
     app.multiselect(key="examples").set_value([option])
     app.run()
     assert_clean(app)
@@ -193,7 +165,8 @@ def test_demo_scene_examples_show_ground_truth_and_localisation_scores(app):
         assert re.search(r" · pointing (hit ✓|miss ✗) · energy in box \d+\.\d%$", cell.captions[0]), cell.captions[0]
 
 
-def test_top_k_target_adds_a_row_per_class(app):
+def test_top_k_target_adds_a_row_per_class(blank):
+    app = blank
     upload(app, [("one.png", scene_png(4))])
     app.radio(key="target_kind").set_value("Top-k classes")
     app.run()
@@ -207,7 +180,8 @@ def test_top_k_target_adds_a_row_per_class(app):
     assert float(CAPTION.match(first)["pct"]) >= float(CAPTION.match(second)["pct"])
 
 
-def test_a_class_picked_by_name_is_explained_by_every_model(app):
+def test_a_class_picked_by_name_is_explained_by_every_model(blank):
+    app = blank
     upload(app, [("one.png", scene_png(9))])
     app.radio(key="target_kind").set_value("A class I pick")
     app.run()
@@ -233,7 +207,8 @@ def test_model_cards_show_measured_and_paper_figures(app):
     assert len(card) == 2 and all("test accuracy" in c and "pointing game at layer4" in c for c in card)
 
 
-def test_alignment_toggle_redraws_the_demo_heatmaps(app):
+def test_alignment_toggle_redraws_the_demo_heatmaps(blank):
+    app = blank
     upload(app, [("one.png", scene_png(8))])
     assert_clean(app)
     offsets = [c.value for c in app.caption if c.value.startswith("Alignment measured for these weights")]
@@ -251,7 +226,8 @@ def test_alignment_toggle_redraws_the_demo_heatmaps(app):
     assert [c.split(" · ")[:2] for _, c in plain] == [c.split(" · ")[:2] for _, c in aligned]
 
 
-def test_export_to_folder_writes_the_manifest(app, tmp_path):
+def test_export_to_folder_writes_the_manifest(blank, tmp_path):
+    app = blank
     upload(app, [("a.png", scene_png(6)), ("b.png", scene_png(7))])
     out = tmp_path / "exports"
     app.text_input(key="export_dir").set_value(str(out))
@@ -282,7 +258,8 @@ def test_export_to_folder_writes_the_manifest(app, tmp_path):
         sorted(row["overlay"] for row in rows)
 
 
-def test_a_checkpoint_for_another_architecture_is_explained(app):
+def test_a_checkpoint_for_another_architecture_is_explained(blank):
+    app = blank
     from pfnet import zoo
 
     state = zoo.get("demo_r50_max").build().state_dict()
@@ -322,7 +299,8 @@ def test_cached_imagenet_weights_make_r50_and_r50_hybrid_the_default(pfcam_cache
     assert not at.warning and not at.error
 
 
-def test_weights_missing_offline_say_what_to_do_and_the_rest_keeps_working(app):
+def test_weights_missing_offline_say_what_to_do_and_the_rest_keeps_working(blank):
+    app = blank
     app.multiselect(key="models").set_value(["demo_r50", "r50_max"])
     app.run()
     assert_clean(app)
@@ -332,63 +310,6 @@ def test_weights_missing_offline_say_what_to_do_and_the_rest_keeps_working(app):
     assert any(e.label == "R50-max · missing" for e in app.expander)
     upload(app, [("one.png", scene_png(10))])
     assert len(overlays(app)) == 2  # demo_r50 x 2 layers; R50-max is skipped, not fatal
-
-
-def _zero_checkpoint(model_id: str) -> dict:
-    from pfnet import zoo
-
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in zoo.get(model_id).build().state_dict().items()}
-    return {k: torch.zeros(s, dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
-            for k, s in shapes.items()}
-
-
-def test_download_button_fetches_with_progress_and_the_model_loads(pfcam_cache, tmp_path, monkeypatch):
-    """Online (a local HTTP server stands in for Google Drive / Hugging Face): nothing cached, so R50 and
-    R50-hybrid are the defaults, each waiting for its Download button; R50-hybrid is then downloaded."""
-    import functools
-    import http.server
-    import threading
-
-    from streamlit.testing.v1 import AppTest
-
-    from pfnet import zoo
-
-    served = tmp_path / "served"
-    served.mkdir()
-    torch.save(_zero_checkpoint("r50_hybrid"), served / zoo.get("r50_hybrid").source.ref)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args, **kwargs: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        monkeypatch.delenv("PFCAM_OFFLINE")
-        monkeypatch.setenv("PFCAM_GDRIVE_URL", base + "/{id}")
-        monkeypatch.setenv("HF_ENDPOINT", base)  # the Hub mirror answers 404: R50 stays unavailable
-        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-        at.run()
-        assert_clean(at)
-        assert list(at.multiselect(key="models").value) == ["r50", "r50_hybrid"]
-        assert not any("Offline demo" in info.value for info in at.info)
-        warnings = [w.value for w in at.warning]
-        assert len(warnings) == 2 and all("press **Download**" in w for w in warnings)
-        at.button(key="download_r50_hybrid").click()
-        at.run()
-        assert_clean(at)
-        assert (pfcam_cache / "r50_hybrid.pth").is_file()
-        assert any(e.label == "R50-hybrid · cached" for e in at.expander)
-        warnings = [w.value for w in at.warning]
-        assert len(warnings) == 1 and "R50 " in warnings[0]
-        assert list(at.multiselect(key="layers_resnet").value) == ["layer3.5", "layer4.2"]
-        # R50's download fails (404 here): a plain message, and the page carries on.
-        at.button(key="download_r50").click()
-        at.run()
-        assert_clean(at)
-        errors = [e.value for e in at.error]
-        assert len(errors) == 1 and "HTTP 404" in errors[0] and "R50" in errors[0]
-    finally:
-        server.shutdown()
 
 
 def test_scene_scores_use_the_mask_at_any_model_input_size():

@@ -51,10 +51,11 @@ from cams.export.executor import ExportExecutor
 from cams.export.files import MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport
 from cams.export.inputs import InputItem, UploadSource, collect_inputs, safe_name
 from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, validate_settings
+from cams.export.executor import Reuse
 from cams.export.run import Progress, load_models, run_export, zip_directory
 
 __all__ = [
-    "run_export", "zip_directory", "load_models", "Progress", "ExportError", "ExportReport",
+    "run_export", "zip_directory", "load_models", "Progress", "Reuse", "ExportError", "ExportReport",
     "MANIFEST_COLUMNS", "MANIFEST_FORMAT", "STATE_FORMAT",
     "InputItem", "UploadSource", "collect_inputs", "safe_name",
     "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor",

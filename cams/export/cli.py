@@ -96,8 +96,13 @@ def export_command(args: argparse.Namespace) -> int:
         return 1
     from tqdm import tqdm
 
-    with tqdm(total=0, unit="step", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+    lines = not sys.stderr.isatty()  # logs, CI, nohup: one line per image instead of a bar
+    with tqdm(total=0, unit="step", file=sys.stderr, disable=True if lines else None, dynamic_ncols=True) as bar:
         def progress(done: int, total: int, message: str) -> None:
+            if lines:
+                if done:
+                    log(message)
+                return
             bar.total = total
             bar.n = done
             bar.set_postfix_str(message[:60], refresh=False)

@@ -24,13 +24,16 @@ from pfnet.preprocess import crop_box_for, prepare_batch
 
 CLASS_CHARS = 40
 MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
+# reuse(model id, input, image) -> an Explanation of that one image made with the run's settings, or None
+Reuse = Callable[[str, InputItem, Image.Image], Any]
 
 
 class ExportExecutor:
     """Carries out ``plan`` into the folder ``root`` (checked by the caller), accumulating ``report``."""
 
-    def __init__(self, root: Path, plan: ExportPlan, report: ExportReport):
+    def __init__(self, root: Path, plan: ExportPlan, report: ExportReport, reuse: Reuse | None = None):
         self.root, self.plan, self.report = root, plan, report
+        self.reuse = reuse
         self.stale_count = 0
         # Rendering overlays and grids and encoding PNGs are the export's own cost; one writer thread overlaps
         # them with the next explain (numpy, OpenCV, Pillow and zlib release the GIL). It runs jobs in the order
@@ -86,20 +89,22 @@ class ExportExecutor:
                 states.append(state)
                 if self.plan.needs(self.root, state, model):
                     need.append(index)
-            explanation = None
+            found = {index: (known, 0) for index in need
+                     if (known := self._reused(model, *batch[index][:2])) is not None}
+            need = [index for index in need if index not in found]
             if need:
                 images = [batch[index][1] for index in need]
                 tensor, boxes = prepare_batch(images, model.entry.preprocess, self.plan.mode)
                 try:
                     explanation = engine.explain(model.network, tensor, model.layers, self.plan.method,
-                                          targets=model.topk, align=model.align, class_names=model.class_names,
-                                          batch_size=self.plan.batch_size)
+                                                 targets=model.topk, align=model.align,
+                                                 class_names=model.class_names, batch_size=self.plan.batch_size)
+                    found.update((index, (explanation, position)) for position, index in enumerate(need))
                 except (PfnetError, ValueError, RuntimeError) as exc:
                     names = ", ".join(batch[index][0].label for index in need)
                     self.report.warnings.append(f"{model.id}: explaining failed for {names}: {exc}")
-                    need = []
             for index, (item, image, info) in enumerate(batch):
-                position = need.index(index) if index in need else None
+                explanation, position = found.get(index, (None, None))
                 if position is not None and not (explanation.probs[position].isfinite().all()
                                                  and explanation.heatmaps[position].isfinite().all()):
                     self.report.warnings.append(f"{model.id}: {item.label}: the model's output is NaN or infinite; "
@@ -122,6 +127,16 @@ class ExportExecutor:
             for row in rows[index]:
                 row["grid"] = grids.get(row["rank"], "")
             self.report.rows.extend(rows[index])
+
+    def _reused(self, model: ModelPlan, item: InputItem, image: Image.Image) -> Any:
+        """The caller's explanation of this image (``reuse``), if it has one made as this run would make it."""
+        if self.reuse is None:
+            return None
+        known = self.reuse(model.id, item, image)
+        fits = (known is not None and tuple(known.layers) == tuple(model.layers)
+                and known.method == self.plan.method and tuple(known.heatmaps.shape[:2]) == (1, model.topk)
+                and int(known.heatmaps.shape[-1]) == int(model.entry.preprocess.input_size))
+        return known if fits else None
 
     def _update(self, model: ModelPlan, item: InputItem, image: Image.Image, box, state: dict[str, Any],
                 explanation, position: int | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from PIL import Image
 
-from cams.export.executor import ExportExecutor
+from cams.export.executor import ExportExecutor, Reuse
 from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, ExportError, ExportReport, check_out_dir, now,
                                versions, write_manifests)
 from cams.export.inputs import InputItem, UploadSource, collect_inputs
@@ -27,7 +27,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                colormap: str = "jet", opacity: float = 0.5, overwrite: bool = False,
                progress: Progress | None = None, *, cell_size: int = GRID_CELL, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
-               align: str = "model") -> ExportReport:
+               align: str = "model", reuse: Reuse | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -36,8 +36,10 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     keyed by model id or family (``"resnet"``, ``"vit"``, ``"pit"``); a layer a model lacks is reported and
     skipped for that model. Images go through ``batch_size`` at a time, one ``cams.explain`` call per batch and
     model (all layers and top-``topk`` targets at once). ``progress(done, total, message)`` counts image x model
-    steps. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
+    steps, once per image. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
+    ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
+    (the app passes the CAMs on its page), or None; only the images it has none for are explained.
     Raises ``ExportError`` for bad settings or an output folder that cannot be used.
     """
     warnings: list[str] = []
@@ -50,16 +52,17 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     report.skipped.extend(scan_skipped)
     if not models:
         report.warnings.append("no model to run")
-    run = ExportExecutor(root, plan, report)
+    run = ExportExecutor(root, plan, report, reuse)
     per_image = max(1, len(plan.models))
     total = len(items) * per_image
-    done = 0
+    done = finished = 0
 
-    def tick(step: int, message: str) -> None:
-        nonlocal done
-        done += step
+    def tick(label: str) -> None:
+        """One image done (or skipped): ``per_image`` steps."""
+        nonlocal done, finished
+        done, finished = done + per_image, finished + 1
         if progress is not None:
-            progress(done, total, message)
+            progress(done, total, f"{finished} / {len(items)} images: {label}")
 
     if progress is not None:
         progress(0, total, "starting")
@@ -70,7 +73,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             return
         if plan.models:
             run.process(batch)
-        tick(len(batch) * per_image, f"{len(report.images)} / {len(items)} images: {batch[-1][0].label}")
+        for item, _, _ in batch:
+            tick(item.label)
         batch.clear()
 
     try:
@@ -83,7 +87,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             except ImageError as exc:
                 info["reason"] = exc.reason
                 report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
-                tick(per_image, f"skipped {item.label}: {exc.reason}")
+                tick(f"skipped {item.label}: {exc.reason}")
                 continue
             info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
             batch.append((item, image, info))
