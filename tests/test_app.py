@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from apptest_support import (APP, CAPTION, DEMO, FIRST_SCENE, TIMEOUT, UPLOAD_NOTE, app, assert_clean,  # noqa: F401

@@ -2,7 +2,6 @@
 the caller (``run_export(reuse=...)``, the app's page CAMs) used instead of computing them again."""
 from __future__ import annotations
 
-import io
 import re
 import subprocess
 import sys
