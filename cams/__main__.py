@@ -23,7 +23,13 @@ def _add_bench_loc(subparsers: Any) -> None:
     add_bench_loc_parser(subparsers)
 
 
-SUBCOMMANDS: list[Callable[[Any], Any]] = [_add_export, _add_bench_loc]
+def _add_sanity(subparsers: Any) -> None:
+    from cams.sanity_cli import add_sanity_parser
+
+    add_sanity_parser(subparsers)
+
+
+SUBCOMMANDS: list[Callable[[Any], Any]] = [_add_export, _add_bench_loc, _add_sanity]
 
 
 def build_parser() -> argparse.ArgumentParser:
