@@ -36,7 +36,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 MODES = ("cascading", "independent")
@@ -93,29 +92,27 @@ def spearman(a, b) -> np.ndarray | float:
     return float(rho) if rho.ndim == 0 else rho
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
-    k = torch.exp(-(t * t) / (2.0 * sigma * sigma))
+def _gaussian_window(size: int, sigma: float) -> np.ndarray:
+    t = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    k = np.exp(-(t * t) / (2.0 * sigma * sigma))
     return k / k.sum()
 
 
 def ssim(a, b, data_range: float = 1.0, sigma: float = SSIM_SIGMA, window: int = SSIM_WINDOW) -> np.ndarray | float:
     """Mean SSIM of heatmaps ``a`` and ``b`` (``[H, W]`` -> float, ``[..., H, W]`` -> array); Wang et al.'s
     Gaussian-window SSIM over the window positions inside the map (the window shrinks to fit a smaller map)."""
-    x = torch.as_tensor(np.asarray(a, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(b, dtype=np.float64))
-    if x.shape != y.shape or x.ndim < 2:
-        raise ValueError(f"need two heatmap batches of one shape [..., H, W]; got {tuple(x.shape)} and {tuple(y.shape)}")
-    lead, (height, width) = x.shape[:-2], x.shape[-2:]
-    size = min(window, height, width)
-    size -= 1 - size % 2  # odd
-    k = _gaussian_window(size, sigma)
-    x = x.reshape(-1, 1, height, width)
-    y = y.reshape(-1, 1, height, width)
+    from scipy.ndimage import correlate1d
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        t = F.conv2d(t, k.view(1, 1, 1, -1))
-        return F.conv2d(t, k.view(1, 1, -1, 1))
+    x, y = (np.asarray(v, dtype=np.float64) for v in (a, b))
+    if x.shape != y.shape or x.ndim < 2:
+        raise ValueError(f"need two heatmap batches of one shape [..., H, W]; got {x.shape} and {y.shape}")
+    size = min(window, *x.shape[-2:])
+    size -= 1 - size % 2  # odd
+    k, r = _gaussian_window(size, sigma), size // 2
+
+    def blur(t: np.ndarray) -> np.ndarray:  # the window's weighted mean at every position inside the map
+        t = correlate1d(correlate1d(t, k, axis=-1, mode="constant"), k, axis=-2, mode="constant")
+        return t[..., r:t.shape[-2] - r, r:t.shape[-1] - r]
 
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     mx, my = blur(x), blur(y)
@@ -123,7 +120,7 @@ def ssim(a, b, data_range: float = 1.0, sigma: float = SSIM_SIGMA, window: int =
     vy = blur(y * y) - my * my
     cxy = blur(x * y) - mx * my
     value = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    out = value.mean(dim=(1, 2, 3)).reshape(lead).numpy()
+    out = value.mean(axis=(-2, -1))
     return float(out) if out.ndim == 0 else out
 
 
