@@ -38,6 +38,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cams.metrics import perturbation_inputs
+
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
 ORDERS = ("morf", "lerf")
 REMOVALS = ("rank", "percentile")
@@ -183,20 +185,8 @@ def road(model, images, heatmaps, targets, fractions: Sequence[float] = DEFAULT_
     """
     if removal not in REMOVALS or score not in SCORES:
         raise ValueError(f"removal must be one of {REMOVALS} and score one of {SCORES}")
-    images = torch.as_tensor(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W], got {tuple(images.shape)}")
-    maps = np.asarray(heatmaps, dtype=np.float32)
-    n, _, height, width = images.shape
-    single = maps.ndim == 3
-    if single:
-        maps = maps[:, None]
-    if maps.ndim != 4 or maps.shape[0] != n or maps.shape[2:] != (height, width):
-        raise ValueError(f"heatmaps must be [N, H, W] or [N, R, H, W] with N, H, W = {(n, height, width)}, "
-                         f"got {np.shape(heatmaps)}")
-    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
-    if targets.shape[0] != n:
-        raise ValueError(f"{targets.shape[0]} targets for {n} images")
+    images, maps, targets, single = perturbation_inputs(images, heatmaps, targets)
+    n = images.shape[0]
     fractions = np.asarray([float(f) for f in fractions])
     per_image, points = maps.shape[1], len(fractions)
     try:
