@@ -76,10 +76,14 @@ def best_iou_curve(heatmap, boxes: M.Boxes, thresholds: Sequence[float] = THRESH
     curve = np.zeros(len(thresholds), dtype=np.float64)
     if not len(truth):
         return curve
+    found: list[M.Box] = []
+    owner: list[int] = []
     for j, threshold in enumerate(thresholds):
-        found = heatmap_boxes(h, threshold, normalised=True)
-        if found:
-            curve[j] = _iou_matrix(np.asarray(found, dtype=np.float64), truth).max()
+        boxes_j = heatmap_boxes(h, threshold, normalised=True)
+        found += boxes_j
+        owner += [j] * len(boxes_j)
+    if found:  # one IoU computation for the boxes of every threshold
+        np.maximum.at(curve, np.asarray(owner), _iou_matrix(np.asarray(found, dtype=np.float64), truth).max(axis=1))
     return curve
 
 
