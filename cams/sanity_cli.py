@@ -261,6 +261,7 @@ def main_sanity(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     rows: list[Row] = []
     problems: list[str] = []
     skipped: list[str] = []
+    inputs: dict = {}  # preprocessing -> images, shared by the models that use the same
     for model_id in models:
         entry = zoo.get(model_id)
         if args.data is None and entry.classes != "scenes":
@@ -277,13 +278,13 @@ def main_sanity(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
             skipped.append(f"{model_id}: no layer(s) {', '.join(bad)}")
             continue
         try:
-            if args.data is None:
-                images, _ = demo_images(entry.preprocess, args.n)
-            else:
-                images, _ = folder_images(args.data, entry.preprocess, args.n, problems)
+            if entry.preprocess not in inputs:
+                inputs[entry.preprocess] = (demo_images(entry.preprocess, args.n) if args.data is None
+                                            else folder_images(args.data, entry.preprocess, args.n, problems))[0]
         except SanityError as error:
             print(f"sanity: error: {error}", file=err)
             return 2
+        images = inputs[entry.preprocess]
         if entry.family == "resnet":
             model = model.to(memory_format=torch.channels_last)  # same maps, faster convolutions on CPU
         steps = len(randomisation_units(model)) * len(modes) + ("cascading" in modes)
