@@ -143,10 +143,20 @@ def _groups(rows: Sequence[Row]) -> dict[tuple[str, str, str], list[Row]]:
     return groups
 
 
+def _verdict(last: Row | None, copy: Row | None) -> str:
+    """"pass" / "FAIL" on the median Spearman after randomising every unit; "flat" when at least half of the
+    trained heatmaps are flat: their correlation is 0 or 1 by convention, and the median says nothing."""
+    if last is None:
+        return "n/a"
+    if copy is not None and 2 * copy.flat >= copy.n:
+        return "flat"
+    return "pass" if last.spearman[0] < PASS_BELOW else "FAIL"
+
+
 def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     """One line per model x layer x method; the reference heatmaps' correlations are the last columns."""
-    header = ["model", "layer", "method", "copy", "head random", "all random (IQR)", "SSIM all random",
-              "independent: lowest", "verdict", *(f"ref: {name}" for name in REFERENCES)]
+    header = ["model", "layer", "method", "flat trained", "copy", "head random", "all random (IQR)",
+              "SSIM all random", "independent: lowest", "verdict", *(f"ref: {name}" for name in REFERENCES)]
     body = []
     for (model, layer, method), group in _groups(rows).items():
         cascade = sorted((r for r in group if r.mode == "cascading"), key=lambda r: r.depth)
@@ -154,8 +164,9 @@ def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
         fmt = lambda row: "n/a" if row is None else f"{row.spearman[0]:.3f}"  # noqa: E731
         last = cascade[-1] if len(cascade) > 1 else None
         lowest = min(independent, key=lambda r: r.spearman[0]) if independent else None
-        verdict = "n/a" if last is None else ("pass" if last.spearman[0] < PASS_BELOW else "FAIL")
-        body.append([model, layer, method_label(method), fmt(_find(cascade, "cascading", 0)),
+        copy = _find(cascade, "cascading", 0)
+        verdict = _verdict(last, copy)
+        body.append([model, layer, method_label(method), "n/a" if copy is None else f"{copy.flat}/{copy.n}", fmt(copy),
                      fmt(_find(cascade, "cascading", 1)),
                      "n/a" if last is None else f"{last.spearman[0]:.3f} ({last.spearman[1]:.2f}-{last.spearman[2]:.2f})",
                      "n/a" if last is None else f"{last.ssim[0]:.3f}",
@@ -171,8 +182,9 @@ def caption(rows: Sequence[Row], seed: int, source: str) -> str:
             f"(1 = unchanged). copy: the unchanged copy recomputed; head random: the classifier re-initialised; "
             f"all random: every unit re-initialised, head to stem (cascading), with the interquartile range; "
             f"independent: the unit whose re-initialisation alone lowers it most. A method passes when all random "
-            f"< {PASS_BELOW}. References: the same trained heatmaps against a centred Gaussian and seeded uniform "
-            f"noise. Re-initialisation seed {seed}.")
+            f"< {PASS_BELOW}; flat trained: trained heatmaps with no peak (a flat map correlates 0 with any other, 1 "
+            f"with a flat one; verdict 'flat' when they are half or more). References: the same trained heatmaps "
+            f"against a centred Gaussian and seeded uniform noise. Re-initialisation seed {seed}.")
 
 
 def format_table(rows: Sequence[Row], title: str) -> str:

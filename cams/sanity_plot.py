@@ -15,6 +15,7 @@ def plot_sanity(rows: Sequence, pass_below: float | None = 0.5, dpi: int = 110) 
     Spearman against a centred Gaussian; the grey dashed line the pass threshold."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     from cams.engine import METHODS
 
@@ -61,7 +62,11 @@ def plot_sanity(rows: Sequence, pass_below: float | None = 0.5, dpi: int = 110) 
             ax.tick_params(axis="y", labelsize=7)
             if c == 0:
                 ax.set_ylabel("median (IQR band)", fontsize=7)
-    axes[0][0].legend(fontsize=6, loc="lower left")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.45", linestyle="--", linewidth=0.9),
+                Line2D([], [], color="0.2", linestyle=":", linewidth=0.9)]
+    names += [f"pass below {pass_below:g}" if pass_below is not None else "", "centre-Gaussian reference"]
+    figure.legend(handles, names, loc="outside upper center", ncols=len(names), fontsize=8, frameon=False)
     figure.supxlabel("re-initialised, from the head down (cascading: this unit and all above it; "
                      "independent: this unit alone)", fontsize=8)
     buffer = io.BytesIO()
