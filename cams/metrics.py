@@ -69,7 +69,7 @@ __all__ = [
     "pointing_tolerance", "as_boxes", "box_to_mask", "object_mask", "peak", "is_flat", "pointing_game",
     "energy_in_box", "heatmap_box", "box_iou", "box_accuracy", "box_accuracy_curve", "choose_threshold",
     "map_box", "centre_gaussian", "uniform_random", "Faithfulness", "auc", "baseline_images",
-    "deletion_insertion",
+    "perturbation_inputs", "deletion_insertion",
 ]
 
 
@@ -374,6 +374,28 @@ def _step_masks(heatmap: np.ndarray, steps: int):
     return torch.from_numpy(masks.reshape(steps + 1, *h.shape))
 
 
+def perturbation_inputs(images, heatmaps, targets):
+    """Checked inputs of a perturbation metric: ``(images [N, C, H, W] tensor, heatmaps float32 [N, R, H, W],
+    targets int64 [N], single)``; ``single`` when ``heatmaps`` came as ``[N, H, W]`` (R = 1 added)."""
+    import torch
+
+    images = torch.as_tensor(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got {tuple(images.shape)}")
+    maps = np.asarray(heatmaps, dtype=np.float32)
+    n, _, height, width = images.shape
+    single = maps.ndim == 3
+    if single:
+        maps = maps[:, None]
+    if maps.ndim != 4 or maps.shape[0] != n or maps.shape[2:] != (height, width):
+        raise ValueError(f"heatmaps must be [N, H, W] or [N, R, H, W] with N, H, W = {(n, height, width)}, "
+                         f"got {np.shape(heatmaps)}")
+    target_ids = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if target_ids.shape[0] != n:
+        raise ValueError(f"{target_ids.shape[0]} targets for {n} images")
+    return images, maps, target_ids, single
+
+
 def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseline: str | float = "blur",
                        batch_size: int = 16, blur_sigma: float | None = None) -> Faithfulness:
     """Deletion and insertion curves of ``model`` for ``images`` [N, C, H, W] (network input, a tensor),
@@ -390,21 +412,9 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseli
 
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    images = torch.as_tensor(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W], got {tuple(images.shape)}")
-    maps = np.asarray(heatmaps, dtype=np.float32)
+    images, maps, target_ids, single = perturbation_inputs(images, heatmaps, targets)
     n, _, height, width = images.shape
-    single = maps.ndim == 3
-    if single:
-        maps = maps[:, None]
-    if maps.ndim != 4 or maps.shape[0] != n or maps.shape[2:] != (height, width):
-        raise ValueError(f"heatmaps must be [N, H, W] or [N, R, H, W] with N, H, W = {(n, height, width)}, "
-                         f"got {np.shape(heatmaps)}")
     per_image = maps.shape[1]
-    target_ids = np.asarray(targets, dtype=np.int64).reshape(-1)
-    if target_ids.shape[0] != n:
-        raise ValueError(f"{target_ids.shape[0]} targets for {n} images")
     try:
         device = next(model.parameters()).device
     except (StopIteration, AttributeError):

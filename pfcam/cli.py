@@ -4,7 +4,7 @@ Each subcommand lives with its module and registers itself through an ``add_<nam
 function that sets ``handler`` (``args -> exit status``) as a parser default; a subcommand that hands unknown
 options on to another program (``app``) also sets ``pass_through=True`` and gets them as ``args.extra``. To add
 one, append its registration to ``SUBCOMMANDS``. Registrations import their modules here, at the top: this is
-where the bench-loc command learns its default data (the demo scenes), which cams itself never imports.
+where the bench-loc and sanity commands learn their default data (the demo scenes), which cams itself never imports.
 """
 from __future__ import annotations
 
@@ -34,13 +34,20 @@ def _add_bench_loc(subparsers: Any) -> None:
     add_bench_loc_parser(subparsers, default_data=SCENES)
 
 
+def _add_sanity(subparsers: Any) -> None:
+    from cams.sanity_cli import add_sanity_parser
+    from pfdemo.bench import scene_images
+
+    add_sanity_parser(subparsers, default_images=scene_images)
+
+
 def _add_train_demo(subparsers: Any) -> None:
     from pfdemo.train import add_train_demo_parser
 
     add_train_demo_parser(subparsers)
 
 
-SUBCOMMANDS: list[Callable[[Any], Any]] = [_add_app, _add_export, _add_bench_loc, _add_train_demo]
+SUBCOMMANDS: list[Callable[[Any], Any]] = [_add_app, _add_export, _add_bench_loc, _add_sanity, _add_train_demo]
 
 
 def build_parser(prog: str = "pfcam") -> argparse.ArgumentParser:

@@ -61,3 +61,11 @@ class SceneData:
 
 SCENES = DefaultData(SceneData, "the held-out demo scenes of pfdemo.scenes",
                      f"test scene stream (default {TEST_SEED}; validation uses seed + 1)")
+
+
+def scene_images(preprocess: Any, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` held-out demo scenes (the demo models' evaluation stream) at the model's input size, as a
+    normalised batch with their names: the sanity check's default images."""
+    size = int(preprocess.input_size)
+    images = np.stack([render_scene(TEST_SEED, index, size).image for index in range(n)])
+    return to_tensor(images, preprocess.mean, preprocess.std), [f"scene {TEST_SEED}/{index}" for index in range(n)]
