@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
 from cams.export import EXIT_OK, EXIT_STOPPED, run_export
-from pfnet import PFResNet
-from pfnet.preprocess import Preprocess
-
-CLASSES = [f"shape {i}" for i in range(10)]
-
-
-@dataclass
-class TinyEntry:
-    id: str = "tiny"
-    name: str = "Tiny R50"
-    preprocess: Preprocess = field(default_factory=lambda: Preprocess(64, 64))
-
-    def class_names(self) -> list[str]:
-        return list(CLASSES)
+from test_export import FakeEntry, tiny  # the tiny model and zoo entry of the export tests
 
 
 def tiny_models() -> dict:
-    torch.manual_seed(0)
-    return {"tiny": (PFResNet("conv", num_classes=10, width_mult=0.25).eval(), TinyEntry())}
+    return {"tiny": (tiny(), FakeEntry())}
 
 
 def main(argv: list[str]) -> int:
