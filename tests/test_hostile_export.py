@@ -232,3 +232,10 @@ def test_sigkill_at_a_random_point_then_a_rerun_equals_an_uninterrupted_run(tmp_
     assert not list(out.rglob("*.tmp"))
     assert results(out) == results(reference)
     assert row_facts(out) == row_facts(reference)
+
+
+def test_a_full_disk_in_process_names_the_cause_whichever_writer_hits_it(tmp_path, models):
+    with tmpfs(tmp_path / "tiny", "96k") as mount:
+        report = run_export([images(tmp_path / "in", 6)], mount / "out", models)
+        assert report.stopped and "the disk is full" in report.stopped, report.stopped
+        assert not list((mount / "out").rglob("*.tmp"))

@@ -137,6 +137,8 @@ def os_error_text(exc: BaseException, doing: str = "") -> str:
     why = _ERRNO_TEXT.get(code) or (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
     if isinstance(exc, RuntimeError) and "loop" in str(exc).lower():
         why = "a symbolic link loop"
+    elif code is None and " requested and " in str(exc) and " written" in str(exc):  # numpy's short write
+        why = f"the disk is full ({exc})"
     where = getattr(exc, "filename", None)
     lead = f"{doing} failed" if doing else "failed"
     return f"{lead}: {why}" + (f" ({where})" if where else "")
