@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +29,10 @@ from pfnet.errors import PfnetError
 from pfnet.preprocess import prepare
 
 EXAMPLES_DIR = assets_dir() / "examples"
-IMAGE_LIMIT_MB = 20
+IMAGE_LIMIT_MB = 20  # per image file, checked on receipt (server.maxUploadSize is the checkpoint cap)
+IMAGE_MAX_PIXELS = 8000 * 8000  # per image, read from the header before decoding
+SESSION_PIXELS = 100_000_000  # decoded pixels a session may hold (RGB: 300 MB), released with the session
+DECODED_KEY = "_decoded"  # session state: image digest -> decoded image
 CHECKPOINT_LIMIT_MB = 1024
 CHECKPOINT_TYPES = ["pth", "pt", "bin", "safetensors", "ckpt", "tar"]
 IMAGENET_DEFAULT = ("r50", "r50_hybrid")
@@ -38,6 +42,7 @@ DEMO_SCENE = 1  # the scene selected on a first screen with the demo models
 FIRST_PHOTO = "cat_chelsea.jpg"  # the photo selected on a first screen with ImageNet models
 SCORECAM_BATCH = 32  # one image per explain call; Score-CAM's masked copies go through 32 at a time
 CAM_ENTRIES = 512  # CAM results kept (image x model x settings)
+CAM_BYTES = 256 * 2**20  # and their arrays' bytes, whichever bound is met first
 STATUS_LABEL = {"bundled": "bundled", "cached": "cached", "downloadable": "can download", "missing": "missing",
                 "unreachable": "no network", "failed": "download failed"}
 STATUS_ICON = {"bundled": ":material/inventory_2:", "cached": ":material/check_circle:",
@@ -59,6 +64,15 @@ def error_text(exc: BaseException) -> str:
     return f"Something unexpected went wrong ({type(exc).__name__}{': ' + detail if detail else ''})."
 
 
+_MARKDOWN = re.compile(r"([\\`*_\[\]!<>$~|#])")  # what starts emphasis, links, images, HTML, maths, tables
+
+
+def plain(text: object) -> str:
+    """User-given text (file names, labels, messages quoting them) made inert for Streamlit's Markdown: every
+    Markdown character backslash-escaped, line breaks flattened; it then shows exactly as typed."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
 def _is_cam_error(exc: BaseException) -> bool:
     """cams' own errors (bad layer / method / target) carry messages written for people too."""
     try:
@@ -77,7 +91,7 @@ def guard(context: str, where: Any = None) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - the point is to keep the page alive
-        (where or st).error(f"**{context}** — {error_text(exc)}", icon=":material/error:")
+        (where or st).error(f"**{plain(context)}** — {plain(error_text(exc))}", icon=":material/error:")
 
 
 def widget_default(key: str, value: Any) -> Any:
@@ -112,6 +126,7 @@ def from_upload(upload: Any) -> Source:
     if size is None:
         size = len(upload.getvalue())
     if size > IMAGE_LIMIT_MB * 1024 * 1024:
+        release_upload(upload)
         return Source(upload.name, b"", "", refused=f"{upload.name}: the file is {size / 2**20:.1f} MB; images "
                                                     f"are limited to {IMAGE_LIMIT_MB} MB. Resize it and try again.")
     data = upload.getvalue()
@@ -160,12 +175,55 @@ def scene_source(option: str) -> Source:
     return Source(option, data, digest_of(data), kind="scene", box=box, mask=mask, label=label)
 
 
-@st.cache_resource(show_spinner=False, max_entries=32)
-def decode(digest: str, name: str, _data: bytes) -> Image.Image:
-    """``cams.images.load_image`` (validated RGB), once per image content; shared, never modified in place."""
-    from cams.images import load_image
+def release_upload(upload: Any) -> None:
+    """Drop a refused upload's bytes from Streamlit's store now (the server accepts up to the checkpoint cap in
+    any uploader; the browser's per-uploader limit is no defence), instead of holding them for the session."""
+    try:
+        from streamlit.runtime import get_instance
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-    return load_image(_data, name)
+        ctx = get_script_run_ctx()
+        if ctx is not None and getattr(upload, "file_id", None):
+            get_instance().uploaded_file_mgr.remove_file(ctx.session_id, upload.file_id)
+    except Exception:  # noqa: BLE001 - best effort: without a runtime (tests, bare mode) there is nothing held
+        pass
+
+
+def keep_decoded(digests: set[str]) -> None:
+    """Forget the session's decoded images that are no longer on the page."""
+    held = st.session_state.get(DECODED_KEY, {})
+    for digest in [digest for digest in held if digest not in digests]:
+        del held[digest]
+
+
+def decode(digest: str, name: str, data: bytes) -> Image.Image:
+    """``cams.images.load_image`` (validated RGB), once per image content and session; never modified in place.
+
+    Each session holds at most SESSION_PIXELS decoded pixels: an image that would pass the budget is refused
+    from its header, before it is decoded. The images live in the session's state and go with it."""
+    from cams.images import ImageError, load_image
+
+    held: dict[str, Image.Image] = st.session_state.setdefault(DECODED_KEY, {})
+    if digest in held:
+        return held[digest]
+    pixels = header_pixels(data)
+    used = sum(image.width * image.height for image in held.values())
+    if pixels is not None and used + pixels > SESSION_PIXELS:
+        raise ImageError(name, f"this page already holds {used / 1e6:.0f} MP of decoded images and this one has "
+                               f"{pixels / 1e6:.0f} MP; a session may hold {SESSION_PIXELS / 1e6:.0f} MP. "
+                               f"Remove some images or use smaller ones.")
+    image = load_image(data, name, max_bytes=IMAGE_LIMIT_MB * 2**20, max_pixels=IMAGE_MAX_PIXELS)
+    held[digest] = image
+    return image
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header (nothing decoded), or None if the header is unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.width) * int(image.height)
+    except Exception:  # noqa: BLE001 - load_image gives the reason
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,17 +340,17 @@ def load_default(model_id: str) -> Slot:
     try:
         slot.model = _load_default(model_id, slot.key, device_name())
     except Exception as exc:  # noqa: BLE001 - shown on the page, the app carries on with the others
-        slot.problem = error_text(exc)
+        slot.problem = error_text(exc)  # the server's own files: no user text in it
     return slot
 
 
 def load_uploaded(model_id: str, digest: str, state: dict, name: str) -> Slot:
     entry = zoo.get(model_id)
-    slot = Slot(model_id, entry, key=f"upload:{digest}", weights_label=f"uploaded {name}")
+    slot = Slot(model_id, entry, key=f"upload:{digest}", weights_label=f"uploaded {plain(name)}")
     try:
         slot.model = _load_uploaded(model_id, digest, device_name(), state)
     except Exception as exc:  # noqa: BLE001
-        slot.problem = error_text(exc)
+        slot.problem = plain(error_text(exc))
     return slot
 
 
@@ -323,10 +381,15 @@ class CamStore:
 
     Values are never modified after ``put``: readers share them."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int = CAM_BYTES):
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self.bytes = 0
         self._items: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def size_of(value: dict[str, Any]) -> int:
+        return sum(item.nbytes for item in value.values() if isinstance(item, np.ndarray))
 
     def get(self, key: tuple) -> dict[str, Any] | None:
         with self._lock:
@@ -337,10 +400,13 @@ class CamStore:
 
     def put(self, key: tuple, value: dict[str, Any]) -> None:
         with self._lock:
+            if key in self._items:
+                self.bytes -= self.size_of(self._items[key])
             self._items[key] = value
+            self.bytes += self.size_of(value)
             self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            while len(self._items) > self.capacity or (self.bytes > self.max_bytes and len(self._items) > 1):
+                self.bytes -= self.size_of(self._items.popitem(last=False)[1])
 
     def values(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -349,6 +415,7 @@ class CamStore:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self.bytes = 0
 
 
 @st.cache_resource(show_spinner=False)

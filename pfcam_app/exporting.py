@@ -1,18 +1,50 @@
 """The export panel: "Download ZIP" and "Export to folder", both through ``cams.export.run_export`` so they write
 exactly the layout and manifest of ``python -m cams export``. The CAMs already computed for the page are passed
-in (``run_export(reuse=...)``, from the page's CAM store): an export computes only what the page has not."""
+in (``run_export(reuse=...)``, from the page's CAM store): an export computes only what the page has not.
+
+The app is a multi-user server: "Export to folder" writes only under one root the server sets
+(``PFCAM_EXPORT_ROOT``, default ``./cam_exports``); a browser user picks at most a sub-folder name, made safe
+(:func:`export_folder`)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from pfcam_app.core import Settings, Slot, Source, cam_store, digest_of, error_text
+from pfcam_app.core import Settings, Slot, Source, cam_store, digest_of, error_text, plain
 
-DEFAULT_DIR = "./cam_exports"
+ROOT_ENV = "PFCAM_EXPORT_ROOT"
+DEFAULT_ROOT = "./cam_exports"
+
+
+def export_root() -> Path:
+    """Where every folder export of this server goes: ``$PFCAM_EXPORT_ROOT``, else ``./cam_exports``."""
+    return Path(os.environ.get(ROOT_ENV, "").strip() or DEFAULT_ROOT).expanduser()
+
+
+def export_folder(name: str) -> Path:
+    """The folder for a browser-given sub-folder name: one safe path component under :func:`export_root` (absolute
+    paths, ``..`` and separators lose their meaning; empty = the root itself). Never a symbolic link out."""
+    from cams.export import ExportError
+
+    root = export_root()
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    sub = safe_sub(name)
+    if sub and (root / sub).is_symlink():  # one component with no '..' or '/': only a link could lead out
+        raise ExportError(f"the sub-folder {sub} is a symbolic link; choose another name")
+    return root / sub if sub else root
+
+
+def safe_sub(name: str) -> str:
+    """The sub-folder a typed name becomes (as :func:`export_folder` makes it)."""
+    from cams.export import safe_name
+
+    return safe_name(name) if name.strip() else ""
 
 
 def _signature(sources: list[Source], slots: list[Slot], *settings: Any) -> str:
@@ -76,14 +108,17 @@ def _export(out_dir: Path, sources: list[Source], settings: Settings, overwrite:
 
 
 def _summary(report: Any, reused: int) -> str:
-    return (f"Exported {len(report.rows)} heatmaps of {report.processed} image(s) to `{report.out_dir}` "
+    return (f"Exported {len(report.rows)} heatmaps of {report.processed} image(s) to {plain(report.out_dir.name)} "
             f"({report.computed} computed, {report.existing} kept from an earlier export; {reused} image × model "
             f"results taken from the page); manifest: `{report.manifest_json.name}`, `{report.manifest_csv.name}`.")
 
 
 def _problems(report: Any) -> None:
+    if report.stopped:
+        st.error(f"**The export stopped** — {plain(report.stopped)}. What finished is kept and listed in the "
+                 f"manifest.", icon=":material/error:")
     for problem in list(report.errors)[:20]:
-        st.warning(problem, icon=":material/warning:")
+        st.warning(plain(problem), icon=":material/warning:")
 
 
 def export_panel(sources: list[Source], settings: Settings) -> None:
@@ -95,7 +130,7 @@ def export_panel(sources: list[Source], settings: Settings) -> None:
         return
     if settings.target[0] == "class":
         st.caption(f"Exports explain each image's predicted class (the export format has no fixed-class target); "
-                   f"the class picked in the sidebar ('{settings.target[1]}') applies to the page only.")
+                   f"the class picked in the sidebar ('{plain(settings.target[1])}') applies to the page only.")
     st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `python -m cams export`, "
                "from the CAMs already on the page (only what is missing is computed).")
     chosen = (tuple(sorted((k, tuple(v)) for k, v in settings.layers_by_family.items())), settings.method,
@@ -114,7 +149,7 @@ def export_panel(sources: list[Source], settings: Settings) -> None:
                     st.session_state["_zip"] = (signature, zip_directory(out_dir))
                 _problems(report)
             except Exception as exc:  # noqa: BLE001
-                st.error(f"**ZIP export failed** — {error_text(exc)}", icon=":material/error:")
+                st.error(f"**ZIP export failed** — {plain(error_text(exc))}", icon=":material/error:")
         built = st.session_state.get("_zip")
         if built and built[0] == signature:
             st.download_button("Download ZIP", data=built[1], file_name="pfcam_export.zip", mime="application/zip",
@@ -122,13 +157,16 @@ def export_panel(sources: list[Source], settings: Settings) -> None:
         elif built:
             st.caption("The settings changed since the last ZIP; build it again.")
     with folder_col:
-        folder = st.text_input("Folder on the server", value=DEFAULT_DIR, key="export_dir")
+        folder = st.text_input("Sub-folder on the server", value="", key="export_dir", max_chars=64,
+                               help="Exports go to the server's export folder (set by whoever runs the server), "
+                                    "in this sub-folder: letters, digits, '.', '_' and '-' only.")
+        st.caption("Folder: " + plain(f"<export folder>/{safe_sub(folder)}"))
         overwrite = st.checkbox("Overwrite existing files", value=False, key="export_overwrite")
         if st.button("Export to folder", key="export_folder", icon=":material/save:"):
             try:
-                out_dir = Path(folder).expanduser()
+                out_dir = export_folder(folder)
                 report, reused = _export(out_dir, sources, settings, overwrite=overwrite)
                 (st.success if report.ok else st.warning)(_summary(report, reused), icon=":material/check:")
                 _problems(report)
             except Exception as exc:  # noqa: BLE001
-                st.error(f"**Export failed** — {error_text(exc)}", icon=":material/error:")
+                st.error(f"**Export failed** — {plain(error_text(exc))}", icon=":material/error:")

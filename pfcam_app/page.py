@@ -81,6 +81,7 @@ def main() -> None:
 
     sources: list[core.Source] = [core.from_upload(upload) for upload in uploads or []]
     sources += [core.scene_source(name) if name in scenes else core.photo_source(name) for name in examples]
+    core.keep_decoded({source.digest for source in sources})
 
     # ----------------------------------------------------------------------------------------------------- results
     runnable = settings.runnable

@@ -87,19 +87,19 @@ def _uploaded_slot(model_id: str, upload) -> Slot | None:
     """The model with the uploaded weights, or None (after explaining why) to fall back to the default ones."""
     entry = zoo.get(model_id)
     if upload.size > core.CHECKPOINT_LIMIT_MB * 2**20:
-        st.error(f"{upload.name} is {upload.size / 2**30:.2f} GB; checkpoints are limited to "
+        st.error(f"{core.plain(upload.name)} is {upload.size / 2**30:.2f} GB; checkpoints are limited to "
                  f"{core.CHECKPOINT_LIMIT_MB / 1024:.0f} GB.")
         return None
     digest = _upload_digest(upload)
     try:
-        with st.spinner(f"Reading {upload.name}…"):
+        with st.spinner(f"Reading {core.plain(upload.name)}…"):
             state = core.read_upload(digest, upload.getvalue())
     except Exception as exc:  # noqa: BLE001
-        st.error(core.error_text(exc), icon=":material/error:")
+        st.error(core.plain(core.error_text(exc)), icon=":material/error:")
         return None
     fit = weights.detect_architecture(state)
     if fit is None:
-        st.error(f"{upload.name} does not match any architecture in the zoo.", icon=":material/error:")
+        st.error(f"{core.plain(upload.name)} does not match any architecture in the zoo.", icon=":material/error:")
     elif model_id in fit.model_ids:
         st.success(f"Detected {fit}: fits {entry.name}.", icon=":material/check:")
     else:
@@ -107,7 +107,7 @@ def _uploaded_slot(model_id: str, upload) -> Slot | None:
         advice = f" Select {' or '.join(others)} in the model list to use it." if others else ""
         st.error(f"Detected {fit}, which is not {entry.name} ({entry.arch}, {entry.num_classes} classes)."
                  + advice, icon=":material/error:")
-    with st.spinner(f"Loading {upload.name} into {entry.name}…"):
+    with st.spinner(f"Loading {core.plain(upload.name)} into {entry.name}…"):
         slot = core.load_uploaded(model_id, digest, state, upload.name)
     if slot.problem:
         if fit is not None and model_id in fit.model_ids:

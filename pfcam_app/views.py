@@ -9,7 +9,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image, ImageDraw
 
-from pfcam_app.core import Settings, Slot, Source, cam_store, compute_cams, error_text, guard
+from pfcam_app.core import Settings, Slot, Source, cam_store, compute_cams, error_text, guard, plain
 from pfnet import zoo
 
 DISPLAY_SIDE = 448  # longest side of the images shown on the page (overlays are rendered at this size)
@@ -196,14 +196,15 @@ def render_image(source: Source, settings: Settings, stopped: frozenset = frozen
     from cams import metrics, render
     from pfcam_app.core import decode
 
-    st.subheader(source.name, anchor=False, divider="gray")
+    st.subheader(plain(source.name), anchor=False, divider="gray")
     if source.refused:
-        st.error(source.refused, icon=":material/block:")
+        st.error(plain(source.refused), icon=":material/block:")
         return {}
     try:
         image = decode(source.digest, source.name, source.data)
     except Exception as exc:  # noqa: BLE001 - this image only; the others render
-        st.error(f"**{source.name}** cannot be used — {error_text(exc)}", icon=":material/broken_image:")
+        st.error(f"**{plain(source.name)}** cannot be used — {plain(error_text(exc))}",
+                 icon=":material/broken_image:")
         return {}
     slots = settings.runnable
     _photo_warning(source, slots)

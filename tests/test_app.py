@@ -225,11 +225,12 @@ def test_alignment_toggle_redraws_the_demo_heatmaps(blank):
     assert [c.split(" · ")[:2] for _, c in plain] == [c.split(" · ")[:2] for _, c in aligned]
 
 
-def test_export_to_folder_writes_the_manifest(blank, tmp_path):
+def test_export_to_folder_writes_the_manifest(blank, tmp_path, monkeypatch):
     app = blank
     upload(app, [("a.png", scene_png(6)), ("b.png", scene_png(7))])
-    out = tmp_path / "exports"
-    app.text_input(key="export_dir").set_value(str(out))
+    monkeypatch.setenv("PFCAM_EXPORT_ROOT", str(tmp_path / "root"))
+    out = tmp_path / "root" / "exports"  # the server's root, the browser's sub-folder
+    app.text_input(key="export_dir").set_value("exports")
     app.run()
     app.button(key="export_folder").click()
     app.run()

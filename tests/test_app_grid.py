@@ -127,7 +127,8 @@ def test_exports_take_the_cams_already_on_the_page(blank, tmp_path, monkeypatch)
     calls = []
     real = cams.engine.explain
     monkeypatch.setattr(cams.engine, "explain", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
-    blank.text_input(key="export_dir").set_value(str(tmp_path / "out"))
+    monkeypatch.setenv("PFCAM_EXPORT_ROOT", str(tmp_path))
+    blank.text_input(key="export_dir").set_value("out")
     blank.run()
     blank.button(key="export_folder").click()
     blank.run()

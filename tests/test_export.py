@@ -154,7 +154,7 @@ def test_folder_of_good_and_bad_images_gives_exactly_the_expected_files(first_ru
     assert report.ok and report.processed == 9
     assert {row["image"] for row in report.rows} == set(folders)
     assert len(report.rows) == 9 * 2  # default layers of a ResNet: layer3, layer4; top-1
-    expected = {"manifest.json", "manifest.csv"}
+    expected = {"manifest.json", "manifest.csv", ".manifest.lock"}  # the lock the manifests merge under
     for label, folder in folders.items():
         rows = [row for row in report.rows if row["image"] == label]
         assert [row["layer"] for row in rows] == ["layer3", "layer4"]
@@ -168,7 +168,7 @@ def test_folder_of_good_and_bad_images_gives_exactly_the_expected_files(first_ru
             expected |= {row["overlay"], row["heatmap"], row["grid"]}
         expected.add(f"{folder}/tiny/results__gradcam.json")
     assert set(tree(out)) == expected
-    assert sorted(report.files) == sorted(expected - {"manifest.json", "manifest.csv"})
+    assert sorted(report.files) == sorted(expected - {"manifest.json", "manifest.csv", ".manifest.lock"})
 
 
 def test_bad_and_unsupported_inputs_are_listed_with_reasons(first_run):
@@ -394,7 +394,7 @@ def test_zip_directory(first_run):
     data = zip_directory(base / "out")
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         names = archive.namelist()
-        assert set(names) == set(tree(base / "out"))
+        assert set(names) == set(tree(base / "out")) - {".manifest.lock"}  # the lock is no result
         assert json.loads(archive.read("manifest.json"))["format"].startswith("pfcam-export")
     assert all(not name.startswith("/") and ".." not in name.split("/") for name in names)
 
@@ -489,4 +489,8 @@ def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
     assert main(["export", str(example), "--out", str(out), "--models", "demo_r50", "--device", "cpu",
                  "--align", "none"]) == 0
     rerun = json.loads((out / "manifest.json").read_text())["rows"]
-    assert {row["status"] for row in rerun} == {"stale"}  # made with other settings: kept, flagged
+    # made with other settings: kept, flagged; the folder's other results stay listed (the manifest is its index)
+    assert {row["status"] for row in rerun if row["model"] == "demo_r50"} == {"stale"}
+    assert [(row["model"], row["layer"]) for row in rerun] == [
+        ("demo_r50", "layer3"), ("demo_r50", "layer4"), ("demo_r50_hybrid", "layer3"), ("demo_r50_hybrid", "layer4")]
+    assert all(row["settings"]["align"] == "model" for row in rerun)  # each row: the settings that made it

@@ -43,12 +43,18 @@ spreadsheet would run as a formula (starting with ``= + - @``) are prefixed with
 
 Re-runs: an image whose outputs for a model (every requested layer and rank, this method) all exist is not
 recomputed; existing files are never replaced unless ``overwrite`` (an image's grid is redrawn when it gains
-new results). The manifests always describe the whole latest run (existing outputs included). Every file is
-written to a temporary name and moved into place (``os.replace``), so no output is ever half-written.
+new results). The manifest is the folder's index: every result whose files are there, each row with its
+``settings`` (those of the run that made it) and status; runs merge into it under an ``flock`` on
+``OUT/.manifest.lock`` (``merge_manifest``, for other executors too), so a re-run with other settings or
+concurrent exports lose no row. ``manifest.json`` also lists the ``runs`` (times, settings, ``stopped``). Every
+file is written to a temporary name (``.NAME.PID.RANDOM.tmp``) and moved into place (``os.replace``), so no
+output is ever half-written; the temporary files of a killed run are removed by the next run.
 """
 from cams.export.cli import DEFAULT_MODELS, OFFLINE_HINT, add_export_parser, export_command
 from cams.export.executor import ExportExecutor
-from cams.export.files import MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport
+from cams.export.cli import EXIT_CANNOT_START, EXIT_NOTHING, EXIT_OK, EXIT_STOPPED
+from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport,
+                               merge_manifest, os_error_text)
 from cams.export.inputs import InputItem, UploadSource, collect_inputs, safe_name
 from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, validate_settings
 from cams.export.executor import Reuse
@@ -56,7 +62,8 @@ from cams.export.run import Progress, load_models, run_export, zip_directory
 
 __all__ = [
     "run_export", "zip_directory", "load_models", "Progress", "Reuse", "ExportError", "ExportReport",
-    "MANIFEST_COLUMNS", "MANIFEST_FORMAT", "STATE_FORMAT",
+    "MANIFEST_COLUMNS", "MANIFEST_FORMAT", "STATE_FORMAT", "merge_manifest", "os_error_text",
+    "EXIT_OK", "EXIT_NOTHING", "EXIT_CANNOT_START", "EXIT_STOPPED",
     "InputItem", "UploadSource", "collect_inputs", "safe_name",
     "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor",
     "add_export_parser", "export_command", "DEFAULT_MODELS", "OFFLINE_HINT",

@@ -9,12 +9,17 @@ from typing import Any
 
 from cams.align import ALIGN_MODES
 from cams.engine import METHODS
-from cams.export.files import ExportError
+from cams.export.files import ExportError, os_error_text
 from cams.export.run import load_models, run_export
 from cams.render import COLORMAPS
 from pfnet.zoo import DEMO_IDS
 
 DEFAULT_MODELS = ("r50", "r50_hybrid")
+# Exit statuses (README, "Security and limits").
+EXIT_OK = 0
+EXIT_NOTHING = 1  # nothing could be processed (no model loaded, no readable image)
+EXIT_CANNOT_START = 2  # bad settings or an output folder that cannot be used; nothing written
+EXIT_STOPPED = 3  # an OS error part-way (disk full, permissions, read-only); what finished is kept and listed
 OFFLINE_HINT = "hint: `--models demo_r50,demo_r50_hybrid` works offline (bundled demo models)"
 
 
@@ -93,7 +98,7 @@ def export_command(args: argparse.Namespace) -> int:
         log(OFFLINE_HINT)
     if not models:
         log("nothing could be processed: no model could be loaded")
-        return 1
+        return EXIT_NOTHING
     from tqdm import tqdm
 
     lines = not sys.stderr.isatty()  # logs, CI, nohup: one line per image instead of a bar
@@ -115,7 +120,14 @@ def export_command(args: argparse.Namespace) -> int:
                                 extra_settings={"weights": weights, "device": args.device}, align=args.align)
         except ExportError as exc:
             log(f"error: {exc}")
-            return 2
+            return EXIT_CANNOT_START
+        except (OSError, RuntimeError) as exc:  # an OS error before the run could record anything
+            if isinstance(exc, RuntimeError) and "loop" not in str(exc).lower():
+                raise
+            log(f"error: {os_error_text(exc, 'the export')}")
+            return EXIT_CANNOT_START
+    if report.orphans:
+        log(f"removed {len(report.orphans)} temporary files left by an interrupted earlier run")
     for warning in report.warnings:
         log(f"warning: {warning}")
     for item in report.skipped:
@@ -124,7 +136,10 @@ def export_command(args: argparse.Namespace) -> int:
     print(f"{report.processed} of {len(report.images)} images processed ({images} readable): "
           f"{report.computed} results computed, {report.existing} kept from earlier runs, "
           f"{len(report.skipped)} inputs skipped -> {report.out_dir}")
+    if report.stopped:
+        log(f"error: the export stopped: {report.stopped}; what finished is kept and listed in the manifest")
+        return EXIT_STOPPED
     if not report.ok:
         log("nothing could be processed")
-        return 1
-    return 0
+        return EXIT_NOTHING
+    return EXIT_OK

@@ -170,7 +170,7 @@ class ExportExecutor:
                 heat = explanation.heatmaps[position, rank - 1, layer_index].numpy()
                 files = [(path, write, kind) for path, write, kind in ((png, write_png, "overlay"),
                                                                       (npy, write_npy, "heatmap"))
-                         if self.plan.overwrite or not path.exists()]
+                         if self.plan.overwrite or path.is_symlink() or not path.exists()]  # a link: replaced
                 self.report.files.extend(self.rel(path) for path, _, _ in files)
                 thumb = self.submit(self._render, image, heat, box, files)
                 if self.plan.overwrite and isinstance(old, dict):  # another class name leaves an old file behind

@@ -3,6 +3,8 @@ folder check, the report and the manifests (``manifest.json`` / ``manifest.csv``
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
@@ -11,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -25,6 +27,10 @@ MANIFEST_COLUMNS = ("image", "image_dir", "model", "layer", "method", "rank", "c
                     "probability", "overlay", "heatmap", "grid", "status")
 MANIFEST_FORMAT = "pfcam-export/1"
 STATE_FORMAT = "pfcam-export-state/1"
+LOCK_NAME = ".manifest.lock"  # flock'd while the manifests are merged; never exported
+TEMP_SUFFIX = ".tmp"
+ORPHAN_AGE_S = 3600  # a temporary file without a live writer's pid is removed once this old
+MAX_RUNS = 100  # the manifest's history of runs
 
 
 class ExportError(PfnetError):
@@ -48,7 +54,7 @@ def ensure_dir(root: Path, *parts: str) -> Path:
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write via a temporary file in the same folder, then ``os.replace``: readers never see half a file."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -117,11 +123,38 @@ def usable_entry(root: Path, entry: Any) -> bool:
     return True
 
 
+_ERRNO_TEXT = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "the file system is read-only", errno.ELOOP: "a symbolic link loop",
+               errno.ENOTDIR: "a part of the path is a file, not a folder", errno.ENOENT: "no such file or folder",
+               errno.ENAMETOOLONG: "the name is too long", errno.EEXIST: "the path exists already",
+               errno.EISDIR: "the path is a folder", errno.EIO: "an input/output error"}
+
+
+def os_error_text(exc: BaseException, doing: str = "") -> str:
+    """An OS error as one line for people: what failed, where, and why (no traceback)."""
+    code = getattr(exc, "errno", None)
+    why = _ERRNO_TEXT.get(code) or (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+    if isinstance(exc, RuntimeError) and "loop" in str(exc).lower():
+        why = "a symbolic link loop"
+    elif code is None and " requested and " in str(exc) and " written" in str(exc):  # numpy's short write
+        why = f"the disk is full ({exc})"
+    where = getattr(exc, "filename", None)
+    lead = f"{doing} failed" if doing else "failed"
+    return f"{lead}: {why}" + (f" ({where})" if where else "")
+
+
 def check_out_dir(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"the output path {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    root = out.resolve()
+    """The output folder, created if needed, writable, and ours (no foreign manifest); else ``ExportError``."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"the output path {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        root = out.resolve()
+        with open(root / LOCK_NAME, "ab"):
+            pass  # the folder can be written (read-only file systems and permissions fail here, before any work)
+    except (OSError, RuntimeError) as exc:
+        raise ExportError(os_error_text(exc, f"using the output folder {out}")) from exc
     for name in ("manifest.json", "manifest.csv"):
         path = root / name
         if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -135,6 +168,41 @@ def check_out_dir(out: Path) -> Path:
         if not ours:
             raise ExportError(f"{existing} exists and was not written by pfcam; choose another output folder")
     return root
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process whose pid is in a temporary file's name (``.NAME.PID.RANDOM.tmp``) still runs."""
+    parts = name.split(".")
+    pid = parts[-3] if len(parts) >= 4 else ""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_orphans(root: Path) -> list[str]:
+    """Delete temporary files a killed run left in ``root`` (its writer is gone, or it is an hour old);
+    return their relative paths. Files of a run still writing here are left alone."""
+    removed: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not Path(folder, d).is_symlink()]
+        for name in files:
+            if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+                continue
+            path = Path(folder, name)
+            try:
+                old = path.lstat().st_mtime < datetime.now().timestamp() - ORPHAN_AGE_S
+                if old or not _writer_alive(name):
+                    path.unlink()
+                    removed.append(path.relative_to(root).as_posix())
+            except OSError:
+                continue  # gone already (another run cleaned it) or not ours to remove
+    return removed
 
 
 def versions() -> dict[str, str]:
@@ -161,6 +229,8 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # files written by this run (manifests excluded)
     manifest: dict[str, Any] = field(default_factory=dict)
+    stopped: str | None = None  # why the run stopped early (an OS error: disk full, permissions...); else None
+    orphans: list[str] = field(default_factory=list)  # temporary files of a killed earlier run, removed
 
     @property
     def processed(self) -> int:
@@ -193,13 +263,83 @@ class ExportReport:
         return self.out_dir / "manifest.csv"
 
 
-def write_manifests(root: Path, report: ExportReport) -> None:
-    """``manifest.json`` (``report.manifest``) and ``manifest.csv`` (``report.rows``, columns MANIFEST_COLUMNS)."""
-    write_text(root / "manifest.json", json.dumps(report.manifest, indent=1, ensure_ascii=False, default=str,
-                                                       allow_nan=False))
+def row_key(row: Mapping[str, Any]) -> tuple:
+    """One result slot of the folder: a later result for the same slot replaces the earlier row."""
+    return tuple(str(row.get(key)) for key in ("image_dir", "model", "layer", "method", "rank"))
+
+
+def _row_files_present(root: Path, row: Mapping[str, Any]) -> bool:
+    return all(isinstance(row.get(key), str) and row[key] and (root / row[key]).is_file()
+               for key in ("overlay", "heatmap"))
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"), parse_constant=_not_json)
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else {}
+
+
+def merge_rows(root: Path, old_rows: list[Any], new_rows: list[dict[str, Any]],
+               settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The folder's rows: earlier rows whose files are still there, each replaced in place by a newer result for
+    its slot (:func:`row_key`), then new slots. New rows get ``settings`` unless they were kept from an earlier
+    run with other settings ("stale"), which keep the settings their earlier row recorded."""
+    previous = {row_key(row): row for row in old_rows if isinstance(row, dict) and _row_files_present(root, row)}
+    merged: dict[tuple, dict[str, Any]] = dict(previous)
+    for row in new_rows:
+        key = row_key(row)
+        row = dict(row)
+        earlier = previous.get(key)
+        if row.get("status") == "stale":
+            row["settings"] = earlier.get("settings") if earlier else None
+        else:
+            row["settings"] = dict(settings)
+        merged[key] = row
+    return [row for row in merged.values() if _row_files_present(root, row)]
+
+
+def _merge_images(old: list[Any], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    images: dict[str, dict[str, Any]] = {}
+    for image in [*old, *new]:
+        if isinstance(image, dict):
+            images[str(image.get("image_dir") or image.get("input"))] = image
+    return list(images.values())
+
+
+def merge_manifest(root: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge one run's manifest (``rows``, ``images``, ``settings``, ...) into the folder's ``manifest.json`` /
+    ``manifest.csv`` and return what was written. The manifest is the folder's index: every result whose files are
+    there, each with its settings and status. Runs merge under an exclusive ``flock`` on ``root/.manifest.lock``,
+    so concurrent exports into one folder (this process, others, other executors) all end up listed.
+    """
+    with open(root / LOCK_NAME, "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            old = _read_manifest(root)
+            settings = manifest.get("settings") or {}
+            run = {key: manifest.get(key) for key in ("started_at", "finished_at", "settings", "stopped")}
+            run["results"] = len(manifest.get("rows") or [])
+            merged = {**manifest,
+                      "rows": merge_rows(root, list(old.get("rows") or []), list(manifest.get("rows") or []),
+                                         settings),
+                      "images": _merge_images(list(old.get("images") or []), list(manifest.get("images") or [])),
+                      "runs": [*list(old.get("runs") or [])[-(MAX_RUNS - 1):], run]}
+            write_manifests(root, merged)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return merged
+
+
+def write_manifests(root: Path, manifest: Mapping[str, Any]) -> None:
+    """``manifest.json`` (``manifest``) and ``manifest.csv`` (its ``rows``, columns MANIFEST_COLUMNS), as they
+    are; callers merging into a folder use :func:`merge_manifest`."""
+    write_text(root / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False, default=str,
+                                                  allow_nan=False))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(MANIFEST_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in report.rows:
+    for row in manifest.get("rows") or []:
         writer.writerow({key: _csv_cell(value) for key, value in row.items()})
     write_text(root / "manifest.csv", buffer.getvalue())

@@ -2,6 +2,7 @@
 hashed names their output folders get (``safe_name``)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -78,7 +79,7 @@ def inside(path: Path, root: Path | None) -> bool:
     try:
         path.resolve().relative_to(root)
         return True
-    except (ValueError, OSError):
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symbolic link loop
         return False
 
 
@@ -99,32 +100,57 @@ def collect_inputs(sources: Iterable[str | os.PathLike | UploadSource],
             seen.add(item.key)
             items.append(item)
 
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": reason})
+
     def add_file(path: Path) -> None:
-        label = _printable(str(path))
         if not has_image_extension(path):
-            skipped.append({"input": label, "stage": "scan",
-                            "reason": f"not a supported image type ({path.suffix.lower() or 'no extension'})"})
+            skip(path, f"not a supported image type ({path.suffix.lower() or 'no extension'})")
             return
-        add(InputItem(label, str(path.resolve()), path.stem, path))
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Python < 3.13)
+            skip(path, _unreadable(exc))
+            return
+        if not resolved.is_file():
+            skip(path, "not a regular file")
+            return
+        add(InputItem(_printable(str(path)), str(resolved), path.stem, path))
 
     for source in sources:
         if isinstance(source, tuple):
             add(_upload_item(*source))
             continue
         path = Path(source)
-        if path.is_dir():
-            if inside(path, root):
-                skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "inside the output folder"})
-                continue
-            for folder, dirs, files in os.walk(path):
+        if (path.is_dir() or path.is_file()) and inside(path, root):
+            skip(path, "inside the output folder (the export's own files are never read back as inputs)")
+        elif path.is_dir():
+            for folder, dirs, files in os.walk(path, onerror=lambda exc: skip(Path(exc.filename or path),
+                                                                              _unreadable(exc))):
                 dirs[:] = sorted(d for d in dirs if not inside(Path(folder, d), root))
                 for name in sorted(files):
                     add_file(Path(folder, name))
         elif path.is_file():
-            if not inside(path, root):
-                add_file(path)
-        elif path.exists() or path.is_symlink():
-            skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "not a regular file"})
+            add_file(path)
+        elif path.is_symlink():
+            try:
+                path.resolve(strict=True)
+                skip(path, "not a regular file")
+            except (OSError, RuntimeError) as exc:
+                skip(path, _unreadable(exc))
+        elif path.exists():
+            skip(path, "not a regular file")
         else:
-            skipped.append({"input": _printable(str(path)), "stage": "scan", "reason": "no such file or folder"})
+            skip(path, "no such file or folder")
     return items, skipped
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Why a path cannot be read, in words (symbolic link loops, permissions, dangling links)."""
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return "a symbolic link loop"
+    if getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if getattr(exc, "errno", None) == errno.ENOENT:
+        return "a symbolic link to nothing (no such file)"
+    return getattr(exc, "strerror", None) or type(exc).__name__

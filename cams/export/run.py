@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from PIL import Image
 
 from cams.export.executor import ExportExecutor, Reuse
-from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, ExportError, ExportReport, check_out_dir, now,
-                               versions, write_manifests)
+from cams.export.files import (LOCK_NAME, MANIFEST_COLUMNS, MANIFEST_FORMAT, TEMP_SUFFIX, ExportError,
+                               ExportReport, check_out_dir, merge_manifest, now, os_error_text, remove_orphans,
+                               versions)
 from cams.export.inputs import InputItem, UploadSource, collect_inputs
 from cams.export.plan import GRID_CELL, LayerChoice, plan_export
 from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
@@ -40,7 +41,9 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
     ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
     (the app passes the CAMs on its page), or None; only the images it has none for are explained.
-    Raises ``ExportError`` for bad settings or an output folder that cannot be used.
+    Raises ``ExportError`` for bad settings or an output folder that cannot be used. An OS error part-way (disk
+    full, permissions, a read-only or vanished folder) stops the run: ``report.stopped`` says why, what finished
+    is kept and listed in the manifest (when the manifest itself can still be written).
     """
     warnings: list[str] = []
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
@@ -48,6 +51,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     started = now()
     root = check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root, warnings=warnings)
+    report.orphans = remove_orphans(root)
     items, scan_skipped = collect_inputs(sources, exclude=root)
     report.skipped.extend(scan_skipped)
     if not models:
@@ -78,24 +82,33 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         batch.clear()
 
     try:
-        for item in items:
-            info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
-            report.images.append(info)
-            try:
-                image = load_image(item.path if item.data is None else item.data, name=item.label,
-                                   max_bytes=max_bytes, max_pixels=max_pixels)
-            except ImageError as exc:
-                info["reason"] = exc.reason
-                report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
-                tick(f"skipped {item.label}: {exc.reason}")
-                continue
-            info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
-            batch.append((item, image, info))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+        try:
+            for item in items:
+                info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
+                report.images.append(info)
+                try:
+                    image = load_image(item.path if item.data is None else item.data, name=item.label,
+                                       max_bytes=max_bytes, max_pixels=max_pixels)
+                except ImageError as exc:
+                    info["reason"] = exc.reason
+                    report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
+                    tick(f"skipped {item.label}: {exc.reason}")
+                    continue
+                info.update({"image_dir": item.folder, "status": "ok", "width": image.width,
+                             "height": image.height})
+                batch.append((item, image, info))
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop met while resolving a path
+            if isinstance(exc, RuntimeError) and "loop" not in str(exc).lower():
+                raise
+            report.stopped = os_error_text(exc, "writing the export")
     finally:
-        run.finish()  # every queued file is on disk before the manifests name it
+        try:
+            run.finish()  # every queued file is on disk before the manifests name it
+        except OSError as exc:
+            report.stopped = report.stopped or os_error_text(exc, "writing the export")
     if run.stale_count:
         report.warnings.append(f"{run.stale_count} outputs were made earlier with other settings and were kept; "
                                f"pass --overwrite (overwrite=True) to redo them")
@@ -106,8 +119,12 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     report.manifest = {"format": MANIFEST_FORMAT, "versions": versions(), "settings": settings,
                        "started_at": started, "finished_at": now(), "columns": list(MANIFEST_COLUMNS),
                        "images": report.images, "rows": report.rows, "skipped": report.skipped,
-                       "warnings": report.warnings}
-    write_manifests(root, report)
+                       "warnings": report.warnings, "stopped": report.stopped}
+    try:
+        report.manifest = merge_manifest(root, report.manifest)
+    except OSError as exc:
+        report.stopped = report.stopped or os_error_text(exc, "writing the manifest")
+        report.warnings.append("the manifest could not be updated: " + os_error_text(exc, "writing it"))
     return report
 
 
@@ -122,7 +139,8 @@ def zip_directory(directory: str | os.PathLike) -> bytes:
             dirs[:] = sorted(d for d in dirs if not Path(folder, d).is_symlink())
             for name in sorted(files):
                 path = Path(folder, name)
-                if path.is_symlink() or not path.is_file() or (name.startswith(".") and name.endswith(".tmp")):
+                if path.is_symlink() or not path.is_file() or name == LOCK_NAME or \
+                        (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
                     continue
                 archive.write(path, path.relative_to(root).as_posix())
     return buffer.getvalue()
