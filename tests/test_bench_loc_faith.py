@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from cams import metrics as M
-from cams.bench_loc import GAUSSIAN, Options, cam_batches, evaluate_model
-from cams.bench_loc.scoring import inference_copy
+from cams.bench_loc import GAUSSIAN, Options, cam_batches, evaluate_model, inference_copy
 from pfdemo.bench import scene_split
 from pfdemo.scenes import CLASS_NAMES
 from pfnet.preprocess import Preprocess
