@@ -40,14 +40,18 @@ What is explained: by default each image's top-1 class (``cams.explain(targets=N
 ``--target label`` the ground-truth class (Zhang et al.'s cued pointing game; all classes go through the
 engine at once, so only for heads of at most 64 classes). Deletion/insertion follow the probability of the
 explained class. One ``explain`` call per batch per method covers all layers. Deletion/insertion are costly and
-run on the first ``--faith-n`` test images only; the table caption says so.
+run on the first ``--faith-n`` test images only; the table caption says so. Each test batch goes through every
+method and the reference heatmaps, then one deletion/insertion pass scores all of them (the intact image and the
+baseline run once per image), through a copy of the model with BatchNorm folded into the convolutions
+(``inference_copy``; logits equal to ~1e-6, checked on the batch before it is used).
 """
 from cams.bench_loc.bench import (DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N, DEFAULT_VAL_N,
                                   BenchResult, NothingEvaluated, run_bench)
 from cams.bench_loc.cli import add_bench_loc_parser, main_bench_loc
 from cams.bench_loc.data import (CSV_NAME, DEFAULT_SEED, Annotation, BenchError, DataSource, DefaultData, FolderData,
                                  Sample, Split, data_splits, read_annotations)
-from cams.bench_loc.scoring import GAUSSIAN, RANDOM, Options, Row, cam_batches, evaluate_model, fit_offsets
+from cams.bench_loc.scoring import (GAUSSIAN, RANDOM, Options, Row, cam_batches, evaluate_model, explain_batch,
+                                     fit_offsets, inference_copy)
 from cams.bench_loc.table import KEYS, format_markdown, format_table, write_csv
 
 __all__ = [
@@ -55,7 +59,8 @@ __all__ = [
     "DEFAULT_METHODS", "DEFAULT_N", "DEFAULT_VAL_N",
     "DataSource", "DefaultData", "FolderData", "Sample", "Split", "Annotation", "read_annotations", "data_splits",
     "CSV_NAME", "DEFAULT_SEED",
-    "Options", "Row", "evaluate_model", "cam_batches", "fit_offsets", "GAUSSIAN", "RANDOM",
+    "Options", "Row", "evaluate_model", "cam_batches", "explain_batch", "fit_offsets", "inference_copy",
+    "GAUSSIAN", "RANDOM",
     "KEYS", "format_table", "format_markdown", "write_csv",
     "add_bench_loc_parser", "main_bench_loc",
 ]

@@ -108,8 +108,9 @@ def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) ->
                      for index in range(start, stop)])
 
 
-def cam_batches(model, split: Split, opts: Options, method: str, class_names) -> Iterable:
-    """(start, inputs, heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) per batch, from one
+def explain_batch(model, split: Split, start: int, stop: int, opts: Options, method: str, class_names,
+                  inputs: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) of images ``start:stop`` from one
     ``explain`` call covering every layer.
 
     ``opts.target == "predicted"``: each image's top-1 class. ``"label"``: each image's ground-truth class
@@ -118,25 +119,28 @@ def cam_batches(model, split: Split, opts: Options, method: str, class_names) ->
     """
     from cams.engine import explain
 
-    table = _label_index(class_names)
-    all_classes = list(range(len(class_names)))
+    inputs = split.tensors(start, stop) if inputs is None else inputs
     align = "none" if opts.align == "fit" else opts.align  # fitted offsets are applied by the caller
+    if opts.target == "label":
+        table = _label_index(class_names)
+        result = explain(model, inputs, list(opts.layers), method=method, targets=list(range(len(class_names))),
+                         class_names=class_names, batch_size=opts.batch_size, align=align)
+        probs = result.probs.numpy()
+        chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
+                           for i in range(stop - start)], dtype=np.int64)
+        return result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy(), chosen, probs
+    result = explain(model, inputs, list(opts.layers), method=method, targets=None, class_names=class_names,
+                     batch_size=opts.batch_size, align=align)
+    return result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(), result.probs.numpy()
+
+
+def cam_batches(model, split: Split, opts: Options, method: str, class_names) -> Iterable:
+    """(start, inputs, heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) per batch of ``split``
+    (see :func:`explain_batch`)."""
     for start in range(0, len(split), opts.batch_size):
         stop = min(len(split), start + opts.batch_size)
         inputs = split.tensors(start, stop)
-        if opts.target == "label":
-            result = explain(model, inputs, list(opts.layers), method=method, targets=all_classes,
-                             class_names=class_names, batch_size=opts.batch_size, align=align)
-            probs = result.probs.numpy()
-            chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
-                               for i in range(stop - start)], dtype=np.int64)
-            maps = result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy()
-            yield start, inputs, maps, chosen, probs
-        else:
-            result = explain(model, inputs, list(opts.layers), method=method, targets=None,
-                             class_names=class_names, batch_size=opts.batch_size, align=align)
-            yield (start, inputs, result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(),
-                   result.probs.numpy())
+        yield (start, inputs, *explain_batch(model, split, start, stop, opts, method, class_names, inputs))
 
 
 def _choose(maps: list[np.ndarray], split: Split, opts: Options) -> float:
@@ -155,84 +159,125 @@ def fit_offsets(val_maps: list[list[np.ndarray]], val: Split, strides: Sequence[
     return offsets
 
 
+def inference_copy(model, probe: torch.Tensor):
+    """A copy of ``model`` with BatchNorm folded into the convolutions (``torch.fx``), for the deletion/insertion
+    forwards, which are most of bench-loc's time: fewer passes over memory per forward, logits equal to ~1e-6.
+    The model itself when it cannot be traced or the copy does not give its logits on ``probe`` (inputs)."""
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(model)
+        with torch.no_grad():
+            same = torch.allclose(model(probe), fused(probe), rtol=1e-4, atol=1e-4)
+    except Exception:  # noqa: BLE001 - any model fx cannot trace is simply run as it is
+        return model
+    return fused if same else model
+
+
+def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Options, method: str, recorded,
+               strides, fallback: float, log: Callable[[str], None]) -> tuple[list[float], list]:
+    """One method's box thresholds and heatmap offsets per layer, chosen on the validation split."""
+    thresholds = [fallback] * len(opts.layers)
+    offsets = recorded
+    if val is None or not len(val) or (opts.threshold is not None and opts.align != "fit"):
+        return thresholds, offsets
+    val_maps: list[list[np.ndarray]] = [[] for _ in opts.layers]
+    for _, _, maps, _, _ in cam_batches(model, val, opts, method, class_names):
+        for position in range(len(opts.layers)):
+            val_maps[position].extend(maps[:, position])
+    if opts.align == "fit":
+        offsets = fit_offsets(val_maps, val, strides)
+        val_maps = [[shift_heatmap(m, offsets[p]) for m in val_maps[p]] for p in range(len(opts.layers))]
+        log(f"{model_id} {method}: fitted offsets " + ", ".join(
+            f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))
+    if opts.threshold is None:
+        thresholds = [_choose(val_maps[position], val, opts) for position in range(len(opts.layers))]
+    return thresholds, offsets
+
+
+def _score(accs: list[_Acc], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float]) -> None:
+    """The per-image scores of one batch; maps [B, R, S, S], one accumulator per R."""
+    for r, acc in enumerate(accs):
+        for offset in range(maps.shape[0]):
+            acc.add(maps[offset, r], split.samples[start + offset], thresholds[r])
+
+
+def _faith(model, inputs: torch.Tensor, scored: list[tuple[list[_Acc], np.ndarray, np.ndarray]], k: int,
+           opts: Options) -> None:
+    """Deletion/insertion of the first ``k`` images of a batch for every (accumulators, maps [B, R, S, S],
+    targets) in ``scored``: one call for all the heatmaps that follow the same classes, so the intact image and
+    the baseline are run once per image, not once per method."""
+    groups: dict[bytes, list[tuple[list[_Acc], np.ndarray, np.ndarray]]] = {}
+    for accs, maps, targets in scored:
+        groups.setdefault(np.asarray(targets[:k], dtype=np.int64).tobytes(), []).append((accs, maps, targets))
+    for members in groups.values():
+        accs = [acc for member in members for acc in member[0]]
+        maps = np.concatenate([member[1][:k] for member in members], axis=1)
+        result = M.deletion_insertion(model, inputs[:k], maps, members[0][2][:k], steps=opts.faith_steps,
+                                      baseline=opts.faith_baseline, batch_size=opts.batch_size)
+        for r, acc in enumerate(accs):
+            acc.deletion.extend(result.deletion_auc[:, r].tolist())
+            acc.insertion.extend(result.insertion_auc[:, r].tolist())
+
+
 def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split | None, test: Split,
                    opts: Options, log: Callable[[str], None] = lambda _: None) -> list[Row]:
-    """Rows for one model: every layer x method, then the two reference heatmaps."""
+    """Rows for one model: every layer x method, then the two reference heatmaps.
+
+    Thresholds (and fitted offsets) come from the validation split first; then the test split goes through
+    batch by batch: every method's CAMs, the reference heatmaps, and one deletion/insertion pass for all.
+    """
+    t0 = time.perf_counter()
     table = _label_index(class_names)
     preds = np.full(len(test), -1, dtype=np.int64)      # top-1 class (accuracy)
     explained = np.full(len(test), -1, dtype=np.int64)  # the class the CAMs explain (deletion/insertion target)
     faith_n = min(opts.faith_n, len(test))
-    rows: list[Row] = []
     fallback = opts.threshold if opts.threshold is not None else FALLBACK_THRESHOLD
-
-    def faith(accs: list[_Acc], inputs: torch.Tensor, maps: np.ndarray, targets: np.ndarray, start: int) -> None:
-        """Deletion/insertion for the images of this batch inside the faith subset; maps [B, R, H, W]."""
-        k = max(0, min(faith_n - start, inputs.shape[0]))
-        if k == 0:
-            return
-        result = M.deletion_insertion(model, inputs[:k], maps[:k], targets[:k], steps=opts.faith_steps,
-                                      baseline=opts.faith_baseline, batch_size=opts.batch_size)
-        deletion, insertion = result.deletion_auc, result.insertion_auc  # [k, R]
-        for r, acc in enumerate(accs):
-            acc.deletion.extend(deletion[:, r].tolist())
-            acc.insertion.extend(insertion[:, r].tolist())
-
     recorded = layer_offsets(model, opts.layers, "model" if opts.align == "model" else "none")
     # one cell per layer bounds the fitted offsets; the grid is the same for every method
     strides = layer_strides(model, opts.layers, (val.size, val.size)) if opts.align == "fit" and val else None
-    for method in opts.methods:
-        t0 = time.perf_counter()
-        thresholds = [fallback] * len(opts.layers)
-        offsets = recorded
-        if val is not None and len(val) and (opts.threshold is None or opts.align == "fit"):
-            val_maps: list[list[np.ndarray]] = [[] for _ in opts.layers]
-            for _, _, maps, _, _ in cam_batches(model, val, opts, method, class_names):
-                for position in range(len(opts.layers)):
-                    val_maps[position].extend(maps[:, position])
-            if opts.align == "fit":
-                offsets = fit_offsets(val_maps, val, strides)
-                val_maps = [[shift_heatmap(m, offsets[p]) for m in val_maps[p]] for p in range(len(opts.layers))]
-                log(f"{model_id} {method}: fitted offsets " + ", ".join(
-                    f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))
-            if opts.threshold is None:
-                thresholds = [_choose(val_maps[position], val, opts) for position in range(len(opts.layers))]
-        accs = [_Acc() for _ in opts.layers]
-        for start, inputs, maps, targets, probs in cam_batches(model, test, opts, method, class_names):
+    calibration = {method: _calibrate(model, model_id, class_names, val, opts, method, recorded, strides, fallback,
+                                      log) for method in opts.methods}
+    kinds = (GAUSSIAN, RANDOM)
+    ref_thresholds = [fallback] * len(kinds)
+    if opts.threshold is None and val is not None and len(val):
+        ref_thresholds = [_choose(list(_baseline_maps(kind, val, 0, len(val), opts.seed)), val, opts)
+                          for kind in kinds]
+    cam_accs = {method: [_Acc() for _ in opts.layers] for method in opts.methods}
+    ref_accs = [_Acc() for _ in kinds]
+    faith_model = inference_copy(model, test.tensors(0, min(2, len(test)))) if faith_n else model
+    for start in range(0, len(test), opts.batch_size):
+        stop = min(len(test), start + opts.batch_size)
+        inputs = test.tensors(start, stop)
+        scored: list[tuple[list[_Acc], np.ndarray, np.ndarray]] = []
+        for method in opts.methods:
+            thresholds, offsets = calibration[method]
+            maps, targets, probs = explain_batch(model, test, start, stop, opts, method, class_names, inputs)
             if opts.align == "fit":
                 maps = np.stack([np.stack([shift_heatmap(maps[b, p], offsets[p]) for p in range(maps.shape[1])])
                                  for b in range(maps.shape[0])])
-            preds[start:start + len(targets)] = probs.argmax(axis=1)
-            explained[start:start + len(targets)] = targets
-            for position, acc in enumerate(accs):
-                for offset in range(maps.shape[0]):
-                    acc.add(maps[offset, position], test.samples[start + offset], thresholds[position])
-            faith(accs, inputs, maps, targets, start)
-        accuracy = _accuracy(preds, test, table)
-        for position, layer in enumerate(opts.layers):
-            rows.append(Row(model_id, layer, method, accs[position].values(accuracy), thresholds[position],
-                            accs[position].count, len(accs[position].deletion), accs[position].flat,
-                            offset=offsets[position]))
-        log(f"{model_id} {method}: {len(test)} images, {time.perf_counter() - t0:.0f} s")
-
-    t0 = time.perf_counter()
-    accuracy = _accuracy(preds, test, table)
-    kinds = (GAUSSIAN, RANDOM)
-    thresholds = [fallback] * len(kinds)
-    if opts.threshold is None and val is not None and len(val):
-        thresholds = [_choose(list(_baseline_maps(kind, val, 0, len(val), opts.seed)), val, opts) for kind in kinds]
-    accs = [_Acc() for _ in kinds]
-    for start in range(0, len(test), opts.batch_size):
-        stop = min(len(test), start + opts.batch_size)
+            preds[start:stop] = probs.argmax(axis=1)
+            explained[start:stop] = targets
+            _score(cam_accs[method], maps, test, start, thresholds)
+            scored.append((cam_accs[method], maps, targets))
         maps = np.stack([_baseline_maps(kind, test, start, stop, opts.seed) for kind in kinds], axis=1)
-        for r, acc in enumerate(accs):
-            for offset in range(stop - start):
-                acc.add(maps[offset, r], test.samples[start + offset], thresholds[r])
+        _score(ref_accs, maps, test, start, ref_thresholds)
+        scored.append((ref_accs, maps, explained[start:stop].copy()))
         if start < faith_n:
-            faith(accs, test.tensors(start, stop), maps, explained[start:stop], start)
+            _faith(faith_model, inputs, scored, min(faith_n - start, stop - start), opts)
+    accuracy = _accuracy(preds, test, table)
+    rows: list[Row] = []
+    for method in opts.methods:
+        thresholds, offsets = calibration[method]
+        for position, layer in enumerate(opts.layers):
+            acc = cam_accs[method][position]
+            rows.append(Row(model_id, layer, method, acc.values(accuracy), thresholds[position], acc.count,
+                            len(acc.deletion), acc.flat, offset=offsets[position]))
     for r, kind in enumerate(kinds):
-        rows.append(Row(model_id, BASELINE_LAYER, kind, accs[r].values(accuracy), thresholds[r], accs[r].count,
-                        len(accs[r].deletion), accs[r].flat, kind="baseline"))
-    log(f"{model_id} reference heatmaps: {time.perf_counter() - t0:.0f} s")
+        rows.append(Row(model_id, BASELINE_LAYER, kind, ref_accs[r].values(accuracy), ref_thresholds[r],
+                        ref_accs[r].count, len(ref_accs[r].deletion), ref_accs[r].flat, kind="baseline"))
+    log(f"{model_id}: {len(test)} test images, {len(opts.methods)} methods and the reference heatmaps, "
+        f"{time.perf_counter() - t0:.0f} s")
     return rows
 
 

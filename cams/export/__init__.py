@@ -1,7 +1,8 @@
 """Batch export of CAM overlays, raw heatmaps, comparison grids and a manifest (CLI, app folder export and ZIP).
 
 The family: ``plan`` (what each model computes, and whether an image still needs it), ``executor`` (carrying a
-plan out here: explain per batch, draw and write on a writer thread), ``run`` (``run_export``: inputs -> plan ->
+plan out here: explain per batch, draw and write on writer threads), ``encode`` (the per-result job any executor
+calls: overlay, encoding in the chosen format, heatmap, thumbnail), ``run`` (``run_export``: inputs -> plan ->
 executor -> manifests), ``inputs`` (files, folders, uploads; safe names), ``files`` (atomic writes, records,
 manifests, ``ExportReport``), ``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
 
@@ -14,7 +15,8 @@ and ``-`` only, no leading dot, length-capped; nothing is ever written outside `
       <stem>-<hash8>/                     one folder per input image
         grid__<method>__top<k>.png        rows = models, columns = layers, caption = class + probability
         <model>/
-          <layer>__<method>__top<k>-<class>.png   overlay on the ORIGINAL image, at its size (EXIF-upright)
+          <layer>__<method>__top<k>-<class>.png   overlay on the ORIGINAL image, at its size (EXIF-upright);
+                                                  .jpg / .webp with overlay_format, absent with overlays=False
           <layer>__<method>__top<k>-<class>.npy   raw heatmap, float32 [S, S] in [0, 1] at the network's input
                                                   resolution S; it covers ``crop_box`` of the original image
           results__<method>.json          what was computed for this image and model (read by re-runs)
@@ -41,6 +43,10 @@ ISO 8601), ``columns``, ``images`` (every readable or bad input, with size or re
 unsupported inputs: ``input``, ``stage`` "scan" or "load", ``reason``) and ``warnings``. Text cells a
 spreadsheet would run as a formula (starting with ``= + - @``) are prefixed with ``'`` in the CSV only.
 
+Overlay formats: ``overlay_format`` "png" (default, lossless), "jpeg" or "webp"; ``overlays=False`` writes the
+heatmaps and records only (empty ``overlay`` and ``grid`` cells). Both are part of the recorded settings: an
+overlay in another format than the run's is redone, a heatmaps-only run keeps earlier heatmaps.
+
 Re-runs: an image whose outputs for a model (every requested layer and rank, this method) all exist is not
 recomputed; existing files are never replaced unless ``overwrite`` (an image's grid is redrawn when it gains
 new results). The manifest is the folder's index: every result whose files are there, each row with its
@@ -53,6 +59,7 @@ output is ever half-written; the temporary files of a killed run are removed by 
 from cams.export.cli import DEFAULT_MODELS, OFFLINE_HINT, add_export_parser, export_command
 from cams.export.executor import ExportExecutor
 from cams.export.cli import EXIT_CANNOT_START, EXIT_NOTHING, EXIT_OK, EXIT_STOPPED
+from cams.export.encode import DEFAULT_FORMAT, FORMATS, encode_image, overlay_suffix, render_result
 from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport,
                                merge_manifest, os_error_text)
 from cams.export.inputs import InputItem, UploadSource, collect_inputs, safe_name
@@ -66,5 +73,6 @@ __all__ = [
     "EXIT_OK", "EXIT_NOTHING", "EXIT_CANNOT_START", "EXIT_STOPPED",
     "InputItem", "UploadSource", "collect_inputs", "safe_name",
     "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor",
+    "render_result", "encode_image", "overlay_suffix", "FORMATS", "DEFAULT_FORMAT",
     "add_export_parser", "export_command", "DEFAULT_MODELS", "OFFLINE_HINT",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 from cams.align import ALIGN_MODES
 from cams.engine import METHODS
+from cams.export.encode import DEFAULT_FORMAT, FORMATS
 from cams.export.files import ExportError, os_error_text
 from cams.export.run import load_models, run_export
 from cams.render import COLORMAPS
@@ -76,6 +77,12 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing outputs")
     parser.add_argument("--align", choices=ALIGN_MODES, default="model",
                         help="draw heatmaps with each model's measured offset (default) or the plain resize (none)")
+    parser.add_argument("--format", dest="overlay_format", choices=list(FORMATS), default=DEFAULT_FORMAT,
+                        help="overlay file format: png (lossless, default), jpeg or webp (lossy, smaller, jpeg "
+                             "much faster to write)")
+    parser.add_argument("--no-overlays", dest="overlays", action="store_false",
+                        help="heatmaps only: write the .npy heatmaps and records, no overlays and no grids "
+                             "(for dataset-scale runs)")
     parser.set_defaults(handler=export_command)
     return parser
 
@@ -117,7 +124,8 @@ def export_command(args: argparse.Namespace) -> int:
             report = run_export(args.inputs, args.out, models, layers=args.layers, method=args.method,
                                 topk=args.topk, batch_size=args.batch_size, mode=args.mode, colormap=args.colormap,
                                 opacity=args.opacity, overwrite=args.overwrite, progress=progress,
-                                extra_settings={"weights": weights, "device": args.device}, align=args.align)
+                                extra_settings={"weights": weights, "device": args.device}, align=args.align,
+                                overlay_format=args.overlay_format, overlays=args.overlays)
         except ExportError as exc:
             log(f"error: {exc}")
             return EXIT_CANNOT_START

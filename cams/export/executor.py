@@ -1,9 +1,10 @@
 """Carrying out an export plan (:mod:`cams.export.plan`) on this machine: per batch of images one ``explain``
-call per model, then the overlays, heatmaps, result records and grids, drawn and written on one writer thread
-while the next batch is explained."""
+call per model, then the overlays, heatmaps, result records and grids, drawn and written by a pool of writer
+threads while the next batch is explained (the per-result work is :func:`cams.export.encode.render_result`)."""
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -12,18 +13,23 @@ from typing import Any, Callable, Mapping
 from PIL import Image
 
 from cams import engine
-from cams.export.files import (STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, usable_entry,
-                               write_npy, write_png, write_text)
+from cams.export.encode import HEATMAP, OVERLAY, overlay_suffix, render_result, write_grid_sheet
+from cams.export.files import STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, write_text
 from cams.export.inputs import InputItem, inside, safe_name
 from cams.export.plan import ExportPlan, ModelPlan
 from cams.images import ImageError, load_image
-from cams.render import grid, overlay, thumbnail
+from cams.render import grid, thumbnail
 from pfnet.errors import PfnetError
 from pfnet.preprocess import crop_box_for, prepare_batch
 
 
 CLASS_CHARS = 40
 MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
+
+
+def default_writers() -> int:
+    """Writer threads: encoding (OpenCV, zlib, numpy) releases the GIL, so they run beside the network."""
+    return max(2, min(4, os.cpu_count() or 1))
 # reuse(model id, input, image) -> an Explanation of that one image made with the run's settings, or None
 Reuse = Callable[[str, InputItem, Image.Image], Any]
 
@@ -31,15 +37,17 @@ Reuse = Callable[[str, InputItem, Image.Image], Any]
 class ExportExecutor:
     """Carries out ``plan`` into the folder ``root`` (checked by the caller), accumulating ``report``."""
 
-    def __init__(self, root: Path, plan: ExportPlan, report: ExportReport, reuse: Reuse | None = None):
+    def __init__(self, root: Path, plan: ExportPlan, report: ExportReport, reuse: Reuse | None = None,
+                 writers: int | None = None):
         self.root, self.plan, self.report = root, plan, report
         self.reuse = reuse
         self.stale_count = 0
-        # Rendering overlays and grids and encoding PNGs are the export's own cost; one writer thread overlaps
-        # them with the next explain (numpy, OpenCV, Pillow and zlib release the GIL). It runs jobs in the order
-        # they were queued, so a grid job finds the thumbnails of the overlay jobs queued before it done. The
-        # backlog is bounded so a large folder cannot pile up in memory.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfcam-export-writer")
+        # Rendering overlays and grids and encoding images are the export's own cost; writer threads overlap
+        # them with the next explain (numpy, OpenCV and zlib release the GIL). Jobs start in the order they were
+        # queued, so a grid job waits only on thumbnail jobs already started (no deadlock). The backlog is
+        # bounded so a large folder cannot pile up in memory.
+        self._writer = ThreadPoolExecutor(max_workers=writers or default_writers(),
+                                          thread_name_prefix="pfcam-export-writer")
         self._pending: deque[Future] = deque()
 
     def submit(self, job: Callable[..., Any], *args: Any) -> Future:
@@ -53,15 +61,6 @@ class ExportExecutor:
     def write(self, write: Callable[[Path, Any], None], path: Path, value: Any) -> None:
         """Write ``value`` to ``path`` (atomically, as ``write`` does) on the writer thread."""
         self.submit(write, path, value)
-
-    def _render(self, image: Image.Image, heat, box, files: list[tuple[Path, Callable[[Path, Any], None], str]]
-                ) -> Image.Image:
-        """Writer-thread job: the overlay, the files in ``files`` ((path, writer, "overlay"|"heatmap")), and the
-        grid thumbnail, which is returned."""
-        picture = overlay(image, heat, box, self.plan.colormap, self.plan.opacity)
-        for path, write, kind in files:
-            write(path, picture if kind == "overlay" else heat)
-        return thumbnail(picture, self.plan.cell_size)
 
     def finish(self) -> None:
         """Wait for every queued write; re-raise the first failure."""
@@ -150,11 +149,10 @@ class ExportExecutor:
             for rank in range(1, model.topk + 1):
                 key = entry_key(layer, rank)
                 old = old_entries.get(key)
-                old_ok = usable_entry(self.root, old)
-                if old_ok and not self.plan.overwrite:
+                if self.plan.usable(self.root, old) and not self.plan.overwrite:
                     kept = dict(old)
-                    kept["_status"] = "existing" if (old.get("settings") or state.get("settings")) == settings \
-                        else "stale"
+                    earlier = old.get("settings") or state.get("settings")
+                    kept["_status"] = "existing" if self.plan.same_settings(earlier, settings) else "stale"
                     self.stale_count += kept["_status"] == "stale"
                     entries[key] = kept
                     continue
@@ -166,22 +164,25 @@ class ExportExecutor:
                 probability = float(explanation.probs[position, class_id])
                 stem = (f"{safe_name(layer)}__{safe_name(self.plan.method)}__top{rank}-"
                         f"{safe_name(class_name, CLASS_CHARS, f'class{class_id}')}")
-                png, npy = folder / f"{stem}.png", folder / f"{stem}.npy"
+                npy = folder / f"{stem}.npy"
+                png = folder / f"{stem}{overlay_suffix(self.plan.overlay_format)}" if self.plan.overlays else None
                 heat = explanation.heatmaps[position, rank - 1, layer_index].numpy()
-                files = [(path, write, kind) for path, write, kind in ((png, write_png, "overlay"),
-                                                                      (npy, write_npy, "heatmap"))
-                         if self.plan.overwrite or path.is_symlink() or not path.exists()]  # a link: replaced
-                self.report.files.extend(self.rel(path) for path, _, _ in files)
-                thumb = self.submit(self._render, image, heat, box, files)
+                files = [(path, kind) for path, kind in ((png, OVERLAY), (npy, HEATMAP))
+                         if path is not None and (self.plan.overwrite or path.is_symlink() or not path.exists())]  # a link: replaced
+                self.report.files.extend(self.rel(path) for path, _ in files)
+                thumb = self.submit(render_result, image, heat, box, self.plan.colormap, self.plan.opacity, files,
+                                    self.plan.overlay_format, self.plan.cell_size if self.plan.overlays else None)
+                ours = {self.rel(path) for path in (png, npy) if path is not None}
                 if self.plan.overwrite and isinstance(old, dict):  # another class name leaves an old file behind
                     for name in ("overlay", "heatmap"):
                         previous = old.get(name)
-                        if isinstance(previous, str) and previous not in (self.rel(png), self.rel(npy)):
+                        if isinstance(previous, str) and previous not in ours:
                             target = self.root / previous
                             if inside(target, self.root) and target.is_file() and target.parent == folder.resolve():
                                 target.unlink()
                 entries[key] = {"layer": layer, "rank": rank, "class_id": class_id, "class_name": class_name,
-                                "probability": probability, "overlay": self.rel(png), "heatmap": self.rel(npy),
+                                "probability": probability, "overlay": self.rel(png) if png else None,
+                                "heatmap": self.rel(npy),
                                 "crop_box": [round(float(v), 4) for v in box], "input_size": model.input_size,
                                 "settings": settings, "_status": "computed", "_thumb": thumb}
                 changed = True
@@ -201,12 +202,15 @@ class ExportExecutor:
         return {"image": item.label, "image_dir": item.folder, "model": model.id, "layer": entry["layer"],
                 "method": self.plan.method, "rank": int(entry["rank"]), "class_id": int(entry["class_id"]),
                 "class_name": str(entry["class_name"]), "probability": round(float(entry["probability"]), 6),
-                "overlay": entry["overlay"], "heatmap": entry["heatmap"], "grid": "",
+                "overlay": entry.get("overlay") or "", "heatmap": entry["heatmap"], "grid": "",
                 "status": entry.get("_status", "existing"),
                 "crop_box": entry.get("crop_box"), "input_size": entry.get("input_size")}
 
     def _grids(self, index: int, item: InputItem, cells) -> dict[int, str]:
-        """Write (when new results or missing) one grid per rank; return rank -> relative path."""
+        """Write (when new results or missing) one grid per rank; return rank -> relative path (none without
+        overlays)."""
+        if not self.plan.overlays:
+            return {}
         columns: list[str] = []
         for model in self.plan.models:
             columns.extend(layer for layer in model.layers if layer not in columns)
@@ -245,12 +249,12 @@ class ExportExecutor:
                  for row in pictures]
         sheet = grid(cells, [model.label for model in self.plan.models], columns, captions,
                      cell_size=self.plan.cell_size)
-        write_png(path, sheet)
+        write_grid_sheet(path, sheet)
 
     def _thumb_from_disk(self, item: InputItem, model: ModelPlan, layer: str, rank: int) -> Image.Image | None:
         state = read_state(self.root / item.folder / model.folder / self.plan.record_name)
         entry = (state or {}).get("entries", {}).get(entry_key(layer, rank))
-        if not usable_entry(self.root, entry):
+        if not self.plan.usable(self.root, entry):
             return None
         try:
             picture = load_image(self.root / entry["overlay"])

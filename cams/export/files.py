@@ -343,3 +343,8 @@ def write_manifests(root: Path, manifest: Mapping[str, Any]) -> None:
     for row in manifest.get("rows") or []:
         writer.writerow({key: _csv_cell(value) for key, value in row.items()})
     write_text(root / "manifest.csv", buffer.getvalue())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """``data`` (an already encoded file) written atomically."""
+    _atomic_write(path, lambda stream: stream.write(data))

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
 from cams.engine import METHODS
+from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
 from cams.layers import LayerError, default_layers, family_of, layer_names
@@ -56,6 +57,8 @@ class ExportPlan:
     overwrite: bool = False
     align: str = "model"
     cell_size: int = GRID_CELL
+    overlay_format: str = DEFAULT_FORMAT  # "png" | "jpeg" | "webp" (cams.export.encode.FORMATS)
+    overlays: bool = True  # False: heatmaps (.npy) and records only; no overlays, no grids
 
     def outputs(self, model: ModelPlan) -> list[tuple[str, int]]:
         """The (layer, rank) results every image gets from ``model``."""
@@ -69,13 +72,35 @@ class ExportPlan:
     def needs(self, root: Path, record: Mapping[str, Any] | None, model: ModelPlan) -> bool:
         """Whether an image whose earlier record for ``model`` is ``record`` (None: none) must be explained."""
         entries = (record or {}).get("entries", {})
-        return self.overwrite or not all(usable_entry(root, entries.get(entry_key(layer, rank)))
+        return self.overwrite or not all(self.usable(root, entries.get(entry_key(layer, rank)))
                                          for layer, rank in self.outputs(model))
+
+    def usable(self, root: Path, entry: Any) -> bool:
+        """Whether an earlier entry has every file this plan writes: the heatmap, and with overlays an overlay in
+        this plan's format (an overlay in another format is redone, not reused)."""
+        if not isinstance(entry, dict):
+            return False
+        if not self.overlays:  # the overlay is not this run's concern: check the heatmap in its place
+            return usable_entry(root, {**entry, "overlay": entry.get("heatmap")})
+        overlay = entry.get("overlay")
+        return (usable_entry(root, entry) and isinstance(overlay, str)
+                and overlay.lower().endswith(overlay_suffix(self.overlay_format)))
+
+    def same_settings(self, earlier: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> bool:
+        """Whether outputs recorded with ``earlier`` settings are what this plan would write (``settings``); a
+        heatmaps-only run ignores how the overlays were drawn."""
+        if not isinstance(earlier, Mapping):
+            return False
+        if self.overlays:
+            return dict(earlier) == dict(settings)
+        drawing = ("overlay_format", "colormap", "opacity")
+        return ({k: v for k, v in earlier.items() if k not in drawing}
+                == {k: v for k, v in settings.items() if k not in drawing})
 
     def record_settings(self, model: ModelPlan) -> dict[str, Any]:
         """What ``model``'s outputs are drawn with; outputs kept from a run with other settings are "stale"."""
         settings = {"mode": self.mode, "colormap": self.colormap, "opacity": round(float(self.opacity), 4),
-                    "input_size": model.input_size}
+                    "input_size": model.input_size, "overlay_format": self.overlay_format if self.overlays else None}
         if model.cam_offsets:  # outputs drawn with another alignment are kept, flagged stale
             settings["cam_offsets"] = model.cam_offsets
         return settings
@@ -86,13 +111,14 @@ class ExportPlan:
                                   "cam_offsets": m.cam_offsets} for m in self.models},
                 "method": self.method, "topk": self.topk, "batch_size": self.batch_size, "mode": self.mode,
                 "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
-                "overwrite": bool(self.overwrite),
+                "overwrite": bool(self.overwrite), "overlays": bool(self.overlays),
+                "overlay_format": self.overlay_format if self.overlays else None,
                 "heatmap_npy": "float32 [S, S] in [0, 1] at the network input resolution S, covering crop_box "
                                "(left, top, right, bottom) of the original image in its pixels"}
 
 
 def validate_settings(method: str, topk: int, batch_size: int, mode: str, colormap: str, opacity: float,
-                      align: str) -> None:
+                      align: str, overlay_format: str = DEFAULT_FORMAT) -> None:
     """Raise ``ExportError`` for a setting no export can run with."""
     if method not in METHODS:
         raise ExportError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -108,6 +134,8 @@ def validate_settings(method: str, topk: int, batch_size: int, mode: str, colorm
         raise ExportError(f"opacity must be between 0 and 1, got {opacity}")
     if align not in ALIGN_MODES:
         raise ExportError(f"align must be one of {', '.join(ALIGN_MODES)}; got {align!r}")
+    if overlay_format not in FORMATS:
+        raise ExportError(f"unknown overlay format {overlay_format!r}; expected one of {', '.join(FORMATS)}")
 
 
 def _requested_layers(layers: LayerChoice, model_id: str, family: str | None) -> Sequence[str] | None:
@@ -168,8 +196,9 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
 def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = None, method: str = "gradcam",
                 topk: int = 1, batch_size: int = 8, mode: str = "full", colormap: str = "jet", opacity: float = 0.5,
                 overwrite: bool = False, align: str = "model", cell_size: int = GRID_CELL,
-                warn: Callable[[str], None] = lambda _: None) -> ExportPlan:
+                warn: Callable[[str], None] = lambda _: None, overlay_format: str = DEFAULT_FORMAT,
+                overlays: bool = True) -> ExportPlan:
     """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`)."""
-    validate_settings(method, topk, batch_size, mode, colormap, opacity, align)
+    validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format)
     return ExportPlan(tuple(plan_models(models, layers, topk, warn, align)), method, topk, batch_size, mode,
-                      colormap, float(opacity), overwrite, align, cell_size)
+                      colormap, float(opacity), overwrite, align, cell_size, overlay_format, bool(overlays))

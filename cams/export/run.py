@@ -28,7 +28,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                colormap: str = "jet", opacity: float = 0.5, overwrite: bool = False,
                progress: Progress | None = None, *, cell_size: int = GRID_CELL, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
-               align: str = "model", reuse: Reuse | None = None) -> ExportReport:
+               align: str = "model", reuse: Reuse | None = None, overlay_format: str = "png",
+               overlays: bool = True, writers: int | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -41,13 +42,15 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
     ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
     (the app passes the CAMs on its page), or None; only the images it has none for are explained.
+    ``overlay_format``: "png" (lossless), "jpeg" or "webp"; ``overlays=False`` writes heatmaps and records only
+    (no overlays, no grids). ``writers``: writer threads (default :func:`cams.export.executor.default_writers`).
     Raises ``ExportError`` for bad settings or an output folder that cannot be used. An OS error part-way (disk
     full, permissions, a read-only or vanished folder) stops the run: ``report.stopped`` says why, what finished
     is kept and listed in the manifest (when the manifest itself can still be written).
     """
     warnings: list[str] = []
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
-                       cell_size, warn=warnings.append)
+                       cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays)
     started = now()
     root = check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root, warnings=warnings)
@@ -56,7 +59,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     report.skipped.extend(scan_skipped)
     if not models:
         report.warnings.append("no model to run")
-    run = ExportExecutor(root, plan, report, reuse)
+    run = ExportExecutor(root, plan, report, reuse, writers)
     per_image = max(1, len(plan.models))
     total = len(items) * per_image
     done = finished = 0

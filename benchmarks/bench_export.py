@@ -1,0 +1,147 @@
+"""What an export and a bench-loc run cost, in one run.
+
+    python benchmarks/bench_export.py                     # 48 photos, the bundled demo pair; bench-loc at --bench-n
+    python benchmarks/bench_export.py --images 200 --bench-n 50 --markdown speed.md
+
+Export: ``pfcam export``'s path (``run_export``: decode, preprocess, explain layer3 + layer4 with demo_r50 and
+demo_r50_hybrid, overlays, grids, ``.npy``, manifests) over a folder of 640x480 photo JPEGs (cut from the bundled
+example photos), against a forward-only loop (``torch.inference_mode``) of the same two models over the same
+decoded images at the same batch size (decoding and preprocessing included). Cases: overlays in each format,
+and heatmaps only (``--no-overlays``). Targets: >= 0.5x forward-only with overlays, >= 0.9x heatmaps only.
+
+bench-loc: ``run_bench`` with the defaults (3 demo models x layer3, layer4 x 4 methods, validation split,
+deletion/insertion on the first ``--faith-n`` test images) at ``--bench-n`` test images: wall time, images/s and
+the load average. What it says about the default n=500 is an extrapolation, printed as such.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cams.export import run_export  # noqa: E402
+from cams.images import load_image  # noqa: E402
+from pfnet.assets import assets_dir  # noqa: E402
+from pfnet.preprocess import prepare_batch  # noqa: E402
+
+MODELS = ("demo_r50", "demo_r50_hybrid")
+LAYERS = ["layer3", "layer4"]
+TARGET_OVERLAYS = 0.5
+TARGET_HEATMAPS = 0.9
+
+
+def make_photos(folder: Path, count: int) -> list[Path]:
+    """``count`` 640x480 JPEGs: crops of the example photos at varying positions and scales."""
+    sources = [Image.open(path).convert("RGB") for path in sorted((assets_dir() / "examples").glob("*.jpg"))]
+    paths = []
+    for index in range(count):
+        photo = sources[index % len(sources)]
+        scale = 0.6 + 0.4 * ((index * 7) % 11) / 10
+        width, height = int(photo.width * scale), int(photo.height * scale)
+        left, top = (index * 13) % max(1, photo.width - width + 1), (index * 17) % max(1, photo.height - height + 1)
+        path = folder / f"photo{index:04d}.jpg"
+        photo.crop((left, top, left + width, top + height)).resize((640, 480)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def forward_only(models: dict, paths: list[Path], batch: int) -> float:
+    """Seconds for decode + preprocess + an inference_mode forward of every model, ``batch`` images at a time."""
+    start = time.perf_counter()
+    for first in range(0, len(paths), batch):
+        images = [load_image(path) for path in paths[first:first + batch]]
+        for network, entry in models.values():
+            tensor, _ = prepare_batch(images, entry.preprocess, "full")
+            with torch.inference_mode():
+                network(tensor)
+    return time.perf_counter() - start
+
+
+def export_seconds(models: dict, folder: Path, out: Path, batch: int, **options) -> float:
+    start = time.perf_counter()
+    report = run_export([folder], out, models, layers=LAYERS, batch_size=batch, **options)
+    elapsed = time.perf_counter() - start
+    if report.computed != len(models) * len(LAYERS) * len(report.images) or report.skipped:
+        raise SystemExit(f"export did not compute everything: {report.errors}")
+    return elapsed
+
+
+def bench_loc(n: int, faith_n: int) -> tuple[float, int]:
+    from cams.bench_loc import DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, run_bench
+    from pfdemo.bench import SceneData
+
+    start = time.perf_counter()
+    result = run_bench(DEFAULT_MODELS, DEFAULT_LAYERS, DEFAULT_METHODS, SceneData(), n=n, val_n=min(100, n),
+                       faith_n=faith_n)
+    return time.perf_counter() - start, len(result.rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--formats", default="png,jpeg", help="overlay formats to time (default: %(default)s)")
+    parser.add_argument("--bench-n", type=int, default=20, help="bench-loc test images (0: skip bench-loc)")
+    parser.add_argument("--faith-n", type=int, default=None, help="bench-loc deletion/insertion images "
+                        "(default: min(100, --bench-n), as the default run's 100 of 500)")
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from pfnet.weights import load
+    from pfnet import zoo
+
+    models = {model_id: (load(model_id), zoo.get(model_id)) for model_id in MODELS}
+    lines = ["| case | forward-only img/s | export img/s | ratio | target |", "|---|---:|---:|---:|---|"]
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp, "photos")
+        folder.mkdir()
+        paths = make_photos(folder, args.images)
+        forward_only(models, paths[: args.batch], args.batch)  # warm-up
+        cases = [(f"overlays, {fmt}", {"overlay_format": fmt}, TARGET_OVERLAYS) for fmt in args.formats.split(",")]
+        cases.append(("heatmaps only (--no-overlays)", {"overlays": False}, TARGET_HEATMAPS))
+        for index, (name, options, target) in enumerate(cases):
+            forward = forward_only(models, paths, args.batch)  # next to each case: the load moves
+            export = export_seconds(models, folder, Path(tmp, f"out{index}"), args.batch, **options)
+            ratio = forward / export
+            verdict = "ok" if ratio >= target else "MISSED"
+            lines.append(f"| {name} | {len(paths) / forward:.2f} | {len(paths) / export:.2f} | {ratio:.2f} | "
+                         f">= {target} {verdict} |")
+            print(lines[-1], flush=True)
+    load_after = os.getloadavg()
+    text = [f"Export: demo_r50 + demo_r50_hybrid, layers {', '.join(LAYERS)}, {args.images} JPEGs 640x480, batch "
+            f"{args.batch}, {args.threads} torch thread(s), {os.cpu_count()} CPUs; load average (1, 5, 15 min) "
+            f"{load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f} before, "
+            f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} after.", "", *lines]
+    if args.bench_n:
+        faith_n = min(100, args.bench_n) if args.faith_n is None else args.faith_n
+        seconds, rows = bench_loc(args.bench_n, faith_n)
+        load_now = os.getloadavg()
+        per_image = seconds / args.bench_n
+        text += ["", f"bench-loc, defaults (3 demo models x layer3, layer4 x 4 methods + 2 references, {rows} rows), "
+                 f"n={args.bench_n}, val-n={min(100, args.bench_n)}, faith-n={faith_n}: {seconds:.0f} s wall, "
+                 f"{args.bench_n / seconds:.3f} test images/s ({per_image:.1f} s per image for all models); load "
+                 f"average {load_now[0]:.1f}/{load_now[1]:.1f}/{load_now[2]:.1f}.",
+                 f"Extrapolated, not measured: the default n=500 (val-n 100, faith-n 100) at this rate would take at "
+                 f"most {seconds * 500 / args.bench_n / 60:.0f} min (linear in n; an upper bound when faith-n = n "
+                 f"here, since the default keeps deletion/insertion to 100 images)."]
+    report = "\n".join(text)
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

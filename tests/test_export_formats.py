@@ -1,0 +1,111 @@
+"""cams.export overlay formats and the heatmaps-only mode: every format decodes to the overlay of the stored
+heatmap, heatmaps-only writes heatmaps and records and nothing else, and a rerun with another format redoes the
+overlays while a heatmaps-only rerun keeps what is there."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cams.export import run_export
+from cams.render import overlay
+from test_export import FakeEntry, noise, tiny
+
+SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return {"tiny": (tiny(), FakeEntry())}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for index, size in enumerate([(80, 60), (50, 70)]):
+        noise(*size, seed=index).save(folder / f"p{index}.png")
+    return folder
+
+
+def expected_overlay(out: Path, row: dict, photos: Path) -> np.ndarray:
+    image = Image.open(photos / Path(row["image"]).name).convert("RGB")
+    heat = np.load(out / row["heatmap"])
+    return np.asarray(overlay(image, heat, row["crop_box"], "jet", 0.5)).astype(int)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_each_format_decodes_to_the_overlay_of_the_stored_heatmap(tmp_path, models, photos, fmt):
+    out = tmp_path / "out"
+    report = run_export([photos], out, models, layers=["layer3", "layer4"], overlay_format=fmt)
+    assert report.computed == 4 and not report.warnings
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["overlay_format"] == fmt and manifest["settings"]["overlays"] is True
+    for row in manifest["rows"]:
+        assert row["overlay"].endswith(SUFFIX[fmt]) and row["grid"].endswith(".png")
+        decoded = np.asarray(Image.open(out / row["overlay"]).convert("RGB")).astype(int)
+        wanted = expected_overlay(out, row, photos)
+        assert decoded.shape == wanted.shape
+        if fmt == "png":  # lossless: the very pixels
+            assert np.array_equal(decoded, wanted)
+        else:  # lossy, on noise photos: close on average
+            assert np.abs(decoded - wanted).mean() < 25
+        heat = np.load(out / row["heatmap"])
+        assert heat.dtype == np.float32 and heat.shape == (64, 64) and 0 <= heat.min() and heat.max() <= 1
+
+
+def test_heatmaps_only_writes_heatmaps_and_records_only(tmp_path, models, photos):
+    out = tmp_path / "out"
+    report = run_export([photos], out, models, layers=["layer4"], overlays=False)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert [Path(p).suffix for p in written].count(".npy") == 2
+    assert {Path(p).suffix for p in written} == {".npy", ".json", ".csv"}  # no overlay, no grid
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["overlays"] is False and manifest["settings"]["overlay_format"] is None
+    for row in manifest["rows"]:
+        assert row["overlay"] == "" and row["grid"] == "" and row["status"] == "computed"
+        assert np.load(out / row["heatmap"]).dtype == np.float32
+    assert report.computed == 2
+
+
+def test_rerun_with_another_format_redoes_the_overlays(tmp_path, models, photos):
+    out = tmp_path / "out"
+    run_export([photos], out, models, layers=["layer4"])
+    again = run_export([photos], out, models, layers=["layer4"], overlay_format="jpeg")
+    assert [row["status"] for row in again.rows] == ["computed", "computed"]
+    assert all((out / row["overlay"]).suffix == ".jpg" and (out / row["overlay"]).is_file() for row in again.rows)
+    same = run_export([photos], out, models, layers=["layer4"], overlay_format="jpeg")
+    assert [row["status"] for row in same.rows] == ["existing", "existing"]
+
+
+def test_heatmaps_only_rerun_keeps_overlay_runs_and_an_overlay_run_fills_them_in(tmp_path, models, photos):
+    out = tmp_path / "out"
+    first = run_export([photos], out, models, layers=["layer4"], colormap="viridis")
+    kept = run_export([photos], out, models, layers=["layer4"], overlays=False)
+    assert [row["status"] for row in kept.rows] == ["existing", "existing"]  # the heatmaps are the same
+    assert [row["heatmap"] for row in kept.rows] == [row["heatmap"] for row in first.rows]
+    bare = tmp_path / "bare"
+    run_export([photos], bare, models, layers=["layer4"], overlays=False)
+    filled = run_export([photos], bare, models, layers=["layer4"])
+    assert [row["status"] for row in filled.rows] == ["computed", "computed"]
+    assert all((bare / row["overlay"]).is_file() for row in filled.rows)
+
+
+def test_cli_format_and_no_overlays_options(tmp_path):
+    from cams.export import add_export_parser
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_export_parser(sub)
+    args = parser.parse_args(["export", "x.jpg", "--out", str(tmp_path), "--format", "webp", "--no-overlays"])
+    assert (args.overlay_format, args.overlays) == ("webp", False)
+    args = parser.parse_args(["export", "x.jpg", "--out", str(tmp_path)])
+    assert (args.overlay_format, args.overlays) == ("png", True)
+    bad = subprocess.run([sys.executable, "-m", "cams", "export", "x.jpg", "--out", str(tmp_path), "--format", "gif"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--format" in bad.stderr
