@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cams.export.encode
 import cams.export.executor
 from cams.export import EXIT_CANNOT_START, EXIT_STOPPED, ExportError, run_export
 from export_worker import tiny_models
@@ -107,15 +108,15 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, models):
 
 def test_permission_denied_part_way_keeps_what_finished_and_the_manifest_lists_it(tmp_path, models, monkeypatch):
     src = images(tmp_path / "in", 4)
-    real, calls = cams.export.executor.write_png, []
+    real, calls = cams.export.encode.write_picture, []
 
-    def failing(path, image):
+    def failing(path, image, fmt="png"):
         calls.append(path)
         if len(calls) > 3:  # the first batch (2 images x 2 layers) is on disk; then the folder is taken away
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        real(path, image)
+        real(path, image, fmt)
 
-    monkeypatch.setattr(cams.export.executor, "write_png", failing)
+    monkeypatch.setattr(cams.export.encode, "write_picture", failing)
     out = tmp_path / "out"
     report = run_export([src], out, models, batch_size=2)
     assert report.stopped.startswith("writing the export failed: permission denied (")
@@ -124,7 +125,7 @@ def test_permission_denied_part_way_keeps_what_finished_and_the_manifest_lists_i
     assert listed["rows"] and all((out / row["overlay"]).is_file() and (out / row["heatmap"]).is_file()
                                   for row in listed["rows"])  # only what is really there
     assert not list(out.rglob("*.tmp"))
-    monkeypatch.setattr(cams.export.executor, "write_png", real)
+    monkeypatch.setattr(cams.export.encode, "write_picture", real)
     again = run_export([src], out, models, batch_size=2)  # a rerun finishes the rest
     assert not again.stopped and len(manifest(out)["rows"]) == 4 * 2
 
