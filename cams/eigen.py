@@ -2,25 +2,25 @@
 without its cost.
 
 pytorch-grad-cam centres each image's activations ``M`` ([h*w, C]) and projects them on the first row of ``VT`` from
-``numpy.linalg.svd(M, full_matrices=True)`` (LAPACK ``sgesdd``), building a full ``U`` (3136 x 3136 at R50 layer1) or
-``VT`` (2048 x 2048 at layer4) it throws away. A ReLU follows, so the singular vector's sign decides the map, and that
-sign is whatever ``sgesdd``'s algorithm arrives at: a top-1 method (power iteration, ``eigh`` of ``M^T M``, torch's or
-cuSOLVER's SVD) matches it on some layers and flips it on others.
+``numpy.linalg.svd(M, full_matrices=True)`` (LAPACK ``dgesdd``: numpy computes float32 input in float64), building a
+full ``U`` (3136 x 3136 at R50 layer1) or ``VT`` (2048 x 2048 at layer4) it throws away. A ReLU follows, so the
+singular vector's sign decides the map, and that sign is whatever ``gesdd``'s algorithm arrives at: a top-1 method
+(power iteration, ``eigh`` of ``M^T M``, torch's or cuSOLVER's SVD) matches it on some layers and flips it on others.
 
-What ``sgesdd`` does, and what is done here instead (``MNTHR = int(min(m, n) * 11 / 6)``, as in LAPACK):
+What ``gesdd`` does, and what is done here instead (``MNTHR = int(min(m, n) * 11 / 6)``, as in LAPACK):
 
 - ``m >= MNTHR`` (tall: R50 layer1): a Householder QR ``M = Q R`` first; ``VT`` then comes from the SVD of the
   ``n x n`` factor ``R`` alone. Here: the QR in torch on the model's device, then numpy's ``svd`` of ``R`` (its
-  ``sgesdd`` takes a square matrix straight to the same bidiagonalisation), so the same LAPACK code picks the sign.
+  ``gesdd`` takes a square matrix straight to the same bidiagonalisation), so the same LAPACK code picks the sign.
 - ``n >= MNTHR`` (wide: layer3, layer4, ViT tokens): an LQ ``M = L Q`` first, ``VT = VT_L Q``; the projection
   ``M VT[0]`` is ``L VT_L[0]``. Here: ``L`` from a torch QR of ``M^T``, numpy's ``svd`` of the ``m x m`` ``L``.
-- otherwise ("direct": nearly square, R50 layer2 at 224 px, 784 x 512): ``sgesdd`` bidiagonalises ``M`` itself. A QR
+- otherwise ("direct": nearly square, R50 layer2 at 224 px, 784 x 512): ``gesdd`` bidiagonalises ``M`` itself. A QR
   first would change the sign (the bidiagonal's rows come out with other signs, and the divide-and-conquer SVD fixes
   each left singular vector's sign by one of its rows): 18 of 30 random matrices flip. numpy's economy ``svd`` of
   ``M`` then (``reference_projection``), on the CPU.
 
 Householder QR (MKL, OpenBLAS, cuSOLVER) follows LAPACK's sign convention, so the factor numpy sees is the one
-``sgesdd`` would see, up to rounding. Rounding decides the sign only where LAPACK's bidiagonal holds rounding noise
+``gesdd`` would see, up to rounding. Rounding decides the sign only where LAPACK's bidiagonal holds rounding noise
 next to its eps thresholds: rank-deficient activations (dead channels: 20% of such random matrices flip). Those
 images (a factor's diagonal below ``RANK_TOLERANCE`` of its largest) also take ``reference_projection``, which hands
 LAPACK bit for bit pytorch-grad-cam's input. ``tests/test_speed_paths.py`` compares the maps with pytorch-grad-cam's.
@@ -55,8 +55,8 @@ def _blas_threads():
     return _controller.limit(limits=torch.get_num_threads(), user_api="blas")
 
 
-def sgesdd_branch(rows: int, cols: int) -> str:
-    """The branch LAPACK's ``sgesdd`` takes for a ``rows x cols`` matrix: "qr", "lq" or "direct"."""
+def gesdd_branch(rows: int, cols: int) -> str:
+    """The branch LAPACK's ``gesdd`` takes for a ``rows x cols`` matrix: "qr", "lq" or "direct"."""
     threshold = min(rows, cols) * 11 // 6  # MNTHR
     if rows >= cols:
         return "qr" if rows >= threshold else "direct"
@@ -64,7 +64,7 @@ def sgesdd_branch(rows: int, cols: int) -> str:
 
 
 def _first_right_vectors(matrices: torch.Tensor) -> torch.Tensor:
-    """First row of ``VT`` of numpy's (LAPACK ``sgesdd``) economy SVD of each ``[N, a, b]`` matrix -> ``[N, b]``."""
+    """First row of ``VT`` of numpy's (LAPACK ``dgesdd``) economy SVD of each ``[N, a, b]`` matrix -> ``[N, b]``."""
     with _blas_threads():
         vt = np.linalg.svd(matrices.cpu().numpy(), full_matrices=False)[2]
     return torch.from_numpy(np.ascontiguousarray(vt[:, 0, :])).to(matrices.device)
@@ -90,7 +90,7 @@ def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
     count, channels, height, width = activations.shape
     acts = activations.detach().float()
     rows, cols = height * width, channels
-    branch = sgesdd_branch(rows, cols) if min(rows, cols) > 1 else "direct"
+    branch = gesdd_branch(rows, cols) if min(rows, cols) > 1 else "direct"
     projection = torch.empty((count, rows), dtype=torch.float32, device=acts.device)
     exact = torch.ones(count, dtype=torch.bool)
     if branch != "direct":

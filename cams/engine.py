@@ -38,6 +38,7 @@ from torch import nn
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
 from cams.eigen import first_component_projection
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
+from pfnet.memory_format import FORMATS, format_of
 
 METHODS: dict[str, str] = {
     "gradcam": "Grad-CAM",
@@ -392,6 +393,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
             images = images.to(parameter.device)
         if images.is_inference():
             images = images.clone()
+        images = images.contiguous(memory_format=FORMATS[format_of(model)])  # as the model's convolutions are
         size = (int(images.shape[-2]), int(images.shape[-1]))
         count = images.shape[0]
         n_targets = top_k if top_k is not None else len(fixed_ids)

@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 import pfnet
 from cams import explain, layers as L
 from cams import eigen
-from pfnet import scenes
+from pfnet import memory_format, scenes
 
 TOLERANCE = 1e-4
 
@@ -56,7 +56,7 @@ def _noise(count: int, height: int, width: int, seed: int) -> torch.Tensor:
 
 def _network_cases():
     """(label, activations [N, C, h, w]): trained demo models on demo scenes and random-init networks on noise, at
-    sizes that put every layer kind on each of sgesdd's four branches."""
+    sizes that put layers on each of LAPACK gesdd's branches, both sides of the square one."""
     demo_layers = ["layer1", "layer2", "layer3", "layer4", "layer2.0", "layer3.1.conv_block"]
     for model_id, size in (("demo_r50", 128), ("demo_r50_hybrid", 96), ("demo_r50_max", 224)):
         model = pfnet.load(model_id)
@@ -126,7 +126,7 @@ def test_eigen_projection_equals_pytorch_grad_cam(cases, monkeypatch):
         assert ours.dtype == torch.float32 and ours.shape == acts.shape[:1] + acts.shape[2:]
         error = np.abs(_map(ours.numpy()) - expected).max(axis=(1, 2))
         assert error.max() < TOLERANCE, f"{label}: max |diff| per image {error}"
-        branch = eigen.sgesdd_branch(acts.shape[2] * acts.shape[3], acts.shape[1])
+        branch = eigen.gesdd_branch(acts.shape[2] * acts.shape[3], acts.shape[1])
         branches.add(branch)
         fast += len(acts) - (sum(replica_images) - before)
         # The wrong ways draw some of these maps upside down: the comparison catches a wrong sign.
@@ -168,3 +168,83 @@ def test_eigencam_end_to_end_on_a_trained_model():
         for target in range(2):  # Eigen-CAM is class-agnostic: the same map for every target
             error = np.abs(result.heatmaps[:, target, position].numpy() - expected).max()
             assert error < TOLERANCE, f"{name}: max |diff| {error:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------ memory format
+METHODS_ON_RESNETS = ["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam", "cam"]
+
+
+def _twins(model_id: str):
+    return (pfnet.load(model_id, memory_format="contiguous"), pfnet.load(model_id, memory_format="channels_last"))
+
+
+@pytest.mark.parametrize("model_id,size", [("demo_r50", 128), ("demo_r50_hybrid", 128), ("demo_r50_max", 160)])
+def test_channels_last_maps_equal_contiguous(model_id, size):
+    """Every map within 1e-3 of the contiguous one, or, where float32 itself misses the float64 map (cancellation
+    in the map, e.g. a small positive part stretched to [0, 1]), no further than twice float32's own error."""
+    contiguous, channels_last = _twins(model_id)
+    exact = pfnet.load(model_id, memory_format="contiguous").double()
+    assert memory_format.format_of(contiguous) == "contiguous"
+    assert memory_format.format_of(channels_last) == "channels_last"
+    images = scenes.scene_batch(11, range(24, 32), size)[0]
+    layers = ["stem", "layer1", "layer2.0.conv_block", "layer3", "layer4"]
+    for method in METHODS_ON_RESNETS:
+        names = ["layer4"] if method == "cam" else layers
+        plain = explain(contiguous, images, names, method, targets=2)
+        fast = explain(channels_last, images, names, method, targets=2)
+        truth = explain(exact, images.double(), names, method, targets=2)
+        assert torch.equal(plain.targets, fast.targets) and torch.equal(plain.targets, truth.targets)
+        difference = (plain.heatmaps - fast.heatmaps).abs().amax(dim=(3, 4))
+        float32_error = (plain.heatmaps - truth.heatmaps).abs().amax(dim=(3, 4))
+        worst = (difference - 2 * float32_error).max()
+        assert worst < 1e-3, f"{method}: max |diff| {difference.max():.2e}, beyond float32's own error {worst:.2e}"
+
+
+def test_channels_last_score_cam_equals_contiguous():
+    contiguous, channels_last = _twins("demo_r50_hybrid")
+    images = scenes.scene_batch(4, range(2), 96)[0]
+    plain = explain(contiguous, images, ["layer3"], "scorecam", batch_size=64)
+    fast = explain(channels_last, images, ["layer3"], "scorecam", batch_size=64)
+    assert (plain.heatmaps - fast.heatmaps).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "eigencam"])
+def test_channels_last_model_matches_pytorch_grad_cam(method):
+    from pytorch_grad_cam import EigenCAM, GradCAM, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = pfnet.load("demo_r50", memory_format="channels_last")
+    images = scenes.scene_batch(6, range(3), 128)[0]  # contiguous, as a caller hands them
+    names = ["layer1", "layer3", "layer4"]
+    result = explain(model, images, names, method, align="none")
+    reference = {"gradcam": GradCAM, "layercam": LayerCAM, "eigencam": EigenCAM}[method]
+    for position, name in enumerate(names):
+        with reference(model=model, target_layers=[L.resolve(model, name)]) as cam:
+            expected = cam(input_tensor=images,
+                           targets=[ClassifierOutputTarget(int(c)) for c in result.targets[:, 0]])
+        model.zero_grad(set_to_none=True)
+        error = np.abs(result.heatmaps[:, 0, position].numpy() - expected).max()
+        assert error < TOLERANCE, f"{method} {name}: max |diff| {error:.2e}"
+
+
+def test_load_chooses_the_measured_format(monkeypatch):
+    monkeypatch.delenv(memory_format.ENV, raising=False)
+    assert memory_format.format_of(pfnet.load("demo_r50", device="cpu")) == "channels_last"
+    assert memory_format.format_of(pfnet.load("demo_r50", memory_format="contiguous")) == "contiguous"
+    assert memory_format.preferred_format("resnet", "cpu") == "channels_last"
+    assert memory_format.preferred_format("vit", "cpu") == "contiguous"
+    assert memory_format.preferred_format("pit", "cpu") == "contiguous"
+    assert memory_format.preferred_format("resnet", "cuda") == "contiguous"  # not measured yet
+    monkeypatch.setenv(memory_format.ENV, "contiguous")
+    assert memory_format.format_of(pfnet.load("demo_r50")) == "contiguous"
+    monkeypatch.setenv(memory_format.ENV, "nhwc")
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        pfnet.load("demo_r50")
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        pfnet.load("demo_r50", memory_format="sideways")
+
+
+def test_format_of_models_without_spatial_convolutions():
+    assert memory_format.format_of(torch.nn.Linear(3, 4)) == "contiguous"
+    assert memory_format.format_of(torch.nn.Conv2d(3, 4, 1).to(memory_format=torch.channels_last)) == "contiguous"
+    assert memory_format.format_of(torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)) == "channels_last"
