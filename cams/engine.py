@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
+from cams.eigen import first_component_projection
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
+from pfnet.memory_format import FORMATS, format_of
 
 METHODS: dict[str, str] = {
     "gradcam": "Grad-CAM",
@@ -326,12 +328,7 @@ def _grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torc
 
 
 def _eigen_cam_maps(acts: torch.Tensor, count: int) -> torch.Tensor:
-    # pytorch-grad-cam's projection on the first principal component (numpy SVD, so the sign convention and
-    # hence the map after ReLU are identical to its EigenCAM).
-    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
-
-    projection = get_2d_projection(acts.detach().float().cpu().numpy())
-    maps = torch.from_numpy(projection).to(acts.device)
+    maps = first_component_projection(acts)  # pytorch-grad-cam's projection and sign, on acts' device
     return maps.unsqueeze(0).expand(count, *maps.shape)
 
 
@@ -429,6 +426,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
             images = images.to(parameter.device)
         if images.is_inference():
             images = images.clone()
+        images = images.contiguous(memory_format=FORMATS[format_of(model)])  # as the model's convolutions are
         size = (int(images.shape[-2]), int(images.shape[-1]))
         count = images.shape[0]
         n_targets = top_k if top_k is not None else len(fixed_ids)

@@ -22,6 +22,7 @@ from pfnet.download import (GDRIVE_URL, Progress, download_hf, download_url, hf_
                             verify)
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 from pfnet.fit import Fit, detect_architecture, matching_dtypes, prepare_for
+from pfnet.memory_format import apply_format, choose_format
 
 __all__ = [
     "Fit", "GDRIVE_URL", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
@@ -128,11 +129,13 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
     return path
 
 
-def load(model_id: str, weights: WeightsArg = None, device: str | torch.device | None = None) -> nn.Module:
+def load(model_id: str, weights: WeightsArg = None, device: str | torch.device | None = None,
+         memory_format: str | None = None) -> nn.Module:
     """A zoo model with its weights, in eval mode on ``device``, with ``model.cam_offsets`` (see cams.align).
 
     ``weights``: None (the zoo's source: bundled file, cache, or a download), a path, bytes (an upload), or an
-    already-read state dict / checkpoint dict.
+    already-read state dict / checkpoint dict. ``memory_format``: "contiguous" or "channels_last"; None: the
+    format measured faster for the family on that device (:mod:`pfnet.memory_format`).
     """
     entry = zoo.get(model_id)
     target = select_device(device)
@@ -149,7 +152,7 @@ def load(model_id: str, weights: WeightsArg = None, device: str | torch.device |
         raise CheckpointError(f"the checkpoint does not fit {entry.name}: {shorten(str(error), 400)}") from None
     # The heatmap alignment was measured for the entry's own weights; other weights are drawn unshifted.
     model.cam_offsets = dict(entry.cam_offsets) if weights is None else {}
-    return model.to(target).eval()
+    return apply_format(model.to(target).eval(), choose_format(memory_format, entry.family, target))
 
 
 def describe(model_id: str) -> dict[str, Any]:

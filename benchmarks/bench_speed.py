@@ -1,0 +1,200 @@
+"""Where the engine's time goes besides the CAM maths: Eigen-CAM's decomposition and the forward's memory format.
+
+    python benchmarks/bench_speed.py --threads 1                 # both tables, random weights
+    python benchmarks/bench_speed.py --threads 1 --reference     # also pytorch-grad-cam's EigenCAM (slow)
+    python benchmarks/bench_speed.py --device cuda               # measure a GPU (the memory-format rule per device)
+
+1. Eigen-CAM at layer1..layer4 of R50 (224 px, ``--eigen-batch`` images, random weights): ``cams.explain`` against
+   one inference-mode forward of the same batch (target <= 1.3x), with the LAPACK branch each layer takes and how many
+   images took the fast path (torch QR on the device + LAPACK on the small factor) rather than the exact replica of
+   pytorch-grad-cam's arithmetic (the direct branch, rank-deficient activations).
+2. The forward, contiguous (NCHW) vs channels_last (model and input), per model at its size and batch; for the
+   ResNets also Grad-CAM layer4 in both formats and the largest heatmap difference between them.
+
+Every case of a table is timed round-robin in one process (one run of each per round, median of ``--repeats`` after
+``--warmup``), so that a shared CPU's changing load hits all alike; the load average is printed with the results.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import timm  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+import torch  # noqa: E402
+
+import pfnet  # noqa: E402
+from benchmarks.bench_cam import forward_only, interleaved_medians  # noqa: E402
+from cams import eigen, explain  # noqa: E402
+from cams.layers import resolve  # noqa: E402
+from pfnet import memory_format  # noqa: E402
+
+LAYERS = ["layer1", "layer2", "layer3", "layer4"]
+TARGET_EIGEN = 1.3
+# label: (timm architecture or zoo id of a bundled demo model, zoo family, input size, batch)
+FORWARD_MODELS = {
+    "R50": ("resnet50_pf", "resnet", 224, 8),
+    "R50-hybrid": ("resnet50_hybrid", "resnet", 224, 8),
+    "R50-max": ("resnet50_max", "resnet", 224, 8),
+    "demo R50": ("demo_r50", "resnet", 128, 32),
+    "demo R50-hybrid": ("demo_r50_hybrid", "resnet", 128, 32),
+    "demo R50-max": ("demo_r50_max", "resnet", 160, 32),
+    "ViT-S-max": ("vit_s_max", "vit", 224, 8),
+    "PiT-S-max": ("pit_s_max", "pit", 224, 8),
+}
+DEFAULT_FORWARD = ["R50", "R50-hybrid", "demo R50", "demo R50-hybrid", "demo R50-max"]
+
+
+def _loadavg() -> str:
+    try:
+        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _build(source: str, device: torch.device) -> torch.nn.Module:
+    """A contiguous model: a bundled demo model's weights, or random weights (seed 0)."""
+    if source.startswith("demo_"):
+        return pfnet.load(source, device=device, memory_format="contiguous")
+    torch.manual_seed(0)
+    return timm.create_model(source).eval().to(device)
+
+
+def _fast_share(model: torch.nn.Module, images: torch.Tensor, layer: str) -> tuple[str, str]:
+    """(gesdd branch, "fast k/n") for one layer's activations on this batch."""
+    recorded = []
+    handle = resolve(model, layer).register_forward_hook(lambda module, inputs, output: recorded.append(output))
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        handle.remove()
+    acts = recorded[0]
+    exact = []
+    replica = eigen.reference_projection
+    eigen.reference_projection = lambda batch: exact.append(len(batch)) or replica(batch)
+    try:
+        eigen.first_component_projection(acts)
+    finally:
+        eigen.reference_projection = replica
+    branch = eigen.gesdd_branch(acts.shape[2] * acts.shape[3], acts.shape[1])
+    return branch, f"{len(acts) - sum(exact)}/{len(acts)}"
+
+
+def eigen_table(args, device: torch.device) -> list[str]:
+    model = _build("resnet50_pf", device)
+    images = torch.randn(args.eigen_batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
+    cases = {"forward": forward_only(model, images)}
+    for layer in LAYERS:
+        cases[f"ours {layer}"] = lambda layer=layer: explain(model, images, [layer], "eigencam", align="none")
+    if args.reference:
+        from pytorch_grad_cam import EigenCAM
+
+        def reference(layer):
+            def run():
+                with EigenCAM(model=model, target_layers=[resolve(model, layer)]) as cam:
+                    return cam(input_tensor=images, targets=None)
+            return run
+
+        for layer in LAYERS:
+            cases[f"pytorch-grad-cam {layer}"] = reference(layer)
+    medians = interleaved_medians(cases, args.repeats, args.warmup, device)
+    forward_s = medians["forward"]
+    lines = [f"Eigen-CAM vs forward (R50, 224x224, batch {args.eigen_batch}, random weights, contiguous; "
+             f"median of {args.repeats} after {args.warmup} warm-up, round-robin)", "",
+             "| layer | gesdd branch | fast path images | ours ms | x forward | target | pytorch-grad-cam ms "
+             "| x forward |",
+             "|---|---|---:|---:|---:|---|---:|---:|",
+             f"| (forward only) | | | {forward_s * 1e3:.1f} | 1.00 | | | |"]
+    for layer in LAYERS:
+        branch, share = _fast_share(model, images, layer)
+        ours = medians[f"ours {layer}"]
+        verdict = f"<= {TARGET_EIGEN}x " + ("ok" if ours / forward_s <= TARGET_EIGEN else "MISSED")
+        reference = medians.get(f"pytorch-grad-cam {layer}")
+        tail = f"{reference * 1e3:.1f} | {reference / forward_s:.2f}" if reference else " | "
+        lines.append(f"| {layer} | {branch} | {share} | {ours * 1e3:.1f} | {ours / forward_s:.2f} | {verdict} "
+                     f"| {tail} |")
+    return lines
+
+
+def forward_table(args, device: torch.device) -> list[str]:
+    lines = [f"Forward, contiguous vs channels_last (model and input; median of {args.repeats} after {args.warmup} "
+             f"warm-up, round-robin per model); for the ResNets Grad-CAM layer4, and the largest heatmap difference "
+             f"(Grad-CAM layer1..4) between the formats next to float32's own error (contiguous vs float64)", "",
+             "| model | input | batch | contiguous ms | channels_last ms | speed-up | Grad-CAM l4 contiguous ms | "
+             "Grad-CAM l4 channels_last ms | max diff | float32's own | rule here |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    print("\n".join(lines), flush=True)
+    for label in args.forward_models:
+        source, family, size, batch = FORWARD_MODELS[label]
+        contiguous = _build(source, device)
+        channels_last = memory_format.apply_format(copy.deepcopy(contiguous), "channels_last")
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+        images_cl = images.contiguous(memory_format=torch.channels_last)
+        cases = {"contiguous": forward_only(contiguous, images),
+                 "channels_last": forward_only(channels_last, images_cl)}
+        resnet = hasattr(contiguous, "layer4")
+        if resnet:
+            cases["gradcam contiguous"] = lambda: explain(contiguous, images, ["layer4"], align="none")
+            cases["gradcam channels_last"] = lambda: explain(channels_last, images, ["layer4"], align="none")
+        medians = interleaved_medians(cases, args.repeats, args.warmup, device)
+        if resnet:
+            plain = explain(contiguous, images, LAYERS, align="none")
+            difference = (plain.heatmaps - explain(channels_last, images, LAYERS, align="none").heatmaps).abs().max()
+            exact = explain(copy.deepcopy(contiguous).double(), images.double(), LAYERS, align="none")
+            own = (plain.heatmaps - exact.heatmaps).abs().max() if torch.equal(exact.targets, plain.targets) else None
+            grad = (f"{medians['gradcam contiguous'] * 1e3:.1f} | {medians['gradcam channels_last'] * 1e3:.1f} | "
+                    f"{difference:.1e} | {'n/a' if own is None else f'{own:.1e}'}")
+        else:
+            grad = " | | | "
+        rule = memory_format.preferred_format(family, device)
+        line = (f"| {label} | {size} | {batch} | {medians['contiguous'] * 1e3:.1f} | "
+                f"{medians['channels_last'] * 1e3:.1f} | {medians['contiguous'] / medians['channels_last']:.2f} | "
+                f"{grad} | {rule} |")
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--eigen-batch", type=int, default=1)
+    parser.add_argument("--reference", action="store_true", help="also time pytorch-grad-cam's EigenCAM")
+    parser.add_argument("--forward-models", nargs="*", default=DEFAULT_FORWARD, choices=list(FORWARD_MODELS))
+    parser.add_argument("--no-eigen", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # numpy's BLAS (pytorch-grad-cam's SVD) gets torch's thread count too, as cams.eigen gives it.
+    threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    header = (f"bench_speed: {args.device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"load avg at start {_loadavg()}")
+    print(header, "", sep="\n", flush=True)
+    lines = [header, ""]
+    if not args.no_eigen:
+        table = eigen_table(args, device)
+        print("\n".join(table), "", sep="\n", flush=True)
+        lines += table + [""]
+    if args.forward_models:
+        lines += forward_table(args, device)
+    footer = f"\nload avg at end {_loadavg()} (a shared CPU: figures taken under load are pessimistic, ratios hold)"
+    print(footer, flush=True)
+    return "\n".join(lines + [footer]) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Eigen-CAM's projection on the first principal component: pytorch-grad-cam's ``get_2d_projection``, sign included,
+without its cost.
+
+pytorch-grad-cam centres each image's activations ``M`` ([h*w, C]) and projects them on the first row of ``VT`` from
+``numpy.linalg.svd(M, full_matrices=True)`` (LAPACK ``dgesdd``: numpy computes float32 input in float64), building a
+full ``U`` (3136 x 3136 at R50 layer1) or ``VT`` (2048 x 2048 at layer4) it throws away. A ReLU follows, so the
+singular vector's sign decides the map, and that sign is whatever ``gesdd``'s algorithm arrives at: a top-1 method
+(power iteration, ``eigh`` of ``M^T M``, torch's or cuSOLVER's SVD) matches it on some layers and flips it on others.
+
+What ``gesdd`` does, and what is done here instead (``MNTHR = int(min(m, n) * 11 / 6)``, as in LAPACK):
+
+- ``m >= MNTHR`` (tall: R50 layer1): a Householder QR ``M = Q R`` first; ``VT`` then comes from the SVD of the
+  ``n x n`` factor ``R`` alone. Here: the QR in torch on the model's device, then numpy's ``svd`` of ``R`` (its
+  ``gesdd`` takes a square matrix straight to the same bidiagonalisation), so the same LAPACK code picks the sign.
+- ``n >= MNTHR`` (wide: layer3, layer4, ViT tokens): an LQ ``M = L Q`` first, ``VT = VT_L Q``; the projection
+  ``M VT[0]`` is ``L VT_L[0]``. Here: ``L`` from a torch QR of ``M^T``, numpy's ``svd`` of the ``m x m`` ``L``.
+- otherwise ("direct": nearly square, R50 layer2 at 224 px, 784 x 512): ``gesdd`` bidiagonalises ``M`` itself. A QR
+  first would change the sign (the bidiagonal's rows come out with other signs, and the divide-and-conquer SVD fixes
+  each left singular vector's sign by one of its rows): 18 of 30 random matrices flip. numpy's economy ``svd`` of
+  ``M`` then (``reference_projection``), on the CPU.
+
+Householder QR (MKL, OpenBLAS, cuSOLVER) follows LAPACK's sign convention, so the factor numpy sees is the one
+``gesdd`` would see, up to rounding. Rounding decides the sign only where LAPACK's bidiagonal holds rounding noise
+next to its eps thresholds: rank-deficient activations (dead channels: 20% of such random matrices flip). Those
+images (a factor's diagonal below ``RANK_TOLERANCE`` of its largest) also take ``reference_projection``, which hands
+LAPACK bit for bit pytorch-grad-cam's input. ``tests/test_speed_paths.py`` compares the maps with pytorch-grad-cam's.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+try:  # a dependency of scikit-learn, which pytorch-grad-cam requires; optional here
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover
+    ThreadpoolController = None
+
+_controller = None  # created on first use: scanning the loaded libraries costs milliseconds
+
+# A triangular factor with a diagonal entry below this fraction of its largest is (numerically) rank-deficient:
+# dead channels, repeated positions. LAPACK's bidiagonal then holds rounding noise next to its eps thresholds, and
+# its sign depends on the exact bits; such images take the exact replica of pytorch-grad-cam's arithmetic instead.
+RANK_TOLERANCE = 1e-3
+
+
+def _blas_threads():
+    """numpy's BLAS limited to torch's thread count: its default (every core) spins against torch on a busy CPU."""
+    global _controller
+    if ThreadpoolController is None:  # pragma: no cover
+        return contextlib.nullcontext()
+    if _controller is None:
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=torch.get_num_threads(), user_api="blas")
+
+
+def gesdd_branch(rows: int, cols: int) -> str:
+    """The branch LAPACK's ``gesdd`` takes for a ``rows x cols`` matrix: "qr", "lq" or "direct"."""
+    threshold = min(rows, cols) * 11 // 6  # MNTHR
+    if rows >= cols:
+        return "qr" if rows >= threshold else "direct"
+    return "lq" if cols >= threshold else "direct"
+
+
+def _first_right_vectors(matrices: torch.Tensor) -> torch.Tensor:
+    """First row of ``VT`` of numpy's (LAPACK ``dgesdd``) economy SVD of each ``[N, a, b]`` matrix -> ``[N, b]``."""
+    with _blas_threads():
+        vt = np.linalg.svd(matrices.cpu().numpy(), full_matrices=False)[2]
+    return torch.from_numpy(np.ascontiguousarray(vt[:, 0, :])).to(matrices.device)
+
+
+def reference_projection(activations: torch.Tensor) -> torch.Tensor:
+    """``get_2d_projection``'s arithmetic step for step (economy SVD: the same first row of ``VT``), on the CPU:
+    ``[N, C, h, w]`` -> ``[N, h*w]`` float32, bit for bit the input LAPACK sees in pytorch-grad-cam."""
+    batch = activations.detach().float().cpu().contiguous().numpy().copy()
+    batch[np.isnan(batch)] = 0
+    projections = []
+    with _blas_threads():
+        for activation in batch:
+            matrix = activation.reshape(activation.shape[0], -1).transpose()
+            matrix = matrix - matrix.mean(axis=0)
+            projections.append(matrix @ np.linalg.svd(matrix, full_matrices=False)[2][0, :])
+    return torch.from_numpy(np.float32(projections)).reshape(batch.shape[0], -1)
+
+
+def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N, h, w]`` float32 (on the activations' device): each image's centred activations
+    projected on their first principal direction, with ``get_2d_projection``'s sign."""
+    count, channels, height, width = activations.shape
+    acts = activations.detach().float()
+    rows, cols = height * width, channels
+    branch = gesdd_branch(rows, cols) if min(rows, cols) > 1 else "direct"
+    projection = torch.empty((count, rows), dtype=torch.float32, device=acts.device)
+    exact = torch.ones(count, dtype=torch.bool)
+    if branch != "direct":
+        matrix = acts.reshape(count, channels, rows).transpose(1, 2)
+        matrix = torch.where(torch.isnan(matrix), torch.zeros((), device=matrix.device), matrix)
+        matrix = matrix - matrix.mean(dim=1, keepdim=True)  # [N, m = h*w, n = C]
+        if branch == "qr":
+            factor = torch.linalg.qr(matrix, mode="r").R
+            diagonal = factor.diagonal(dim1=-2, dim2=-1).abs()
+        else:
+            factor = torch.linalg.qr(matrix.transpose(1, 2), mode="r").R.transpose(1, 2)
+            diagonal = factor.diagonal(dim1=-2, dim2=-1).abs()[:, :-1]  # centred rows sum to 0: the last is ~0
+        regular = (diagonal.amin(dim=-1) > RANK_TOLERANCE * diagonal.amax(dim=-1)).cpu()
+        if regular.any():
+            chosen = regular.nonzero().squeeze(1).to(acts.device)
+            factor = factor.index_select(0, chosen)
+            vectors = _first_right_vectors(factor).unsqueeze(-1)
+            source = matrix.index_select(0, chosen) if branch == "qr" else factor
+            projection[chosen] = (source @ vectors).squeeze(-1)
+        exact = ~regular
+    if exact.any():
+        chosen = exact.nonzero().squeeze(1)
+        projection[chosen.to(acts.device)] = reference_projection(acts[chosen.to(acts.device)]).to(acts.device)
+    return projection.reshape(count, height, width)
