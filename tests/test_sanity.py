@@ -204,7 +204,7 @@ def test_cli_writes_csv_table_and_plot(tmp_path, one_torch_thread):
     assert [int(r["depth"]) for r in cascade] == list(range(19))
     assert float(cascade[0]["spearman"]) == pytest.approx(1.0)
     assert {r["randomised"] for r in rows if r["mode"] == "reference"} == {"centre Gaussian", "uniform random"}
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_mode & 0o777 == 0o644
     assert "demo_r50" in out and "ref: centre Gaussian" in out and "| demo_r50 | layer4 | Grad-CAM |" in md.read_text()
     steps = [line for line in err.splitlines() if line.startswith("[sanity demo_r50] ") and "/19 " in line]
     assert len(steps) == 19  # one line per step when stderr is not a terminal
