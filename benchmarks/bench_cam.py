@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -58,18 +59,24 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: 
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                        device: torch.device) -> dict[str, float]:
+                        device: torch.device, shuffle: bool = False) -> dict[str, float]:
     """Median seconds per case, the cases timed round-robin (one run of each per round) so that a shared CPU's
-    changing load hits them alike and the ratios between them stay meaningful."""
+    changing load hits them alike and the ratios between them stay meaningful. ``shuffle``: each round in another
+    (seeded) order, so that no case always runs right after the same one (a case that frees much memory slows
+    the next one's page faults)."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    rounds = random.Random(0)
     for _ in range(repeats):
-        for name, fn in cases.items():
+        if shuffle:
+            rounds.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            cases[name]()
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}

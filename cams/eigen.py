@@ -16,14 +16,16 @@ What ``gesdd`` does, and what is done here instead (``MNTHR = int(min(m, n) * 11
   ``M VT[0]`` is ``L VT_L[0]``. Here: ``L`` from a torch QR of ``M^T``, numpy's ``svd`` of the ``m x m`` ``L``.
 - otherwise ("direct": nearly square, R50 layer2 at 224 px, 784 x 512): ``gesdd`` bidiagonalises ``M`` itself. A QR
   first would change the sign (the bidiagonal's rows come out with other signs, and the divide-and-conquer SVD fixes
-  each left singular vector's sign by one of its rows): 18 of 30 random matrices flip. numpy's economy ``svd`` of
-  ``M`` then (``reference_projection``), on the CPU.
+  each left singular vector's sign by one of its rows). numpy's economy ``svd`` of ``M`` then
+  (``reference_projection``), on the CPU.
 
 Householder QR (MKL, OpenBLAS, cuSOLVER) follows LAPACK's sign convention, so the factor numpy sees is the one
 ``gesdd`` would see, up to rounding. Rounding decides the sign only where LAPACK's bidiagonal holds rounding noise
-next to its eps thresholds: rank-deficient activations (dead channels: 20% of such random matrices flip). Those
-images (a factor's diagonal below ``RANK_TOLERANCE`` of its largest) also take ``reference_projection``, which hands
-LAPACK bit for bit pytorch-grad-cam's input. ``tests/test_speed_paths.py`` compares the maps with pytorch-grad-cam's.
+next to its eps thresholds: rank-deficient activations (dead channels, repeated positions). Those images (a factor's
+diagonal below ``RANK_TOLERANCE`` of its largest) get ``gesdd``'s own bits: on the QR branch the same two steps in
+numpy, in float64 as numpy's SVD runs (``exact_qr_projection``), on the LQ branch ``reference_projection``. ``tests/test_speed_paths.py`` compares the maps with pytorch-grad-cam's on 112 cases (320
+images) and counts the wrong ways: torch's SVD flips 49 cases, a QR/LQ first 23 of the 35 direct-branch ones, the
+QR/LQ branches without the exact fallback 8 of 77.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ _controller = None  # created on first use: scanning the loaded libraries costs 
 
 # A triangular factor with a diagonal entry below this fraction of its largest is (numerically) rank-deficient:
 # dead channels, repeated positions. LAPACK's bidiagonal then holds rounding noise next to its eps thresholds, and
-# its sign depends on the exact bits; such images take the exact replica of pytorch-grad-cam's arithmetic instead.
+# its sign depends on the exact bits; such images take gesdd's own arithmetic, in numpy, on pytorch-grad-cam's bits.
 RANK_TOLERANCE = 1e-3
 
 
@@ -70,18 +72,35 @@ def _first_right_vectors(matrices: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(vt[:, 0, :])).to(matrices.device)
 
 
-def reference_projection(activations: torch.Tensor) -> torch.Tensor:
-    """``get_2d_projection``'s arithmetic step for step (economy SVD: the same first row of ``VT``), on the CPU:
-    ``[N, C, h, w]`` -> ``[N, h*w]`` float32, bit for bit the input LAPACK sees in pytorch-grad-cam."""
+def _centred_as_reference(activations: torch.Tensor):
+    """Each image's centred ``[h*w, C]`` float32 matrix, computed as ``get_2d_projection`` computes it (so LAPACK
+    gets the same bits), under numpy's BLAS thread limit."""
     batch = activations.detach().float().cpu().contiguous().numpy().copy()
     batch[np.isnan(batch)] = 0
-    projections = []
     with _blas_threads():
         for activation in batch:
             matrix = activation.reshape(activation.shape[0], -1).transpose()
-            matrix = matrix - matrix.mean(axis=0)
-            projections.append(matrix @ np.linalg.svd(matrix, full_matrices=False)[2][0, :])
-    return torch.from_numpy(np.float32(projections)).reshape(batch.shape[0], -1)
+            yield matrix - matrix.mean(axis=0)
+
+
+def reference_projection(activations: torch.Tensor) -> torch.Tensor:
+    """``get_2d_projection``'s arithmetic step for step (economy SVD: the same first row of ``VT``), on the CPU:
+    ``[N, C, h, w]`` -> ``[N, h*w]`` float32."""
+    projections = [matrix @ np.linalg.svd(matrix, full_matrices=False)[2][0, :]
+                   for matrix in _centred_as_reference(activations)]
+    return torch.from_numpy(np.float32(projections)).reshape(len(projections), -1)
+
+
+def exact_qr_projection(activations: torch.Tensor) -> torch.Tensor:
+    """The "qr" branch with ``gesdd``'s own bits, on the CPU: numpy's QR (in float64, as numpy's SVD runs) of the
+    matrix centred as pytorch-grad-cam centres it, then numpy's SVD of ``R``: ``reference_projection``'s result bit for
+    bit at half its cost (no ``U``), for rank-deficient images whose sign hangs on the exact bits. (The same through a
+    QR of ``M^T`` is not ``gesdd``'s LQ, bit for bit: wide rank-deficient images take ``reference_projection``.)"""
+    projections = []
+    for matrix in _centred_as_reference(activations):
+        factor = np.linalg.qr(matrix.astype(np.float64), mode="r")
+        projections.append(matrix @ np.float32(np.linalg.svd(factor, full_matrices=False)[2][0, :]))
+    return torch.from_numpy(np.float32(projections)).reshape(len(projections), -1)
 
 
 def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
@@ -112,6 +131,8 @@ def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
             projection[chosen] = (source @ vectors).squeeze(-1)
         exact = ~regular
     if exact.any():
-        chosen = exact.nonzero().squeeze(1)
-        projection[chosen.to(acts.device)] = reference_projection(acts[chosen.to(acts.device)]).to(acts.device)
+        chosen = exact.nonzero().squeeze(1).to(acts.device)
+        subset = acts.index_select(0, chosen)
+        exact_maps = exact_qr_projection(subset) if branch == "qr" else reference_projection(subset)
+        projection[chosen] = exact_maps.to(acts.device)
     return projection.reshape(count, height, width)

@@ -104,22 +104,26 @@ def cases():
 
 
 def _naive_projection(acts: torch.Tensor, factor_first: bool) -> torch.Tensor:
-    """Two wrong ways: torch's own SVD (MKL's sign), or always a torch QR then LAPACK on the factor."""
+    """Two wrong ways: torch's own SVD (MKL's sign), or always a torch QR (LQ when wide) then LAPACK on the factor."""
     matrix = acts.flatten(2).transpose(1, 2)
     matrix = matrix - matrix.mean(dim=1, keepdim=True)
+    shape = acts.shape[:1] + acts.shape[2:]
     if not factor_first:
-        vectors = torch.linalg.svd(matrix, full_matrices=False).Vh[:, 0, :, None]
-    else:
-        factor = torch.linalg.qr(matrix, mode="r").R
-        vectors = torch.from_numpy(np.linalg.svd(factor.numpy(), full_matrices=False)[2][:, 0, :, None].copy())
-    return (matrix @ vectors).reshape(acts.shape[:1] + acts.shape[2:])
+        return (matrix @ torch.linalg.svd(matrix, full_matrices=False).Vh[:, 0, :, None]).reshape(shape)
+    wide = matrix.shape[1] < matrix.shape[2]
+    factor = torch.linalg.qr(matrix.transpose(1, 2) if wide else matrix, mode="r").R
+    factor = factor.transpose(1, 2) if wide else factor
+    vectors = torch.from_numpy(np.linalg.svd(factor.numpy(), full_matrices=False)[2][:, 0, :, None].copy())
+    return ((factor if wide else matrix) @ vectors).reshape(shape)
 
 
 def test_eigen_projection_equals_pytorch_grad_cam(cases, monkeypatch):
     replica_images = []
-    replica = eigen.reference_projection
-    monkeypatch.setattr(eigen, "reference_projection", lambda acts: replica_images.append(len(acts)) or replica(acts))
-    branches, flips, fast = set(), {"torch svd": 0, "qr, no exact fallback": 0}, 0
+    for name in ("reference_projection", "exact_qr_projection"):
+        exact = getattr(eigen, name)
+        monkeypatch.setattr(eigen, name, lambda acts, exact=exact: replica_images.append(len(acts)) or exact(acts))
+    branches, fast = set(), 0
+    flips = {"torch svd": 0, "qr/lq, no exact fallback": 0, "direct branch, qr/lq first": 0}
     for label, acts in cases:
         expected = _map(get_2d_projection(acts.numpy()))
         before = sum(replica_images)
@@ -132,14 +136,24 @@ def test_eigen_projection_equals_pytorch_grad_cam(cases, monkeypatch):
         fast += len(acts) - (sum(replica_images) - before)
         # The wrong ways draw some of these maps upside down: the comparison catches a wrong sign.
         flips["torch svd"] += int((np.abs(_map(_naive_projection(acts, False).numpy()) - expected) > 0.5).any())
-        if branch == "qr":
-            naive = _naive_projection(acts, True).numpy()
-            flips["qr, no exact fallback"] += int((np.abs(_map(naive) - expected) > 0.5).any())
+        naive = _naive_projection(acts, True).numpy()
+        key = "direct branch, qr/lq first" if branch == "direct" else "qr/lq, no exact fallback"
+        flips[key] += int((np.abs(_map(naive) - expected) > 0.5).any())
     assert branches == {"qr", "lq", "direct"}, branches
     assert all(flips.values()), flips
     total = sum(len(acts) for _, acts in cases)
-    print(f"fast path {fast} of {total} images; wrong ways flipped {flips}")
+    print(f"fast path {fast} of {total} images; {len(cases)} cases, of which the wrong ways flip {flips}")
     assert fast > total / 2, f"only {fast} of {total} images took the fast path"
+
+
+def test_exact_qr_projection_is_gesdd_bit_for_bit(cases):
+    """On the QR branch, numpy's float64 QR then the factor's SVD is the very arithmetic of numpy's SVD."""
+    checked = 0
+    for label, acts in cases:
+        if eigen.gesdd_branch(acts.shape[2] * acts.shape[3], acts.shape[1]) == "qr":
+            assert torch.equal(eigen.exact_qr_projection(acts), eigen.reference_projection(acts)), label
+            checked += 1
+    assert checked >= 40
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
