@@ -263,10 +263,12 @@ def test_load_chooses_the_measured_format(monkeypatch):
     assert memory_format.preferred_format("resnet", "cuda") == "contiguous"  # not measured yet
     monkeypatch.setenv(memory_format.ENV, "contiguous")
     assert memory_format.format_of(pfnet.load("demo_r50")) == "contiguous"
+    monkeypatch.setenv(memory_format.ENV, "auto")
+    assert memory_format.format_of(pfnet.load("demo_r50", memory_format="auto")) == "channels_last"
     monkeypatch.setenv(memory_format.ENV, "nhwc")
-    with pytest.raises(ValueError, match="memory_format must be one of"):
+    with pytest.raises(pfnet.errors.PfnetError, match="PFCAM_MEMORY_FORMAT must be one of contiguous, channels_last"):
         pfnet.load("demo_r50")
-    with pytest.raises(ValueError, match="memory_format must be one of"):
+    with pytest.raises(pfnet.errors.PfnetError, match="memory_format must be one of .* got 'sideways'"):
         pfnet.load("demo_r50", memory_format="sideways")
 
 
