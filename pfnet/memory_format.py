@@ -3,13 +3,15 @@
 ``pfnet.load`` applies :func:`preferred_format` unless told otherwise; ``cams.explain`` hands the input in the model's
 format. The rule is measured, by ``benchmarks/bench_speed.py`` (round-robin medians, one torch thread, this
 project's 2-core x86_64 CPU, see README "Speed"): on the CPU, channels_last makes the ResNet family's forward
-1.1-1.9x faster (NCHW max-pooling is slow, and oneDNN convolves NHWC without reordering), and leaves ViT/PiT as they
+1.2-2.1x faster (NCHW max-pooling is slow, and oneDNN convolves NHWC without reordering), and leaves ViT/PiT as they
 are (one convolution, then tokens). No GPU has been measured yet, so other devices stay contiguous until
 ``bench_speed.py --device cuda`` says otherwise.
 
-The two formats round differently: heatmaps move by up to 1e-3 (``tests/test_speed_paths.py``). pytorch-grad-cam run
-on the same model agrees with ``cams.explain`` within 1e-4 in either format; ``memory_format="contiguous"`` gives
-the maps of a plainly built model. ``PFCAM_MEMORY_FORMAT=contiguous|channels_last`` overrides the rule.
+The two formats round differently: maps move by less than 1e-3, except the rare ones where a ReLU gate or a max-pool
+choice sits within rounding of its threshold (``tests/test_speed_paths.py``). pytorch-grad-cam run on the same model
+agrees with ``cams.explain`` within 1e-4 in either format; ``memory_format="contiguous"`` gives the maps of a
+plainly built model. ``PFCAM_MEMORY_FORMAT=contiguous|channels_last`` overrides the rule ("auto": the
+rule).
 """
 from __future__ import annotations
 
@@ -18,29 +20,32 @@ import os
 import torch
 from torch import nn
 
+from pfnet.errors import PfnetError
+
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 # (device type, zoo family) pairs measured faster in channels_last.
 CHANNELS_LAST = frozenset({("cpu", "resnet")})
 ENV = "PFCAM_MEMORY_FORMAT"
 
 
-def check_format(name: str) -> str:
+def check_format(name: str, origin: str = "memory_format") -> str:
     if name not in FORMATS:
-        raise ValueError(f"memory_format must be one of {', '.join(FORMATS)}; got {name!r}")
+        raise PfnetError(f"{origin} must be one of {', '.join(FORMATS)} or 'auto'; got {name!r}")
     return name
 
 
 def preferred_format(family: str, device: torch.device | str) -> str:
-    """The measured choice for a zoo family ("resnet", "vit", "pit") on ``device``; ``$PFCAM_MEMORY_FORMAT`` wins."""
+    """The measured choice for a zoo family ("resnet", "vit", "pit") on ``device``; ``$PFCAM_MEMORY_FORMAT`` wins
+    unless it is empty or "auto"."""
     chosen = os.environ.get(ENV, "").strip()
-    if chosen:
-        return check_format(chosen)
+    if chosen and chosen != "auto":
+        return check_format(chosen, ENV)
     return "channels_last" if (torch.device(device).type, family) in CHANNELS_LAST else "contiguous"
 
 
 def choose_format(name: str | None, family: str, device: torch.device | str) -> str:
-    """``name`` checked, or the preferred format when it is None."""
-    return check_format(name) if name else preferred_format(family, device)
+    """``name`` checked, or the preferred format when it is None or "auto"."""
+    return check_format(name) if name and name != "auto" else preferred_format(family, device)
 
 
 def apply_format(model: nn.Module, name: str) -> nn.Module:
