@@ -183,8 +183,7 @@ def download_url(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress |
             with response:
                 total = _content_length(response)
                 if total is not None and total > limit:
-                    raise unavailable(entry, path, f"the file is {total} bytes, over the {limit}-byte limit "
-                                              "(PFCAM_MAX_BYTES)")
+                    raise _over_cap(entry, path, total, limit)
                 content_type = (response.headers.get("Content-Type") or "").lower()
                 done = 0
                 first = True
@@ -237,6 +236,10 @@ def download_url(url: str, path: Path, entry: zoo.ZooEntry, progress: Progress |
             bar.close()
 
 
+def _over_cap(entry: zoo.ZooEntry, path: Path, size: int, limit: int) -> WeightsUnavailableError:
+    return unavailable(entry, path, f"the file is {size} bytes, over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+
+
 def _check_looks_like_checkpoint(entry: zoo.ZooEntry, path: Path, downloaded: Path, size: int) -> None:
     """A web page or junk instead of a checkpoint is a failed download, reported for ``path``."""
     with open(downloaded, "rb") as check:
@@ -280,7 +283,7 @@ def hf_location(entry: zoo.ZooEntry) -> tuple[str, str]:
 
 def hf_endpoint() -> str:
     """The Hub to use, read when called: ``HF_ENDPOINT`` (a mirror) or huggingface.co."""
-    return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+    return ((os.environ.get("HF_ENDPOINT") or "").strip() or HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hf_cache_dir() -> Path:
@@ -320,7 +323,7 @@ def download_hf(entry: zoo.ZooEntry, record: Path, progress: Progress | None) ->
                                        endpoint=endpoint, library_name="pfcam", retry_on_errors=False)
         size = planned.size
         if size is not None and size > limit:
-            raise unavailable(entry, record, f"the file is {size} bytes, over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+            raise _over_cap(entry, record, size, limit)
         local = Path(hf_hub_download(repo, filename, tqdm_class=_progress_bar_class(entry.name, progress), **options))
     except PfnetError:
         raise
@@ -328,7 +331,7 @@ def download_hf(entry: zoo.ZooEntry, record: Path, progress: Progress | None) ->
         raise unavailable(entry, record, _hf_reason(error)) from None
     size = local.stat().st_size
     if size > limit:
-        raise unavailable(entry, record, f"the file is {size} bytes, over the {limit}-byte limit (PFCAM_MAX_BYTES)")
+        raise _over_cap(entry, record, size, limit)
     _check_looks_like_checkpoint(entry, record, local, size)
     verify(entry, local, record)
     return local
@@ -389,16 +392,15 @@ def _hf_reason(error: BaseException) -> str:
 
 
 def hub_address() -> tuple[str, int]:
-    """(host, port) of the Hugging Face hub: from ``HF_ENDPOINT`` when set, else huggingface.co:443."""
-    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip()
-    if endpoint:
-        parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        try:
-            port = parts.port
-        except ValueError:  # a port that is not a number
-            port = None
-        if parts.hostname:
-            return parts.hostname, port or (80 if parts.scheme == "http" else 443)
+    """(host, port) of the Hub that downloads use (:func:`hf_endpoint`), for the reachability check."""
+    endpoint = hf_endpoint()
+    parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number
+        port = None
+    if parts.hostname:
+        return parts.hostname, port or (80 if parts.scheme == "http" else 443)
     return "huggingface.co", 443
 
 
