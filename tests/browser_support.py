@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from ports import unused_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -22,13 +23,6 @@ class AppFailed(RuntimeError):
     """The app's server exited or did not answer; the message ends with its log."""
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def fresh_env(folder: Path) -> dict[str, str]:
     """A first-run environment: no pfcam flags, empty caches under ``folder``, the hub on a closed port."""
     env = {name: value for name, value in os.environ.items()
@@ -36,7 +30,7 @@ def fresh_env(folder: Path) -> dict[str, str]:
     for name in ("PFCAM_CACHE", "HF_HOME"):
         (folder / name).mkdir(parents=True, exist_ok=True)
         env[name] = str(folder / name)
-    env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{unused_port()}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -44,7 +38,7 @@ def fresh_env(folder: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def app_server(env: dict[str, str], log: Path) -> Iterator[tuple[str, float]]:
     """`streamlit run app.py` on a free port; yields (url, the monotonic time the process was started)."""
-    port = free_port()
+    port = unused_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         started = time.monotonic()

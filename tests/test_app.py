@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -18,17 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ports import unused_port
 from apptest_support import (APP, CAPTION, DEMO, FIRST_SCENE, TIMEOUT, UPLOAD_NOTE, app, assert_clean,  # noqa: F401
                              blank, expected_top1, originals, overlays, row_notes, scene_png, upload)
 
 FIRST_SCREEN_LIMIT = 90  # seconds: the first run of a fresh page, on this small shared CPU
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released): connecting to it is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_first_screen_without_flags_or_network_shows_an_example_and_heatmaps(tmp_path, monkeypatch):
@@ -42,7 +35,7 @@ def test_first_screen_without_flags_or_network_shows_an_example_and_heatmaps(tmp
     for name in ("PFCAM_CACHE", "HF_HOME"):
         (tmp_path / name).mkdir()
         monkeypatch.setenv(name, str(tmp_path / name))
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{unused_port()}")
     core.cam_store().clear()
     at = AppTest.from_file(str(APP), default_timeout=FIRST_SCREEN_LIMIT)
     started = time.monotonic()

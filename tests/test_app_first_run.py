@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ports import unused_port
 from apptest_support import APP, DEMO, TIMEOUT, assert_clean, demo_weights_bundled, overlays, serve, zero_checkpoint
 from pfnet import download, weights, zoo
 
@@ -134,11 +135,8 @@ def test_a_failed_download_keeps_its_reason_and_the_demo_stands(pfcam_cache, tmp
 def test_pfcam_offline_0_offers_downloads_without_checking(pfcam_cache, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
     monkeypatch.setenv("PFCAM_OFFLINE", "0")
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{unused_port()}")
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     at.run()
     assert_clean(at)

@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import random
-import socket
 import threading
 import urllib.parse
 import zipfile
@@ -19,6 +18,8 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save as save_safetensors, save_file
+
+from ports import unused_port
 
 import pfnet
 from pfnet import weights, zoo
@@ -624,14 +625,12 @@ def test_hub_size_cap_is_checked_before_the_transfer(server, online, tiny_state,
 
 
 def test_unreachable_hub_is_a_clear_message(online, register, monkeypatch):
-    with socket.socket() as probe:  # a port with nothing listening
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{unused_port()}")
     register(tiny_entry("tiny_hf", kind="hf", ref="someone/tiny", filename="tiny_hf.safetensors"))
     progress = []
     with pytest.raises(WeightsUnavailableError, match="cannot reach the Hub"):
         weights.fetch("tiny_hf", progress=lambda done, total: progress.append(done))
+    assert progress == []  # refused on the HEAD, before any transfer was reported
     assert list(online.iterdir()) == []
 
 
@@ -651,10 +650,7 @@ def test_failed_downloads_leave_nothing(ref, reason, server, online, register):
 
 
 def test_refused_connection_leaves_nothing(online, monkeypatch, register):
-    with socket.socket() as probe:  # a port with nothing listening
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("PFCAM_GDRIVE_URL", f"http://127.0.0.1:{port}/download?id={{id}}")
+    monkeypatch.setenv("PFCAM_GDRIVE_URL", f"http://127.0.0.1:{unused_port()}/download?id={{id}}")
     register(tiny_entry("tiny_max", ref="good"))
     with pytest.raises(WeightsUnavailableError, match="connection refused"):
         weights.fetch("tiny_max")
