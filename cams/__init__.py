@@ -9,10 +9,13 @@ from cams.layers import (
     CamError,
     LayerError,
     LayerSpec,
+    BLOCKS,
     available_layers,
+    block_layers,
     canonical,
     default_layer,
     default_layers,
+    expand_layers,
     family_of,
     layer_names,
     layer_spec,
@@ -24,6 +27,6 @@ from cams.layers import (
 __all__ = [
     "explain", "Explanation", "METHODS", "GRADIENT_METHODS", "normalise", "Cancelled",
     "CamError", "LayerError", "MethodError", "TargetError",
-    "LayerSpec", "available_layers", "layer_names", "layer_spec", "canonical", "default_layer", "default_layers",
+    "LayerSpec", "available_layers", "BLOCKS", "block_layers", "expand_layers", "layer_names", "layer_spec", "canonical", "default_layer", "default_layers",
     "family_of", "resolve", "to_grid", "token_grid",
 ]

@@ -193,6 +193,28 @@ def default_layers(model: nn.Module) -> list[str]:
     return [f"transformers.{index}" for index in range(len(model.transformers))][-2:]
 
 
+BLOCKS = "blocks"  # what ``--layers blocks`` and the app's depth curves mean: every block, shallow to deep
+
+
+def block_layers(model: nn.Module) -> list[str]:
+    """Every block output in forward order: the axis of a localization-by-depth curve.
+
+    ResNet: ``layer1.0`` .. ``layer4.2`` (16 blocks for R50); ViT: ``blocks.0`` .. ``blocks.11``; PiT: every
+    ``transformers.s.blocks.i``. The block names, not their stage aliases, so each depth appears once.
+    """
+    return [spec.name for spec in available_layers(model) if spec.kind == "block"]
+
+
+def expand_layers(model: nn.Module, names: list[str] | tuple[str, ...]) -> list[str]:
+    """``names`` with :data:`BLOCKS` replaced by :func:`block_layers` (order kept, duplicates dropped)."""
+    out: list[str] = []
+    for name in names:
+        for item in (block_layers(model) if name == BLOCKS else [name]):
+            if item not in out:
+                out.append(item)
+    return out
+
+
 def layer_spec(model: nn.Module, name: str) -> LayerSpec:
     for candidate in available_layers(model):
         if candidate.name == name:

@@ -187,3 +187,21 @@ def test_resnet_maps_pass_through(r50):
     assert L.to_grid(r50, "layer4", act, (128, 128)) is act
     with pytest.raises(L.LayerError):
         L.token_grid(r50, "layer4", (128, 128))
+
+
+def test_block_layers_are_every_block_in_depth_order(r50, vit, pit):
+    blocks = L.block_layers(r50)
+    assert len(blocks) == 16
+    assert blocks[:4] == ["layer1.0", "layer1.1", "layer1.2", "layer2.0"]
+    assert blocks[-1] == "layer4.2"
+    assert L.block_layers(vit) == [f"blocks.{i}" for i in range(len(vit.blocks))]
+    pit_blocks = L.block_layers(pit)
+    assert pit_blocks[0] == "transformers.0.blocks.0"
+    assert len(pit_blocks) == sum(len(stage.blocks) for stage in pit.transformers)
+
+
+def test_expand_layers_replaces_blocks_and_drops_repeats(r50):
+    names = L.expand_layers(r50, ["layer4", L.BLOCKS, "layer1.0"])
+    assert names[0] == "layer4"
+    assert names[1:] == L.block_layers(r50)
+    assert L.expand_layers(r50, ["layer3", "layer3"]) == ["layer3"]
