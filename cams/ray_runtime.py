@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import pickle
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 ENGINES = ("local", "ray")
 INSTALL_HINT = "pip install -r requirements/ray.txt (or pip install 'pfcam[ray]')"
+_RAISED = re.compile(r"^((?:\w+\.)*\w+(?:Error|Exception)): (.*)$")  # "module.Error: message" in a traceback
 COLUMN = "payload"  # the engines' Ray Data rows: one pickled value each (between their own processes only)
 
 
@@ -184,13 +186,17 @@ def results_of(dataset: Any) -> Iterator[Any]:
 
 
 def failure_message(exc: BaseException) -> str:
-    """What went wrong in a failed Ray run, in one line: the worker's own error where Ray kept it."""
+    """What went wrong in a failed Ray run, in one line: the worker's own exception where Ray kept it, else the
+    worker's exception line in Ray's report (Ray Data keeps the text of a task's error, not the error)."""
     cause = getattr(exc, "cause", None) or exc.__cause__
     while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
         cause = getattr(cause, "cause", None) or cause.__cause__
     if cause is not None and not type(cause).__module__.startswith("ray"):
         return f"{type(cause).__name__}: {cause}"
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    raised = [match for match in map(_RAISED.match, lines) if match and not match.group(1).startswith("ray.")]
+    if raised:
+        return f"{raised[-1].group(1).rsplit('.', 1)[-1]}: {raised[-1].group(2)}"
     return lines[-1] if lines else type(exc).__name__
 
 

@@ -28,8 +28,9 @@ import torch
 from PIL import Image
 
 from cams.bench_loc import FolderData, run_bench
-from cams.export import ExportError, check_shared, load_models, run_export
-from cams.ray_runtime import RayOptions, init_ray
+from cams.export import (EXIT_OK, EXIT_STOPPED, ExportError, check_shared, collect_inputs, load_models,
+                         run_export)
+from cams.ray_runtime import RayOptions, failure_message, init_ray
 from pfcam.cli import main
 from pfnet import zoo
 
@@ -98,8 +99,9 @@ def assert_same_export(local: Path, ray_out: Path, statuses: bool = True) -> Non
     assert len({(r["image"], r["model"], r["layer"], r["rank"]) for r in theirs["rows"]}) == len(theirs["rows"])
     for row in ours["rows"]:
         assert np.abs(np.load(local / row["heatmap"]) - np.load(ray_out / row["heatmap"])).max() <= 1e-6
-        a, b = (np.asarray(Image.open(folder / row["overlay"]), dtype=np.int16) for folder in (local, ray_out))
-        assert np.abs(a - b).max() <= 1
+        if row["overlay"]:  # none with overlays=False
+            a, b = (np.asarray(Image.open(folder / row["overlay"]), dtype=np.int16) for folder in (local, ray_out))
+            assert np.abs(a - b).max() <= 1
         records = [json.loads((folder / row["heatmap"]).with_name("results__gradcam.json").read_text())
                    for folder in (local, ray_out)]
         assert [record["entries"] for record in records[:1]] == [record["entries"] for record in records[1:]]
@@ -241,6 +243,61 @@ def test_a_rerun_on_ray_computes_nothing(both_engines, demo_models):
 
 @pytest.mark.slow
 @needs_demo_weights
+@pytest.mark.parametrize("settings", [{"overlay_format": "jpeg"}, {"overlays": False}], ids=["jpeg", "heatmaps-only"])
+def test_ray_honours_the_overlay_format_and_heatmaps_only(cluster, demo_models, tmp_path, settings):
+    sources = make_inputs(tmp_path / "in", count=3)
+    local = local_export(sources, tmp_path / "local", demo_models, batch_size=3, **settings)
+    on_ray = run_export(sources, tmp_path / "ray", demo_models, batch_size=3, engine="ray",
+                        ray_options=RayOptions(workers=CLUSTER_WORKERS), **settings)
+    assert_same_export(tmp_path / "local", tmp_path / "ray")
+    assert sorted(on_ray.files) == sorted(local.files) and on_ray.computed == local.computed == 6 * 2 * 2
+    suffixes = {Path(name).suffix for name in on_ray.files}
+    assert suffixes == ({".jpg", ".npy", ".json", ".png"} if settings.get("overlays", True) else {".npy", ".json"})
+    assert not [name for name in on_ray.files if name.endswith(".png") and "/grid__" not in f"/{name}"]
+
+
+@pytest.mark.slow
+@needs_demo_weights
+def test_a_full_disk_stops_a_ray_run_as_it_stops_a_local_one(cluster, tmp_path, capsys):
+    from test_hostile_export import tmpfs
+
+    cluster_, _ = cluster
+    sources = make_inputs(tmp_path / "in", count=3)[:1]
+    command = ["export", str(sources[0]), "--models", "demo_r50", "--batch-size", "2", "--engine", "ray",
+               "--ray-address", cluster_.address, "--workers", "2"]
+    with tmpfs(tmp_path / "small", "160k") as mount:
+        out = mount / "out"
+        assert main([*command, "--out", str(out)]) == EXIT_STOPPED
+        err = capsys.readouterr().err
+        assert "error: the export stopped: writing the export failed: the disk is full" in err, err
+        assert "Traceback" not in err
+        assert not list(out.rglob("*.tmp"))  # nothing half-written, no probe left
+        for path in out.rglob("*.npy"):
+            np.load(path)  # whole
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        assert main([*command, "--out", str(out)]) == EXIT_OK  # a rerun with space completes
+        assert len(json.loads((out / "manifest.json").read_text())["rows"]) == 5 * 2  # 5 readable x 2 layers
+
+
+@pytest.mark.slow
+@needs_demo_weights
+def test_a_refusal_on_a_worker_is_the_local_engine_s_message(cluster, demo_models, tmp_path):
+    sources = make_inputs(tmp_path / "in", count=1)[:1]
+    messages = []
+    for engine, out in (("local", tmp_path / "local"), ("ray", tmp_path / "ray")):
+        out.mkdir()
+        item = collect_inputs([tmp_path / "in" / "photo0.png"])[0][0]
+        (out / item.folder).symlink_to(tmp_path, target_is_directory=True)  # a planted link: never written through
+        with pytest.raises(ExportError) as caught:
+            run_export(sources, out, demo_models, batch_size=3, engine=engine,
+                       ray_options=RayOptions(workers=CLUSTER_WORKERS))
+        messages.append(str(caught.value))
+    assert messages[0].startswith("refusing to write through the symbolic link")
+    assert messages[1] == messages[0].replace(str(tmp_path / "local"), str(tmp_path / "ray"))
+
+
+@pytest.mark.slow
+@needs_demo_weights
 def test_export_and_bench_loc_commands_on_ray(cluster, tmp_path, capsys):
     cluster_, _ = cluster
     ray_args = ["--engine", "ray", "--ray-address", cluster_.address, "--workers", "2"]
@@ -332,3 +389,14 @@ def test_a_worker_node_lost_mid_run_loses_and_duplicates_nothing(cluster, demo_m
     again = run_export(sources, tmp_path / "ray", demo_models, batch_size=2, engine="ray",
                        ray_options=RayOptions(workers=CLUSTER_WORKERS))
     assert again.computed == 0 and again.files == []
+
+
+def test_a_worker_error_is_named_in_one_line():
+    """Ray Data keeps the text of a task's error, not the error: the worker's own exception line is the message."""
+    report = ("ray::MapBatches(Scorer)() (pid=1, ip=192.0.2.2)\n  File \"scoring.py\", line 3, in evaluate\n"
+              "cams.bench_loc.data.BenchError: --data x: no usable test image\n\n"
+              "The above exception was the direct cause of the following exception:\n\n"
+              "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+              "To change retry attempts, configure `ray.data.DataContext.get_current()`.")
+    assert failure_message(RuntimeError(report)) == "BenchError: --data x: no usable test image"
+    assert failure_message(RuntimeError("the node died\n")) == "the node died"

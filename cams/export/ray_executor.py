@@ -79,10 +79,14 @@ def check_shared(root: str, probe: str) -> None:
 def read_stage(batch: dict[str, np.ndarray], plan: ExportPlan, root: str, probe: str, max_bytes: int,
                max_pixels: int) -> dict[str, np.ndarray]:
     """Task: decode each input; preprocess it for every model that still needs it."""
-    check_shared(root, probe)
+    try:
+        check_shared(root, probe)
+        refused = None
+    except ExportError as exc:  # said by the write stage, which meets it too
+        refused = str(exc)
     rows = []
     for index, item in from_column(batch):
-        image, info, problem = read_input(item, max_bytes, max_pixels)
+        image, info, problem = (None, None, None) if refused else read_input(item, max_bytes, max_pixels)
         tensors: dict[str, np.ndarray] = {}
         if image is not None:
             for model in plan.models:
@@ -151,18 +155,22 @@ def write_stage(batch: dict[str, np.ndarray], plan: ExportPlan, root: str, probe
                 writers: int | None) -> dict[str, np.ndarray]:
     """Task: draw and write every file of these images (the local executor's code); each image's rows, files and
     the batch's warnings come back once the files are on disk. An OS error stops the batch, as it stops the
-    local run; its rows say so (``stopped``), with what was finished."""
-    check_shared(root, probe)
+    local run; its rows say so (``stopped``), with what was finished. A refusal (``ExportError``: a planted link,
+    an output folder this node does not see) comes back in its own words (``refused``) and fails the run."""
     rows = from_column(batch)
     good = [row for row in rows if row["image"] is not None]
     report = ExportReport(out_dir=Path(root))
     executor = HandedExecutor(Path(root), plan, report, [row["explained"] for row in good], writers)
+    refused = None
     try:
         try:
+            check_shared(root, probe)
             if good and plan.models:
                 executor.process([(row["item"], row["image"], row["info"]) for row in good])
         finally:
             executor.finish()
+    except ExportError as exc:
+        refused = str(exc)
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop met while resolving a path
         if isinstance(exc, RuntimeError) and "loop" not in str(exc).lower():
             raise
@@ -175,7 +183,7 @@ def write_stage(batch: dict[str, np.ndarray], plan: ExportPlan, root: str, probe
                         "rows": [r for r in report.rows if r["image_dir"] == folder],
                         "files": [f for f in report.files if f.split("/", 1)[0] == folder],
                         "warnings": row["warnings"], "stale": 0, "stopped": report.stopped,
-                        "call": (call, len(rows))})
+                        "refused": refused, "call": (call, len(rows))})
     if results:
         results[0]["warnings"] = results[0]["warnings"] + report.warnings
         results[0]["stale"] = executor.stale_count
@@ -236,6 +244,8 @@ def _run_pipeline(root: Path, plan: ExportPlan, items: Sequence[InputItem], repo
     results: dict[int, dict[str, Any]] = {}
     stopped_left: dict[str, int] = {}  # a stopped batch's rows still to come
     for result in results_of(dataset):
+        if result["refused"]:
+            raise ExportError(result["refused"])
         if result["index"] in results:
             continue  # recomputed after a loss: counted once
         results[result["index"]] = result
