@@ -289,7 +289,7 @@ def test_a_refusal_on_a_worker_is_the_local_engine_s_message(cluster, demo_model
         item = collect_inputs([tmp_path / "in" / "photo0.png"])[0][0]
         (out / item.folder).symlink_to(tmp_path, target_is_directory=True)  # a planted link: never written through
         with pytest.raises(ExportError) as caught:
-            run_export(sources, out, demo_models, batch_size=3, engine=engine,
+            run_export(sources, out, {"demo_r50": demo_models["demo_r50"]}, batch_size=3, engine=engine,
                        ray_options=RayOptions(workers=CLUSTER_WORKERS))
         messages.append(str(caught.value))
     assert messages[0].startswith("refusing to write through the symbolic link")
@@ -355,13 +355,14 @@ def test_bench_loc_on_ray_reports_unreadable_images_as_the_local_engine_does(clu
 def test_a_worker_node_lost_mid_run_loses_and_duplicates_nothing(cluster, demo_models, tmp_path):
     """Last in the module: it takes a node away (and adds one back for whoever comes after)."""
     cluster_, workers = cluster
+    models = {"demo_r50": demo_models["demo_r50"]}
     sources = make_inputs(tmp_path / "in", count=13)  # 16 readable images: no local batch of one
-    local_export(sources, tmp_path / "local", demo_models, batch_size=2)
+    local_export(sources, tmp_path / "local", models, batch_size=2)
     outcome: dict = {}
 
     def run() -> None:
         try:
-            outcome["report"] = run_export(sources, tmp_path / "ray", demo_models, batch_size=2, engine="ray",
+            outcome["report"] = run_export(sources, tmp_path / "ray", models, batch_size=2, engine="ray",
                                            ray_options=RayOptions(workers=CLUSTER_WORKERS))
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = exc
@@ -382,11 +383,11 @@ def test_a_worker_node_lost_mid_run_loses_and_duplicates_nothing(cluster, demo_m
         workers[0] = cluster_.add_node(**NODE)
     assert "error" not in outcome, outcome.get("error")
     report = outcome["report"]
-    total = 16 * 2 * 2  # 15 good files and the upload x 2 models x 2 layers
+    total = 16 * 2  # 15 good files and the upload x 2 layers
     assert 0 < written_before < total // 2
     assert len(report.rows) == total
     assert_same_export(tmp_path / "local", tmp_path / "ray", statuses=False)
-    again = run_export(sources, tmp_path / "ray", demo_models, batch_size=2, engine="ray",
+    again = run_export(sources, tmp_path / "ray", models, batch_size=2, engine="ray",
                        ray_options=RayOptions(workers=CLUSTER_WORKERS))
     assert again.computed == 0 and again.files == []
 
