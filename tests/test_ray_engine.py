@@ -30,6 +30,8 @@ from PIL import Image
 from cams.bench_loc import FolderData, run_bench
 from cams.export import (EXIT_OK, EXIT_STOPPED, ExportError, check_shared, collect_inputs, load_models,
                          run_export)
+from cams.export.files import remove_orphans
+from cams.export.ray_executor import probe_name
 from cams.ray_runtime import RayOptions, failure_message, init_ray
 from pfcam.cli import main
 from pfnet import zoo
@@ -129,6 +131,15 @@ def test_a_node_that_does_not_see_the_output_folder_fails_the_run(tmp_path):
     check_shared(str(tmp_path), ".probe.tmp")  # seen: fine
     with pytest.raises(ExportError, match="every node mounts"):
         check_shared(str(tmp_path / "elsewhere"), ".probe.tmp")
+
+
+def test_the_probe_outlives_another_run_s_clean_up_while_its_driver_lives(tmp_path):
+    probe = tmp_path / probe_name()
+    dead = tmp_path / probe.name.replace(f".{os.getpid()}.", ".99999999.")  # a driver that was killed
+    for path in (probe, dead):
+        path.write_bytes(b"")
+    assert remove_orphans(tmp_path) == [dead.name] and probe.is_file()
+    check_shared(str(tmp_path), probe.name)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ skips what is done, as the local engine does.
 from __future__ import annotations
 
 import copy
+import os
 import secrets
 import socket
 from dataclasses import replace
@@ -50,7 +51,7 @@ from cams.ray_runtime import (RayOptions, Shared, dataset_of, failure_message, f
                               ray_session, results_of, to_column, worker_device)
 from pfnet.preprocess import prepare
 
-PROBE_PREFIX = ".pfcam-ray-probe-"
+PROBE_PREFIX = ".pfcam-ray-probe"
 
 
 def without_networks(plan: ExportPlan) -> ExportPlan:
@@ -65,6 +66,13 @@ def on_cpu(plan: ExportPlan) -> ExportPlan:
         return network if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(network).cpu()
 
     return replace(plan, models=tuple(replace(model, network=cpu(model.network)) for model in plan.models))
+
+
+def probe_name() -> str:
+    """The driver's probe file in ``--out``, named as the temporary files are (``.NAME.PID.RANDOM.tmp``): another
+    run's clean-up (:func:`cams.export.files.remove_orphans`) leaves it while this driver lives, and removes it
+    when the driver was killed."""
+    return f"{PROBE_PREFIX}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
 
 
 def check_shared(root: str, probe: str) -> None:
@@ -198,7 +206,7 @@ def execute_on_ray(root: Path, plan: ExportPlan, items: Sequence[InputItem], rep
     stopped) in input order, as the local engine does; return how many kept outputs are stale."""
     results: dict[int, dict[str, Any]] = {}
     if items:
-        probe = f"{PROBE_PREFIX}{secrets.token_hex(8)}.tmp"
+        probe = probe_name()
         (root / probe).write_bytes(b"")
         try:
             with ray_session(options):
@@ -249,6 +257,7 @@ def _run_pipeline(root: Path, plan: ExportPlan, items: Sequence[InputItem], repo
         if result["index"] in results:
             continue  # recomputed after a loss: counted once
         results[result["index"]] = result
+        (root / probe).touch()  # fresh: the clean-up of temporary files removes those an hour old
         tick(items[result["index"]].label)
         if result["stopped"]:
             report.stopped = report.stopped or result["stopped"]
