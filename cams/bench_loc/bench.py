@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -11,6 +11,7 @@ from cams.align import ALIGN_MODES
 from cams.bench_loc.data import BenchError, DataSource
 from cams.bench_loc.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, FALLBACK_THRESHOLD,
                                     GAUSSIAN, RANDOM, Options, Row, evaluate_model)
+from cams.ray_runtime import RayOptions, check_engine
 
 DEFAULT_MODELS = ("demo_r50", "demo_r50_max", "demo_r50_hybrid")
 DEFAULT_LAYERS = ("layer3", "layer4")
@@ -46,9 +47,11 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
               faith_steps: int = DEFAULT_FAITH_STEPS, faith_baseline: str = "blur",
               batch_size: int = DEFAULT_BATCH_SIZE, threshold: float | None = None, device: str | None = None,
               target: str = "predicted", align: str = "model",
-              log: Callable[[str], None] = lambda _: None) -> BenchResult:
+              log: Callable[[str], None] = lambda _: None, engine: str = "local",
+              ray_options: RayOptions | None = None) -> BenchResult:
     """Evaluate every model on ``data``'s splits (up to ``n`` test and ``val_n`` validation images per model);
-    models whose weights are missing are skipped, with the reason in ``skipped``."""
+    models whose weights are missing are skipped, with the reason in ``skipped``. ``engine="ray"`` scores the
+    models on a Ray cluster (``ray_options``; :mod:`cams.bench_loc.ray_bench`): the same rows."""
     from cams.engine import METHODS
     from cams.layers import LayerError, layer_names
     from pfnet import zoo
@@ -74,6 +77,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         raise BenchError(f"--align must be one of {', '.join(ALIGN_CHOICES)}")
     if align == "fit" and val_n < 1:
         raise BenchError("--align fit chooses the offsets on the validation split: --val-n must be at least 1")
+    check_engine(engine, BenchError)
     opts = Options(tuple(layers), tuple(methods), batch_size, faith_n, faith_steps, faith_baseline, threshold,
                    data.seed, target=target, align=align)
     need_val = threshold is None or align == "fit"
@@ -81,6 +85,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     rows: list[Row] = []
     skipped: list[str] = []
     used: dict[str, object] = {}
+    on_ray: list[tuple[str, Any, Any]] = []  # (model id, model, zoo entry) with engine="ray"
     for model_id in models:
         entry = zoo.get(model_id)
         reason = data.skip_reason(entry)
@@ -90,7 +95,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             log(f"skipping {message}")
             continue
         try:
-            model = load_model(model_id, device)
+            model = load_model(model_id, "cpu" if engine == "ray" else device)  # Ray: the actors' devices
         except PfnetError as error:
             skipped.append(f"{model_id}: {error}")
             log(f"skipping {model_id}: {error}")
@@ -115,12 +120,20 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         if entry.family == "resnet":
             # Same numbers (checked to ~1e-5 on the heatmaps), about 1.5-2x faster convolutions on CPU.
             model = model.to(memory_format=torch.channels_last)
+        if engine == "ray":
+            on_ray.append((model_id, model, entry))
+            continue
         pre = entry.preprocess
         val, test = data.splits(pre, n, val_n if need_val else 0, log)
         log(f"{model_id}: {len(test)} test images, {len(val) if val else 0} validation images")
         rows.extend(evaluate_model(model, model_id, entry.class_names(), val, test, opts, log))
         used[model_id] = (val, test, pre)
         del model
+    if on_ray:
+        from cams.bench_loc.ray_bench import evaluate_on_ray
+
+        rows, used = evaluate_on_ray(on_ray, data, n, val_n if need_val else 0, opts, ray_options or RayOptions(),
+                                     log)
     if not rows:
         raise NothingEvaluated("no model could be evaluated:\n  " + "\n  ".join(skipped))
     caption = _caption(used, opts, data, skipped, rows)

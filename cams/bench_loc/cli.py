@@ -17,6 +17,7 @@ from cams.bench_loc.bench import (ALIGN_CHOICES, DEFAULT_LAYERS, DEFAULT_METHODS
 from cams.bench_loc.data import CSV_NAME, DEFAULT_SEED, BenchError, DataSource, DefaultData, FolderData
 from cams.bench_loc.scoring import DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS
 from cams.bench_loc.table import format_markdown, format_table, write_csv
+from cams.ray_runtime import add_engine_arguments, ray_options
 
 
 def _csv_list(text: str) -> list[str]:
@@ -60,6 +61,7 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
                         help="where heatmaps are drawn: each model's recorded alignment offset (default), the plain "
                              "resize (none), or an offset fitted per row on the validation split (fit)")
     parser.add_argument("--device", default=None, help="torch device (default: PFCAM_DEVICE or auto)")
+    add_engine_arguments(parser)
     parser.set_defaults(handler=main_bench_loc, default_data=default_data)
     return parser
 
@@ -89,7 +91,8 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
                            data_source(args), n=args.n, val_n=args.val_n, faith_n=args.faith_n,
                            faith_steps=args.faith_steps, faith_baseline=args.faith_baseline,
                            batch_size=args.batch_size, threshold=args.threshold, device=args.device,
-                           target=args.target, align=args.align, log=log)
+                           target=args.target, align=args.align, log=log, engine=args.engine,
+                           ray_options=ray_options(args))
     except (BenchError, UnknownModelError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"bench-loc: error: {message}", file=err)

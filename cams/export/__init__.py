@@ -1,7 +1,8 @@
 """Batch export of CAM overlays, raw heatmaps, comparison grids and a manifest (CLI, app folder export and ZIP).
 
 The family: ``plan`` (what each model computes, and whether an image still needs it), ``executor`` (carrying a
-plan out here: explain per batch, draw and write on writer threads), ``encode`` (the per-result job any executor
+plan out here: explain per batch, draw and write on writer threads), ``ray_executor`` (carrying it out on a Ray
+cluster, ``engine="ray"``: the same files and manifest), ``encode`` (the per-result job any executor
 calls: overlay, encoding in the chosen format, heatmap, thumbnail), ``run`` (``run_export``: inputs -> plan ->
 executor -> manifests), ``inputs`` (files, folders, uploads; safe names), ``files`` (atomic writes, records,
 manifests, ``ExportReport``), ``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
@@ -57,13 +58,14 @@ file is written to a temporary name (``.NAME.PID.RANDOM.tmp``) and moved into pl
 output is ever half-written; the temporary files of a killed run are removed by the next run.
 """
 from cams.export.cli import DEFAULT_MODELS, OFFLINE_HINT, add_export_parser, export_command
-from cams.export.executor import ExportExecutor
+from cams.export.executor import ExportExecutor, explain_batch
 from cams.export.cli import EXIT_CANNOT_START, EXIT_NOTHING, EXIT_OK, EXIT_STOPPED
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, encode_image, overlay_suffix, render_result
 from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport,
                                merge_manifest, os_error_text)
-from cams.export.inputs import InputItem, UploadSource, collect_inputs, safe_name
+from cams.export.inputs import InputItem, UploadSource, collect_inputs, read_input, safe_name
 from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, validate_settings
+from cams.export.ray_executor import HandedExecutor, check_shared
 from cams.export.executor import Reuse
 from cams.export.run import Progress, load_models, run_export, zip_directory
 
@@ -71,8 +73,9 @@ __all__ = [
     "run_export", "zip_directory", "load_models", "Progress", "Reuse", "ExportError", "ExportReport",
     "MANIFEST_COLUMNS", "MANIFEST_FORMAT", "STATE_FORMAT", "merge_manifest", "os_error_text",
     "EXIT_OK", "EXIT_NOTHING", "EXIT_CANNOT_START", "EXIT_STOPPED",
-    "InputItem", "UploadSource", "collect_inputs", "safe_name",
-    "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor",
+    "InputItem", "UploadSource", "collect_inputs", "read_input", "safe_name",
+    "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor", "explain_batch",
+    "HandedExecutor", "check_shared",
     "render_result", "encode_image", "overlay_suffix", "FORMATS", "DEFAULT_FORMAT",
     "add_export_parser", "export_command", "DEFAULT_MODELS", "OFFLINE_HINT",
 ]

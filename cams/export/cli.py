@@ -12,6 +12,7 @@ from cams.engine import METHODS
 from cams.export.encode import DEFAULT_FORMAT, FORMATS
 from cams.export.files import ExportError, os_error_text
 from cams.export.run import load_models, run_export
+from cams.ray_runtime import add_engine_arguments, check_engine, ray_options
 from cams.render import COLORMAPS
 from pfnet.zoo import DEMO_IDS
 
@@ -83,6 +84,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-overlays", dest="overlays", action="store_false",
                         help="heatmaps only: write the .npy heatmaps and records, no overlays and no grids "
                              "(for dataset-scale runs)")
+    add_engine_arguments(parser)
     parser.set_defaults(handler=export_command)
     return parser
 
@@ -92,6 +94,17 @@ def export_command(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    device = args.device
+    if args.engine == "ray":
+        try:
+            check_engine(args.engine, ExportError)  # before loading anything: without Ray, say how to install it
+        except ExportError as exc:
+            log(f"error: {exc}")
+            return EXIT_CANNOT_START
+        if device is not None:
+            log("warning: --device is for --engine local; Ray's actors use a GPU when --gpus-per-worker gives "
+                "them one")
+        device = "cpu"  # the driver plans on the CPU and ships the models to the actors
     model_ids = list(dict.fromkeys(args.models))
     weights = dict(args.weights)
     for model_id in weights:
@@ -100,7 +113,7 @@ def export_command(args: argparse.Namespace) -> int:
     for model_id, path in weights.items():
         if model_id in model_ids and not Path(path).is_file():
             log(f"warning: --weights {model_id}={path}: no such file")
-    models, unavailable = load_models(model_ids, weights, args.device, log)
+    models, unavailable = load_models(model_ids, weights, device, log)
     if any(model_id not in DEMO_IDS for model_id in unavailable):
         log(OFFLINE_HINT)
     if not models:
@@ -124,8 +137,9 @@ def export_command(args: argparse.Namespace) -> int:
             report = run_export(args.inputs, args.out, models, layers=args.layers, method=args.method,
                                 topk=args.topk, batch_size=args.batch_size, mode=args.mode, colormap=args.colormap,
                                 opacity=args.opacity, overwrite=args.overwrite, progress=progress,
-                                extra_settings={"weights": weights, "device": args.device}, align=args.align,
-                                overlay_format=args.overlay_format, overlays=args.overlays)
+                                extra_settings={"weights": weights, "device": args.device, "engine": args.engine},
+                                align=args.align, overlay_format=args.overlay_format, overlays=args.overlays,
+                                engine=args.engine, ray_options=ray_options(args))
         except ExportError as exc:
             log(f"error: {exc}")
             return EXIT_CANNOT_START

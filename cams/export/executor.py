@@ -30,6 +30,20 @@ MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side wait
 def default_writers() -> int:
     """Writer threads: encoding (OpenCV, zlib, numpy) releases the GIL, so they run beside the network."""
     return max(2, min(4, os.cpu_count() or 1))
+
+
+def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, labels: list[str],
+                  warn: Callable[[str], None]) -> engine.Explanation | None:
+    """``model``'s explanation of a preprocessed batch as the plan asks (every planned layer, top-k), or None when
+    it failed; ``warn`` is told why, naming the images (``labels``). Every engine explains through this."""
+    try:
+        return engine.explain(model.network, tensor, model.layers, plan.method, targets=model.topk,
+                              align=model.align, class_names=model.class_names, batch_size=plan.batch_size)
+    except (PfnetError, ValueError, RuntimeError) as exc:
+        warn(f"{model.id}: explaining failed for {', '.join(labels)}: {exc}")
+        return None
+
+
 # reuse(model id, input, image) -> an Explanation of that one image made with the run's settings, or None
 Reuse = Callable[[str, InputItem, Image.Image], Any]
 
@@ -74,6 +88,18 @@ class ExportExecutor:
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
+    def explain(self, model: ModelPlan, batch: list[tuple[InputItem, Image.Image, dict[str, Any]]],
+                need: list[int]) -> dict[int, tuple[engine.Explanation, int]]:
+        """``model``'s explanation of the images ``need`` (indices into ``batch``): index -> (explanation, the
+        image's position in it); empty when explaining failed (a warning says so). The one step an engine that
+        explains elsewhere replaces (:class:`cams.export.ray_executor.HandedExecutor`)."""
+        tensor, _ = prepare_batch([batch[index][1] for index in need], model.entry.preprocess, self.plan.mode)
+        explanation = explain_batch(self.plan, model, tensor, [batch[index][0].label for index in need],
+                                    self.report.warnings.append)
+        if explanation is None:
+            return {}
+        return {index: (explanation, position) for position, index in enumerate(need)}
+
     # -------------------------------------------------------------------------------------------- one batch
     def process(self, batch: list[tuple[InputItem, Image.Image, dict[str, Any]]]) -> None:
         # cells[(image index, model id, layer, rank)] = (thumbnail, its future, or None; caption; computed now?)
@@ -92,16 +118,7 @@ class ExportExecutor:
                      if (known := self._reused(model, *batch[index][:2])) is not None}
             need = [index for index in need if index not in found]
             if need:
-                images = [batch[index][1] for index in need]
-                tensor, boxes = prepare_batch(images, model.entry.preprocess, self.plan.mode)
-                try:
-                    explanation = engine.explain(model.network, tensor, model.layers, self.plan.method,
-                                                 targets=model.topk, align=model.align,
-                                                 class_names=model.class_names, batch_size=self.plan.batch_size)
-                    found.update((index, (explanation, position)) for position, index in enumerate(need))
-                except (PfnetError, ValueError, RuntimeError) as exc:
-                    names = ", ".join(batch[index][0].label for index in need)
-                    self.report.warnings.append(f"{model.id}: explaining failed for {names}: {exc}")
+                found.update(self.explain(model, batch, need))
             for index, (item, image, info) in enumerate(batch):
                 explanation, position = found.get(index, (None, None))
                 if position is not None and not (explanation.probs[position].isfinite().all()

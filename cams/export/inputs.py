@@ -9,11 +9,11 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Any, Iterable
 
 from PIL import Image
 
-from cams.images import has_image_extension, load_image
+from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, has_image_extension, load_image
 
 
 STEM_CHARS = 48
@@ -60,6 +60,21 @@ class InputItem:
 
     def load(self) -> Image.Image:
         return load_image(self.path if self.data is None else self.data, name=self.label)
+
+
+def read_input(item: InputItem, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> tuple[Image.Image | None, dict[str, Any], dict[str, str] | None]:
+    """One input read as every engine reads it: ``(image, its manifest "images" record, None)``, or for a bad
+    input ``(None, its record with the reason, its "skipped" entry)``."""
+    info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
+    try:
+        image = load_image(item.path if item.data is None else item.data, name=item.label,
+                           max_bytes=max_bytes, max_pixels=max_pixels)
+    except ImageError as exc:
+        info["reason"] = exc.reason
+        return None, info, {"input": item.label, "stage": "load", "reason": exc.reason}
+    info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
+    return image, info, None
 
 
 def _upload_item(name: object, data: object) -> InputItem:

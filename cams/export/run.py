@@ -14,9 +14,10 @@ from cams.export.executor import ExportExecutor, Reuse
 from cams.export.files import (LOCK_NAME, MANIFEST_COLUMNS, MANIFEST_FORMAT, TEMP_SUFFIX, ExportError,
                                ExportReport, check_out_dir, merge_manifest, now, os_error_text, remove_orphans,
                                versions)
-from cams.export.inputs import InputItem, UploadSource, collect_inputs
-from cams.export.plan import GRID_CELL, LayerChoice, plan_export
-from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
+from cams.export.inputs import InputItem, UploadSource, collect_inputs, read_input
+from cams.export.plan import GRID_CELL, ExportPlan, LayerChoice, plan_export
+from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from cams.ray_runtime import RayOptions, check_engine
 from pfnet.errors import PfnetError
 
 Progress = Callable[[int, int, str], None]
@@ -29,7 +30,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                progress: Progress | None = None, *, cell_size: int = GRID_CELL, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
                align: str = "model", reuse: Reuse | None = None, overlay_format: str = "png",
-               overlays: bool = True, writers: int | None = None) -> ExportReport:
+               overlays: bool = True, writers: int | None = None, engine: str = "local",
+               ray_options: RayOptions | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -44,10 +46,16 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     (the app passes the CAMs on its page), or None; only the images it has none for are explained.
     ``overlay_format``: "png" (lossless), "jpeg" or "webp"; ``overlays=False`` writes heatmaps and records only
     (no overlays, no grids). ``writers``: writer threads (default :func:`cams.export.executor.default_writers`).
-    Raises ``ExportError`` for bad settings or an output folder that cannot be used. An OS error part-way (disk
-    full, permissions, a read-only or vanished folder) stops the run: ``report.stopped`` says why, what finished
-    is kept and listed in the manifest (when the manifest itself can still be written).
+    ``engine``: "local" (this process) or "ray" (a Ray cluster, ``ray_options``; :mod:`cams.export.ray_executor`):
+    the same plan, files and manifest; ``reuse`` is the local engine's only.
+    Raises ``ExportError`` for bad settings, an output folder that cannot be used, or an engine that cannot run.
+    An OS error part-way (disk full, permissions, a read-only or vanished folder) stops the run:
+    ``report.stopped`` says why, what finished is kept and listed in the manifest (when the manifest itself can
+    still be written).
     """
+    check_engine(engine, ExportError)
+    if engine != "local" and reuse is not None:
+        raise ExportError("reuse is for the local engine (the app); --engine ray explains every image itself")
     warnings: list[str] = []
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
                        cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays)
@@ -59,7 +67,6 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     report.skipped.extend(scan_skipped)
     if not models:
         report.warnings.append("no model to run")
-    run = ExportExecutor(root, plan, report, reuse, writers)
     per_image = max(1, len(plan.models))
     total = len(items) * per_image
     done = finished = 0
@@ -73,6 +80,13 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
 
     if progress is not None:
         progress(0, total, "starting")
+    if engine == "ray":
+        from cams.export.ray_executor import execute_on_ray
+
+        stale_count = execute_on_ray(root, plan, items, report, tick, ray_options or RayOptions(),
+                                     max_bytes=max_bytes, max_pixels=max_pixels, writers=writers)
+        return _finish_export(root, plan, report, items, stale_count, started, extra_settings)
+    run = ExportExecutor(root, plan, report, reuse, writers)
     batch: list[tuple[InputItem, Image.Image, dict[str, Any]]] = []
 
     def flush() -> None:
@@ -87,18 +101,12 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     try:
         try:
             for item in items:
-                info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
+                image, info, problem = read_input(item, max_bytes, max_pixels)
                 report.images.append(info)
-                try:
-                    image = load_image(item.path if item.data is None else item.data, name=item.label,
-                                       max_bytes=max_bytes, max_pixels=max_pixels)
-                except ImageError as exc:
-                    info["reason"] = exc.reason
-                    report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
-                    tick(f"skipped {item.label}: {exc.reason}")
+                if problem is not None:
+                    report.skipped.append(problem)
+                    tick(f"skipped {item.label}: {problem['reason']}")
                     continue
-                info.update({"image_dir": item.folder, "status": "ok", "width": image.width,
-                             "height": image.height})
                 batch.append((item, image, info))
                 if len(batch) >= batch_size:
                     flush()
@@ -112,8 +120,14 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             run.finish()  # every queued file is on disk before the manifests name it
         except OSError as exc:
             report.stopped = report.stopped or os_error_text(exc, "writing the export")
-    if run.stale_count:
-        report.warnings.append(f"{run.stale_count} outputs were made earlier with other settings and were kept; "
+    return _finish_export(root, plan, report, items, run.stale_count, started, extra_settings)
+
+
+def _finish_export(root: Path, plan: ExportPlan, report: ExportReport, items: Sequence[InputItem], stale_count: int,
+                  started: str, extra_settings: Mapping[str, Any] | None) -> ExportReport:
+    """The run's last warnings and its manifest, merged into the folder's (every engine ends here)."""
+    if stale_count:
+        report.warnings.append(f"{stale_count} outputs were made earlier with other settings and were kept; "
                                f"pass --overwrite (overwrite=True) to redo them")
     if not items:
         report.warnings.append("no images found in the inputs")
