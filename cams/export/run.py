@@ -16,6 +16,7 @@ from cams.export.files import (LOCK_NAME, MANIFEST_COLUMNS, MANIFEST_FORMAT, TEM
                                versions)
 from cams.export.inputs import InputItem, UploadSource, collect_inputs
 from cams.export.plan import GRID_CELL, LayerChoice, plan_export
+from cams.export.reserve import ManifestRoom, manifest_room
 from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, load_image
 from pfnet.errors import PfnetError
 
@@ -46,7 +47,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     (no overlays, no grids). ``writers``: writer threads (default :func:`cams.export.executor.default_writers`).
     Raises ``ExportError`` for bad settings or an output folder that cannot be used. An OS error part-way (disk
     full, permissions, a read-only or vanished folder) stops the run: ``report.stopped`` says why, what finished
-    is kept and listed in the manifest (when the manifest itself can still be written).
+    is kept and listed in the manifest, whose room on the disk is held from the start (:mod:`cams.export.reserve`;
+    a disk without that room raises ``ExportError`` before anything is written).
     """
     warnings: list[str] = []
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
@@ -59,6 +61,12 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     report.skipped.extend(scan_skipped)
     if not models:
         report.warnings.append("no model to run")
+    room = ManifestRoom(root, manifest_room(root, plan.manifest_settings(), len(items) * sum(
+        len(model.layers) * model.topk for model in plan.models), len(items), topk))
+    try:
+        room.hold()  # a full disk stops the run here, before any output, rather than leave the manifest stale
+    except OSError as exc:
+        raise ExportError(os_error_text(exc, "reserving room for the manifest") + "; nothing was written") from exc
     run = ExportExecutor(root, plan, report, reuse, writers)
     per_image = max(1, len(plan.models))
     total = len(items) * per_image
@@ -112,6 +120,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             run.finish()  # every queued file is on disk before the manifests name it
         except OSError as exc:
             report.stopped = report.stopped or os_error_text(exc, "writing the export")
+        finally:
+            room.release()  # the manifest below takes its place
     if run.stale_count:
         report.warnings.append(f"{run.stale_count} outputs were made earlier with other settings and were kept; "
                                f"pass --overwrite (overwrite=True) to redo them")
