@@ -30,7 +30,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                progress: Progress | None = None, *, cell_size: int = GRID_CELL, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
                align: str = "model", reuse: Reuse | None = None, overlay_format: str = "png",
-               overlays: bool = True, writers: int | None = None) -> ExportReport:
+               overlays: bool = True, writers: int | None = None,
+               read_image: Callable[[InputItem], Image.Image] | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -45,6 +46,9 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     (the app passes the CAMs on its page), or None; only the images it has none for are explained.
     ``overlay_format``: "png" (lossless), "jpeg" or "webp"; ``overlays=False`` writes heatmaps and records only
     (no overlays, no grids). ``writers``: writer threads (default :func:`cams.export.executor.default_writers`).
+    ``read_image(item)``: how an input is decoded (default ``cams.images.load_image`` with ``max_bytes`` and
+    ``max_pixels``); the app passes its session's decoder, so an export counts against the session's pixel budget
+    and reuses the images already decoded. It raises ``ImageError`` to skip an input.
     Raises ``ExportError`` for bad settings or an output folder that cannot be used. An OS error part-way (disk
     full, permissions, a read-only or vanished folder) stops the run: ``report.stopped`` says why, what finished
     is kept and listed in the manifest, whose room on the disk is held from the start (:mod:`cams.export.reserve`;
@@ -98,8 +102,9 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                 info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
                 report.images.append(info)
                 try:
-                    image = load_image(item.path if item.data is None else item.data, name=item.label,
-                                       max_bytes=max_bytes, max_pixels=max_pixels)
+                    image = read_image(item) if read_image is not None else load_image(
+                        item.path if item.data is None else item.data, name=item.label, max_bytes=max_bytes,
+                        max_pixels=max_pixels)
                 except ImageError as exc:
                     info["reason"] = exc.reason
                     report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
