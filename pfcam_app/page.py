@@ -106,6 +106,13 @@ def main() -> None:
     elif not sources:
         st.info("Upload images or pick examples to see the heatmaps.", icon=":material/image:")
 
+    # ----------------------------------------------------------------------------------------------------- measure
+    if sources and settings.ready:
+        with core.guard("Measure"):
+            from pfcam_app.measure import measure_panel
+
+            measure_panel(sources, settings)
+
     # ------------------------------------------------------------------------------------------------- model cards
     if settings.ready:
         st.header("Model cards", anchor=False)
