@@ -116,6 +116,20 @@ def test_other_requests_pass_untouched():
     assert sent[0]["status"] == 204 and store.kept == {"/_stcore/health": 100}
 
 
+def test_the_session_total_is_read_from_streamlits_upload_store(monkeypatch):
+    import streamlit.runtime
+    from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
+    from streamlit.runtime.uploaded_file_manager import UploadedFileRec
+
+    from pfcam_app.upload_limits import session_held_bytes
+
+    store = MemoryUploadedFileManager("/_stcore/upload_file")
+    store.add_file("s1", UploadedFileRec(file_id="f1", name="a.png", type="image/png", data=b"x" * 1234))
+    store.add_file("s1", UploadedFileRec(file_id="f2", name="w.pth", type="application/octet-stream", data=b"y" * 10))
+    monkeypatch.setattr(streamlit.runtime, "get_instance", lambda: type("Runtime", (), {"uploaded_file_mgr": store}))
+    assert session_held_bytes("s1") == 1244 and session_held_bytes("s2") == 0
+
+
 def test_the_file_name_is_read_from_the_part_header():
     head, _, _ = multipart("a b.safetensors", 0)
     assert part_file_name(head) == "a b.safetensors"
@@ -179,9 +193,10 @@ def stored_upload_bytes(url: str) -> int:
     return int(float(lines[0].rsplit(" ", 1)[1])) if lines else 0
 
 
-def test_a_live_server_refuses_an_oversized_image_put_and_keeps_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("entry", ["app.py", "pfcam_app/server.py"])  # `streamlit run app.py`, `pfcam app`
+def test_a_live_server_refuses_an_oversized_image_put_and_keeps_a_checkpoint(tmp_path, entry):
     import websockets
-    from browser_support import app_server, fresh_env
+    from browser_support import ROOT, app_server, fresh_env
 
     async def scenario(url: str) -> tuple[dict, int]:
         session = Session(url)
@@ -199,7 +214,7 @@ def test_a_live_server_refuses_an_oversized_image_put_and_keeps_a_checkpoint(tmp
             await asyncio.sleep(5.5)  # the metrics' cache window
             return statuses, stored_upload_bytes(url)
 
-    with app_server(fresh_env(tmp_path), tmp_path / "server.log") as (url, _):
+    with app_server(fresh_env(tmp_path), tmp_path / "server.log", ROOT / entry) as (url, _):
         statuses, stored = asyncio.run(scenario(url))
     assert statuses == {"small image": 204, "oversized image": 413, "oversized image, chunked": 413,
                         "checkpoint": 204}, (tmp_path / "server.log").read_text()[-2000:]
