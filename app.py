@@ -1,4 +1,7 @@
-"""pfcam's Streamlit app: ``streamlit run app.py``. The page itself is ``pfcam_app/page.py``."""
-from pfcam_app.page import main
+"""pfcam's Streamlit app: ``streamlit run app.py``. The page is ``pfcam_app/page.py``; it is served behind the
+upload limits of ``pfcam_app/upload_limits.py`` (Streamlit's ``App``, which ``streamlit run`` finds here)."""
+from streamlit.starlette import App
 
-main()
+from pfcam_app.upload_limits import middleware
+
+app = App("pfcam_app/page.py", middleware=middleware())

@@ -36,7 +36,7 @@ def main(count: int = 30) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (7999, 7999)).save(buffer, format="PNG", compress_level=9)
     files = [(f"big{i:02d}.png", variant(buffer.getvalue(), str(i)), "image/png") for i in range(count)]
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=1800)
+    at = AppTest.from_file(str(ROOT / "pfcam_app" / "page.py"), default_timeout=1800)
     at.run()
     at.multiselect(key="examples").set_value([])
     at.run()

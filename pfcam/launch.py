@@ -1,4 +1,5 @@
-"""``pfcam app``: start the Streamlit app (``pfcam_app/page.py``) from wherever pfcam is installed.
+"""``pfcam app``: start the Streamlit app from wherever pfcam is installed: ``pfcam_app/server.py``, the page
+(``pfcam_app/page.py``) behind the server's upload limits (``pfcam_app/upload_limits.py``).
 
 The project's Streamlit settings (``.streamlit/config.toml``: upload limit, error details, theme) are passed as
 command-line flags, so they hold whatever folder the app is started from; options after ``pfcam app`` go to
@@ -16,15 +17,15 @@ from typing import Any, Sequence
 
 from pfnet.assets import bundled_dir
 
-PAGE = "page.py"
+ENTRY = "server.py"
 
 
-def page_path() -> Path:
-    """The app's Streamlit script, found without importing the app (which needs Streamlit)."""
+def entry_path() -> Path:
+    """The app's Streamlit entry, found without importing the app (which needs Streamlit)."""
     spec = importlib.util.find_spec("pfcam_app")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the pfcam_app package is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / PAGE
+    return Path(list(spec.submodule_search_locations)[0]) / ENTRY
 
 
 def config_flags(config: Path | None = None) -> list[str]:
@@ -42,10 +43,10 @@ def config_flags(config: Path | None = None) -> list[str]:
     return flags
 
 
-def streamlit_command(extra: Sequence[str] = (), page: Path | None = None,
+def streamlit_command(extra: Sequence[str] = (), entry: Path | None = None,
                       config: Path | None = None) -> list[str]:
-    """The command ``pfcam app`` runs: this interpreter's Streamlit on the app page, settings, then ``extra``."""
-    return [sys.executable, "-m", "streamlit", "run", str(page or page_path()), *config_flags(config), *extra]
+    """The command ``pfcam app`` runs: this interpreter's Streamlit on the app's entry, settings, then ``extra``."""
+    return [sys.executable, "-m", "streamlit", "run", str(entry or entry_path()), *config_flags(config), *extra]
 
 
 def app_command(args: argparse.Namespace) -> int:
@@ -59,7 +60,7 @@ def app_command(args: argparse.Namespace) -> int:
         print(f"pfcam app: error: {error}", file=sys.stderr)
         return 2
     if not Path(command[4]).is_file():
-        print(f"pfcam app: error: the app page {command[4]} is missing; reinstall pfcam", file=sys.stderr)
+        print(f"pfcam app: error: the app entry {command[4]} is missing; reinstall pfcam", file=sys.stderr)
         return 2
     sys.stdout.flush()
     if os.name == "posix":

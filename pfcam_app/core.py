@@ -23,18 +23,16 @@ import streamlit as st
 from PIL import Image
 
 from pfcam_app.network import network
+from pfcam_app.upload_limits import CHECKPOINT_LIMIT_MB, CHECKPOINT_TYPES, IMAGE_LIMIT_MB  # noqa: F401 (core.*)
 from pfnet import weights, zoo
 from pfnet.assets import assets_dir
 from pfnet.errors import PfnetError
 from pfnet.preprocess import prepare
 
 EXAMPLES_DIR = assets_dir() / "examples"
-IMAGE_LIMIT_MB = 20  # per image file, checked on receipt (server.maxUploadSize is the checkpoint cap)
 IMAGE_MAX_PIXELS = 8000 * 8000  # per image, read from the header before decoding
 SESSION_PIXELS = 100_000_000  # decoded pixels a session may hold (RGB: 300 MB), released with the session
 DECODED_KEY = "_decoded"  # session state: image digest -> decoded image
-CHECKPOINT_LIMIT_MB = 1024
-CHECKPOINT_TYPES = ["pth", "pt", "bin", "safetensors", "ckpt", "tar"]
 IMAGENET_DEFAULT = ("r50", "r50_hybrid")
 DEMO_DEFAULT = ("demo_r50", "demo_r50_hybrid")
 N_SCENES = 8
@@ -176,8 +174,9 @@ def scene_source(option: str) -> Source:
 
 
 def release_upload(upload: Any) -> None:
-    """Drop a refused upload's bytes from Streamlit's store now (the server accepts up to the checkpoint cap in
-    any uploader; the browser's per-uploader limit is no defence), instead of holding them for the session."""
+    """Drop a refused upload's bytes from Streamlit's store now instead of holding them for the session (the
+    server's upload limits, pfcam_app/upload_limits.py, go by file name: an image-named file up to the image cap;
+    a checkpoint-named one up to its cap, whichever slot it was sent to)."""
     try:
         from streamlit.runtime import get_instance
         from streamlit.runtime.scriptrunner import get_script_run_ctx

@@ -1,6 +1,7 @@
 """The export panel: "Download ZIP" and "Export to folder", both through ``cams.export.run_export`` so they write
 exactly the layout and manifest of ``python -m cams export``. The CAMs already computed for the page are passed
-in (``run_export(reuse=...)``, from the page's CAM store): an export computes only what the page has not.
+in (``run_export(reuse=...)``, from the page's CAM store): an export computes only what the page has not; its
+images are the session's decoded ones (``read_image=``), within the session's pixel budget.
 
 The app is a multi-user server: "Export to folder" writes only under one root the server sets
 (``PFCAM_EXPORT_ROOT``, default ``./cam_exports``); a browser user picks at most a sub-folder name, made safe
@@ -15,7 +16,7 @@ from typing import Any
 
 import streamlit as st
 
-from pfcam_app.core import Settings, Slot, Source, cam_store, digest_of, error_text, plain
+from pfcam_app.core import Settings, Slot, Source, cam_store, decode, digest_of, error_text, plain
 
 ROOT_ENV = "PFCAM_EXPORT_ROOT"
 DEFAULT_ROOT = "./cam_exports"
@@ -84,6 +85,17 @@ def page_cams(settings: Settings, reused: list[str]):
     return reuse
 
 
+def session_image(item: Any) -> Any:
+    """``run_export``'s ``read_image``: the session's decoded image (:func:`pfcam_app.core.decode`), so an export
+    reuses what the page decoded and counts against the session's pixel budget instead of decoding again."""
+    from cams.images import ImageError
+
+    if item.data is None:
+        raise ImageError(item.label, "the app exports only the images on its page")
+    data = bytes(item.data)
+    return decode(digest_of(data), item.label, data)
+
+
 def _export(out_dir: Path, sources: list[Source], settings: Settings, overwrite: bool) -> tuple[Any, int]:
     """The export report, and how many image x model results came from the page instead of being computed."""
     from cams.export import run_export
@@ -102,7 +114,7 @@ def _export(out_dir: Path, sources: list[Source], settings: Settings, overwrite:
         models={slot.id: (slot.model, slot.entry) for slot in slots}, layers=layers, method=settings.method,
         topk=export_topk(settings.target), batch_size=8, mode=settings.mode, colormap=settings.colormap,
         opacity=settings.opacity, overwrite=overwrite, progress=progress, align=settings.align,
-        reuse=page_cams(settings, reused))
+        reuse=page_cams(settings, reused), read_image=session_image)
     bar.empty()
     return report, len(reused)
 

@@ -1,6 +1,7 @@
 """pfcam · Grad-CAM workbench for "Learning Features with Parameter-Free Layers" (ICLR 2022).
 
-Run: ``streamlit run app.py`` or ``streamlit run pfcam_app/page.py`` (Streamlit runs it as ``__main__``). Compare
+Run: ``streamlit run app.py`` or ``pfcam app`` (the page behind the server's upload limits); ``streamlit run
+pfcam_app/page.py`` runs the page alone, without them (Streamlit runs it as ``__main__``). Compare
 where R50, R50-max, R50-hybrid (and the ViT/PiT variants) look, layer by layer. A thin door onto pfnet and cams:
 models come from ``pfnet.weights``, heatmaps from ``cams.explain``, overlays from ``cams.render``, exports from
 ``cams.export.run_export`` (the same files as ``python -m cams export``).
@@ -104,6 +105,13 @@ def main() -> None:
             + (" (stopped work not counted)" if stopped else " (0 s: everything came from the cache)"))
     elif not sources:
         st.info("Upload images or pick examples to see the heatmaps.", icon=":material/image:")
+
+    # ----------------------------------------------------------------------------------------------------- measure
+    if sources and settings.ready:
+        with core.guard("Measure"):
+            from pfcam_app.measure import measure_panel
+
+            measure_panel(sources, settings)
 
     # ------------------------------------------------------------------------------------------------- model cards
     if settings.ready:

@@ -90,18 +90,13 @@ def scene_scores(source: Source, heatmap: np.ndarray, crop_box: tuple, image_siz
     """Pointing-game hit and energy in the ground-truth region, in the heatmap's (network input) geometry: the
     scene's mask (resized to the input when the model's input size differs) for the pointing game, its box for
     the energy, as bench-loc scores them."""
-    import cv2
-
     from cams import metrics
+    from cams.depth import heatmap_region
 
-    height, width = heatmap.shape
-    box = metrics.map_box(source.box, crop_box, (width, height))
-    if box is None:
+    boxes, mask = heatmap_region(source.box, source.mask, crop_box, image_size, heatmap.shape)
+    if not boxes:
         return "object outside the crop"
-    mask = None
-    if source.mask is not None and tuple(round(v) for v in crop_box) == (0, 0, *image_size):
-        mask = source.mask if source.mask.shape == (height, width) else cv2.resize(
-            source.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    box = boxes[0]
     hit = metrics.pointing_game(heatmap, mask=mask) if mask is not None and mask.any() else \
         metrics.pointing_game(heatmap, box=box)
     energy = metrics.energy_in_box(heatmap, box=box)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "app.py"
+APP = ROOT / "pfcam_app" / "page.py"  # app.py serves this page behind the upload limits
 TIMEOUT = 900  # seconds per script run: the CPU is small and shared
 DEMO = ("demo_r50", "demo_r50_hybrid")
 CAPTION = re.compile(r"^(?P<cls>[a-z_]+) · (?P<pct>\d+\.\d)%")

@@ -36,14 +36,15 @@ def fresh_env(folder: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def app_server(env: dict[str, str], log: Path) -> Iterator[tuple[str, float]]:
-    """`streamlit run app.py` on a free port; yields (url, the monotonic time the process was started)."""
+def app_server(env: dict[str, str], log: Path, script: Path = ROOT / "app.py") -> Iterator[tuple[str, float]]:
+    """`streamlit run app.py` (or another ``script``) on a free port; yields (url, the monotonic time the process
+    was started)."""
     port = unused_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+            [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:

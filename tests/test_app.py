@@ -53,7 +53,7 @@ def test_first_screen_without_flags_or_network_shows_an_example_and_heatmaps(tmp
     banner = " ".join(info.value for info in at.info)
     assert "Offline demo" in banner and "cannot be reached" in banner and "PFCAM_OFFLINE" in banner
     assert list(at.multiselect(key="models").value) == list(DEMO)
-    assert [e.label for e in at.expander if not e.label.startswith("Model card")] == \
+    assert [e.label for e in at.sidebar.expander] == \
         ["Demo R50 (scenes) · bundled", "Demo R50-hybrid (scenes) · bundled"]
     at.multiselect(key="models").set_value(list(DEMO) + ["r50"])
     at.run()

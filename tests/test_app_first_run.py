@@ -101,7 +101,7 @@ def test_online_the_demo_stands_until_one_button_fetches_both_and_switches_the_p
     assert (pfcam_cache / "r50_tv_in1k.safetensors.sha256").is_file() and (pfcam_cache / "r50_hybrid.pth").is_file()
     assert list(at.multiselect(key="models").value) == ["r50", "r50_hybrid"]
     assert list(at.multiselect(key="examples").value) == ["cat_chelsea.jpg"]
-    assert [e.label for e in at.expander if not e.label.startswith("Model card")] == \
+    assert [e.label for e in at.sidebar.expander] == \
         ["R50 · cached", "R50-hybrid · cached"]
     assert not [b for b in at.button if b.key == "download_imagenet"]
     assert not any("Demo models on screen" in m.value for m in at.markdown)
@@ -123,7 +123,7 @@ def test_a_failed_download_keeps_its_reason_and_the_demo_stands(pfcam_cache, tmp
         at.multiselect(key="models").set_value(["r50", "r50_hybrid"])
         at.run()
         assert_clean(at)
-        assert [e.label for e in at.expander if not e.label.startswith("Model card")] == \
+        assert [e.label for e in at.sidebar.expander] == \
             ["R50 · download failed", "R50-hybrid · cached"]
         warnings = [w.value for w in at.warning]
         assert len(warnings) == 1 and "download of R50 failed" in warnings[0] and "HTTP 404" in warnings[0]

@@ -51,7 +51,7 @@ def test_unknown_options_are_refused_except_by_app(capsys):
 def test_app_runs_streamlit_on_the_app_page_with_the_project_settings():
     command = launch.streamlit_command(["--server.port", "8502"])
     assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
-    assert Path(command[4]) == ROOT / "pfcam_app" / "page.py"  # the checkout's package, found without importing it
+    assert Path(command[4]) == ROOT / "pfcam_app" / "server.py"  # the checkout's package, found without importing it
     flags = command[5:-2]
     # the settings of .streamlit/config.toml, whatever folder the app is started from
     assert {"--server.maxUploadSize=1024", "--browser.gatherUsageStats=false", "--client.showErrorDetails=type",
@@ -75,7 +75,7 @@ class Started(Exception):
 def test_pfcam_app_hands_its_options_to_streamlit(tmp_path, monkeypatch):
     page = tmp_path / "page.py"
     page.write_text("")
-    monkeypatch.setattr(launch, "page_path", lambda: page)
+    monkeypatch.setattr(launch, "entry_path", lambda: page)
     started = []
 
     def execv(path, argv):
@@ -95,9 +95,9 @@ def test_pfcam_app_hands_its_options_to_streamlit(tmp_path, monkeypatch):
 
 
 def test_pfcam_app_says_what_is_missing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(launch, "page_path", lambda: tmp_path / "page.py")
+    monkeypatch.setattr(launch, "entry_path", lambda: tmp_path / "page.py")
     assert main(["app"]) == 2
-    assert "the app page" in capsys.readouterr().err
+    assert "the app entry" in capsys.readouterr().err
     real = launch.importlib.util.find_spec
     monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None if name == "streamlit" else real(name))
     assert main(["app"]) == 2

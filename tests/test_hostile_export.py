@@ -240,3 +240,66 @@ def test_a_full_disk_in_process_names_the_cause_whichever_writer_hits_it(tmp_pat
         report = run_export([images(tmp_path / "in", 6)], mount / "out", models)
         assert report.stopped and "the disk is full" in report.stopped, report.stopped
         assert not list((mount / "out").rglob("*.tmp"))
+
+
+def listed_files(out: Path) -> set[str]:
+    rows = manifest(out)["rows"]
+    return {row[key] for row in rows for key in ("overlay", "heatmap") if row.get(key)}
+
+
+def test_a_full_disk_part_way_leaves_the_manifest_up_to_date(tmp_path, models):
+    """The manifest's room is held from the start: when the outputs fill the disk, it is still written and lists
+    exactly the results whose files are there."""
+    with tmpfs(tmp_path / "small", "256k") as mount:
+        out = mount / "out"
+        report = run_export([images(tmp_path / "in", 20)], out, models, batch_size=2)
+        assert report.stopped and "the disk is full" in report.stopped, report.stopped
+        assert not any("manifest could not be updated" in w for w in report.warnings), report.warnings
+        listed = listed_files(out)
+        assert listed and all((out / path).is_file() for path in listed)
+        finished = {path.relative_to(out).as_posix() for path in out.rglob("*.npy")
+                    if path.with_suffix(".png").is_file()}  # both files of a result are there
+        assert finished <= listed, finished - listed
+        assert len(manifest(out)["images"]) < 20  # it did stop part-way
+        assert not list(out.glob(".manifest-room.*"))
+
+
+def test_a_disk_without_room_for_the_manifest_refuses_before_writing(tmp_path, models):
+    with tmpfs(tmp_path / "small", "512k") as mount:
+        out = mount / "out"
+        assert run_export([images(tmp_path / "first", 1)], out, models).ok
+        before = (out / "manifest.json").read_bytes()
+        folders = sorted(p.name for p in out.iterdir())
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        (mount / "filler").write_bytes(bytes(free - 8192))  # 8 KB left: less than the manifest of 6 more images
+        with pytest.raises(ExportError, match="reserving room for the manifest failed: the disk is full"):
+            run_export([images(tmp_path / "more", 6, seed=1)], out, models)
+        assert sorted(p.name for p in out.iterdir()) == folders  # nothing written, no room file left
+        assert (out / "manifest.json").read_bytes() == before
+
+
+def test_the_room_held_covers_the_manifest_written(tmp_path, models, monkeypatch):
+    """The bound of cams.export.reserve against real manifests: long names, three ranks, a rerun that adds images."""
+    from cams.export.reserve import ManifestRoom
+
+    held = []
+    real = ManifestRoom.hold
+
+    def hold(room):
+        held.append(room.nbytes)
+        real(room)
+
+    monkeypatch.setattr(ManifestRoom, "hold", hold)
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    out = tmp_path / "out"
+    for batch in range(2):
+        for index in range(8):
+            name = f"{'a_long_name_' * 5}{batch}_{index:02d}.png"[-64:]
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(src / name)
+        before = sum((out / n).stat().st_size for n in ("manifest.json", "manifest.csv") if (out / n).exists())
+        assert run_export([src], out, models, topk=3).ok
+        written = sum((out / n).stat().st_size for n in ("manifest.json", "manifest.csv"))
+        assert written <= held[-1], (written, held[-1])
+        assert held[-1] - before < 20 * (written - before)  # a bound, not a blank cheque

@@ -1,8 +1,10 @@
 """The app as a multi-user server under attack (issue #11): browser-given export folders stay under the server's
 root, names are shown as plain text (no Markdown image fetched), oversized image uploads are refused on receipt,
-and 30 large-pixel uploads keep the session's memory within its pixel budget."""
+30 large-pixel uploads keep the session's memory within its pixel budget, and exports keep to that budget too.
+(The HTTP-layer upload limits: tests/test_hostile_uploads.py.)"""
 from __future__ import annotations
 
+import json
 import re
 import struct
 import zlib
@@ -100,3 +102,26 @@ def test_thirty_large_pixel_uploads_stay_within_the_session_budget(blank):
     assert len(refused) == 29, [e.value for e in blank.error][:3]
     assert grown < RSS_BUDGET_MB, f"RSS grew {grown:.0f} MB"
     print(f"30 uploads of 7999x7999 ({sum(len(d) for _, d in files) / 2**20:.1f} MB): RSS +{grown:.0f} MB")
+
+
+def test_an_export_reuses_the_sessions_images_and_keeps_to_its_pixel_budget(blank, tmp_path, monkeypatch):
+    """"Export to folder" takes the session's decoded images: nothing is decoded again outside the budget, and an
+    image the budget refused on the page is skipped by the export with the same reason."""
+    import cams.export.run
+    from pfcam_app import core
+
+    monkeypatch.setenv("PFCAM_EXPORT_ROOT", str(tmp_path / "root"))
+    monkeypatch.setattr(core, "SESSION_PIXELS", 128 * 128 + 1)  # room for one 128 x 128 scene
+    decoded_again = []
+    real = cams.export.run.load_image
+    monkeypatch.setattr(cams.export.run, "load_image",
+                        lambda *args, **kwargs: decoded_again.append(kwargs.get("name")) or real(*args, **kwargs))
+    upload(blank, [("a.png", scene_png(6)), ("b.png", scene_png(7))])
+    assert [e.value for e in blank.error if "a session may hold" in e.value and "b.png" in e.value]
+    blank.button(key="export_folder").click()
+    blank.run()
+    assert_clean(blank)
+    listed = json.loads(next((tmp_path / "root").glob("manifest.json")).read_text())
+    assert {row["image"] for row in listed["rows"]} == {"a.png"}
+    assert [(s["input"], "a session may hold" in s["reason"]) for s in listed["skipped"]] == [("b.png", True)]
+    assert decoded_again == []

@@ -100,6 +100,39 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8-sig")
 
 
+def parse_boxes_csv(text: str, source: str, problems: list[str]) -> list[tuple[str, str, M.Box, str]]:
+    """The usable rows of a boxes CSV (``image,x0,y0,x1,y1[,label]``, header first, any column order) as
+    ``(where, image name, box, label)``; ``where`` is ``"SOURCE line N"``. Unusable rows (no name, a box that is
+    not numeric, empty or not finite) and missing columns are reported in ``problems``; it never raises."""
+    reader = csv.DictReader(text.splitlines())
+    try:
+        fields = [(name or "").strip().lower() for name in (reader.fieldnames or [])]
+    except csv.Error as error:
+        problems.append(f"{source}: not a CSV file ({error}); CSV ignored")
+        return []
+    missing = [name for name in ("image", "x0", "y0", "x1", "y1") if name not in fields]
+    if missing:
+        problems.append(f"{source}: missing column(s) {', '.join(missing)} (need image,x0,y0,x1,y1[,label]); "
+                        "CSV ignored")
+        return []
+    rows = []
+    try:
+        for line, raw in enumerate(reader, start=2):
+            row = {(key or "").strip().lower(): (value or "").strip() if isinstance(value, str) else ""
+                   for key, value in raw.items()}
+            where = f"{source} line {line}"
+            name = row.get("image", "")
+            if not name:
+                problems.append(f"{where}: no image name; skipped")
+                continue
+            box = _finite_box([row.get(key, "") for key in ("x0", "y0", "x1", "y1")], where, problems)
+            if box is not None:
+                rows.append((where, name, box, row.get("label", "")))
+    except csv.Error as error:
+        problems.append(f"{source}: not a CSV file past line {reader.line_num} ({error}); the rest ignored")
+    return rows
+
+
 def read_boxes_csv(folder: Path, problems: list[str]) -> dict[Path, Annotation]:
     """``folder/boxes.csv`` -> annotations by resolved image path (rows of one image are merged)."""
     path = folder / CSV_NAME
@@ -109,32 +142,14 @@ def read_boxes_csv(folder: Path, problems: list[str]) -> dict[Path, Annotation]:
     except (OSError, ValueError, UnicodeDecodeError) as error:
         problems.append(f"{path}: cannot read ({error}); CSV ignored")
         return out
-    reader = csv.DictReader(text.splitlines())
-    fields = [name.strip().lower() for name in (reader.fieldnames or [])]
-    missing = [name for name in ("image", "x0", "y0", "x1", "y1") if name not in fields]
-    if missing:
-        problems.append(f"{path}: missing column(s) {', '.join(missing)} (need image,x0,y0,x1,y1[,label]); "
-                        "CSV ignored")
-        return out
     root = folder.resolve()
-    for line, raw in enumerate(reader, start=2):
-        row = {(key or "").strip().lower(): (value or "").strip() if isinstance(value, str) else ""
-               for key, value in raw.items()}
-        where = f"{path.name} line {line}"
-        name = row.get("image", "")
-        if not name:
-            problems.append(f"{where}: no image name; skipped")
-            continue
+    for where, name, box, label in parse_boxes_csv(text, path.name, problems):
         image_path = (folder / name).resolve()
         if root not in image_path.parents:
             problems.append(f"{where}: image {name!r} is outside {folder}; skipped")
             continue
-        box = _finite_box([row.get(key, "") for key in ("x0", "y0", "x1", "y1")], where, problems)
-        if box is None:
-            continue
         entry = out.setdefault(image_path, Annotation(image_path, [], (), f"{CSV_NAME}"))
         entry.boxes.append(box)
-        label = row.get("label", "")
         if label and label not in entry.labels:
             entry.labels = entry.labels + (label,)
     return out

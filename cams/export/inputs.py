@@ -9,7 +9,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from PIL import Image
 
@@ -62,14 +62,17 @@ class InputItem:
         return load_image(self.path if self.data is None else self.data, name=self.label)
 
 
-def read_input(item: InputItem, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+def read_input(item: InputItem, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+               read_image: Callable[[InputItem], Image.Image] | None = None
                ) -> tuple[Image.Image | None, dict[str, Any], dict[str, str] | None]:
     """One input read as every engine reads it: ``(image, its manifest "images" record, None)``, or for a bad
-    input ``(None, its record with the reason, its "skipped" entry)``."""
+    input ``(None, its record with the reason, its "skipped" entry)``. ``read_image`` replaces the decoder (the
+    app's session-budgeted one); it raises ``ImageError`` for a bad input."""
     info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
     try:
-        image = load_image(item.path if item.data is None else item.data, name=item.label,
-                           max_bytes=max_bytes, max_pixels=max_pixels)
+        image = read_image(item) if read_image is not None else load_image(
+            item.path if item.data is None else item.data, name=item.label, max_bytes=max_bytes,
+            max_pixels=max_pixels)
     except ImageError as exc:
         info["reason"] = exc.reason
         return None, info, {"input": item.label, "stage": "load", "reason": exc.reason}

@@ -16,6 +16,7 @@ from cams.export.files import (LOCK_NAME, MANIFEST_COLUMNS, MANIFEST_FORMAT, TEM
                                versions)
 from cams.export.inputs import InputItem, UploadSource, collect_inputs, read_input
 from cams.export.plan import GRID_CELL, ExportPlan, LayerChoice, plan_export
+from cams.export.reserve import ManifestRoom, manifest_room
 from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from cams.ray_runtime import RayOptions, check_engine
 from pfnet.errors import PfnetError
@@ -31,7 +32,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                max_pixels: int = DEFAULT_MAX_PIXELS, extra_settings: Mapping[str, Any] | None = None,
                align: str = "model", reuse: Reuse | None = None, overlay_format: str = "png",
                overlays: bool = True, writers: int | None = None, engine: str = "local",
-               ray_options: RayOptions | None = None) -> ExportReport:
+               ray_options: RayOptions | None = None,
+               read_image: Callable[[InputItem], Image.Image] | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -47,15 +49,20 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     ``overlay_format``: "png" (lossless), "jpeg" or "webp"; ``overlays=False`` writes heatmaps and records only
     (no overlays, no grids). ``writers``: writer threads (default :func:`cams.export.executor.default_writers`).
     ``engine``: "local" (this process) or "ray" (a Ray cluster, ``ray_options``; :mod:`cams.export.ray_executor`):
-    the same plan, files and manifest; ``reuse`` is the local engine's only.
+    the same plan, files and manifest; ``reuse`` and ``read_image`` are the local engine's only.
+    ``read_image(item)``: how an input is decoded (default ``cams.images.load_image`` with ``max_bytes`` and
+    ``max_pixels``); the app passes its session's decoder, so an export counts against the session's pixel budget
+    and reuses the images already decoded. It raises ``ImageError`` to skip an input.
     Raises ``ExportError`` for bad settings, an output folder that cannot be used, or an engine that cannot run.
     An OS error part-way (disk full, permissions, a read-only or vanished folder) stops the run:
-    ``report.stopped`` says why, what finished is kept and listed in the manifest (when the manifest itself can
-    still be written).
+    ``report.stopped`` says why, what finished is kept and listed in the manifest, whose room on the disk is held
+    from the start (:mod:`cams.export.reserve`; a disk without that room raises ``ExportError`` before anything
+    is written).
     """
     check_engine(engine, ExportError)
-    if engine != "local" and reuse is not None:
-        raise ExportError("reuse is for the local engine (the app); --engine ray explains every image itself")
+    if engine != "local" and (reuse is not None or read_image is not None):
+        raise ExportError("reuse and read_image are for the local engine (the app); --engine ray reads and explains "
+                          "every image itself")
     warnings: list[str] = []
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
                        cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays)
@@ -78,13 +85,22 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         if progress is not None:
             progress(done, total, f"{finished} / {len(items)} images: {label}")
 
+    room = ManifestRoom(root, manifest_room(root, plan.manifest_settings(), len(items) * sum(
+        len(model.layers) * model.topk for model in plan.models), len(items), topk))
+    try:
+        room.hold()  # a full disk stops the run here, before any output, rather than leave the manifest stale
+    except OSError as exc:
+        raise ExportError(os_error_text(exc, "reserving room for the manifest") + "; nothing was written") from exc
     if progress is not None:
         progress(0, total, "starting")
     if engine == "ray":
         from cams.export.ray_executor import execute_on_ray
 
-        stale_count = execute_on_ray(root, plan, items, report, tick, ray_options or RayOptions(),
-                                     max_bytes=max_bytes, max_pixels=max_pixels, writers=writers)
+        try:
+            stale_count = execute_on_ray(root, plan, items, report, tick, ray_options or RayOptions(),
+                                         max_bytes=max_bytes, max_pixels=max_pixels, writers=writers)
+        finally:
+            room.release()  # the manifest takes its place
         return _finish_export(root, plan, report, items, stale_count, started, extra_settings)
     run = ExportExecutor(root, plan, report, reuse, writers)
     batch: list[tuple[InputItem, Image.Image, dict[str, Any]]] = []
@@ -101,7 +117,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     try:
         try:
             for item in items:
-                image, info, problem = read_input(item, max_bytes, max_pixels)
+                image, info, problem = read_input(item, max_bytes, max_pixels, read_image)
                 report.images.append(info)
                 if problem is not None:
                     report.skipped.append(problem)
@@ -120,6 +136,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             run.finish()  # every queued file is on disk before the manifests name it
         except OSError as exc:
             report.stopped = report.stopped or os_error_text(exc, "writing the export")
+        finally:
+            room.release()  # the manifest takes its place
     return _finish_export(root, plan, report, items, run.stale_count, started, extra_settings)
 
 

@@ -1,0 +1,236 @@
+"""The Measure panel: localization across depth (issue #14, item 4). For the chosen images that have boxes (demo
+scenes, or the user's own with a boxes CSV), every block of each loaded model (``cams.layers.block_layers``) is
+explained with the page's method and scored against the boxes (``cams.depth``): one line per model, metric vs
+depth, with the table beneath.
+
+The work is bounded for a shared server: at most ``MEASURE_CELLS`` image x block heatmaps per model, images in
+batches of ``MEASURE_BATCH`` (one explain call per model and batch covers every block), a progress bar, and a
+Stop button that keeps what finished (Continue resumes)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from pfcam_app.core import (SCORECAM_BATCH, Settings, Slot, Source, decode, engine_targets, error_text, guard,
+                            plain)
+
+MEASURE_CELLS = 256  # image x block heatmaps per model in one measurement (R50's 16 blocks: 16 images)
+MEASURE_BATCH = 8  # images per explain call
+BOXES_LIMIT_BYTES = 1 << 20  # a boxes CSV larger than this is refused unread
+RESULTS_KEY = "_measure_results"  # session state: (signature, {model id: ModelRun})
+RUN_KEY = "_measure_run"  # session state: the signature the user asked to measure
+STOP_KEY = "_measure_stopped"  # session state: the signature whose measurement the user stopped
+
+
+@dataclass
+class Target:
+    """An image with ground truth in its own pixels: boxes, and the scene's mask when it has one."""
+
+    source: Source
+    boxes: list[tuple[float, float, float, float]]
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class ModelRun:
+    """One model's measurement so far: its depth scores, the next image to do, images left out and why."""
+
+    scores: Any  # cams.depth.DepthScores
+    planned: int
+    next: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.planned
+
+
+def parse_boxes(data: bytes) -> tuple[dict[str, list[tuple[float, float, float, float]]], list[str]]:
+    """An uploaded boxes CSV (``image,x0,y0,x1,y1[,label]``, original-image pixels) -> boxes by image name, and
+    the problems met (hostile input: never raises)."""
+    from cams.bench_loc.data import parse_boxes_csv
+
+    if len(data) > BOXES_LIMIT_BYTES:
+        return {}, [f"the boxes file is {len(data) / 2**20:.1f} MB; the limit is {BOXES_LIMIT_BYTES >> 20} MB"]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return {}, ["the boxes file is not UTF-8 text (expected a CSV: image,x0,y0,x1,y1[,label])"]
+    if "\0" in text:
+        return {}, ["the boxes file is binary, not a CSV (expected image,x0,y0,x1,y1[,label])"]
+    problems: list[str] = []
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    for _, name, box, _ in parse_boxes_csv(text, "boxes CSV", problems):
+        boxes.setdefault(name, []).append(box)
+    if not boxes and not problems:
+        problems.append("the boxes file has no rows (expected image,x0,y0,x1,y1[,label])")
+    return boxes, problems
+
+
+def measurable(sources: list[Source], csv_boxes: dict[str, list]) -> list[Target]:
+    """The chosen images with ground truth: demo scenes (box and mask), and images named in the boxes CSV."""
+    targets = []
+    for source in sources:
+        if source.refused:
+            continue
+        if source.box is not None:
+            targets.append(Target(source, [tuple(float(v) for v in source.box)], source.mask))
+        elif source.name in csv_boxes:
+            targets.append(Target(source, list(csv_boxes[source.name])))
+    return targets
+
+
+def signature(targets: list[Target], settings: Settings) -> tuple:
+    """What a measurement depends on: a new one starts when any of it changes."""
+    return (tuple((t.source.digest, tuple(t.boxes)) for t in targets),
+            tuple((slot.id, slot.key) for slot in settings.ready), settings.method, settings.target, settings.mode,
+            settings.align)
+
+
+def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Settings, progress: Any) -> None:
+    """The next batch of images through one model: one explain call for every block, then scored."""
+    import torch
+
+    from cams.depth import heatmap_region
+    from cams.engine import explain
+    from pfnet.preprocess import prepare
+
+    chunk = targets[run.next:min(run.planned, run.next + MEASURE_BATCH)]
+    batch, images = [], []
+    for target in chunk:
+        try:  # the session's decoded image, within its pixel budget
+            images.append(decode(target.source.digest, target.source.name, target.source.data))
+            batch.append(target)
+        except Exception as exc:  # noqa: BLE001 - this image only
+            run.skipped.append(f"{target.source.name}: {error_text(exc)}")
+    if not batch:
+        run.next += len(chunk)
+        return
+    prepared = [prepare(image, slot.entry.preprocess, settings.mode) for image in images]
+    top = ("top", 1) if settings.target[0] == "top" else settings.target  # the first target only
+    result = explain(slot.model, torch.stack([p.tensor for p in prepared]), run.scores.layers,
+                     method=settings.method, targets=engine_targets(top), class_names=slot.entry.class_names(),
+                     batch_size=SCORECAM_BATCH, align=settings.align, progress=progress)
+    heatmaps = result.heatmaps.detach().cpu().numpy()  # [N, 1, L, H, W]
+    regions = [heatmap_region(target.boxes, target.mask, ready.crop_box, image.size, heatmaps.shape[-2:])
+               for target, image, ready in zip(batch, images, prepared)]
+    # Scored only now that the batch is through (a Stop during explain redoes the whole batch, never half of it).
+    for index, (target, (boxes, mask)) in enumerate(zip(batch, regions)):
+        if boxes:
+            run.scores.add(heatmaps[index, 0], boxes, mask)
+        else:
+            run.skipped.append(f"{target.source.name}: its boxes fall outside {slot.entry.name}'s crop")
+    run.next += len(chunk)
+
+
+def _stop(sig: tuple) -> None:
+    st.session_state[STOP_KEY] = sig
+
+
+def _start(sig: tuple) -> None:
+    st.session_state[RUN_KEY] = sig
+    st.session_state.pop(STOP_KEY, None)
+
+
+def measure_panel(sources: list[Source], settings: Settings) -> None:
+    with st.expander("Measure: localization across depth", expanded=RUN_KEY in st.session_state,
+                     icon=":material/monitoring:"):
+        st.caption("Every block of each loaded model, scored against the ground-truth boxes of the chosen images "
+                   "(demo scenes have theirs; for your own images upload a boxes CSV "
+                   "`image,x0,y0,x1,y1[,label]` in original-image pixels). The page's method and target; "
+                   f"at most {MEASURE_CELLS} image × block heatmaps per model.")
+        upload = st.file_uploader("Boxes CSV for your uploaded images", type=["csv"], key="measure_boxes",
+                                  max_upload_size=1)
+        csv_boxes: dict[str, list] = {}
+        if upload is not None:
+            csv_boxes, problems = parse_boxes(upload.getvalue())
+            for problem in problems[:10]:
+                st.warning(f"Boxes CSV: {plain(problem)}", icon=":material/warning:")
+            if len(problems) > 10:
+                st.caption(f"… and {len(problems) - 10} more problems in the boxes CSV.")
+        targets = measurable(sources, csv_boxes)
+        if not targets:
+            st.info("None of the chosen images has boxes: pick demo scenes, or upload a boxes CSV naming your "
+                    "uploaded images.", icon=":material/crop_free:")
+            return
+        if not settings.ready:
+            st.info("Load a model in the sidebar to measure.", icon=":material/arrow_back:")
+            return
+        sig = signature(targets, settings)
+        held = st.session_state.get(RESULTS_KEY)
+        runs: dict[str, ModelRun] = held[1] if held and held[0] == sig else {}
+        st.session_state[RESULTS_KEY] = (sig, runs)  # one measurement per session: older ones are dropped
+        unfinished = not runs or any(not run.done for run in runs.values())
+        if st.session_state.get(RUN_KEY) != sig:
+            st.button("Measure", key="measure_start", on_click=_start, args=(sig,), icon=":material/play_arrow:",
+                      type="primary")
+        elif st.session_state.get(STOP_KEY) == sig and unfinished:
+            st.info("Measuring stopped; what finished is shown.", icon=":material/pause_circle:")
+            st.button("Continue", key="measure_continue", on_click=_start, args=(sig,),
+                      icon=":material/play_arrow:")
+        elif unfinished:
+            holder = st.empty()
+            holder.button("Stop measuring", key="measure_stop", on_click=_stop, args=(sig,),
+                          icon=":material/stop_circle:", help="Ends at the next progress step; finished images stay.")
+            _measure(targets, settings, runs)
+            holder.empty()
+        if runs:
+            _show(runs, settings)
+
+
+def _measure(targets: list[Target], settings: Settings, runs: dict[str, ModelRun]) -> None:
+    from cams.depth import DepthScores
+    from cams.layers import block_layers
+
+    bar = st.progress(0.0, text="Measuring…")
+    for slot in settings.ready:
+        with guard(f"Measuring {slot.entry.name}"):
+            if slot.id not in runs:
+                layers = block_layers(slot.model)
+                if not layers:
+                    st.warning(f"{slot.entry.name} has no blocks to measure.")
+                    continue
+                planned = min(len(targets), max(1, MEASURE_CELLS // len(layers)))
+                runs[slot.id] = ModelRun(DepthScores(layers), planned)
+            run = runs[slot.id]
+            while not run.done:
+                what = f"**{slot.entry.name}** · images {run.next + 1}–{min(run.planned, run.next + MEASURE_BATCH)}" \
+                       f" of {run.planned} · {len(run.scores.layers)} blocks"
+
+                def progress(done: int, total: int, what: str = what) -> None:
+                    bar.progress(min(1.0, done / total) if total else 0.0, text=f"{what}: {done} / {total}")
+
+                progress(0, 1)
+                measure_batch(slot, run, targets, settings, progress)
+    bar.empty()
+
+
+def _show(runs: dict[str, ModelRun], settings: Settings) -> None:
+    import pandas as pd
+
+    from cams.depth import DEPTH_METRICS
+
+    names = {slot.id: slot.entry.name for slot in settings.ready}
+    rows = [{"model": names.get(model_id, model_id), **row}
+            for model_id, run in runs.items() if run.scores.n for row in run.scores.rows()]
+    for model_id, run in runs.items():
+        left = run.planned - run.next
+        note = f" ({left} not measured yet)" if left else ""
+        if run.skipped:
+            st.caption(plain(f"{names.get(model_id, model_id)}: " + "; ".join(run.skipped[:5])))
+        if note:
+            st.caption(plain(f"{names.get(model_id, model_id)}: {run.scores.n} images scored{note}."))
+    if not rows:
+        st.caption("No image scored yet.")
+        return
+    table = pd.DataFrame(rows)
+    metric = st.radio("Metric", list(DEPTH_METRICS), format_func=DEPTH_METRICS.get, horizontal=True,
+                      key="measure_metric")
+    chart = table.pivot_table(index="depth", columns="model", values=metric, aggfunc="first")
+    st.line_chart(chart, x_label="block (1 = nearest the input)", y_label=DEPTH_METRICS[metric])
+    st.dataframe(table.rename(columns=DEPTH_METRICS), hide_index=True, key="measure_table")
+    target = "top-1 class" if settings.target[0] == "top" else plain(str(settings.target[1]))
+    st.caption(f"Up to {int(table['n'].max())} image(s) per model · {settings.method} · target: {target}.")
