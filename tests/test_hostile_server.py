@@ -107,14 +107,14 @@ def test_thirty_large_pixel_uploads_stay_within_the_session_budget(blank):
 def test_an_export_reuses_the_sessions_images_and_keeps_to_its_pixel_budget(blank, tmp_path, monkeypatch):
     """"Export to folder" takes the session's decoded images: nothing is decoded again outside the budget, and an
     image the budget refused on the page is skipped by the export with the same reason."""
-    import cams.export.run
+    import cams.export.inputs
     from pfcam_app import core
 
     monkeypatch.setenv("PFCAM_EXPORT_ROOT", str(tmp_path / "root"))
     monkeypatch.setattr(core, "SESSION_PIXELS", 128 * 128 + 1)  # room for one 128 x 128 scene
     decoded_again = []
-    real = cams.export.run.load_image
-    monkeypatch.setattr(cams.export.run, "load_image",
+    real = cams.export.inputs.load_image
+    monkeypatch.setattr(cams.export.inputs, "load_image",
                         lambda *args, **kwargs: decoded_again.append(kwargs.get("name")) or real(*args, **kwargs))
     upload(blank, [("a.png", scene_png(6)), ("b.png", scene_png(7))])
     assert [e.value for e in blank.error if "a session may hold" in e.value and "b.png" in e.value]
