@@ -9,8 +9,8 @@ import torch
 from cams import metrics as M
 from cams.align import ALIGN_MODES
 from cams.bench_loc.data import BenchError, DataSource
-from cams.bench_loc.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, FALLBACK_THRESHOLD,
-                                    GAUSSIAN, RANDOM, Options, Row, evaluate_model)
+from cams.bench_loc.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N,
+                                    FALLBACK_THRESHOLD, GAUSSIAN, RANDOM, Options, Row, evaluate_model)
 
 DEFAULT_MODELS = ("demo_r50", "demo_r50_max", "demo_r50_hybrid")
 DEFAULT_LAYERS = ("layer3", "layer4")
@@ -46,7 +46,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
               faith_steps: int = DEFAULT_FAITH_STEPS, faith_baseline: str = "blur",
               batch_size: int = DEFAULT_BATCH_SIZE, threshold: float | None = None, device: str | None = None,
               target: str = "predicted", align: str = "model",
-              log: Callable[[str], None] = lambda _: None) -> BenchResult:
+              log: Callable[[str], None] = lambda _: None, road_n: int = DEFAULT_ROAD_N) -> BenchResult:
     """Evaluate every model on ``data``'s splits (up to ``n`` test and ``val_n`` validation images per model);
     models whose weights are missing are skipped, with the reason in ``skipped``."""
     from cams.engine import METHODS
@@ -64,8 +64,8 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         zoo.get(model_id)  # UnknownModelError names the known ids
     if n < 1:
         raise BenchError("--n must be at least 1")
-    if val_n < 0 or faith_n < 0 or faith_steps < 1 or batch_size < 1:
-        raise BenchError("--val-n and --faith-n must be >= 0, --faith-steps and --batch-size >= 1")
+    if val_n < 0 or faith_n < 0 or road_n < 0 or faith_steps < 1 or batch_size < 1:
+        raise BenchError("--val-n, --faith-n and --road-n must be >= 0, --faith-steps and --batch-size >= 1")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise BenchError("--threshold is a fraction of the heatmap maximum, in [0, 1]")
     if target not in TARGETS:
@@ -75,7 +75,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     if align == "fit" and val_n < 1:
         raise BenchError("--align fit chooses the offsets on the validation split: --val-n must be at least 1")
     opts = Options(tuple(layers), tuple(methods), batch_size, faith_n, faith_steps, faith_baseline, threshold,
-                   data.seed, target=target, align=align)
+                   data.seed, target=target, align=align, road_n=road_n)
     need_val = threshold is None or align == "fit"
 
     rows: list[Row] = []
@@ -149,8 +149,11 @@ def _caption(used: dict, opts: Options, data: DataSource, skipped: list[str], ro
         f"{data.region}; strict: on it (first argmax; flat maps miss). "
         f"Energy: share of heatmap mass inside the box(es).",
         f"Box accuracy: IoU >= 0.5 of the largest component's box, {thr}.",
+        "MaxBoxAccV2 (Choe et al. 2020): boxes of every contour, the best threshold of a 0.01 sweep over these "
+        "test images per row, BoxAcc at IoU 0.3/0.5/0.7 and their mean.",
         f"Deletion/insertion AUC (lower/higher is better): first {faith} of the {n_test} test images only, "
         f"{opts.faith_steps} steps, {opts.faith_baseline} baseline, probability of the explained class.",
+        _road_text(min(opts.road_n, n_test), n_test),
         f"Reference rows ({GAUSSIAN}, {RANDOM}) use those heatmaps on the same images; accuracy is the model's "
         f"top-1 on the test images.",
     ]
@@ -171,3 +174,11 @@ def _caption(used: dict, opts: Options, data: DataSource, skipped: list[str], ro
     return " ".join(parts)
 
 
+
+
+def _road_text(road_n: int, n_test: int) -> str:
+    if not road_n:
+        return "ROAD: not run (--road-n 0; about 4 s per image and heatmap on the demo models)."
+    return (f"ROAD (Rong et al. 2022; MoRF lower, LeRF and combined = (LeRF - MoRF)/2 higher is better): first "
+            f"{road_n} of the {n_test} test images only, noisy linear imputation, 10-90 % of the pixels removed by "
+            f"rank, probability of the explained class.")

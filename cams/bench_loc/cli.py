@@ -15,7 +15,7 @@ from cams import metrics as M
 from cams.bench_loc.bench import (ALIGN_CHOICES, DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N,
                                   DEFAULT_VAL_N, MAX_LABEL_CLASSES, TARGETS, NothingEvaluated, run_bench)
 from cams.bench_loc.data import CSV_NAME, DEFAULT_SEED, BenchError, DataSource, DefaultData, FolderData
-from cams.bench_loc.scoring import DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS
+from cams.bench_loc.scoring import DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N
 from cams.bench_loc.table import format_markdown, format_table, write_csv
 
 
@@ -43,6 +43,9 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
                         help="deletion/insertion steps (default %(default)s)")
     parser.add_argument("--faith-baseline", choices=M.BASELINES, default="blur",
                         help="what deleted pixels become / insertion starts from (default %(default)s)")
+    parser.add_argument("--road-n", type=int, default=DEFAULT_ROAD_N,
+                        help="test images for ROAD, the first ones (default %(default)s: each image costs about 4 s "
+                             "per heatmap, ~2 min for the 30 heatmaps of the default run)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="fixed box threshold (fraction of the max) instead of choosing it on validation")
     seed_help = f"{default_data.seed_help}; with --data: " if default_data else ""
@@ -89,7 +92,7 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
                            data_source(args), n=args.n, val_n=args.val_n, faith_n=args.faith_n,
                            faith_steps=args.faith_steps, faith_baseline=args.faith_baseline,
                            batch_size=args.batch_size, threshold=args.threshold, device=args.device,
-                           target=args.target, align=args.align, log=log)
+                           target=args.target, align=args.align, log=log, road_n=args.road_n)
     except (BenchError, UnknownModelError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"bench-loc: error: {message}", file=err)

@@ -3,7 +3,7 @@ table rows (pointing game, energy in box, box accuracy, deletion/insertion, accu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -11,11 +11,13 @@ import torch
 
 from cams import metrics as M
 from cams.align import NO_OFFSET, fit_offset, layer_offsets, layer_strides, peak, shift_heatmap
+from cams.bench_loc.accum import RowScores
 from cams.bench_loc.data import Sample, Split
 
 
 DEFAULT_FAITH_N = 100
 DEFAULT_FAITH_STEPS = 16
+DEFAULT_ROAD_N = 0  # ROAD costs ~4 s per image and heatmap on the demo models (18 sparse solves)
 DEFAULT_BATCH_SIZE = 16
 FALLBACK_THRESHOLD = 0.5  # only when there is no validation image and no --threshold
 GAUSSIAN = "centre Gaussian"
@@ -35,41 +37,8 @@ class Row:
     flat: int = 0  # heatmaps with no peak (scored as misses)
     kind: str = "cam"  # "cam" | "baseline"
     offset: tuple[float, float] | None = None  # the heatmap alignment (dy, dx) px the row was scored with
-
-
-@dataclass
-class _Acc:
-    """Running sums of one row's per-image scores."""
-
-    pointing15: float = 0.0
-    pointing_strict: float = 0.0
-    energy: float = 0.0
-    box_accuracy: float = 0.0
-    count: int = 0
-    flat: int = 0
-    deletion: list[float] = field(default_factory=list)
-    insertion: list[float] = field(default_factory=list)
-
-    def add(self, heatmap: np.ndarray, sample: Sample, threshold: float) -> None:
-        region = dict(box=sample.boxes, mask=sample.mask)  # pointing game: the mask where there is one
-        self.pointing15 += M.pointing_game(heatmap, **region)
-        self.pointing_strict += M.pointing_game(heatmap, tolerance=0, **region)
-        self.energy += M.energy_in_box(heatmap, box=sample.boxes)  # energy in *box*, as the column says
-        self.box_accuracy += M.box_accuracy(heatmap, sample.boxes, threshold)
-        self.flat += M.is_flat(heatmap)
-        self.count += 1
-
-    def values(self, accuracy: float | None) -> dict[str, float | None]:
-        c = max(self.count, 1)
-        return {
-            "accuracy": accuracy,
-            "pointing15": self.pointing15 / c if self.count else None,
-            "pointing_strict": self.pointing_strict / c if self.count else None,
-            "energy": self.energy / c if self.count else None,
-            "box_accuracy": self.box_accuracy / c if self.count else None,
-            "deletion_auc": float(np.mean(self.deletion)) if self.deletion else None,
-            "insertion_auc": float(np.mean(self.insertion)) if self.insertion else None,
-        }
+    road_n: int = 0  # test images scored by ROAD
+    depth: int | None = None  # 1-based block index of the layer (cams.layers.block_layers); None if not a block
 
 
 def _norm_label(text: str) -> str:
@@ -98,6 +67,7 @@ class Options:
     candidates: tuple[float, ...] = M.DEFAULT_THRESHOLDS
     target: str = "predicted"  # "predicted" (top-1) | "label" (ground-truth class)
     align: str = "model"  # "model" (recorded offsets) | "none" | "fit" (fitted on the validation split)
+    road_n: int = DEFAULT_ROAD_N  # test images scored by ROAD (the first ones)
 
 
 def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) -> np.ndarray:
@@ -195,29 +165,49 @@ def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Optio
     return thresholds, offsets
 
 
-def _score(accs: list[_Acc], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float]) -> None:
+def _score(accs: list[RowScores], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float]) -> None:
     """The per-image scores of one batch; maps [B, R, S, S], one accumulator per R."""
     for r, acc in enumerate(accs):
         for offset in range(maps.shape[0]):
             acc.add(maps[offset, r], split.samples[start + offset], thresholds[r])
 
 
-def _faith(model, inputs: torch.Tensor, scored: list[tuple[list[_Acc], np.ndarray, np.ndarray]], k: int,
-           opts: Options) -> None:
-    """Deletion/insertion of the first ``k`` images of a batch for every (accumulators, maps [B, R, S, S],
-    targets) in ``scored``: one call for all the heatmaps that follow the same classes, so the intact image and
-    the baseline are run once per image, not once per method."""
-    groups: dict[bytes, list[tuple[list[_Acc], np.ndarray, np.ndarray]]] = {}
+def _by_target(scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]], k: int):
+    """The first ``k`` images' (row scores, maps [k, R, S, S], targets [k]) merged where the targets agree, so
+    that one perturbation call covers every heatmap of the same classes (the intact image runs once)."""
+    groups: dict[bytes, list[tuple[list[RowScores], np.ndarray, np.ndarray]]] = {}
     for accs, maps, targets in scored:
         groups.setdefault(np.asarray(targets[:k], dtype=np.int64).tobytes(), []).append((accs, maps, targets))
     for members in groups.values():
-        accs = [acc for member in members for acc in member[0]]
-        maps = np.concatenate([member[1][:k] for member in members], axis=1)
-        result = M.deletion_insertion(model, inputs[:k], maps, members[0][2][:k], steps=opts.faith_steps,
+        yield ([acc for member in members for acc in member[0]],
+               np.concatenate([member[1][:k] for member in members], axis=1), members[0][2][:k])
+
+
+def _faith(model, inputs: torch.Tensor, scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]], k: int,
+           opts: Options) -> None:
+    """Deletion/insertion of the first ``k`` images of a batch for every (row scores, maps [B, R, S, S],
+    targets) in ``scored``."""
+    for accs, maps, targets in _by_target(scored, k):
+        result = M.deletion_insertion(model, inputs[:k], maps, targets, steps=opts.faith_steps,
                                       baseline=opts.faith_baseline, batch_size=opts.batch_size)
         for r, acc in enumerate(accs):
             acc.deletion.extend(result.deletion_auc[:, r].tolist())
             acc.insertion.extend(result.insertion_auc[:, r].tolist())
+
+
+def _road(model, inputs: torch.Tensor, scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]], k: int,
+          opts: Options, first: int) -> None:
+    """ROAD MoRF/LeRF of the first ``k`` images of a batch (test images ``first ..``) for every heatmap in
+    ``scored``; the imputation noise is seeded by the data's seed and the image's position (reproducible)."""
+    from cams.road import road
+
+    for accs, maps, targets in _by_target(scored, k):
+        for i in range(k):
+            result = road(model, inputs[i:i + 1], maps[i:i + 1], targets[i:i + 1], batch_size=opts.batch_size,
+                          seed=(int(opts.seed) * 1_000_003 + first + i) & 0xFFFFFFFF)
+            for r, acc in enumerate(accs):
+                acc.road_morf.append(float(result.morf_score[0, r]))
+                acc.road_lerf.append(float(result.lerf_score[0, r]))
 
 
 def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split | None, test: Split,
@@ -232,6 +222,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
     preds = np.full(len(test), -1, dtype=np.int64)      # top-1 class (accuracy)
     explained = np.full(len(test), -1, dtype=np.int64)  # the class the CAMs explain (deletion/insertion target)
     faith_n = min(opts.faith_n, len(test))
+    road_n = min(opts.road_n, len(test))
     fallback = opts.threshold if opts.threshold is not None else FALLBACK_THRESHOLD
     recorded = layer_offsets(model, opts.layers, "model" if opts.align == "model" else "none")
     # one cell per layer bounds the fitted offsets; the grid is the same for every method
@@ -243,13 +234,13 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
     if opts.threshold is None and val is not None and len(val):
         ref_thresholds = [_choose(list(_baseline_maps(kind, val, 0, len(val), opts.seed)), val, opts)
                           for kind in kinds]
-    cam_accs = {method: [_Acc() for _ in opts.layers] for method in opts.methods}
-    ref_accs = [_Acc() for _ in kinds]
-    faith_model = inference_copy(model, test.tensors(0, min(2, len(test)))) if faith_n else model
+    cam_accs = {method: [RowScores() for _ in opts.layers] for method in opts.methods}
+    ref_accs = [RowScores() for _ in kinds]
+    faith_model = inference_copy(model, test.tensors(0, min(2, len(test)))) if faith_n or road_n else model
     for start in range(0, len(test), opts.batch_size):
         stop = min(len(test), start + opts.batch_size)
         inputs = test.tensors(start, stop)
-        scored: list[tuple[list[_Acc], np.ndarray, np.ndarray]] = []
+        scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]] = []
         for method in opts.methods:
             thresholds, offsets = calibration[method]
             maps, targets, probs = explain_batch(model, test, start, stop, opts, method, class_names, inputs)
@@ -265,6 +256,8 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
         scored.append((ref_accs, maps, explained[start:stop].copy()))
         if start < faith_n:
             _faith(faith_model, inputs, scored, min(faith_n - start, stop - start), opts)
+        if start < road_n:
+            _road(faith_model, inputs, scored, min(road_n - start, stop - start), opts, start)
     accuracy = _accuracy(preds, test, table)
     rows: list[Row] = []
     for method in opts.methods:
@@ -272,10 +265,11 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
         for position, layer in enumerate(opts.layers):
             acc = cam_accs[method][position]
             rows.append(Row(model_id, layer, method, acc.values(accuracy), thresholds[position], acc.count,
-                            len(acc.deletion), acc.flat, offset=offsets[position]))
+                            len(acc.deletion), acc.flat, offset=offsets[position], road_n=len(acc.road_morf)))
     for r, kind in enumerate(kinds):
         rows.append(Row(model_id, BASELINE_LAYER, kind, ref_accs[r].values(accuracy), ref_thresholds[r],
-                        ref_accs[r].count, len(ref_accs[r].deletion), ref_accs[r].flat, kind="baseline"))
+                        ref_accs[r].count, len(ref_accs[r].deletion), ref_accs[r].flat, kind="baseline",
+                        road_n=len(ref_accs[r].road_morf)))
     log(f"{model_id}: {len(test)} test images, {len(opts.methods)} methods and the reference heatmaps, "
         f"{time.perf_counter() - t0:.0f} s")
     return rows

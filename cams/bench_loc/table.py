@@ -5,15 +5,19 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
+from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS
 from cams.bench_loc.scoring import Row
 from cams.engine import METHODS
 
-KEYS = ("accuracy", "pointing15", "pointing_strict", "energy", "box_accuracy", "deletion_auc", "insertion_auc")
+KEYS = ("accuracy", "pointing15", "pointing_strict", "energy", "box_accuracy", *MAXBOX_KEYS, "deletion_auc",
+        "insertion_auc", *ROAD_KEYS)
 HEADERS = {"accuracy": "accuracy", "pointing15": "pointing game (15 px)",
            "pointing_strict": "pointing game (strict)", "energy": "energy in box", "box_accuracy": "box accuracy",
-           "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC"}
-CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "flat_heatmaps",
-              "offset_dy", "offset_dx"]
+           "maxboxacc_v2": "MaxBoxAccV2", "box_acc_iou30": "BoxAcc IoU.3", "box_acc_iou50": "BoxAcc IoU.5",
+           "box_acc_iou70": "BoxAcc IoU.7", "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
+           "road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF", "road_combined": "ROAD combined"}
+CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "road_n",
+              "flat_heatmaps", "offset_dy", "offset_dx", "depth"]
 
 
 def _fmt(value: float | None) -> str:
@@ -61,5 +65,7 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
         for row in rows:
             writer.writerow([row.model, row.layer, row.method, method_label(row.method)]
                             + ["" if row.values.get(key) is None else f"{row.values[key]:.6f}" for key in KEYS]
-                            + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.flat]
-                            + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"]))
+                            + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.road_n,
+                               row.flat]
+                            + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"])
+                            + ["" if row.depth is None else row.depth])
