@@ -1,7 +1,7 @@
 """``run_bench``: every model x layer x method scored on the caller's data (see the package docstring)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -33,6 +33,16 @@ def load_model(model_id: str, device: str | None = None):
     return load(model_id, device=device)
 
 
+def layer_depths(model) -> dict[str, int]:
+    """Layer name -> 1-based block index (:func:`cams.layers.block_layers`), for the blocks and every name that
+    gives the same tensor as one (``layer3`` is ``layer3.5`` on R50: depth 13)."""
+    from cams.layers import block_layers, canonical, layer_names
+
+    by_tensor = {canonical(model, block): index for index, block in enumerate(block_layers(model), start=1)}
+    return {name: by_tensor[canonical(model, name)] for name in layer_names(model)
+            if canonical(model, name) in by_tensor}
+
+
 @dataclass
 class BenchResult:
     rows: list[Row]
@@ -50,7 +60,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     """Evaluate every model on ``data``'s splits (up to ``n`` test and ``val_n`` validation images per model);
     models whose weights are missing are skipped, with the reason in ``skipped``."""
     from cams.engine import METHODS
-    from cams.layers import LayerError, layer_names
+    from cams.layers import LayerError, expand_layers, layer_names
     from pfnet import zoo
     from pfnet.errors import PfnetError
 
@@ -97,10 +107,11 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             continue
         try:
             names = set(layer_names(model))
+            model_layers = expand_layers(model, layers)
         except LayerError as error:
             skipped.append(f"{model_id}: {error}")
             continue
-        bad = [layer for layer in layers if layer not in names]
+        bad = [layer for layer in model_layers if layer not in names]
         if bad:
             message = f"{model_id}: no layer(s) {', '.join(bad)} (valid: {', '.join(sorted(names))})"
             skipped.append(message)
@@ -118,7 +129,12 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         pre = entry.preprocess
         val, test = data.splits(pre, n, val_n if need_val else 0, log)
         log(f"{model_id}: {len(test)} test images, {len(val) if val else 0} validation images")
-        rows.extend(evaluate_model(model, model_id, entry.class_names(), val, test, opts, log))
+        model_rows = evaluate_model(model, model_id, entry.class_names(), val, test,
+                                    replace(opts, layers=tuple(model_layers)), log)
+        depth = layer_depths(model)
+        for row in model_rows:
+            row.depth = depth.get(row.layer)
+        rows.extend(model_rows)
         used[model_id] = (val, test, pre)
         del model
     if not rows:
