@@ -51,6 +51,9 @@ def _label_index(class_names: Sequence[str]) -> dict[str, int]:
 
 
 def _label_ids(sample: Sample, table: dict[str, int]) -> set[int]:
+    """The sample's ground-truth class ids: its ``class_ids`` where the data gives them, else its names looked up."""
+    if sample.class_ids:
+        return set(sample.class_ids)
     return {table[_norm_label(label)] for label in sample.labels if _norm_label(label) in table}
 
 
