@@ -65,3 +65,16 @@ def test_score_images_on_own_boxes(tiny_zoo):
     heat = M.centre_gaussian((64, 64))
     expected = np.mean([M.energy_in_box(heat, box=b) for b in boxes])
     assert abs(gaussian.values["energy"] - expected) < 1e-9
+
+
+def test_progress_is_a_line_per_batch_off_a_terminal(tiny_zoo, capsys):
+    import re
+
+    assert main(["bench-loc", "--models", TINY, "--layers", "layer4", "--methods", "gradcam,eigencam", "--n", "6",
+                 "--val-n", "3", "--faith-n", "0", "--batch-size", "4"]) == 0
+    out, err = capsys.readouterr()
+    steps = [tuple(map(int, m.groups())) for m in re.finditer(r"^\[bench-loc\] (\d+)/(\d+) ", err, re.M)]
+    # validation: 1 batch x 2 methods; test: 2 batches (all methods at once)
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert "\r" not in err
+    assert out.rstrip().splitlines()[-1].split()[1:3] == ["-", "uniform"]  # the table ends with the references

@@ -10,7 +10,8 @@ from cams import metrics as M
 from cams.align import ALIGN_MODES
 from cams.bench_loc.data import BenchError, DataSource
 from cams.bench_loc.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N,
-                                    FALLBACK_THRESHOLD, GAUSSIAN, RANDOM, Options, Row, evaluate_model)
+                                    FALLBACK_THRESHOLD, GAUSSIAN, RANDOM, Options, Row, evaluate_model, steps)
+from cams.progress import Progress
 
 DEFAULT_MODELS = ("demo_r50", "demo_r50_max", "demo_r50_hybrid")
 DEFAULT_LAYERS = ("layer3", "layer4")
@@ -56,9 +57,12 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
               faith_steps: int = DEFAULT_FAITH_STEPS, faith_baseline: str = "blur",
               batch_size: int = DEFAULT_BATCH_SIZE, threshold: float | None = None, device: str | None = None,
               target: str = "predicted", align: str = "model",
-              log: Callable[[str], None] = lambda _: None, road_n: int = DEFAULT_ROAD_N) -> BenchResult:
+              log: Callable[[str], None] = lambda _: None, road_n: int = DEFAULT_ROAD_N,
+              progress: Progress | None = None) -> BenchResult:
     """Evaluate every model on ``data``'s splits (up to ``n`` test and ``val_n`` validation images per model);
-    models whose weights are missing are skipped, with the reason in ``skipped``."""
+    models whose weights are missing are skipped, with the reason in ``skipped``. ``progress``
+    (:class:`cams.progress.Progress`): one step per batch (its ``total`` is set here and corrected as each
+    model's splits are known)."""
     from cams.engine import METHODS
     from cams.layers import LayerError, expand_layers, layer_names
     from pfnet import zoo
@@ -87,11 +91,15 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     opts = Options(tuple(layers), tuple(methods), batch_size, faith_n, faith_steps, faith_baseline, threshold,
                    data.seed, target=target, align=align, road_n=road_n)
     need_val = threshold is None or align == "fit"
+    planned = steps(opts, val_n if need_val else 0, n)  # per model, until its splits are known
+    step = progress.step if progress is not None else (lambda _: None)
 
     rows: list[Row] = []
     skipped: list[str] = []
     used: dict[str, object] = {}
-    for model_id in models:
+    for index, model_id in enumerate(models):
+        if progress is not None:  # what is done, plus the plan for this model and the ones after it
+            progress.total = progress.count + planned * (len(models) - index)
         entry = zoo.get(model_id)
         reason = data.skip_reason(entry)
         if reason:
@@ -129,8 +137,10 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         pre = entry.preprocess
         val, test = data.splits(pre, n, val_n if need_val else 0, log)
         log(f"{model_id}: {len(test)} test images, {len(val) if val else 0} validation images")
+        if progress is not None:
+            progress.total += steps(opts, len(val) if val else 0, len(test)) - planned
         model_rows = evaluate_model(model, model_id, entry.class_names(), val, test,
-                                    replace(opts, layers=tuple(model_layers)), log)
+                                    replace(opts, layers=tuple(model_layers)), log, step)
         depth = layer_depths(model)
         for row in model_rows:
             row.depth = depth.get(row.layer)

@@ -13,6 +13,7 @@ from typing import TextIO
 from cams import metrics as M
 from cams.layers import BLOCKS
 from cams.plotting import write_atomic
+from cams.progress import Progress
 from cams.bench_loc.bench import (ALIGN_CHOICES, DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N,
                                   DEFAULT_VAL_N, MAX_LABEL_CLASSES, TARGETS, NothingEvaluated, run_bench)
 from cams.bench_loc.data import CSV_NAME, DEFAULT_SEED, BenchError, DataSource, DefaultData, FolderData
@@ -89,8 +90,8 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
     out = out or sys.stdout
     err = err or sys.stderr
 
-    def log(message: str) -> None:
-        print(f"[bench-loc] {message}", file=err, flush=True)
+    progress = Progress(0, "bench-loc", err)
+    log = progress.log
 
     t0 = time.perf_counter()
     try:
@@ -98,11 +99,14 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
                            data_source(args), n=args.n, val_n=args.val_n, faith_n=args.faith_n,
                            faith_steps=args.faith_steps, faith_baseline=args.faith_baseline,
                            batch_size=args.batch_size, threshold=args.threshold, device=args.device,
-                           target=args.target, align=args.align, log=log, road_n=args.road_n)
+                           target=args.target, align=args.align, log=log, road_n=args.road_n,
+                           progress=progress)
     except (BenchError, UnknownModelError) as error:
+        progress.close()
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"bench-loc: error: {message}", file=err)
         return 1 if isinstance(error, NothingEvaluated) else 2
+    progress.close()
     for problem in result.problems:
         print(f"bench-loc: skipped: {problem}", file=err)
     for message in result.skipped:

@@ -148,14 +148,16 @@ def inference_copy(model, probe: torch.Tensor):
 
 
 def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Options, method: str, recorded,
-               strides, fallback: float, log: Callable[[str], None]) -> tuple[list[float], list]:
+               strides, fallback: float, log: Callable[[str], None],
+               step: Callable[[str], None]) -> tuple[list[float], list]:
     """One method's box thresholds and heatmap offsets per layer, chosen on the validation split."""
     thresholds = [fallback] * len(opts.layers)
     offsets = recorded
     if val is None or not len(val) or (opts.threshold is not None and opts.align != "fit"):
         return thresholds, offsets
     val_maps: list[list[np.ndarray]] = [[] for _ in opts.layers]
-    for _, _, maps, _, _ in cam_batches(model, val, opts, method, class_names):
+    for start, _, maps, _, _ in cam_batches(model, val, opts, method, class_names):
+        step(f"{model_id} {method} validation {min(start + opts.batch_size, len(val))}/{len(val)}")
         for position in range(len(opts.layers)):
             val_maps[position].extend(maps[:, position])
     if opts.align == "fit":
@@ -214,11 +216,14 @@ def _road(model, inputs: torch.Tensor, scored: list[tuple[list[RowScores], np.nd
 
 
 def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split | None, test: Split,
-                   opts: Options, log: Callable[[str], None] = lambda _: None) -> list[Row]:
+                   opts: Options, log: Callable[[str], None] = lambda _: None,
+                   step: Callable[[str], None] = lambda _: None) -> list[Row]:
     """Rows for one model: every layer x method, then the two reference heatmaps.
 
     Thresholds (and fitted offsets) come from the validation split first; then the test split goes through
     batch by batch: every method's CAMs, the reference heatmaps, and one deletion/insertion pass for all.
+    ``step(message)`` is called after each batch (validation: per method; test: all methods at once): see
+    :func:`steps`.
     """
     t0 = time.perf_counter()
     table = _label_index(class_names)
@@ -231,7 +236,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
     # one cell per layer bounds the fitted offsets; the grid is the same for every method
     strides = layer_strides(model, opts.layers, (val.size, val.size)) if opts.align == "fit" and val else None
     calibration = {method: _calibrate(model, model_id, class_names, val, opts, method, recorded, strides, fallback,
-                                      log) for method in opts.methods}
+                                      log, step) for method in opts.methods}
     kinds = (GAUSSIAN, RANDOM)
     ref_thresholds = [fallback] * len(kinds)
     if opts.threshold is None and val is not None and len(val):
@@ -261,6 +266,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
             _faith(faith_model, inputs, scored, min(faith_n - start, stop - start), opts)
         if start < road_n:
             _road(faith_model, inputs, scored, min(road_n - start, stop - start), opts, start)
+        step(f"{model_id} test {stop}/{len(test)}")
     accuracy = _accuracy(preds, test, table)
     rows: list[Row] = []
     for method in opts.methods:
@@ -276,6 +282,13 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
     log(f"{model_id}: {len(test)} test images, {len(opts.methods)} methods and the reference heatmaps, "
         f"{time.perf_counter() - t0:.0f} s")
     return rows
+
+
+def steps(opts: Options, n_val: int, n_test: int) -> int:
+    """How many times :func:`evaluate_model` calls ``step`` for splits of these sizes."""
+    batches = lambda count: -(-count // opts.batch_size)  # noqa: E731
+    calibrated = n_val and (opts.threshold is None or opts.align == "fit")
+    return (batches(n_val) * len(opts.methods) if calibrated else 0) + batches(n_test)
 
 
 def _accuracy(preds: np.ndarray, split: Split, table: dict) -> float | None:
