@@ -33,6 +33,12 @@ def test_layers_blocks_scores_every_block_in_depth_order_and_plots(tiny_zoo, tmp
     assert records[-1]["depth"] == ""
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 1000  # one panel per metric
+    again = bench_loc.read_csv(csv_path)  # the CSV gives the rows back: the figure can be drawn again from it
+    assert [(r.layer, r.method, r.depth, r.kind) for r in again][-3:] == [
+        ("layer4", "gradcam", len(blocks), "cam"), ("-", bench_loc.GAUSSIAN, None, "baseline"),
+        ("-", bench_loc.RANDOM, None, "baseline")]
+    assert again[0].values["pointing15"] == float(records[0]["pointing15"])
+    assert bench_loc.plot_depth(again)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_without_block_rows_says_so(tiny_zoo, tmp_path: Path, capsys):
@@ -74,7 +80,7 @@ def test_progress_is_a_line_per_batch_off_a_terminal(tiny_zoo, capsys):
                  "--val-n", "3", "--faith-n", "0", "--batch-size", "4"]) == 0
     out, err = capsys.readouterr()
     steps = [tuple(map(int, m.groups())) for m in re.finditer(r"^\[bench-loc\] (\d+)/(\d+) ", err, re.M)]
-    # validation: 1 batch x 2 methods; test: 2 batches (all methods at once)
-    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    # validation: 1 batch; test: 2 batches (all methods of a batch at once)
+    assert steps == [(1, 3), (2, 3), (3, 3)]
     assert "\r" not in err
     assert out.rstrip().splitlines()[-1].split()[1:3] == ["-", "uniform"]  # the table ends with the references

@@ -57,7 +57,7 @@ from cams.bench_loc.data import (CSV_NAME, DEFAULT_SEED, Annotation, BenchError,
 from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS, RowScores
 from cams.bench_loc.scoring import (DEFAULT_ROAD_N, GAUSSIAN, RANDOM, Options, Row, cam_batches, evaluate_model, explain_batch,
                                      fit_offsets, inference_copy)
-from cams.bench_loc.table import KEYS, format_markdown, format_table, write_csv
+from cams.bench_loc.table import KEYS, format_markdown, format_table, read_csv, write_csv
 from cams.bench_loc.depth import score_images
 from cams.bench_loc.plot import plot_depth
 
@@ -68,6 +68,6 @@ __all__ = [
     "CSV_NAME", "DEFAULT_SEED",
     "Options", "Row", "evaluate_model", "cam_batches", "explain_batch", "fit_offsets", "inference_copy",
     "GAUSSIAN", "RANDOM", "DEFAULT_ROAD_N", "RowScores", "MAXBOX_KEYS", "ROAD_KEYS",
-    "KEYS", "format_table", "format_markdown", "write_csv", "score_images", "plot_depth",
+    "KEYS", "format_table", "format_markdown", "write_csv", "read_csv", "score_images", "plot_depth",
     "add_bench_loc_parser", "main_bench_loc",
 ]

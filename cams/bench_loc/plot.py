@@ -1,6 +1,7 @@
 """bench-loc's depth figure (``--plot F.png``): each metric against depth (the block index of
 :func:`cams.layers.block_layers`), one line per model, one row of panels per method; each model's reference
-heatmaps as horizontal lines in its colour (centred Gaussian dashed, uniform random dotted)."""
+heatmaps as horizontal lines in its colour (centred Gaussian dashed, uniform random dotted). Panels run method by
+method, metric by metric, ``COLUMNS`` to a row."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,6 +11,7 @@ from cams.bench_loc.table import HEADERS, KEYS, method_label
 from cams.plotting import new_figure, png_bytes
 
 REFERENCE_STYLES = {GAUSSIAN: "--", RANDOM: ":"}
+COLUMNS = 4
 
 
 def plotted_keys(rows: Sequence[Row]) -> list[str]:
@@ -31,28 +33,32 @@ def plot_depth(rows: Sequence[Row], dpi: int = 110) -> bytes:
     methods = list(dict.fromkeys(row.method for row in deep))
     colours = {model: f"C{index}" for index, model in enumerate(models)}
     stages = _stage_starts(deep)
-    figure = new_figure(3.0 * len(keys), 2.6 * len(methods) + 0.6, dpi)
-    axes = figure.subplots(len(methods), len(keys), squeeze=False)
-    for r, method in enumerate(methods):
-        for c, key in enumerate(keys):
-            ax = axes[r][c]
-            for model in models:
-                series = sorted((row for row in deep if row.model == model and row.method == method
-                                 and row.values.get(key) is not None), key=lambda row: row.depth)
-                if series:
-                    ax.plot([row.depth for row in series], [row.values[key] for row in series], marker="o",
-                            markersize=2.5, linewidth=1.4, color=colours[model], label=model)
-                for row in rows:
-                    if row.model == model and row.kind == "baseline" and row.values.get(key) is not None:
-                        ax.axhline(row.values[key], color=colours[model], linewidth=0.9,
-                                   linestyle=REFERENCE_STYLES.get(row.method, "-."))
-            for start in stages:
-                ax.axvline(start - 0.5, color="0.8", linewidth=0.6)
-            ax.grid(alpha=0.3, linewidth=0.5)
-            ax.tick_params(labelsize=7)
-            ax.set_title(f"{method_label(method)} · {HEADERS[key]}", fontsize=8)
-            if r == len(methods) - 1:
-                ax.set_xlabel("block (depth)", fontsize=7)
+    panels = [(method, key) for method in methods for key in keys]
+    columns = min(COLUMNS, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    figure = new_figure(3.2 * columns, 2.5 * grid_rows + 0.5, dpi)
+    axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for index, (method, key) in enumerate(panels):
+        ax = axes[index]
+        for model in models:
+            series = sorted((row for row in deep if row.model == model and row.method == method
+                             and row.values.get(key) is not None), key=lambda row: row.depth)
+            if series:
+                ax.plot([row.depth for row in series], [row.values[key] for row in series], marker="o",
+                        markersize=2.5, linewidth=1.4, color=colours[model], label=model)
+            for row in rows:
+                if row.model == model and row.kind == "baseline" and row.values.get(key) is not None:
+                    ax.axhline(row.values[key], color=colours[model], linewidth=0.9,
+                               linestyle=REFERENCE_STYLES.get(row.method, "-."))
+        for start in stages:
+            ax.axvline(start - 0.5, color="0.8", linewidth=0.6)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"{method_label(method)} · {HEADERS[key]}", fontsize=8)
+        if index + columns >= len(panels):
+            ax.set_xlabel("block (depth; grey lines: stage starts)", fontsize=7)
     handles = [Line2D([], [], color=colours[model], linewidth=1.4) for model in models]
     handles += [Line2D([], [], color="0.3", linestyle=style, linewidth=0.9) for style in REFERENCE_STYLES.values()]
     names = models + [f"{kind} (reference)" for kind in REFERENCE_STYLES]

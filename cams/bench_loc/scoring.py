@@ -81,30 +81,42 @@ def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) ->
                      for index in range(start, stop)])
 
 
-def explain_batch(model, split: Split, start: int, stop: int, opts: Options, method: str, class_names,
-                  inputs: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) of images ``start:stop`` from one
-    ``explain`` call covering every layer.
+def explain_methods_batch(model, split: Split, start: int, stop: int, opts: Options, methods: Sequence[str],
+                          class_names, inputs: torch.Tensor | None = None
+                          ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per method, (heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) of images ``start:stop``,
+    every layer and method from one forward and one gradient call (:func:`cams.multi.explain_methods`).
 
     ``opts.target == "predicted"``: each image's top-1 class. ``"label"``: each image's ground-truth class
     (the engine takes the same target list for every image, so all classes are explained at once and each
     image's label slot is kept; images without a usable label fall back to their top-1 class).
     """
-    from cams.engine import explain
+    from cams.multi import explain_methods
 
     inputs = split.tensors(start, stop) if inputs is None else inputs
     align = "none" if opts.align == "fit" else opts.align  # fitted offsets are applied by the caller
-    if opts.target == "label":
-        table = _label_index(class_names)
-        result = explain(model, inputs, list(opts.layers), method=method, targets=list(range(len(class_names))),
-                         class_names=class_names, batch_size=opts.batch_size, align=align)
+    label = opts.target == "label"
+    results = explain_methods(model, inputs, list(opts.layers), methods,
+                              targets=list(range(len(class_names))) if label else None, class_names=class_names,
+                              batch_size=opts.batch_size, align=align)
+    out = {}
+    for method, result in results.items():
         probs = result.probs.numpy()
-        chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
-                           for i in range(stop - start)], dtype=np.int64)
-        return result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy(), chosen, probs
-    result = explain(model, inputs, list(opts.layers), method=method, targets=None, class_names=class_names,
-                     batch_size=opts.batch_size, align=align)
-    return result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(), result.probs.numpy()
+        if label:
+            table = _label_index(class_names)
+            chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
+                               for i in range(stop - start)], dtype=np.int64)
+            out[method] = (result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy(), chosen,
+                           probs)
+        else:
+            out[method] = (result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(), probs)
+    return out
+
+
+def explain_batch(model, split: Split, start: int, stop: int, opts: Options, method: str, class_names,
+                  inputs: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One method's (heatmaps [B, L, S, S], explained class [B], probs [B, C]): see :func:`explain_methods_batch`."""
+    return explain_methods_batch(model, split, start, stop, opts, [method], class_names, inputs)[method]
 
 
 def cam_batches(model, split: Split, opts: Options, method: str, class_names) -> Iterable:
@@ -147,27 +159,32 @@ def inference_copy(model, probe: torch.Tensor):
     return fused if same else model
 
 
-def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Options, method: str, recorded,
-               strides, fallback: float, log: Callable[[str], None],
-               step: Callable[[str], None]) -> tuple[list[float], list]:
-    """One method's box thresholds and heatmap offsets per layer, chosen on the validation split."""
-    thresholds = [fallback] * len(opts.layers)
-    offsets = recorded
+def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Options, recorded, strides,
+               fallback: float, log: Callable[[str], None], step: Callable[[str], None]) -> dict[str, tuple]:
+    """Per method, the box thresholds and heatmap offsets per layer, chosen on the validation split (all methods
+    of a batch from one pass)."""
     if val is None or not len(val) or (opts.threshold is not None and opts.align != "fit"):
-        return thresholds, offsets
-    val_maps: list[list[np.ndarray]] = [[] for _ in opts.layers]
-    for start, _, maps, _, _ in cam_batches(model, val, opts, method, class_names):
-        step(f"{model_id} {method} validation {min(start + opts.batch_size, len(val))}/{len(val)}")
-        for position in range(len(opts.layers)):
-            val_maps[position].extend(maps[:, position])
-    if opts.align == "fit":
-        offsets = fit_offsets(val_maps, val, strides)
-        val_maps = [[shift_heatmap(m, offsets[p]) for m in val_maps[p]] for p in range(len(opts.layers))]
-        log(f"{model_id} {method}: fitted offsets " + ", ".join(
-            f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))
-    if opts.threshold is None:
-        thresholds = [_choose(val_maps[position], val, opts) for position in range(len(opts.layers))]
-    return thresholds, offsets
+        return {method: ([fallback] * len(opts.layers), recorded) for method in opts.methods}
+    val_maps = {method: [[] for _ in opts.layers] for method in opts.methods}
+    for start in range(0, len(val), opts.batch_size):
+        stop = min(len(val), start + opts.batch_size)
+        for method, (maps, _, _) in explain_methods_batch(model, val, start, stop, opts, opts.methods,
+                                                           class_names).items():
+            for position in range(len(opts.layers)):
+                val_maps[method][position].extend(maps[:, position])
+        step(f"{model_id} validation {stop}/{len(val)}")
+    out = {}
+    for method, maps in val_maps.items():
+        thresholds, offsets = [fallback] * len(opts.layers), recorded
+        if opts.align == "fit":
+            offsets = fit_offsets(maps, val, strides)
+            maps = [[shift_heatmap(m, offsets[p]) for m in maps[p]] for p in range(len(opts.layers))]
+            log(f"{model_id} {method}: fitted offsets " + ", ".join(
+                f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))
+        if opts.threshold is None:
+            thresholds = [_choose(maps[position], val, opts) for position in range(len(opts.layers))]
+        out[method] = (thresholds, offsets)
+    return out
 
 
 def _score(accs: list[RowScores], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float]) -> None:
@@ -222,7 +239,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
 
     Thresholds (and fitted offsets) come from the validation split first; then the test split goes through
     batch by batch: every method's CAMs, the reference heatmaps, and one deletion/insertion pass for all.
-    ``step(message)`` is called after each batch (validation: per method; test: all methods at once): see
+    ``step(message)`` is called after each batch (all methods at once, validation then test): see
     :func:`steps`.
     """
     t0 = time.perf_counter()
@@ -235,8 +252,7 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
     recorded = layer_offsets(model, opts.layers, "model" if opts.align == "model" else "none")
     # one cell per layer bounds the fitted offsets; the grid is the same for every method
     strides = layer_strides(model, opts.layers, (val.size, val.size)) if opts.align == "fit" and val else None
-    calibration = {method: _calibrate(model, model_id, class_names, val, opts, method, recorded, strides, fallback,
-                                      log, step) for method in opts.methods}
+    calibration = _calibrate(model, model_id, class_names, val, opts, recorded, strides, fallback, log, step)
     kinds = (GAUSSIAN, RANDOM)
     ref_thresholds = [fallback] * len(kinds)
     if opts.threshold is None and val is not None and len(val):
@@ -249,9 +265,10 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
         stop = min(len(test), start + opts.batch_size)
         inputs = test.tensors(start, stop)
         scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]] = []
+        explained_batch = explain_methods_batch(model, test, start, stop, opts, opts.methods, class_names, inputs)
         for method in opts.methods:
             thresholds, offsets = calibration[method]
-            maps, targets, probs = explain_batch(model, test, start, stop, opts, method, class_names, inputs)
+            maps, targets, probs = explained_batch[method]
             if opts.align == "fit":
                 maps = np.stack([np.stack([shift_heatmap(maps[b, p], offsets[p]) for p in range(maps.shape[1])])
                                  for b in range(maps.shape[0])])
@@ -288,7 +305,7 @@ def steps(opts: Options, n_val: int, n_test: int) -> int:
     """How many times :func:`evaluate_model` calls ``step`` for splits of these sizes."""
     batches = lambda count: -(-count // opts.batch_size)  # noqa: E731
     calibrated = n_val and (opts.threshold is None or opts.align == "fit")
-    return (batches(n_val) * len(opts.methods) if calibrated else 0) + batches(n_test)
+    return (batches(n_val) if calibrated else 0) + batches(n_test)
 
 
 def _accuracy(preds: np.ndarray, split: Split, table: dict) -> float | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS
-from cams.bench_loc.scoring import Row
+from cams.bench_loc.scoring import BASELINE_LAYER, Row
 from cams.engine import METHODS
 
 KEYS = ("accuracy", "pointing15", "pointing_strict", "energy", "box_accuracy", *MAXBOX_KEYS, "deletion_auc",
@@ -69,3 +69,19 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
                                row.flat]
                             + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"])
                             + ["" if row.depth is None else row.depth])
+
+
+def read_csv(path: str | Path) -> list[Row]:
+    """Rows back from a CSV that :func:`write_csv` wrote (e.g. to draw ``plot_depth`` again)."""
+    number = lambda text: float(text) if text != "" else None  # noqa: E731
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for record in csv.DictReader(handle):
+            offset = (None if record["offset_dy"] == "" else (float(record["offset_dy"]), float(record["offset_dx"])))
+            reference = record["layer"] == BASELINE_LAYER
+            rows.append(Row(record["model"], record["layer"], record["method"],
+                            {key: number(record.get(key, "")) for key in KEYS}, number(record["box_threshold"]),
+                            int(record["n"]), int(record["faith_n"]), int(record["flat_heatmaps"]),
+                            "baseline" if reference else "cam", offset, int(record.get("road_n") or 0),
+                            int(record["depth"]) if record.get("depth") else None))
+    return rows
