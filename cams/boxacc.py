@@ -29,7 +29,7 @@ from cams import metrics as M
 IOU_LEVELS: tuple[float, ...] = (0.3, 0.5, 0.7)
 THRESHOLDS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(100))
 
-__all__ = ["IOU_LEVELS", "THRESHOLDS", "MaxBoxAcc", "heatmap_boxes", "component_boxes", "best_iou_curve",
+__all__ = ["IOU_LEVELS", "THRESHOLDS", "MaxBoxAcc", "heatmap_boxes", "component_boxes", "threshold_boxes", "curve_from_boxes", "best_iou_curve",
            "max_box_acc", "MaxBoxAccumulator"]
 
 
@@ -91,14 +91,10 @@ def _iou_matrix(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
 DENSE_CONTOURS = 64  # above this many contours at one threshold, the component passes are faster than tracing
 
 
-def best_iou_curve(heatmap, boxes: M.Boxes, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:
-    """``[T]``: at each threshold, the best IoU of any contour box with any ground-truth box (0 without either).
-    Maps with many contours (noise) switch from contour tracing to :func:`component_boxes` (the same boxes)."""
-    truth = np.asarray(M.as_boxes(boxes), dtype=np.float64).reshape(-1, 4)
+def threshold_boxes(heatmap, thresholds: Sequence[float] = THRESHOLDS) -> tuple[np.ndarray, np.ndarray]:
+    """Every contour box at every threshold: ``(boxes [P, 4], threshold index [P])``. Maps with many contours
+    (noise) switch from contour tracing to :func:`component_boxes` (the same boxes)."""
     h = _normalised(heatmap)
-    curve = np.zeros(len(thresholds), dtype=np.float64)
-    if not len(truth):
-        return curve
     found: list[np.ndarray] = []
     owner: list[np.ndarray] = []
     dense = False
@@ -110,10 +106,25 @@ def best_iou_curve(heatmap, boxes: M.Boxes, thresholds: Sequence[float] = THRESH
             dense = len(boxes_j) > DENSE_CONTOURS
         found.append(boxes_j)
         owner.append(np.full(len(boxes_j), j))
-    found_all = np.concatenate(found)
-    if len(found_all):  # one IoU computation for the boxes of every threshold
-        np.maximum.at(curve, np.concatenate(owner), _iou_matrix(found_all, truth).max(axis=1))
+    return np.concatenate(found), np.concatenate(owner)
+
+
+def curve_from_boxes(found: np.ndarray, owner: np.ndarray, boxes: M.Boxes, count: int = len(THRESHOLDS)
+                     ) -> np.ndarray:
+    """``[count]``: per threshold index, the best IoU of the ``found`` boxes (:func:`threshold_boxes`) with any
+    ground-truth box."""
+    truth = np.asarray(M.as_boxes(boxes), dtype=np.float64).reshape(-1, 4)
+    curve = np.zeros(count, dtype=np.float64)
+    if len(found) and len(truth):  # one IoU computation for the boxes of every threshold
+        np.maximum.at(curve, owner, _iou_matrix(found, truth).max(axis=1))
     return curve
+
+
+def best_iou_curve(heatmap, boxes: M.Boxes, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:
+    """``[T]``: at each threshold, the best IoU of any contour box with any ground-truth box (0 without either)."""
+    if not M.as_boxes(boxes):
+        return np.zeros(len(thresholds), dtype=np.float64)
+    return curve_from_boxes(*threshold_boxes(heatmap, thresholds), boxes, len(thresholds))
 
 
 @dataclass

@@ -3,7 +3,7 @@ table rows (pointing game, energy in box, box accuracy, deletion/insertion, accu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from cams import metrics as M
 from cams.align import NO_OFFSET, fit_offset, layer_offsets, layer_strides, peak, shift_heatmap
 from cams.bench_loc.accum import RowScores
+from cams.boxacc import best_iou_curve, curve_from_boxes, threshold_boxes
 from cams.bench_loc.data import Sample, Split
 
 
@@ -71,6 +72,8 @@ class Options:
     target: str = "predicted"  # "predicted" (top-1) | "label" (ground-truth class)
     align: str = "model"  # "model" (recorded offsets) | "none" | "fit" (fitted on the validation split)
     road_n: int = DEFAULT_ROAD_N  # test images scored by ROAD (the first ones)
+    # the reference heatmaps' MaxBoxAccV2 curves, shared by the models of a run (the same maps and boxes)
+    reference_curves: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) -> np.ndarray:
@@ -187,11 +190,37 @@ def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Optio
     return out
 
 
-def _score(accs: list[RowScores], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float]) -> None:
-    """The per-image scores of one batch; maps [B, R, S, S], one accumulator per R."""
+def _score(accs: list[RowScores], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float],
+           curves: Sequence[Sequence[np.ndarray]] | None = None) -> None:
+    """The per-image scores of one batch; maps [B, R, S, S], one accumulator per R (``curves[r][b]``: the
+    MaxBoxAccV2 curves when known)."""
     for r, acc in enumerate(accs):
         for offset in range(maps.shape[0]):
-            acc.add(maps[offset, r], split.samples[start + offset], thresholds[r])
+            acc.add(maps[offset, r], split.samples[start + offset], thresholds[r],
+                    None if curves is None else curves[r][offset])
+
+
+def _reference_curves(kind: str, split: Split, start: int, stop: int, maps: np.ndarray, opts: Options
+                      ) -> list[np.ndarray]:
+    """MaxBoxAccV2 curves of a reference heatmap kind for images ``start:stop`` (maps [B, S, S]), from the run's
+    cache: the Gaussian is one map per size (its contour boxes are traced once), the noise one map per
+    (seed, split, image), and every model of the same input size sees the same images and boxes."""
+    cache = opts.reference_curves
+    out = []
+    for offset in range(stop - start):
+        sample = split.samples[start + offset]
+        if kind == GAUSSIAN:
+            key = (kind, split.size)
+            if key not in cache:
+                cache[key] = threshold_boxes(maps[offset])
+            out.append(curve_from_boxes(*cache[key], sample.boxes))
+            continue
+        key = (kind, split.size, int(opts.seed), split.stream, start + offset, sample.name,
+               tuple(tuple(box) for box in sample.boxes))
+        if key not in cache:
+            cache[key] = best_iou_curve(maps[offset], sample.boxes)
+        out.append(cache[key])
+    return out
 
 
 def _by_target(scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]], k: int):
@@ -277,7 +306,8 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
             _score(cam_accs[method], maps, test, start, thresholds)
             scored.append((cam_accs[method], maps, targets))
         maps = np.stack([_baseline_maps(kind, test, start, stop, opts.seed) for kind in kinds], axis=1)
-        _score(ref_accs, maps, test, start, ref_thresholds)
+        _score(ref_accs, maps, test, start, ref_thresholds,
+               [_reference_curves(kind, test, start, stop, maps[:, r], opts) for r, kind in enumerate(kinds)])
         scored.append((ref_accs, maps, explained[start:stop].copy()))
         if start < faith_n:
             _faith(faith_model, inputs, scored, min(faith_n - start, stop - start), opts)
