@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
-from cams.eigen import first_component_projection
+from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetError, check_inputs,  # noqa: F401
+                            eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients, model_input,
+                            target_plan)
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
-from pfnet.memory_format import FORMATS, format_of
 
 METHODS: dict[str, str] = {
     "gradcam": "Grad-CAM",
@@ -58,17 +59,7 @@ GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "l
 
 # The constants pytorch-grad-cam uses (base_cam / utils.image / grad_cam_plusplus / xgrad_cam / score_cam).
 NORM_EPS = 1e-7
-GRADCAMPP_EPS = 1e-6
-XGRADCAM_EPS = 1e-7
 SCORECAM_EPS = 1e-8
-
-
-class MethodError(CamError):
-    """An unknown method, or a method that does not apply to the requested layer or model."""
-
-
-class TargetError(CamError):
-    """Targets that cannot be used (bad k, unknown class id or name)."""
 
 
 class Cancelled(Exception):
@@ -147,7 +138,7 @@ class Explanation:
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def _check_method(model: nn.Module, method: str, layers: Sequence[str]) -> None:
+def check_method(model: nn.Module, method: str, layers: Sequence[str]) -> None:
     if method not in METHODS:
         raise MethodError(f"unknown CAM method {method!r}; known methods: "
                           + ", ".join(f"{key} ({label})" for key, label in METHODS.items()))
@@ -164,45 +155,8 @@ def _check_method(model: nn.Module, method: str, layers: Sequence[str]) -> None:
                                   f"gradient method (e.g. 'gradcam') for other layers")
 
 
-def _target_plan(targets, class_names, num_classes: int | None) -> tuple[int | None, list[int] | None]:
-    """(k, None) for top-k, (None, ids) for explicit classes."""
-    if targets is None:
-        return 1, None
-    if isinstance(targets, bool):
-        raise TargetError("targets must be None, an int k (top-k) or a list of class ids / names")
-    if isinstance(targets, (int, np.integer)):
-        k = int(targets)
-        if k < 1 or (num_classes is not None and k > num_classes):
-            raise TargetError(f"top-k needs 1 <= k <= {num_classes or 'num_classes'}; got {k}")
-        return k, None
-    if isinstance(targets, str):
-        targets = [targets]
-    if isinstance(targets, torch.Tensor):
-        targets = targets.flatten().tolist()
-    ids: list[int] = []
-    for item in targets:
-        if isinstance(item, str):
-            if class_names is None:
-                raise TargetError(f"target {item!r} is a class name; pass class_names to look it up")
-            try:
-                ids.append(list(class_names).index(item))
-            except ValueError:
-                raise TargetError(f"unknown class name {item!r}") from None
-        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            ids.append(int(item))
-        else:
-            raise TargetError(f"a target must be a class id or name; got {item!r}")
-    if not ids:
-        raise TargetError("targets is an empty list")
-    if num_classes is not None:
-        bad = [class_id for class_id in ids if not 0 <= class_id < num_classes]
-        if bad:
-            raise TargetError(f"class ids {bad} are out of range for {num_classes} classes")
-    return None, ids
-
-
 # ------------------------------------------------------------------------------------------------ capture
-class _Capture:
+class Capture:
     """Forward hooks that record the requested layers' outputs of this thread's forward passes only."""
 
     def __init__(self, modules: dict[str, nn.Module]):
@@ -221,7 +175,7 @@ class _Capture:
         self.grad_started = False
         self.outputs: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> "_Capture":
+    def __enter__(self) -> "Capture":
         try:
             for module, names in self.groups:
                 self.handles.append(module.register_forward_hook(self._hook(names)))
@@ -280,63 +234,6 @@ class _Capture:
 
 
 # ------------------------------------------------------------------------------------------------ maths
-def _gradients(logits: torch.Tensor, class_ids: torch.Tensor, activations: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d(sum_i logits[i, class_ids[i, t]]) / d(activation) for every t: ``[T, *activation.shape]`` each."""
-    unique: list[torch.Tensor] = []
-    for tensor in activations:
-        if not any(tensor is seen for seen in unique):
-            unique.append(tensor)
-    count = class_ids.shape[1]
-    if count == 1:
-        score = logits.gather(1, class_ids).sum()
-        grads = torch.autograd.grad(score, unique, allow_unused=True)
-        grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
-    else:
-        one_hot = torch.zeros((count, *logits.shape), dtype=logits.dtype, device=logits.device)
-        one_hot.scatter_(2, class_ids.t().unsqueeze(2), 1.0)
-        grads = torch.autograd.grad(logits, unique, grad_outputs=one_hot, is_grads_batched=True, allow_unused=True)
-    result = []
-    for tensor in activations:
-        index = next(position for position, seen in enumerate(unique) if seen is tensor)
-        grad = grads[index]
-        result.append(torch.zeros((count, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-                      if grad is None else grad)
-    return result
-
-
-def _grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """acts ``[n, C, h, w]``, grads ``[T, n, C, h, w]`` -> raw maps ``[T, n, h, w]`` (before ReLU)."""
-    if method == "gradcam":
-        weights = grads.mean(dim=(3, 4))
-        return torch.einsum("tnc,nchw->tnhw", weights, acts)
-    if method == "hirescam":
-        return (grads * acts).sum(dim=2)
-    if method == "layercam":
-        return (grads.clamp_min(0) * acts).sum(dim=2)
-    sum_acts = acts.sum(dim=(2, 3))[:, :, None, None]
-    if method == "xgradcam":
-        weights = (grads * acts / (sum_acts + XGRADCAM_EPS)).sum(dim=(3, 4))
-        return torch.einsum("tnc,nchw->tnhw", weights, acts)
-    if method == "gradcampp":
-        grads2 = grads * grads
-        grads3 = grads2 * grads
-        alpha = grads2 / (2 * grads2 + sum_acts * grads3 + GRADCAMPP_EPS)
-        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        weights = (grads.clamp_min(0) * alpha).sum(dim=(3, 4))
-        return torch.einsum("tnc,nchw->tnhw", weights, acts)
-    raise MethodError(f"{method!r} is not a gradient method")
-
-
-def _eigen_cam_maps(acts: torch.Tensor, count: int) -> torch.Tensor:
-    maps = first_component_projection(acts)  # pytorch-grad-cam's projection and sign, on acts' device
-    return maps.unsqueeze(0).expand(count, *maps.shape)
-
-
-def _fc_cam_maps(model: nn.Module, acts: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-    weights = model.fc.weight.detach()[class_ids]  # [n, T, C]
-    return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)
-
-
 def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, class_ids: torch.Tensor,
                     batch_size: int, meter: _Meter) -> torch.Tensor:
     """Score-CAM as pytorch-grad-cam computes it: each channel, upsampled (align_corners=True) and min-max
@@ -407,26 +304,14 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     if not layers:
         raise LayerError("no layers requested")
     modules = {name: resolve(model, name) for name in layers}
-    _check_method(model, method, layers)
+    check_method(model, method, layers)
     offsets = layer_offsets(model, layers, align)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise CamError(f"images must be a float tensor [N, 3, H, W]; got "
-                       f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise CamError(f"batch_size must be a positive int; got {batch_size!r}")
-    num_classes = getattr(model, "num_classes", None)
-    num_classes = num_classes if isinstance(num_classes, int) else None
-    top_k, fixed_ids = _target_plan(targets, class_names, num_classes)
+    top_k, fixed_ids = check_inputs(model, images, batch_size, targets, class_names)
     if progress is not None and not callable(progress):
         raise CamError(f"progress must be callable (done, total) -> stop?; got {type(progress).__name__}")
 
-    parameter = next(model.parameters(), None)
     with torch.inference_mode(False):
-        if parameter is not None and images.device != parameter.device:
-            images = images.to(parameter.device)
-        if images.is_inference():
-            images = images.clone()
-        images = images.contiguous(memory_format=FORMATS[format_of(model)])  # as the model's convolutions are
+        images = model_input(model, images)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         count = images.shape[0]
         n_targets = top_k if top_k is not None else len(fixed_ids)
@@ -436,25 +321,15 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         want_grad = method in GRADIENT_METHODS
         scored = method == "scorecam"  # counts channels, not images
         meter = _Meter(progress, 0 if scored else count)
-        with _Capture(modules) as capture:
+        with Capture(modules) as capture:
             for start in range(0, count, batch_size):
                 batch = images[start:start + batch_size]
                 logits, outputs = capture.run(model, batch, want_grad)
-                classes = logits.shape[1]
-                if top_k is not None and top_k > classes:
-                    raise TargetError(f"top-{top_k} asked of a model with {classes} classes")
-                if fixed_ids is not None and max(fixed_ids) >= classes:
-                    raise TargetError(f"class ids {fixed_ids} are out of range for {classes} classes")
-                detached = logits.detach()
-                if top_k is not None:
-                    class_ids = detached.topk(top_k, dim=1).indices
-                else:
-                    class_ids = torch.tensor(fixed_ids, dtype=torch.int64, device=logits.device).expand(
-                        logits.shape[0], -1).contiguous()
+                class_ids = explained_classes(logits, top_k, fixed_ids)
                 all_ids[start:start + batch.shape[0]] = class_ids.cpu()
-                all_probs.append(torch.softmax(detached.float(), dim=1).cpu())
+                all_probs.append(torch.softmax(logits.detach().float(), dim=1).cpu())
                 acts = [outputs[name] for name in layers]
-                grads = _gradients(logits, class_ids, acts) if want_grad else None
+                grads = gradients(logits, class_ids, acts) if want_grad else None
                 if scored:  # one masked input per channel of every layer, for each image
                     meter.grow(batch.shape[0] * sum(int(to_grid(model, name, act, size).shape[1])
                                                     for name, act in zip(layers, acts)))
@@ -464,11 +339,11 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     if want_grad:
                         grad = grads[position]
                         grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
-                        raw = _grad_cam_maps(method, act, grad)
+                        raw = grad_cam_maps(method, act, grad)
                     elif method == "eigencam":
-                        raw = _eigen_cam_maps(act, n_targets)
+                        raw = eigen_cam_maps(act, n_targets)
                     elif method == "cam":
-                        raw = _fc_cam_maps(model, act, class_ids)
+                        raw = fc_cam_maps(model, act, class_ids)
                     else:
                         raw = _score_cam_maps(model, batch, act, class_ids, batch_size, meter)
                     maps = normalise(raw, size, offsets[position])  # [T, n, H, W]

@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any, Callable, Sequence, TextIO
 import numpy as np
 import torch
 
+from cams.plotting import write_atomic
 from cams.sanity import MODES, SanityResult, randomisation_units, sanity_check
 
 DEFAULT_MODELS = ("demo_r50", "demo_r50_max", "demo_r50_hybrid")
@@ -97,19 +96,6 @@ def folder_images(folder: str | Path, preprocess, n: int, problems: list[str]) -
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def _atomic_write(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(rows: Sequence[Row], path: str | Path, seed: int) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -118,7 +104,7 @@ def write_csv(rows: Sequence[Row], path: str | Path, seed: int) -> None:
         writer.writerow([row.model, row.layer, row.method, method_label(row.method), row.mode, row.depth,
                          row.randomised, row.n, *(f"{v:.6f}" for v in row.spearman),
                          *(f"{v:.6f}" for v in row.ssim), row.flat, seed])
-    _atomic_write(path, buffer.getvalue().encode("utf-8"))
+    write_atomic(path, buffer.getvalue().encode("utf-8"))
 
 
 def _find(rows: Sequence[Row], mode: str, depth: int | None = None, randomised: str | None = None) -> Row | None:
@@ -320,10 +306,10 @@ def main_sanity(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     if args.csv:
         write_csv(rows, args.csv, args.seed)
     if args.markdown:
-        _atomic_write(args.markdown, format_markdown(rows, title).encode("utf-8"))
+        write_atomic(args.markdown, format_markdown(rows, title).encode("utf-8"))
     if args.plot:
         from cams.sanity_plot import plot_sanity
 
-        _atomic_write(args.plot, plot_sanity(rows, PASS_BELOW))
+        write_atomic(args.plot, plot_sanity(rows, PASS_BELOW))
     print(f"[sanity] done in {time.perf_counter() - started:.0f} s", file=err, flush=True)
     return 0

@@ -2,8 +2,9 @@
 randomisation depth, one line per method with its interquartile band (matplotlib, Agg canvas, no pyplot state)."""
 from __future__ import annotations
 
-import io
 from typing import Sequence
+
+from cams.plotting import new_figure, png_bytes
 
 PANELS = (("cascading", "spearman", "cascading: Spearman"), ("cascading", "ssim", "cascading: SSIM"),
           ("independent", "spearman", "independent: Spearman"), ("independent", "ssim", "independent: SSIM"))
@@ -13,8 +14,6 @@ def plot_sanity(rows: Sequence, pass_below: float | None = 0.5, dpi: int = 110) 
     """PNG bytes. ``rows``: :class:`cams.sanity_cli.Row` objects. Rows of panels: model x layer; columns: the
     modes present x (Spearman, SSIM). A dotted line in each method's colour marks the same trained heatmaps'
     Spearman against a centred Gaussian; the grey dashed line the pass threshold."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     from cams.engine import METHODS
@@ -24,8 +23,7 @@ def plot_sanity(rows: Sequence, pass_below: float | None = 0.5, dpi: int = 110) 
     panels = [p for p in PANELS if any(row.mode == p[0] for row in rows)]
     if not keys or not panels:
         raise ValueError("nothing to plot: no cascading or independent rows")
-    figure = Figure(figsize=(4.2 * len(panels), 3.2 * len(keys)), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(4.2 * len(panels), 3.2 * len(keys), dpi)
     axes = figure.subplots(len(keys), len(panels), squeeze=False)
     colours = {method: f"C{index}" for index, method in enumerate(methods)}
     for r, (model, layer) in enumerate(keys):
@@ -69,6 +67,4 @@ def plot_sanity(rows: Sequence, pass_below: float | None = 0.5, dpi: int = 110) 
     figure.legend(handles, names, loc="outside upper center", ncols=len(names), fontsize=8, frameon=False)
     figure.supxlabel("re-initialised, from the head down (cascading: this unit and all above it; "
                      "independent: this unit alone)", fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png_bytes(figure)

@@ -21,7 +21,9 @@ from pfnet.preprocess import Preprocess
 TINY = "tiny_hybrid"
 GONE = "tiny_missing"
 METRIC_HEADERS = ["accuracy", "pointing game (15 px)", "pointing game (strict)", "energy in box", "box accuracy",
-                  "deletion AUC", "insertion AUC"]
+                  "MaxBoxAccV2", "BoxAcc IoU.3", "BoxAcc IoU.5", "BoxAcc IoU.7", "deletion AUC", "insertion AUC",
+                  "ROAD MoRF", "ROAD LeRF", "ROAD combined"]
+SIGNED = {"ROAD combined"}  # (LeRF - MoRF) / 2, in [-0.5, 0.5]
 LABELS = ["Grad-CAM", "Grad-CAM++", "LayerCAM", "Eigen-CAM"]
 FAST = ["--n", "8", "--val-n", "4", "--faith-n", "2", "--faith-steps", "4", "--batch-size", "8"]
 
@@ -66,14 +68,17 @@ def check_rows(rows: list[list[str]], model: str, layers: list[str], labels: lis
     assert sorted((row[1], row[2]) for row in mine) == sorted(expected)
     for row in mine:
         assert len(row) == 3 + len(METRIC_HEADERS)
-        values = [float(cell) for cell in row[3:]]
-        assert all(0.0 <= value <= 1.0 for value in values), row
+        for header, cell in zip(METRIC_HEADERS, row[3:]):
+            if header.startswith("ROAD") and cell == "n/a":
+                continue  # --road-n 0 (the default)
+            low = -0.5 if header in SIGNED else 0.0
+            assert low <= float(cell) <= 1.0, (header, row)
 
 
 def test_bench_loc_end_to_end_tiny_model(tiny_zoo, tmp_path: Path, capsys: pytest.CaptureFixture):
     csv_path, md_path = tmp_path / "bench.csv", tmp_path / "bench.md"
     status = main(["bench-loc", "--models", TINY, "--layers", "layer3,layer4",
-                   "--methods", "gradcam,gradcampp,layercam,eigencam", *FAST, "--seed", "7",
+                   "--methods", "gradcam,gradcampp,layercam,eigencam", *FAST, "--seed", "7", "--road-n", "1",
                    "--csv", str(csv_path), "--markdown", str(md_path)])
     out, err = capsys.readouterr()
     assert status == 0, err
@@ -83,6 +88,7 @@ def test_bench_loc_end_to_end_tiny_model(tiny_zoo, tmp_path: Path, capsys: pytes
     check_rows(rows, TINY, ["layer3", "layer4"], LABELS)
     caption = out.split("\n\n")[0]
     assert "first 2 of the 8 test images" in caption and "stream 7" in caption and "stream 8" in caption
+    assert "ROAD" in caption and "first 1 of the 8 test images" in caption and "MaxBoxAccV2" in caption
     # accuracy is a property of the model: the same on each of its rows
     assert len({row[3] for row in rows}) == 1
 
@@ -91,10 +97,15 @@ def test_bench_loc_end_to_end_tiny_model(tiny_zoo, tmp_path: Path, capsys: pytes
     assert len(records) == 10
     assert {r["method"] for r in records} >= {"gradcam", "gradcampp", "layercam", "eigencam", bench_loc.GAUSSIAN}
     for record in records:
-        assert int(record["n"]) == 8 and int(record["faith_n"]) == 2
+        assert int(record["n"]) == 8 and int(record["faith_n"]) == 2 and int(record["road_n"]) == 1
         assert 0.05 <= float(record["box_threshold"]) <= 0.95
         for key in bench_loc.KEYS:
-            assert 0.0 <= float(record[key]) <= 1.0
+            assert (-0.5 if key == "road_combined" else 0.0) <= float(record[key]) <= 1.0
+        levels = [float(record[f"box_acc_iou{level}"]) for level in (30, 50, 70)]
+        assert levels[0] >= levels[1] >= levels[2]  # a looser IoU never counts fewer images
+        assert float(record["maxboxacc_v2"]) == pytest.approx(sum(levels) / 3, abs=2e-6)
+        assert float(record["road_combined"]) == pytest.approx(
+            (float(record["road_lerf"]) - float(record["road_morf"])) / 2, abs=2e-6)
     markdown = md_path.read_text()
     table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
     assert table_lines[0] == "| " + " | ".join(["model", "layer", "method", *METRIC_HEADERS]) + " |"
@@ -119,7 +130,8 @@ def test_missing_weights_are_skipped_with_a_clear_message(tiny_zoo, capsys: pyte
     assert f"model skipped: {GONE}" in err and "missing" in err
     _, rows = parse_table(out)
     assert {row[0] for row in rows} == {TINY}
-    assert all(row[-2:] == ["n/a", "n/a"] for row in rows)  # --faith-n 0: no deletion/insertion
+    columns = [3 + METRIC_HEADERS.index(name) for name in ("deletion AUC", "insertion AUC", "ROAD MoRF")]
+    assert all(row[c] == "n/a" for row in rows for c in columns)  # --faith-n 0, --road-n 0: not run
     assert main(["bench-loc", "--models", GONE, "--n", "2"]) == 1
     assert "no model could be evaluated" in capsys.readouterr().err
 

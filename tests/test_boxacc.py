@@ -82,3 +82,44 @@ def test_any_ground_truth_box_counts_and_the_accumulator():
     assert result.box_acc == {0.3: 1 / 3, 0.5: 1 / 3, 0.7: 1 / 3}
     with pytest.raises(ValueError):
         B.max_box_acc(np.zeros((2, 5)))
+
+
+def _contour_boxes(binary: np.ndarray) -> list[tuple[int, ...]]:
+    import cv2
+
+    contours, _ = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    return sorted((x, y, x + w, y + h) for x, y, w, h in (cv2.boundingRect(c) for c in contours))
+
+
+def test_component_boxes_equal_the_contour_boxes():
+    """Outer components + holes give exactly findContours' boxes: noise, smooth maps, rings, full and empty."""
+    import torch
+    import torch.nn.functional as F
+
+    from cams.boxacc import component_boxes
+
+    rng = np.random.default_rng(1)
+    ring = np.zeros((9, 9), np.uint8)
+    ring[1:8, 1:8] = 1
+    ring[3:6, 3:6] = 0
+    ring[4, 4] = 1  # an island in the hole
+    cases = [ring, np.ones((6, 7), np.uint8), np.zeros((5, 5), np.uint8)]
+    for trial in range(60):
+        size = int(rng.integers(5, 40))
+        if trial % 2:
+            heat = rng.random((size, size))
+        else:
+            grid = torch.rand(1, 1, int(rng.integers(2, 8)), int(rng.integers(2, 8)))
+            heat = F.interpolate(grid, size=(size, size + 3), mode="bilinear").numpy()[0, 0]
+        cases += [(heat > t).astype(np.uint8) for t in (0.0, 0.3, 0.6, 0.9)]
+    for binary in cases:
+        assert sorted(tuple(int(v) for v in box) for box in component_boxes(binary)) == _contour_boxes(binary)
+
+
+def test_noise_curve_is_the_contour_curve():
+    """A map dense in contours switches to component boxes; the curve is what tracing every threshold gives."""
+    heat = np.random.default_rng(3).random((48, 48))
+    truth = (4.0, 6.0, 30.0, 40.0)
+    expected = [max((M.box_iou(box, truth) for box in _contour_boxes((heat > t).astype(np.uint8))), default=0.0)
+                for t in B.THRESHOLDS]
+    np.testing.assert_allclose(B.best_iou_curve(heat, [truth]), expected, atol=1e-12)

@@ -114,3 +114,52 @@ def test_annotations_feed_bench_loc_splits(tmp_path):
     assert len(val) == 1 and len(test) == 3 and not problems
     assert test.samples[0].boxes == [pytest.approx((16.0, 0.0, 32.0, 32.0))]  # right half of the squashed image
     assert test.tensors(0, 3).shape == (3, 3, 32, 32)
+
+
+def test_bench_loc_data_reads_imagenet_val_and_scores_accuracy_by_class_id(tmp_path, monkeypatch, capsys):
+    """--data on an ILSVRC2012 val folder: recognised before the generic reader, demo models skipped, accuracy
+    compared by class id. The model always answers class 517, one of the synsets WordNet calls "crane" (134 is
+    the bird): the images labelled with 517's synset are hits, those labelled with 134's are not."""
+    import csv
+    from dataclasses import replace
+
+    import torch
+
+    from cams.bench_loc import bench as bench_run
+    from pfcam.cli import main
+    from pfnet import zoo
+    from pfnet.preprocess import Preprocess
+
+    bird, machine = V.synsets()[134], V.synsets()[517]
+    rows = []
+    for index in range(1, 9):
+        stem = f"ILSVRC2012_val_{index:08d}"
+        jpeg(tmp_path / "val_images" / f"{stem}.JPEG", size=(64, 48))
+        rows.append(f"{stem},{machine if index % 2 else bird} 5 5 40 40")
+    (tmp_path / V.SOLUTION_CSV).write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    source = zoo.WeightSource("bundled", "none.safetensors", "none.safetensors")
+    entry = zoo.ZooEntry("tiny_imagenet", "tiny", "resnet50_hybrid", "resnet", source, Preprocess(64, 64),
+                         classes="imagenet", arch_kwargs={"width_mult": 0.25})
+    monkeypatch.setitem(zoo.ZOO, "tiny_imagenet", entry)
+
+    def load(model_id, device=None):
+        torch.manual_seed(0)
+        model = zoo.ZOO[model_id].build().eval()
+        with torch.no_grad():
+            model.fc.weight.zero_()
+            model.fc.bias.zero_()
+            model.fc.bias[517] = 10.0
+        return model
+
+    monkeypatch.setattr(bench_run, "load_model", load)
+    out_csv = tmp_path / "out.csv"
+    status = main(["bench-loc", "--models", "tiny_imagenet,demo_r50", "--layers", "layer4", "--methods", "gradcam",
+                   "--data", str(tmp_path), "--n", "8", "--val-n", "0", "--faith-n", "0", "--csv", str(out_csv)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "demo_r50: ILSVRC2012 val needs a 1,000-class ImageNet model" in err
+    assert "ILSVRC2012 val (LOC_val_solution.csv, 8 annotated images" in out
+    with out_csv.open() as handle:
+        records = list(csv.DictReader(handle))
+    assert {r["model"] for r in records} == {"tiny_imagenet"}
+    assert all(float(r["accuracy"]) == 0.5 for r in records)

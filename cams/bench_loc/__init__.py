@@ -4,10 +4,14 @@ the object?
 One table, one row per model x layer x method plus two reference rows per model (a centred Gaussian and
 seeded uniform noise used as heatmaps on the same images), with the columns
 
-    accuracy | pointing game (15 px) | pointing game (strict) | energy in box | box accuracy | deletion AUC |
-    insertion AUC
+    accuracy | pointing game (15 px) | pointing game (strict) | energy in box | box accuracy | MaxBoxAccV2 |
+    BoxAcc IoU.3 | BoxAcc IoU.5 | BoxAcc IoU.7 | deletion AUC | insertion AUC | ROAD MoRF | ROAD LeRF |
+    ROAD combined
 
-(definitions in :mod:`cams.metrics`). Every number is a mean over images, in [0, 1].
+(definitions in :mod:`cams.metrics`, :mod:`cams.boxacc`, :mod:`cams.road` and :mod:`cams.bench_loc.accum`). Every
+number is a mean over images, in [0, 1] (ROAD combined in [-0.5, 0.5]). ROAD runs on the first ``--road-n`` test
+images (default 0: about 4 s per image and heatmap on the demo models, so ~2 minutes per image for the default
+run's 30 heatmaps; the caption says how many were scored).
 
 Data
 ----
@@ -50,9 +54,12 @@ from cams.bench_loc.bench import (DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODEL
 from cams.bench_loc.cli import add_bench_loc_parser, main_bench_loc
 from cams.bench_loc.data import (CSV_NAME, DEFAULT_SEED, Annotation, BenchError, DataSource, DefaultData, FolderData,
                                  Sample, Split, data_splits, read_annotations)
-from cams.bench_loc.scoring import (GAUSSIAN, RANDOM, Options, Row, cam_batches, evaluate_model, explain_batch,
+from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS, RowScores
+from cams.bench_loc.scoring import (DEFAULT_ROAD_N, GAUSSIAN, RANDOM, Options, Row, cam_batches, evaluate_model, explain_batch,
                                      fit_offsets, inference_copy)
-from cams.bench_loc.table import KEYS, format_markdown, format_table, write_csv
+from cams.bench_loc.table import KEYS, format_markdown, format_table, read_csv, write_csv
+from cams.bench_loc.depth import score_images
+from cams.bench_loc.plot import plot_depth
 
 __all__ = [
     "run_bench", "BenchResult", "BenchError", "NothingEvaluated", "DEFAULT_MODELS", "DEFAULT_LAYERS",
@@ -60,7 +67,7 @@ __all__ = [
     "DataSource", "DefaultData", "FolderData", "Sample", "Split", "Annotation", "read_annotations", "data_splits",
     "CSV_NAME", "DEFAULT_SEED",
     "Options", "Row", "evaluate_model", "cam_batches", "explain_batch", "fit_offsets", "inference_copy",
-    "GAUSSIAN", "RANDOM",
-    "KEYS", "format_table", "format_markdown", "write_csv",
+    "GAUSSIAN", "RANDOM", "DEFAULT_ROAD_N", "RowScores", "MAXBOX_KEYS", "ROAD_KEYS",
+    "KEYS", "format_table", "format_markdown", "write_csv", "read_csv", "score_images", "plot_depth",
     "add_bench_loc_parser", "main_bench_loc",
 ]

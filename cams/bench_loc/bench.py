@@ -1,7 +1,7 @@
 """``run_bench``: every model x layer x method scored on the caller's data (see the package docstring)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -9,8 +9,9 @@ import torch
 from cams import metrics as M
 from cams.align import ALIGN_MODES
 from cams.bench_loc.data import BenchError, DataSource
-from cams.bench_loc.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, FALLBACK_THRESHOLD,
-                                    GAUSSIAN, RANDOM, Options, Row, evaluate_model)
+from cams.bench_loc.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N,
+                                    FALLBACK_THRESHOLD, GAUSSIAN, RANDOM, Options, Row, evaluate_model, steps)
+from cams.progress import Progress
 from cams.ray_runtime import RayOptions, check_engine
 
 DEFAULT_MODELS = ("demo_r50", "demo_r50_max", "demo_r50_hybrid")
@@ -34,6 +35,16 @@ def load_model(model_id: str, device: str | None = None):
     return load(model_id, device=device)
 
 
+def layer_depths(model) -> dict[str, int]:
+    """Layer name -> 1-based block index (:func:`cams.layers.block_layers`), for the blocks and every name that
+    gives the same tensor as one (``layer3`` is ``layer3.5`` on R50: depth 13)."""
+    from cams.layers import block_layers, canonical, layer_names
+
+    by_tensor = {canonical(model, block): index for index, block in enumerate(block_layers(model), start=1)}
+    return {name: by_tensor[canonical(model, name)] for name in layer_names(model)
+            if canonical(model, name) in by_tensor}
+
+
 @dataclass
 class BenchResult:
     rows: list[Row]
@@ -47,13 +58,16 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
               faith_steps: int = DEFAULT_FAITH_STEPS, faith_baseline: str = "blur",
               batch_size: int = DEFAULT_BATCH_SIZE, threshold: float | None = None, device: str | None = None,
               target: str = "predicted", align: str = "model",
-              log: Callable[[str], None] = lambda _: None, engine: str = "local",
+              log: Callable[[str], None] = lambda _: None, road_n: int = DEFAULT_ROAD_N,
+              progress: Progress | None = None, engine: str = "local",
               ray_options: RayOptions | None = None) -> BenchResult:
     """Evaluate every model on ``data``'s splits (up to ``n`` test and ``val_n`` validation images per model);
-    models whose weights are missing are skipped, with the reason in ``skipped``. ``engine="ray"`` scores the
-    models on a Ray cluster (``ray_options``; :mod:`cams.bench_loc.ray_bench`): the same rows."""
+    models whose weights are missing are skipped, with the reason in ``skipped``. ``progress``
+    (:class:`cams.progress.Progress`): one step per batch (its ``total`` is set here and corrected as each
+    model's splits are known; local engine). ``engine="ray"`` scores the models on a Ray cluster
+    (``ray_options``; :mod:`cams.bench_loc.ray_bench`): the same rows."""
     from cams.engine import METHODS
-    from cams.layers import LayerError, layer_names
+    from cams.layers import LayerError, expand_layers, layer_names
     from pfnet import zoo
     from pfnet.errors import PfnetError
 
@@ -67,8 +81,8 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         zoo.get(model_id)  # UnknownModelError names the known ids
     if n < 1:
         raise BenchError("--n must be at least 1")
-    if val_n < 0 or faith_n < 0 or faith_steps < 1 or batch_size < 1:
-        raise BenchError("--val-n and --faith-n must be >= 0, --faith-steps and --batch-size >= 1")
+    if val_n < 0 or faith_n < 0 or road_n < 0 or faith_steps < 1 or batch_size < 1:
+        raise BenchError("--val-n, --faith-n and --road-n must be >= 0, --faith-steps and --batch-size >= 1")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise BenchError("--threshold is a fraction of the heatmap maximum, in [0, 1]")
     if target not in TARGETS:
@@ -79,14 +93,18 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
         raise BenchError("--align fit chooses the offsets on the validation split: --val-n must be at least 1")
     check_engine(engine, BenchError)
     opts = Options(tuple(layers), tuple(methods), batch_size, faith_n, faith_steps, faith_baseline, threshold,
-                   data.seed, target=target, align=align)
+                   data.seed, target=target, align=align, road_n=road_n)
     need_val = threshold is None or align == "fit"
+    planned = steps(opts, val_n if need_val else 0, n)  # per model, until its splits are known
+    step = progress.step if progress is not None else (lambda _: None)
 
     rows: list[Row] = []
     skipped: list[str] = []
     used: dict[str, object] = {}
-    on_ray: list[tuple[str, Any, Any]] = []  # (model id, model, zoo entry) with engine="ray"
-    for model_id in models:
+    on_ray: list[tuple[str, Any, Any, Options]] = []  # (model id, model, zoo entry, its options) with engine="ray"
+    for index, model_id in enumerate(models):
+        if progress is not None:  # what is done, plus the plan for this model and the ones after it
+            progress.total = progress.count + planned * (len(models) - index)
         entry = zoo.get(model_id)
         reason = data.skip_reason(entry)
         if reason:
@@ -102,10 +120,11 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             continue
         try:
             names = set(layer_names(model))
+            model_layers = expand_layers(model, layers)
         except LayerError as error:
             skipped.append(f"{model_id}: {error}")
             continue
-        bad = [layer for layer in layers if layer not in names]
+        bad = [layer for layer in model_layers if layer not in names]
         if bad:
             message = f"{model_id}: no layer(s) {', '.join(bad)} (valid: {', '.join(sorted(names))})"
             skipped.append(message)
@@ -121,19 +140,28 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             # Same numbers (checked to ~1e-5 on the heatmaps), about 1.5-2x faster convolutions on CPU.
             model = model.to(memory_format=torch.channels_last)
         if engine == "ray":
-            on_ray.append((model_id, model, entry))
+            on_ray.append((model_id, model, entry, replace(opts, layers=tuple(model_layers))))
             continue
         pre = entry.preprocess
         val, test = data.splits(pre, n, val_n if need_val else 0, log)
         log(f"{model_id}: {len(test)} test images, {len(val) if val else 0} validation images")
-        rows.extend(evaluate_model(model, model_id, entry.class_names(), val, test, opts, log))
+        if progress is not None:
+            progress.total += steps(opts, len(val) if val else 0, len(test)) - planned
+        model_rows = evaluate_model(model, model_id, entry.class_names(), val, test,
+                                    replace(opts, layers=tuple(model_layers)), log, step)
+        depth = layer_depths(model)
+        for row in model_rows:
+            row.depth = depth.get(row.layer)
+        rows.extend(model_rows)
         used[model_id] = (val, test, pre)
         del model
     if on_ray:
         from cams.bench_loc.ray_bench import evaluate_on_ray
 
-        rows, used = evaluate_on_ray(on_ray, data, n, val_n if need_val else 0, opts, ray_options or RayOptions(),
-                                     log)
+        rows, used = evaluate_on_ray(on_ray, data, n, val_n if need_val else 0, ray_options or RayOptions(), log)
+        depths = {model_id: layer_depths(model) for model_id, model, _, _ in on_ray}
+        for row in rows:
+            row.depth = depths[row.model].get(row.layer)
     if not rows:
         raise NothingEvaluated("no model could be evaluated:\n  " + "\n  ".join(skipped))
     caption = _caption(used, opts, data, skipped, rows)
@@ -162,8 +190,11 @@ def _caption(used: dict, opts: Options, data: DataSource, skipped: list[str], ro
         f"{data.region}; strict: on it (first argmax; flat maps miss). "
         f"Energy: share of heatmap mass inside the box(es).",
         f"Box accuracy: IoU >= 0.5 of the largest component's box, {thr}.",
+        "MaxBoxAccV2 (Choe et al. 2020): boxes of every contour, the best threshold of a 0.01 sweep over these "
+        "test images per row, BoxAcc at IoU 0.3/0.5/0.7 and their mean.",
         f"Deletion/insertion AUC (lower/higher is better): first {faith} of the {n_test} test images only, "
         f"{opts.faith_steps} steps, {opts.faith_baseline} baseline, probability of the explained class.",
+        _road_text(min(opts.road_n, n_test), n_test),
         f"Reference rows ({GAUSSIAN}, {RANDOM}) use those heatmaps on the same images; accuracy is the model's "
         f"top-1 on the test images.",
     ]
@@ -184,3 +215,11 @@ def _caption(used: dict, opts: Options, data: DataSource, skipped: list[str], ro
     return " ".join(parts)
 
 
+
+
+def _road_text(road_n: int, n_test: int) -> str:
+    if not road_n:
+        return "ROAD: not run (--road-n 0; about 4 s per image and heatmap on the demo models)."
+    return (f"ROAD (Rong et al. 2022; MoRF lower, LeRF and combined = (LeRF - MoRF)/2 higher is better): first "
+            f"{road_n} of the {n_test} test images only, noisy linear imputation, 10-90 % of the pixels removed by "
+            f"rank, probability of the explained class.")

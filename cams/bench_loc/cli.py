@@ -8,14 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import TextIO
 
 from cams import metrics as M
+from cams.layers import BLOCKS
+from cams.plotting import write_atomic
+from cams.progress import Progress
 from cams.bench_loc.bench import (ALIGN_CHOICES, DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N,
                                   DEFAULT_VAL_N, MAX_LABEL_CLASSES, TARGETS, NothingEvaluated, run_bench)
 from cams.bench_loc.data import CSV_NAME, DEFAULT_SEED, BenchError, DataSource, DefaultData, FolderData
-from cams.bench_loc.scoring import DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS
+from cams.bench_loc.scoring import DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N
+from cams.bench_loc.plot import plot_depth
 from cams.bench_loc.table import format_markdown, format_table, write_csv
 from cams.ray_runtime import add_engine_arguments, ray_options
 
@@ -33,7 +36,8 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
         description=f"Score CAM localization per model x layer x method on {images}, "
                     "with a centred-Gaussian and a uniform-random reference; prints one table.")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated zoo ids")
-    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="comma-separated layer names")
+    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
+                        help=f"comma-separated layer names; '{BLOCKS}' means every block, shallow to deep")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated CAM method ids")
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="test images (default %(default)s)")
     parser.add_argument("--val-n", type=int, default=DEFAULT_VAL_N,
@@ -44,6 +48,9 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
                         help="deletion/insertion steps (default %(default)s)")
     parser.add_argument("--faith-baseline", choices=M.BASELINES, default="blur",
                         help="what deleted pixels become / insertion starts from (default %(default)s)")
+    parser.add_argument("--road-n", type=int, default=DEFAULT_ROAD_N,
+                        help="test images for ROAD, the first ones (default %(default)s: each image costs about 4 s "
+                             "per heatmap, ~2 min for the 30 heatmaps of the default run)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="fixed box threshold (fraction of the max) instead of choosing it on validation")
     seed_help = f"{default_data.seed_help}; with --data: " if default_data else ""
@@ -52,6 +59,9 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="default %(default)s")
     parser.add_argument("--csv", metavar="PATH", default=None, help="also write the table as CSV")
     parser.add_argument("--markdown", metavar="PATH", default=None, help="also write the table as Markdown")
+    parser.add_argument("--plot", metavar="PNG", default=None,
+                        help="also draw each metric against depth (block index), one line per model: use with "
+                             "--layers blocks")
     parser.add_argument("--data", metavar="DIR", default=None, required=default_data is None,
                         help=f"your own images with {CSV_NAME} (image,x0,y0,x1,y1[,label]) or VOC .xml per image")
     parser.add_argument("--target", choices=TARGETS, default="predicted",
@@ -82,8 +92,8 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
     out = out or sys.stdout
     err = err or sys.stderr
 
-    def log(message: str) -> None:
-        print(f"[bench-loc] {message}", file=err, flush=True)
+    progress = Progress(0, "bench-loc", err)
+    log = progress.log
 
     t0 = time.perf_counter()
     try:
@@ -91,12 +101,14 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
                            data_source(args), n=args.n, val_n=args.val_n, faith_n=args.faith_n,
                            faith_steps=args.faith_steps, faith_baseline=args.faith_baseline,
                            batch_size=args.batch_size, threshold=args.threshold, device=args.device,
-                           target=args.target, align=args.align, log=log, engine=args.engine,
-                           ray_options=ray_options(args))
+                           target=args.target, align=args.align, log=log, road_n=args.road_n,
+                           progress=progress, engine=args.engine, ray_options=ray_options(args))
     except (BenchError, UnknownModelError) as error:
+        progress.close()
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"bench-loc: error: {message}", file=err)
         return 1 if isinstance(error, NothingEvaluated) else 2
+    progress.close()
     for problem in result.problems:
         print(f"bench-loc: skipped: {problem}", file=err)
     for message in result.skipped:
@@ -106,6 +118,12 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
     if args.csv:
         write_csv(result.rows, args.csv)
     if args.markdown:
-        Path(args.markdown).write_text(format_markdown(result.rows, result.caption), encoding="utf-8")
+        write_atomic(args.markdown, format_markdown(result.rows, result.caption).encode("utf-8"))
+    if args.plot:
+        try:
+            write_atomic(args.plot, plot_depth(result.rows))
+        except ValueError as error:
+            print(f"bench-loc: --plot: {error}", file=err)
+            return 2
     log(f"done in {time.perf_counter() - t0:.0f} s")
     return 0

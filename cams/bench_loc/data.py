@@ -31,6 +31,7 @@ class Sample:
     boxes: list[M.Box]               # network-input geometry
     mask: np.ndarray | None = None   # bool [S, S] in input geometry, or None
     labels: tuple[str, ...] = ()     # class names (may be empty: no accuracy for this image)
+    class_ids: tuple[int, ...] = ()  # class ids when the data names classes by id (ImageNet): they win over labels
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Annotation:
     boxes: list[M.Box]  # original-image pixels, half-open
     labels: tuple[str, ...] = ()
     source: str = ""
+    class_ids: tuple[int, ...] = ()
 
 
 def _finite_box(values: Sequence[str | float], where: str, problems: list[str]) -> M.Box | None:
@@ -273,7 +275,8 @@ def data_splits(annotations: list[Annotation], preprocess, n: int, val_n: int, s
 
     def make(name: str, items: list[Annotation], stream: int) -> Split:
         items = [a for a in items if a.path in prepared]
-        samples = [Sample(a.path.name, prepared[a.path][1], None, a.labels) for a in items]
+        samples = [Sample(a.path.name, prepared[a.path][1], None, a.labels, tuple(getattr(a, "class_ids", ())))
+                   for a in items]
         stack = torch.stack([prepared[a.path][0] for a in items]) if items else torch.zeros(0, 3, size, size)
         return Split(name, samples, lambda start, stop: stack[start:stop], size, stream)
 
@@ -283,30 +286,58 @@ def data_splits(annotations: list[Annotation], preprocess, n: int, val_n: int, s
 
 
 class FolderData:
-    """A folder of the user's images with boxes (``--data DIR``; :func:`read_annotations`), shuffled with ``seed``
-    into validation and test splits (:func:`data_splits`)."""
+    """A folder of the user's images with boxes (``--data DIR``), shuffled with ``seed`` into validation and test
+    splits (:func:`data_splits`).
+
+    ILSVRC2012 val is recognised first (``LOC_val_solution.csv`` or the devkit's per-image XML:
+    :mod:`cams.bench_loc.imagenet_val`): its images carry class ids (sorted-synset order), accuracy compares ids
+    (ImageNet repeats names: two classes are called "crane"), only 1,000-class ImageNet models are scored, and of
+    the 50,000 images only a seeded sample of ``val_n + n`` (and a few spare for unreadable files) is decoded.
+    Otherwise the generic ``boxes.csv`` / Pascal-VOC reader (:func:`read_annotations`)."""
 
     region = "box(es)"
+    SPARE = 1.05  # extra ImageNet images decoded in case some are unreadable
 
     def __init__(self, folder: str | Path, seed: int | None = None):
+        from cams.bench_loc.imagenet_val import find_layout, read_imagenet_val
+
         self.name = str(folder)
         self.seed = DEFAULT_SEED if seed is None else int(seed)
         self.problems: list[str] = []
-        self.annotations = read_annotations(folder, self.problems)
+        layout = find_layout(folder)
+        self.imagenet = layout[0] if layout else None  # "csv" | "xml" | None
+        if self.imagenet:
+            self.annotations = read_imagenet_val(folder, self.problems) or []
+        else:
+            self.annotations = read_annotations(folder, self.problems)
         if not self.annotations:
             raise BenchError(f"--data {folder}: no image with usable boxes" +
                              (f" ({len(self.problems)} problem(s) reported)" if self.problems else ""))
+        self.total = len(self.annotations)
         self._cache: dict = {}
 
     def skip_reason(self, entry: Any) -> str | None:
+        if self.imagenet and (entry.classes != "imagenet" or entry.num_classes != 1000):
+            return "ILSVRC2012 val needs a 1,000-class ImageNet model"
         return None
 
     def splits(self, preprocess: Any, n: int, val_n: int, log: Callable[[str], None]) -> tuple[Split | None, Split]:
-        val, test = data_splits(self.annotations, preprocess, n, val_n, self.seed, self.problems, self._cache)
+        annotations = self.annotations
+        wanted = math.ceil((n + val_n) * self.SPARE) + 2
+        if self.imagenet and len(annotations) > wanted:
+            if "_sample" not in self._cache:  # the same sample for every model
+                order = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, 0x1A6E]).permutation(len(annotations))
+                self._cache["_sample"] = [annotations[i] for i in sorted(order[:wanted])]
+            annotations = self._cache["_sample"]
+        val, test = data_splits(annotations, preprocess, n, val_n, self.seed, self.problems, self._cache)
         if not len(test):
             raise BenchError(f"--data {self.name}: no usable test image")
         return val, test
 
     def describe(self, n_test: int, n_val: int | None, sizes: str) -> tuple[str, str]:
-        return (f"{n_test} test images of {self.name} (mode full, boxes mapped to {sizes} px input)",
+        what = (f"ILSVRC2012 val ({'LOC_val_solution.csv' if self.imagenet == 'csv' else 'devkit XML'}, "
+                f"{self.total} annotated images, a sample drawn with seed {self.seed}), class ids in sorted-synset "
+                f"order" if self.imagenet else "")
+        source = f"{what}: " if what else ""
+        return (f"{n_test} test images of {self.name} ({source}mode full, boxes mapped to {sizes} px input)",
                 f"on {n_val} validation images of the same folder (disjoint)" if n_val is not None else "")

@@ -21,37 +21,38 @@ from cams.ray_runtime import (RayOptions, Shared, dataset_of, failure_message, f
 class Scorer:
     """Actor: every model and the data source; scores one model per row."""
 
-    def __init__(self, models: Shared, data: DataSource, n: int, val_n: int, opts: Options):
+    def __init__(self, models: Shared, data: DataSource, n: int, val_n: int):
         device = worker_device()
-        self.models = [(model_id, network.to(device), names, pre) for model_id, network, names, pre in models.get()]
-        self.data, self.n, self.val_n, self.opts = data, n, val_n, opts
+        self.models = [(model_id, network.to(device), names, pre, opts)
+                       for model_id, network, names, pre, opts in models.get()]
+        self.data, self.n, self.val_n = data, n, val_n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
         for model_index in from_column(batch):
-            model_id, network, names, pre = self.models[model_index]
+            model_id, network, names, pre, opts = self.models[model_index]
             lines: list[str] = []
             val, test = self.data.splits(pre, self.n, self.val_n, lines.append)
             lines.append(f"{model_id}: {len(test)} test images, {len(val) if val else 0} validation images")
-            rows = evaluate_model(network, model_id, names, val, test, self.opts, lines.append)
+            rows = evaluate_model(network, model_id, names, val, test, opts, lines.append)
             out.append({"model": model_index, "rows": rows, "log": lines, "problems": list(self.data.problems),
                         "samples": (val.samples if val is not None else None, test.samples)})
         return to_column(out)
 
 
-def evaluate_on_ray(models: Sequence[tuple[str, Any, Any]], data: DataSource, n: int, val_n: int, opts: Options,
+def evaluate_on_ray(models: Sequence[tuple[str, Any, Any, Options]], data: DataSource, n: int, val_n: int,
                     options: RayOptions, log: Callable[[str], None]) -> tuple[list[Row], dict[str, tuple]]:
-    """Rows of every (model id, eval-mode model, zoo entry) in the local engine's order, and per model what the
-    caption reads (validation samples or None, test samples, preprocessing)."""
-    shipped = [(model_id, network.cpu(), list(entry.class_names()), entry.preprocess)
-               for model_id, network, entry in models]
+    """Rows of every (model id, eval-mode model, zoo entry, its options: layers expanded) in the local engine's
+    order, and per model what the caption reads (validation samples or None, test samples, preprocessing)."""
+    shipped = [(model_id, network.cpu(), list(entry.class_names()), entry.preprocess, opts)
+               for model_id, network, entry, opts in models]
     results: dict[int, dict[str, Any]] = {}
     try:
         with ray_session(options):
             dataset = dataset_of(list(range(len(models))), blocks=len(models))
             dataset = dataset.map_batches(Scorer, batch_size=1, batch_format="numpy",
                                           fn_constructor_kwargs={"models": Shared(shipped), "data": data, "n": n,
-                                                                 "val_n": val_n, "opts": opts},
+                                                                 "val_n": val_n},
                                           **pool_arguments(options))
             for result in results_of(dataset):
                 results.setdefault(result["model"], result)  # a unit recomputed after a loss counts once
@@ -59,7 +60,7 @@ def evaluate_on_ray(models: Sequence[tuple[str, Any, Any]], data: DataSource, n:
         raise BenchError(f"the Ray run failed: {failure_message(exc)}") from exc
     rows: list[Row] = []
     used: dict[str, tuple] = {}
-    for index, (model_id, _, entry) in enumerate(models):
+    for index, (model_id, _, entry, _) in enumerate(models):
         result = results[index]
         for line in result["log"]:
             log(line)

@@ -11,11 +11,14 @@ import torch
 
 from cams import metrics as M
 from cams.align import NO_OFFSET, fit_offset, layer_offsets, layer_strides, peak, shift_heatmap
+from cams.bench_loc.accum import RowScores
+from cams.boxacc import best_iou_curve, curve_from_boxes, threshold_boxes
 from cams.bench_loc.data import Sample, Split
 
 
 DEFAULT_FAITH_N = 100
 DEFAULT_FAITH_STEPS = 16
+DEFAULT_ROAD_N = 0  # ROAD costs ~4 s per image and heatmap on the demo models (18 sparse solves)
 DEFAULT_BATCH_SIZE = 16
 FALLBACK_THRESHOLD = 0.5  # only when there is no validation image and no --threshold
 GAUSSIAN = "centre Gaussian"
@@ -35,41 +38,8 @@ class Row:
     flat: int = 0  # heatmaps with no peak (scored as misses)
     kind: str = "cam"  # "cam" | "baseline"
     offset: tuple[float, float] | None = None  # the heatmap alignment (dy, dx) px the row was scored with
-
-
-@dataclass
-class _Acc:
-    """Running sums of one row's per-image scores."""
-
-    pointing15: float = 0.0
-    pointing_strict: float = 0.0
-    energy: float = 0.0
-    box_accuracy: float = 0.0
-    count: int = 0
-    flat: int = 0
-    deletion: list[float] = field(default_factory=list)
-    insertion: list[float] = field(default_factory=list)
-
-    def add(self, heatmap: np.ndarray, sample: Sample, threshold: float) -> None:
-        region = dict(box=sample.boxes, mask=sample.mask)  # pointing game: the mask where there is one
-        self.pointing15 += M.pointing_game(heatmap, **region)
-        self.pointing_strict += M.pointing_game(heatmap, tolerance=0, **region)
-        self.energy += M.energy_in_box(heatmap, box=sample.boxes)  # energy in *box*, as the column says
-        self.box_accuracy += M.box_accuracy(heatmap, sample.boxes, threshold)
-        self.flat += M.is_flat(heatmap)
-        self.count += 1
-
-    def values(self, accuracy: float | None) -> dict[str, float | None]:
-        c = max(self.count, 1)
-        return {
-            "accuracy": accuracy,
-            "pointing15": self.pointing15 / c if self.count else None,
-            "pointing_strict": self.pointing_strict / c if self.count else None,
-            "energy": self.energy / c if self.count else None,
-            "box_accuracy": self.box_accuracy / c if self.count else None,
-            "deletion_auc": float(np.mean(self.deletion)) if self.deletion else None,
-            "insertion_auc": float(np.mean(self.insertion)) if self.insertion else None,
-        }
+    road_n: int = 0  # test images scored by ROAD
+    depth: int | None = None  # 1-based block index of the layer (cams.layers.block_layers); None if not a block
 
 
 def _norm_label(text: str) -> str:
@@ -82,6 +52,9 @@ def _label_index(class_names: Sequence[str]) -> dict[str, int]:
 
 
 def _label_ids(sample: Sample, table: dict[str, int]) -> set[int]:
+    """The sample's ground-truth class ids: its ``class_ids`` where the data gives them, else its names looked up."""
+    if sample.class_ids:
+        return set(sample.class_ids)
     return {table[_norm_label(label)] for label in sample.labels if _norm_label(label) in table}
 
 
@@ -98,6 +71,9 @@ class Options:
     candidates: tuple[float, ...] = M.DEFAULT_THRESHOLDS
     target: str = "predicted"  # "predicted" (top-1) | "label" (ground-truth class)
     align: str = "model"  # "model" (recorded offsets) | "none" | "fit" (fitted on the validation split)
+    road_n: int = DEFAULT_ROAD_N  # test images scored by ROAD (the first ones)
+    # the reference heatmaps' MaxBoxAccV2 curves, shared by the models of a run (the same maps and boxes)
+    reference_curves: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) -> np.ndarray:
@@ -108,30 +84,42 @@ def _baseline_maps(kind: str, split: Split, start: int, stop: int, seed: int) ->
                      for index in range(start, stop)])
 
 
-def explain_batch(model, split: Split, start: int, stop: int, opts: Options, method: str, class_names,
-                  inputs: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) of images ``start:stop`` from one
-    ``explain`` call covering every layer.
+def explain_methods_batch(model, split: Split, start: int, stop: int, opts: Options, methods: Sequence[str],
+                          class_names, inputs: torch.Tensor | None = None
+                          ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per method, (heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) of images ``start:stop``,
+    every layer and method from one forward and one gradient call (:func:`cams.multi.explain_methods`).
 
     ``opts.target == "predicted"``: each image's top-1 class. ``"label"``: each image's ground-truth class
     (the engine takes the same target list for every image, so all classes are explained at once and each
     image's label slot is kept; images without a usable label fall back to their top-1 class).
     """
-    from cams.engine import explain
+    from cams.multi import explain_methods
 
     inputs = split.tensors(start, stop) if inputs is None else inputs
     align = "none" if opts.align == "fit" else opts.align  # fitted offsets are applied by the caller
-    if opts.target == "label":
-        table = _label_index(class_names)
-        result = explain(model, inputs, list(opts.layers), method=method, targets=list(range(len(class_names))),
-                         class_names=class_names, batch_size=opts.batch_size, align=align)
+    label = opts.target == "label"
+    results = explain_methods(model, inputs, list(opts.layers), methods,
+                              targets=list(range(len(class_names))) if label else None, class_names=class_names,
+                              batch_size=opts.batch_size, align=align)
+    out = {}
+    for method, result in results.items():
         probs = result.probs.numpy()
-        chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
-                           for i in range(stop - start)], dtype=np.int64)
-        return result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy(), chosen, probs
-    result = explain(model, inputs, list(opts.layers), method=method, targets=None, class_names=class_names,
-                     batch_size=opts.batch_size, align=align)
-    return result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(), result.probs.numpy()
+        if label:
+            table = _label_index(class_names)
+            chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
+                               for i in range(stop - start)], dtype=np.int64)
+            out[method] = (result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy(), chosen,
+                           probs)
+        else:
+            out[method] = (result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(), probs)
+    return out
+
+
+def explain_batch(model, split: Split, start: int, stop: int, opts: Options, method: str, class_names,
+                  inputs: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One method's (heatmaps [B, L, S, S], explained class [B], probs [B, C]): see :func:`explain_methods_batch`."""
+    return explain_methods_batch(model, split, start, stop, opts, [method], class_names, inputs)[method]
 
 
 def cam_batches(model, split: Split, opts: Options, method: str, class_names) -> Iterable:
@@ -174,85 +162,142 @@ def inference_copy(model, probe: torch.Tensor):
     return fused if same else model
 
 
-def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Options, method: str, recorded,
-               strides, fallback: float, log: Callable[[str], None]) -> tuple[list[float], list]:
-    """One method's box thresholds and heatmap offsets per layer, chosen on the validation split."""
-    thresholds = [fallback] * len(opts.layers)
-    offsets = recorded
+def _calibrate(model, model_id: str, class_names, val: Split | None, opts: Options, recorded, strides,
+               fallback: float, log: Callable[[str], None], step: Callable[[str], None]) -> dict[str, tuple]:
+    """Per method, the box thresholds and heatmap offsets per layer, chosen on the validation split (all methods
+    of a batch from one pass)."""
     if val is None or not len(val) or (opts.threshold is not None and opts.align != "fit"):
-        return thresholds, offsets
-    val_maps: list[list[np.ndarray]] = [[] for _ in opts.layers]
-    for _, _, maps, _, _ in cam_batches(model, val, opts, method, class_names):
-        for position in range(len(opts.layers)):
-            val_maps[position].extend(maps[:, position])
-    if opts.align == "fit":
-        offsets = fit_offsets(val_maps, val, strides)
-        val_maps = [[shift_heatmap(m, offsets[p]) for m in val_maps[p]] for p in range(len(opts.layers))]
-        log(f"{model_id} {method}: fitted offsets " + ", ".join(
-            f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))
-    if opts.threshold is None:
-        thresholds = [_choose(val_maps[position], val, opts) for position in range(len(opts.layers))]
-    return thresholds, offsets
+        return {method: ([fallback] * len(opts.layers), recorded) for method in opts.methods}
+    val_maps = {method: [[] for _ in opts.layers] for method in opts.methods}
+    for start in range(0, len(val), opts.batch_size):
+        stop = min(len(val), start + opts.batch_size)
+        for method, (maps, _, _) in explain_methods_batch(model, val, start, stop, opts, opts.methods,
+                                                           class_names).items():
+            for position in range(len(opts.layers)):
+                val_maps[method][position].extend(maps[:, position])
+        step(f"{model_id} validation {stop}/{len(val)}")
+    out = {}
+    for method, maps in val_maps.items():
+        thresholds, offsets = [fallback] * len(opts.layers), recorded
+        if opts.align == "fit":
+            offsets = fit_offsets(maps, val, strides)
+            maps = [[shift_heatmap(m, offsets[p]) for m in maps[p]] for p in range(len(opts.layers))]
+            log(f"{model_id} {method}: fitted offsets " + ", ".join(
+                f"{layer} ({dy:g}, {dx:g})" for layer, (dy, dx) in zip(opts.layers, offsets)))
+        if opts.threshold is None:
+            thresholds = [_choose(maps[position], val, opts) for position in range(len(opts.layers))]
+        out[method] = (thresholds, offsets)
+    return out
 
 
-def _score(accs: list[_Acc], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float]) -> None:
-    """The per-image scores of one batch; maps [B, R, S, S], one accumulator per R."""
+def _score(accs: list[RowScores], maps: np.ndarray, split: Split, start: int, thresholds: Sequence[float],
+           curves: Sequence[Sequence[np.ndarray]] | None = None) -> None:
+    """The per-image scores of one batch; maps [B, R, S, S], one accumulator per R (``curves[r][b]``: the
+    MaxBoxAccV2 curves when known)."""
     for r, acc in enumerate(accs):
         for offset in range(maps.shape[0]):
-            acc.add(maps[offset, r], split.samples[start + offset], thresholds[r])
+            acc.add(maps[offset, r], split.samples[start + offset], thresholds[r],
+                    None if curves is None else curves[r][offset])
 
 
-def _faith(model, inputs: torch.Tensor, scored: list[tuple[list[_Acc], np.ndarray, np.ndarray]], k: int,
-           opts: Options) -> None:
-    """Deletion/insertion of the first ``k`` images of a batch for every (accumulators, maps [B, R, S, S],
-    targets) in ``scored``: one call for all the heatmaps that follow the same classes, so the intact image and
-    the baseline are run once per image, not once per method."""
-    groups: dict[bytes, list[tuple[list[_Acc], np.ndarray, np.ndarray]]] = {}
+def _reference_curves(kind: str, split: Split, start: int, stop: int, maps: np.ndarray, opts: Options
+                      ) -> list[np.ndarray]:
+    """MaxBoxAccV2 curves of a reference heatmap kind for images ``start:stop`` (maps [B, S, S]), from the run's
+    cache: the Gaussian is one map per size (its contour boxes are traced once), the noise one map per
+    (seed, split, image), and every model of the same input size sees the same images and boxes."""
+    cache = opts.reference_curves
+    out = []
+    for offset in range(stop - start):
+        sample = split.samples[start + offset]
+        if kind == GAUSSIAN:
+            key = (kind, split.size)
+            if key not in cache:
+                cache[key] = threshold_boxes(maps[offset])
+            out.append(curve_from_boxes(*cache[key], sample.boxes))
+            continue
+        key = (kind, split.size, int(opts.seed), split.stream, start + offset, sample.name,
+               tuple(tuple(box) for box in sample.boxes))
+        if key not in cache:
+            cache[key] = best_iou_curve(maps[offset], sample.boxes)
+        out.append(cache[key])
+    return out
+
+
+def _by_target(scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]], k: int):
+    """The first ``k`` images' (row scores, maps [k, R, S, S], targets [k]) merged where the targets agree, so
+    that one perturbation call covers every heatmap of the same classes (the intact image runs once)."""
+    groups: dict[bytes, list[tuple[list[RowScores], np.ndarray, np.ndarray]]] = {}
     for accs, maps, targets in scored:
         groups.setdefault(np.asarray(targets[:k], dtype=np.int64).tobytes(), []).append((accs, maps, targets))
     for members in groups.values():
-        accs = [acc for member in members for acc in member[0]]
-        maps = np.concatenate([member[1][:k] for member in members], axis=1)
-        result = M.deletion_insertion(model, inputs[:k], maps, members[0][2][:k], steps=opts.faith_steps,
+        yield ([acc for member in members for acc in member[0]],
+               np.concatenate([member[1][:k] for member in members], axis=1), members[0][2][:k])
+
+
+def _faith(model, inputs: torch.Tensor, scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]], k: int,
+           opts: Options) -> None:
+    """Deletion/insertion of the first ``k`` images of a batch for every (row scores, maps [B, R, S, S],
+    targets) in ``scored``."""
+    for accs, maps, targets in _by_target(scored, k):
+        result = M.deletion_insertion(model, inputs[:k], maps, targets, steps=opts.faith_steps,
                                       baseline=opts.faith_baseline, batch_size=opts.batch_size)
         for r, acc in enumerate(accs):
             acc.deletion.extend(result.deletion_auc[:, r].tolist())
             acc.insertion.extend(result.insertion_auc[:, r].tolist())
 
 
+def _road(model, inputs: torch.Tensor, scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]], k: int,
+          opts: Options, first: int) -> None:
+    """ROAD MoRF/LeRF of the first ``k`` images of a batch (test images ``first ..``) for every heatmap in
+    ``scored``; the imputation noise is seeded by the data's seed and the image's position (reproducible)."""
+    from cams.road import road
+
+    for accs, maps, targets in _by_target(scored, k):
+        for i in range(k):
+            result = road(model, inputs[i:i + 1], maps[i:i + 1], targets[i:i + 1], batch_size=opts.batch_size,
+                          seed=(int(opts.seed) * 1_000_003 + first + i) & 0xFFFFFFFF)
+            for r, acc in enumerate(accs):
+                acc.road_morf.append(float(result.morf_score[0, r]))
+                acc.road_lerf.append(float(result.lerf_score[0, r]))
+
+
 def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split | None, test: Split,
-                   opts: Options, log: Callable[[str], None] = lambda _: None) -> list[Row]:
+                   opts: Options, log: Callable[[str], None] = lambda _: None,
+                   step: Callable[[str], None] = lambda _: None) -> list[Row]:
     """Rows for one model: every layer x method, then the two reference heatmaps.
 
     Thresholds (and fitted offsets) come from the validation split first; then the test split goes through
     batch by batch: every method's CAMs, the reference heatmaps, and one deletion/insertion pass for all.
+    ``step(message)`` is called after each batch (all methods at once, validation then test): see
+    :func:`steps`.
     """
     t0 = time.perf_counter()
     table = _label_index(class_names)
     preds = np.full(len(test), -1, dtype=np.int64)      # top-1 class (accuracy)
     explained = np.full(len(test), -1, dtype=np.int64)  # the class the CAMs explain (deletion/insertion target)
     faith_n = min(opts.faith_n, len(test))
+    road_n = min(opts.road_n, len(test))
     fallback = opts.threshold if opts.threshold is not None else FALLBACK_THRESHOLD
     recorded = layer_offsets(model, opts.layers, "model" if opts.align == "model" else "none")
     # one cell per layer bounds the fitted offsets; the grid is the same for every method
     strides = layer_strides(model, opts.layers, (val.size, val.size)) if opts.align == "fit" and val else None
-    calibration = {method: _calibrate(model, model_id, class_names, val, opts, method, recorded, strides, fallback,
-                                      log) for method in opts.methods}
+    calibration = _calibrate(model, model_id, class_names, val, opts, recorded, strides, fallback, log, step)
     kinds = (GAUSSIAN, RANDOM)
     ref_thresholds = [fallback] * len(kinds)
     if opts.threshold is None and val is not None and len(val):
         ref_thresholds = [_choose(list(_baseline_maps(kind, val, 0, len(val), opts.seed)), val, opts)
                           for kind in kinds]
-    cam_accs = {method: [_Acc() for _ in opts.layers] for method in opts.methods}
-    ref_accs = [_Acc() for _ in kinds]
-    faith_model = inference_copy(model, test.tensors(0, min(2, len(test)))) if faith_n else model
+    cam_accs = {method: [RowScores() for _ in opts.layers] for method in opts.methods}
+    ref_accs = [RowScores() for _ in kinds]
+    faith_model = inference_copy(model, test.tensors(0, min(2, len(test)))) if faith_n or road_n else model
     for start in range(0, len(test), opts.batch_size):
         stop = min(len(test), start + opts.batch_size)
         inputs = test.tensors(start, stop)
-        scored: list[tuple[list[_Acc], np.ndarray, np.ndarray]] = []
+        scored: list[tuple[list[RowScores], np.ndarray, np.ndarray]] = []
+        explained_batch = explain_methods_batch(model, test, start, stop, opts, opts.methods, class_names, inputs)
         for method in opts.methods:
             thresholds, offsets = calibration[method]
-            maps, targets, probs = explain_batch(model, test, start, stop, opts, method, class_names, inputs)
+            maps, targets, probs = explained_batch[method]
             if opts.align == "fit":
                 maps = np.stack([np.stack([shift_heatmap(maps[b, p], offsets[p]) for p in range(maps.shape[1])])
                                  for b in range(maps.shape[0])])
@@ -261,10 +306,14 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
             _score(cam_accs[method], maps, test, start, thresholds)
             scored.append((cam_accs[method], maps, targets))
         maps = np.stack([_baseline_maps(kind, test, start, stop, opts.seed) for kind in kinds], axis=1)
-        _score(ref_accs, maps, test, start, ref_thresholds)
+        _score(ref_accs, maps, test, start, ref_thresholds,
+               [_reference_curves(kind, test, start, stop, maps[:, r], opts) for r, kind in enumerate(kinds)])
         scored.append((ref_accs, maps, explained[start:stop].copy()))
         if start < faith_n:
             _faith(faith_model, inputs, scored, min(faith_n - start, stop - start), opts)
+        if start < road_n:
+            _road(faith_model, inputs, scored, min(road_n - start, stop - start), opts, start)
+        step(f"{model_id} test {stop}/{len(test)}")
     accuracy = _accuracy(preds, test, table)
     rows: list[Row] = []
     for method in opts.methods:
@@ -272,13 +321,21 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
         for position, layer in enumerate(opts.layers):
             acc = cam_accs[method][position]
             rows.append(Row(model_id, layer, method, acc.values(accuracy), thresholds[position], acc.count,
-                            len(acc.deletion), acc.flat, offset=offsets[position]))
+                            len(acc.deletion), acc.flat, offset=offsets[position], road_n=len(acc.road_morf)))
     for r, kind in enumerate(kinds):
         rows.append(Row(model_id, BASELINE_LAYER, kind, ref_accs[r].values(accuracy), ref_thresholds[r],
-                        ref_accs[r].count, len(ref_accs[r].deletion), ref_accs[r].flat, kind="baseline"))
+                        ref_accs[r].count, len(ref_accs[r].deletion), ref_accs[r].flat, kind="baseline",
+                        road_n=len(ref_accs[r].road_morf)))
     log(f"{model_id}: {len(test)} test images, {len(opts.methods)} methods and the reference heatmaps, "
         f"{time.perf_counter() - t0:.0f} s")
     return rows
+
+
+def steps(opts: Options, n_val: int, n_test: int) -> int:
+    """How many times :func:`evaluate_model` calls ``step`` for splits of these sizes."""
+    batches = lambda count: -(-count // opts.batch_size)  # noqa: E731
+    calibrated = n_val and (opts.threshold is None or opts.align == "fit")
+    return (batches(n_val) if calibrated else 0) + batches(n_test)
 
 
 def _accuracy(preds: np.ndarray, split: Split, table: dict) -> float | None:

@@ -5,15 +5,19 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
-from cams.bench_loc.scoring import Row
+from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS
+from cams.bench_loc.scoring import BASELINE_LAYER, Row
 from cams.engine import METHODS
 
-KEYS = ("accuracy", "pointing15", "pointing_strict", "energy", "box_accuracy", "deletion_auc", "insertion_auc")
+KEYS = ("accuracy", "pointing15", "pointing_strict", "energy", "box_accuracy", *MAXBOX_KEYS, "deletion_auc",
+        "insertion_auc", *ROAD_KEYS)
 HEADERS = {"accuracy": "accuracy", "pointing15": "pointing game (15 px)",
            "pointing_strict": "pointing game (strict)", "energy": "energy in box", "box_accuracy": "box accuracy",
-           "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC"}
-CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "flat_heatmaps",
-              "offset_dy", "offset_dx"]
+           "maxboxacc_v2": "MaxBoxAccV2", "box_acc_iou30": "BoxAcc IoU.3", "box_acc_iou50": "BoxAcc IoU.5",
+           "box_acc_iou70": "BoxAcc IoU.7", "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
+           "road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF", "road_combined": "ROAD combined"}
+CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "road_n",
+              "flat_heatmaps", "offset_dy", "offset_dx", "depth"]
 
 
 def _fmt(value: float | None) -> str:
@@ -61,5 +65,23 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
         for row in rows:
             writer.writerow([row.model, row.layer, row.method, method_label(row.method)]
                             + ["" if row.values.get(key) is None else f"{row.values[key]:.6f}" for key in KEYS]
-                            + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.flat]
-                            + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"]))
+                            + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.road_n,
+                               row.flat]
+                            + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"])
+                            + ["" if row.depth is None else row.depth])
+
+
+def read_csv(path: str | Path) -> list[Row]:
+    """Rows back from a CSV that :func:`write_csv` wrote (e.g. to draw ``plot_depth`` again)."""
+    number = lambda text: float(text) if text != "" else None  # noqa: E731
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for record in csv.DictReader(handle):
+            offset = (None if record["offset_dy"] == "" else (float(record["offset_dy"]), float(record["offset_dx"])))
+            reference = record["layer"] == BASELINE_LAYER
+            rows.append(Row(record["model"], record["layer"], record["method"],
+                            {key: number(record.get(key, "")) for key in KEYS}, number(record["box_threshold"]),
+                            int(record["n"]), int(record["faith_n"]), int(record["flat_heatmaps"]),
+                            "baseline" if reference else "cam", offset, int(record.get("road_n") or 0),
+                            int(record["depth"]) if record.get("depth") else None))
+    return rows

@@ -1,0 +1,152 @@
+"""The per-batch maths of the CAM engine (:mod:`cams.engine`), shared by ``cams.explain`` and
+:func:`cams.multi.explain_methods`: checking inputs and targets, choosing the explained classes, one gradient call
+for many targets, and each method's weighting (the maths of pytorch-grad-cam 1.5.x, done in torch)."""
+from __future__ import annotations
+
+import numpy as np
+
+import torch
+from torch import nn
+
+from cams.eigen import first_component_projection
+from cams.layers import CamError
+from pfnet.memory_format import FORMATS, format_of
+
+# The constants pytorch-grad-cam uses (grad_cam_plusplus / xgrad_cam).
+GRADCAMPP_EPS = 1e-6
+XGRADCAM_EPS = 1e-7
+
+
+class MethodError(CamError):
+    """An unknown method, or a method that does not apply to the requested layer or model."""
+
+
+class TargetError(CamError):
+    """Targets that cannot be used (bad k, unknown class id or name)."""
+
+
+def target_plan(targets, class_names, num_classes: int | None) -> tuple[int | None, list[int] | None]:
+    """(k, None) for top-k, (None, ids) for explicit classes."""
+    if targets is None:
+        return 1, None
+    if isinstance(targets, bool):
+        raise TargetError("targets must be None, an int k (top-k) or a list of class ids / names")
+    if isinstance(targets, (int, np.integer)):
+        k = int(targets)
+        if k < 1 or (num_classes is not None and k > num_classes):
+            raise TargetError(f"top-k needs 1 <= k <= {num_classes or 'num_classes'}; got {k}")
+        return k, None
+    if isinstance(targets, str):
+        targets = [targets]
+    if isinstance(targets, torch.Tensor):
+        targets = targets.flatten().tolist()
+    ids: list[int] = []
+    for item in targets:
+        if isinstance(item, str):
+            if class_names is None:
+                raise TargetError(f"target {item!r} is a class name; pass class_names to look it up")
+            try:
+                ids.append(list(class_names).index(item))
+            except ValueError:
+                raise TargetError(f"unknown class name {item!r}") from None
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            ids.append(int(item))
+        else:
+            raise TargetError(f"a target must be a class id or name; got {item!r}")
+    if not ids:
+        raise TargetError("targets is an empty list")
+    if num_classes is not None:
+        bad = [class_id for class_id in ids if not 0 <= class_id < num_classes]
+        if bad:
+            raise TargetError(f"class ids {bad} are out of range for {num_classes} classes")
+    return None, ids
+
+
+def check_inputs(model: nn.Module, images, batch_size, targets, class_names) -> tuple[int | None, list[int] | None]:
+    """Refuses unusable ``images`` / ``batch_size``; returns the target plan (:func:`target_plan`)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise CamError(f"images must be a float tensor [N, 3, H, W]; got "
+                       f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CamError(f"batch_size must be a positive int; got {batch_size!r}")
+    num_classes = getattr(model, "num_classes", None)
+    return target_plan(targets, class_names, num_classes if isinstance(num_classes, int) else None)
+
+
+def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` on the model's device, out of inference mode, in the memory format of its convolutions."""
+    parameter = next(model.parameters(), None)
+    if parameter is not None and images.device != parameter.device:
+        images = images.to(parameter.device)
+    if images.is_inference():
+        images = images.clone()
+    return images.contiguous(memory_format=FORMATS[format_of(model)])
+
+
+def explained_classes(logits: torch.Tensor, top_k: int | None, fixed_ids: list[int] | None) -> torch.Tensor:
+    """``[n, T]`` class ids: each image's top-k, or the fixed ids for every image."""
+    classes = logits.shape[1]
+    if top_k is not None and top_k > classes:
+        raise TargetError(f"top-{top_k} asked of a model with {classes} classes")
+    if fixed_ids is not None and max(fixed_ids) >= classes:
+        raise TargetError(f"class ids {fixed_ids} are out of range for {classes} classes")
+    if top_k is not None:
+        return logits.detach().topk(top_k, dim=1).indices
+    return torch.tensor(fixed_ids, dtype=torch.int64, device=logits.device).expand(logits.shape[0], -1).contiguous()
+
+
+def gradients(logits: torch.Tensor, class_ids: torch.Tensor, activations: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(sum_i logits[i, class_ids[i, t]]) / d(activation) for every t: ``[T, *activation.shape]`` each."""
+    unique: list[torch.Tensor] = []
+    for tensor in activations:
+        if not any(tensor is seen for seen in unique):
+            unique.append(tensor)
+    count = class_ids.shape[1]
+    if count == 1:
+        score = logits.gather(1, class_ids).sum()
+        grads = torch.autograd.grad(score, unique, allow_unused=True)
+        grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
+    else:
+        one_hot = torch.zeros((count, *logits.shape), dtype=logits.dtype, device=logits.device)
+        one_hot.scatter_(2, class_ids.t().unsqueeze(2), 1.0)
+        grads = torch.autograd.grad(logits, unique, grad_outputs=one_hot, is_grads_batched=True, allow_unused=True)
+    result = []
+    for tensor in activations:
+        index = next(position for position, seen in enumerate(unique) if seen is tensor)
+        grad = grads[index]
+        result.append(torch.zeros((count, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+                      if grad is None else grad)
+    return result
+
+
+def grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """acts ``[n, C, h, w]``, grads ``[T, n, C, h, w]`` -> raw maps ``[T, n, h, w]`` (before ReLU)."""
+    if method == "gradcam":
+        weights = grads.mean(dim=(3, 4))
+        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+    if method == "hirescam":
+        return (grads * acts).sum(dim=2)
+    if method == "layercam":
+        return (grads.clamp_min(0) * acts).sum(dim=2)
+    sum_acts = acts.sum(dim=(2, 3))[:, :, None, None]
+    if method == "xgradcam":
+        weights = (grads * acts / (sum_acts + XGRADCAM_EPS)).sum(dim=(3, 4))
+        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+    if method == "gradcampp":
+        grads2 = grads * grads
+        grads3 = grads2 * grads
+        alpha = grads2 / (2 * grads2 + sum_acts * grads3 + GRADCAMPP_EPS)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        weights = (grads.clamp_min(0) * alpha).sum(dim=(3, 4))
+        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+    raise MethodError(f"{method!r} is not a gradient method")
+
+
+def eigen_cam_maps(acts: torch.Tensor, count: int) -> torch.Tensor:
+    maps = first_component_projection(acts)  # pytorch-grad-cam's projection and sign, on acts' device
+    return maps.unsqueeze(0).expand(count, *maps.shape)
+
+
+def fc_cam_maps(model: nn.Module, acts: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    weights = model.fc.weight.detach()[class_ids]  # [n, T, C]
+    return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)

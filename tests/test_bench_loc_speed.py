@@ -1,0 +1,34 @@
+"""bench-loc's speed work changes no number: a fixed small run gives the CSV the code gave before it
+(tests/data/bench_loc_golden.csv, written by tests/bench_loc_golden.py before the shared forward/backward, the
+reused unaligned maps and the cached reference curves landed)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from bench_loc_golden import ARGS, GOLDEN
+from pfcam.cli import main
+from test_bench_loc import TINY, tiny_zoo  # noqa: F401 - fixture
+
+
+def _records(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_fixed_run_gives_the_csv_of_before_the_speed_work(tiny_zoo, tmp_path: Path, capsys):
+    out = tmp_path / "now.csv"
+    assert main(["bench-loc", "--models", TINY, *ARGS, "--csv", str(out)]) == 0, capsys.readouterr().err
+    now, before = _records(out), _records(GOLDEN)
+    assert [list(r) for r in now][:1] == [list(r) for r in before][:1]  # same columns
+    assert len(now) == len(before)
+    for mine, theirs in zip(now, before):
+        for key, value in theirs.items():
+            try:
+                expected = float(value)
+            except ValueError:
+                assert mine[key] == value, (key, mine, theirs)
+                continue
+            assert float(mine[key]) == pytest.approx(expected, abs=1e-6), (key, mine["layer"], mine["method"])

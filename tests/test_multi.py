@@ -1,0 +1,29 @@
+"""cams.multi.explain_methods: several methods from one pass give what cams.explain gives for each alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cams.engine import explain
+from cams.multi import explain_methods
+from pfnet.resnet import resnet50_hybrid
+
+GRADIENT_AND_EIGEN = ["gradcam", "gradcampp", "layercam", "xgradcam", "hirescam", "eigencam"]
+
+
+@pytest.mark.parametrize("layers, methods, targets", [
+    (["layer3", "layer4"], GRADIENT_AND_EIGEN, None),
+    (["layer4"], ["gradcam", "cam"], [3, 1]),
+])
+def test_shared_pass_equals_one_call_per_method(layers, methods, targets):
+    torch.manual_seed(0)
+    model = resnet50_hybrid(num_classes=10, width_mult=0.25).eval()
+    images = torch.randn(3, 3, 32, 32)
+    shared = explain_methods(model, images, layers, methods, targets=targets, batch_size=2)
+    assert list(shared) == methods
+    for method in methods:
+        alone = explain(model, images, layers, method=method, targets=targets, batch_size=2)
+        torch.testing.assert_close(shared[method].heatmaps, alone.heatmaps, rtol=0, atol=1e-6)
+        assert torch.equal(shared[method].targets, alone.targets)
+        torch.testing.assert_close(shared[method].probs, alone.probs, rtol=0, atol=1e-7)
+        assert shared[method].method == method and shared[method].layers == tuple(layers)
