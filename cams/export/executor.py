@@ -1,26 +1,32 @@
 """Carrying out an export plan (:mod:`cams.export.plan`) on this machine: per batch of images one ``explain``
 call per model, then the overlays, heatmaps, result records and grids, drawn and written by a pool of writer
-threads while the next batch is explained (the per-result work is :func:`cams.export.encode.render_result`)."""
+threads while the next batch is explained (the per-result work is :func:`cams.export.encode.render_result`).
+A loader thread decodes and preprocesses the next images meanwhile (:meth:`ExportExecutor.load_ahead`), so the
+thread that runs the network does little else."""
 from __future__ import annotations
 
 import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import numpy as np
+import torch
 from PIL import Image
 
 from cams import engine
-from cams.export.encode import HEATMAP, OVERLAY, overlay_suffix, render_result, write_grid_sheet
+from cams.export.encode import HEATMAP, OVERLAY, overlay_suffix, render_result, rgb_pixels, write_grid_sheet
 from cams.export.files import STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, write_text
 from cams.export.inputs import InputItem, inside, safe_name
 from cams.export.plan import ExportPlan, ModelPlan
 from cams.images import ImageError, load_image
-from cams.render import grid, thumbnail
+from cams.render import grid, shrink, thumbnail
 from pfnet.errors import PfnetError
-from pfnet.preprocess import crop_box_for, prepare_batch
+from pfnet.preprocess import Preprocess, crop_box_for, prepare
 
 
 CLASS_CHARS = 40
@@ -32,6 +38,16 @@ def default_writers() -> int:
     return max(2, min(4, os.cpu_count() or 1))
 # reuse(model id, input, image) -> an Explanation of that one image made with the run's settings, or None
 Reuse = Callable[[str, InputItem, Image.Image], Any]
+
+
+@dataclass
+class Loaded:
+    """What the loader thread made of one image besides decoding it: the network inputs per preprocessing
+    (models sharing one share them) and, with overlays, the pixel array and its grid-cell-sized copy."""
+
+    tensors: dict[Preprocess, torch.Tensor] = field(default_factory=dict)
+    pixels: np.ndarray | None = None
+    small: np.ndarray | None = None
 
 
 class ExportExecutor:
@@ -49,6 +65,8 @@ class ExportExecutor:
         self._writer = ThreadPoolExecutor(max_workers=writers or default_writers(),
                                           thread_name_prefix="pfcam-export-writer")
         self._pending: deque[Future] = deque()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfcam-export-loader")
+        self._loaded: dict[str, Loaded] = {}  # item key -> what load_ahead made, taken by process()
 
     def submit(self, job: Callable[..., Any], *args: Any) -> Future:
         """Run ``job(*args)`` on the writer thread, after every job queued before it."""
@@ -70,12 +88,49 @@ class ExportExecutor:
         finally:
             self._pending.clear()
             self._writer.shutdown(wait=True)
+            self._loader.shutdown(wait=True, cancel_futures=True)
+            self._loaded.clear()
+
+    # -------------------------------------------------------------------------------------------- loading
+    def load_ahead(self, items: Iterable[InputItem], load: Callable[[InputItem], Image.Image],
+                   ahead: int | None = None) -> Iterator[tuple[InputItem, Image.Image | ImageError]]:
+        """``(item, load(item))`` in order, or ``(item, the ImageError)`` for a bad one: the loader thread decodes
+        up to ``ahead`` images (default: a batch) beyond the one handed out and prepares their network inputs and
+        pixels, while the caller's thread explains the batch before. Other exceptions are raised here."""
+        pending: deque[tuple[InputItem, Future]] = deque()
+        remaining = iter(items)
+        ahead = max(1, ahead or self.plan.batch_size)
+        while True:
+            while len(pending) <= ahead and (item := next(remaining, None)) is not None:
+                pending.append((item, self._loader.submit(self._load, item, load)))
+            if not pending:
+                return
+            item, future = pending.popleft()
+            yield item, future.result()
+
+    def _load(self, item: InputItem, load: Callable[[InputItem], Image.Image]) -> Image.Image | ImageError:
+        """Loader-thread job: decode one image and make what ``process`` and the writers will need of it."""
+        try:
+            image = load(item)
+        except ImageError as exc:
+            return exc
+        loaded = Loaded()
+        for model in self.plan.models:
+            preprocess = model.entry.preprocess
+            if preprocess not in loaded.tensors:
+                loaded.tensors[preprocess] = prepare(image, preprocess, self.plan.mode).tensor
+        if self.plan.overlays:
+            loaded.pixels = rgb_pixels(image)
+            loaded.small = shrink(loaded.pixels, self.plan.cell_size)
+        self._loaded[item.key] = loaded
+        return image
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
     # -------------------------------------------------------------------------------------------- one batch
     def process(self, batch: list[tuple[InputItem, Image.Image, dict[str, Any]]]) -> None:
+        loaded = [self._loaded.pop(item.key, None) or Loaded() for item, _, _ in batch]
         # cells[(image index, model id, layer, rank)] = (thumbnail, its future, or None; caption; computed now?)
         cells: dict[tuple[int, str, str, int], tuple[Image.Image | None, str, bool]] = {}
         rows: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(batch))}
@@ -92,8 +147,7 @@ class ExportExecutor:
                      if (known := self._reused(model, *batch[index][:2])) is not None}
             need = [index for index in need if index not in found]
             if need:
-                images = [batch[index][1] for index in need]
-                tensor, boxes = prepare_batch(images, model.entry.preprocess, self.plan.mode)
+                tensor = torch.stack([self._network_input(loaded[index], batch[index][1], model) for index in need])
                 try:
                     explanation = engine.explain(model.network, tensor, model.layers, self.plan.method,
                                                  targets=model.topk, align=model.align,
@@ -110,7 +164,7 @@ class ExportExecutor:
                                                 "no result written for this image")
                     position = None
                 box = crop_box_for(image.size, model.entry.preprocess, self.plan.mode)
-                state = self._update(model, item, image, box, states[index], explanation, position)
+                state = self._update(model, item, image, box, states[index], explanation, position, loaded[index])
                 for layer in model.layers:
                     for rank in range(1, model.topk + 1):
                         entry = state.get("entries", {}).get(entry_key(layer, rank))
@@ -127,6 +181,14 @@ class ExportExecutor:
                 row["grid"] = grids.get(row["rank"], "")
             self.report.rows.extend(rows[index])
 
+    def _network_input(self, loaded: Loaded, image: Image.Image, model: ModelPlan) -> torch.Tensor:
+        """The image as ``model`` takes it: made by the loader thread, or here if it was not (an image handed to
+        ``process`` directly)."""
+        preprocess = model.entry.preprocess
+        if preprocess not in loaded.tensors:
+            loaded.tensors[preprocess] = prepare(image, preprocess, self.plan.mode).tensor
+        return loaded.tensors[preprocess]
+
     def _reused(self, model: ModelPlan, item: InputItem, image: Image.Image) -> Any:
         """The caller's explanation of this image (``reuse``), if it has one made as this run would make it."""
         if self.reuse is None:
@@ -138,7 +200,7 @@ class ExportExecutor:
         return known if fits else None
 
     def _update(self, model: ModelPlan, item: InputItem, image: Image.Image, box, state: dict[str, Any],
-                explanation, position: int | None) -> dict[str, Any]:
+                explanation, position: int | None, loaded: Loaded) -> dict[str, Any]:
         """Write what this image and model still need; return the merged state (entries get ``_status``)."""
         settings = self.plan.record_settings(model)
         old_entries = state.get("entries", {}) if isinstance(state.get("entries"), dict) else {}
@@ -170,8 +232,12 @@ class ExportExecutor:
                 files = [(path, kind) for path, kind in ((png, OVERLAY), (npy, HEATMAP))
                          if path is not None and (self.plan.overwrite or path.is_symlink() or not path.exists())]  # a link: replaced
                 self.report.files.extend(self.rel(path) for path, _ in files)
-                thumb = self.submit(render_result, image, heat, box, self.plan.colormap, self.plan.opacity, files,
-                                    self.plan.overlay_format, self.plan.cell_size if self.plan.overlays else None)
+                if self.plan.overlays and loaded.pixels is None:  # drawn once for all of this image's results
+                    loaded.pixels = rgb_pixels(image)
+                    loaded.small = shrink(loaded.pixels, self.plan.cell_size)
+                thumb = self.submit(partial(render_result, pixels=loaded.pixels, small=loaded.small), image, heat,
+                                    box, self.plan.colormap, self.plan.opacity, files, self.plan.overlay_format,
+                                    self.plan.cell_size if self.plan.overlays else None)
                 ours = {self.rel(path) for path in (png, npy) if path is not None}
                 if self.plan.overwrite and isinstance(old, dict):  # another class name leaves an old file behind
                     for name in ("overlay", "heatmap"):

@@ -84,18 +84,19 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             tick(item.label)
         batch.clear()
 
+    def load(item: InputItem) -> Image.Image:
+        return load_image(item.path if item.data is None else item.data, name=item.label, max_bytes=max_bytes,
+                          max_pixels=max_pixels)
+
     try:
         try:
-            for item in items:
+            for item, image in run.load_ahead(items, load):  # decoded on a loader thread, a batch ahead
                 info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
                 report.images.append(info)
-                try:
-                    image = load_image(item.path if item.data is None else item.data, name=item.label,
-                                       max_bytes=max_bytes, max_pixels=max_pixels)
-                except ImageError as exc:
-                    info["reason"] = exc.reason
-                    report.skipped.append({"input": item.label, "stage": "load", "reason": exc.reason})
-                    tick(f"skipped {item.label}: {exc.reason}")
+                if isinstance(image, ImageError):
+                    info["reason"] = image.reason
+                    report.skipped.append({"input": item.label, "stage": "load", "reason": image.reason})
+                    tick(f"skipped {item.label}: {image.reason}")
                     continue
                 info.update({"image_dir": item.folder, "status": "ok", "width": image.width,
                              "height": image.height})
