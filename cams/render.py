@@ -187,6 +187,9 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+# Text is measured and rasterised once per (font, text): an export draws the same labels and many of the same
+# captions on every image's grid, and FreeType's rendering was most of a grid's cost.
+@lru_cache(maxsize=4096)
 def _text_width(font, text: str) -> int:
     if not text:
         return 0
@@ -199,6 +202,7 @@ def _line_height(font) -> int:
     return int(np.ceil(bottom - top)) + 4
 
 
+@lru_cache(maxsize=4096)
 def _fit(font, text: str, width: int) -> str:
     """``text`` shortened with an ellipsis to fit ``width`` pixels."""
     if _text_width(font, text) <= width:
@@ -206,6 +210,22 @@ def _fit(font, text: str, width: int) -> str:
     while text and _text_width(font, text + "…") > width:
         text = text[:-1]
     return text + "…" if text else ""
+
+
+@lru_cache(maxsize=4096)
+def _text_mask(font, text: str) -> tuple[Image.Image, int, int]:
+    """The coverage of ``text`` as ``ImageDraw.text`` rasterises it at the origin, and its offset (left, top)."""
+    left, top, right, bottom = (int(value) for value in font.getbbox(text))
+    mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font)
+    return mask, left, top
+
+
+def _draw_text(sheet: Image.Image, origin: tuple[int, int], text: str, font) -> None:
+    """``ImageDraw.text(origin, text, TEXT_COLOUR, font)`` on ``sheet``, the same pixels, from the cached mask."""
+    if text:
+        mask, left, top = _text_mask(font, text)
+        sheet.paste(TEXT_COLOUR, (origin[0] + left, origin[1] + top), mask)
 
 
 @dataclass(frozen=True)
@@ -312,20 +332,19 @@ def grid(cells: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str
     for col, label in enumerate(col_labels):
         x, _ = geometry.cell_origin(0, col)
         text = _fit(font, str(label), cell_size)
-        draw.text((x + (cell_size - _text_width(font, text)) // 2, pad // 2), text, fill=TEXT_COLOUR, font=font)
+        _draw_text(sheet, (x + (cell_size - _text_width(font, text)) // 2, pad // 2), text, font)
     for row in range(rows):
         if row_labels:
             _, y = geometry.cell_origin(row, 0)
             text = _fit(font, str(row_labels[row]), geometry.label_width - 2 * pad)
-            draw.text((pad, y + (cell_size - line_height) // 2), text, fill=TEXT_COLOUR, font=font)
+            _draw_text(sheet, (pad, y + (cell_size - line_height) // 2), text, font)
         for col in range(cols):
             x, y = geometry.cell_origin(row, col)
             image = cells[row][col] if col < len(cells[row]) else None
             if image is None:
                 draw.rectangle([x, y, x + cell_size - 1, y + cell_size - 1], fill=MISSING_COLOUR)
                 width = _text_width(font, "n/a")
-                draw.text((x + (cell_size - width) // 2, y + (cell_size - line_height) // 2), "n/a",
-                          fill=TEXT_COLOUR, font=font)
+                _draw_text(sheet, (x + (cell_size - width) // 2, y + (cell_size - line_height) // 2), "n/a", font)
             else:
                 thumb = thumbnail(image, cell_size)
                 sheet.paste(thumb, (x + (cell_size - thumb.width) // 2, y + (cell_size - thumb.height) // 2))
@@ -333,6 +352,6 @@ def grid(cells: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str
             caption = str(row_captions[col]) if col < len(row_captions) else ""
             for index, part in enumerate(caption.split("\n")[:lines]):
                 text = _fit(font, part, cell_size)
-                draw.text((x + (cell_size - _text_width(font, text)) // 2, y + cell_size + index * line_height),
-                          text, fill=TEXT_COLOUR, font=font)
+                _draw_text(sheet, (x + (cell_size - _text_width(font, text)) // 2, y + cell_size + index * line_height),
+                           text, font)
     return sheet

@@ -217,3 +217,23 @@ def test_shrink_fits_like_thumbnail_and_averages():
             thumbnail(Image.fromarray(pixels), side).size
     flat = np.full((300, 400, 3), 77, np.uint8)
     assert (shrink(flat, 50) == 77).all()
+
+
+@pytest.mark.parametrize("caption", ["Ag|yj", "dog 9%", "ÄÖü 12.5%"])  # each fits a 64 px cell
+def test_grid_captions_are_the_pixels_imagedraw_draws(caption):
+    """Captions are pasted from cached text masks: the same pixels as drawing the text in place."""
+    from math import ceil
+
+    from PIL import ImageDraw, ImageFont
+
+    cell = Image.new("RGB", (64, 64), (200, 30, 30))
+    for _ in range(2):  # the second grid takes the cached masks
+        sheet = grid([[cell]], captions=[[caption]], cell_size=64)
+    geometry = grid_geometry(1, 1, (), 64)
+    font = ImageFont.load_default(size=geometry.font_size)
+    expected = Image.new("RGB", sheet.size, (255, 255, 255))
+    expected.paste(cell, geometry.cell_origin(0, 0))
+    x, y = geometry.cell_origin(0, 0)
+    left, _, right, _ = font.getbbox(caption)
+    ImageDraw.Draw(expected).text((x + (64 - ceil(right - left)) // 2, y + 64), caption, fill=(20, 20, 20), font=font)
+    assert np.array_equal(np.asarray(sheet), np.asarray(expected))
