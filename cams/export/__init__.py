@@ -1,10 +1,11 @@
 """Batch export of CAM overlays, raw heatmaps, comparison grids and a manifest (CLI, app folder export and ZIP).
 
 The family: ``plan`` (what each model computes, and whether an image still needs it), ``executor`` (carrying a
-plan out here: explain per batch, draw and write on writer threads), ``encode`` (the per-result job any executor
-calls: overlay, encoding in the chosen format, heatmap, thumbnail), ``run`` (``run_export``: inputs -> plan ->
-executor -> manifests), ``inputs`` (files, folders, uploads; safe names), ``files`` (atomic writes, records,
-manifests, ``ExportReport``), ``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
+plan out here: decode ahead on a loader thread, explain per batch, draw and write on writer threads), ``encode``
+(the per-result job any executor calls: overlay, encoding in the chosen format, heatmap, thumbnail), ``run``
+(``run_export``: inputs -> plan -> executor -> manifests), ``inputs`` (files, folders, uploads; safe names),
+``files`` (atomic writes, records, manifests, ``ExportReport``), ``cli`` (``pfcam export``). Use the names below;
+the modules are the family's own.
 
 Folder layout written under ``OUT`` (every name component is sanitised: ASCII letters, digits, ``.``, ``_``
 and ``-`` only, no leading dot, length-capped; nothing is ever written outside ``OUT``)::

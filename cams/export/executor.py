@@ -33,6 +33,11 @@ CLASS_CHARS = 40
 MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
 
 
+def write_record(path: Path, record: Mapping[str, Any]) -> None:
+    """One image and model's result record (:data:`STATE_FORMAT`), read back by re-runs."""
+    write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
+
+
 def default_writers() -> int:
     """Writer threads: encoding (OpenCV, zlib, numpy) releases the GIL, so they run beside the network."""
     return max(2, min(4, os.cpu_count() or 1))
@@ -260,7 +265,7 @@ class ExportExecutor:
                       "entries": {key: {k: v for k, v in value.items() if not k.startswith("_")}
                                   for key, value in {**kept_extra, **entries}.items()}}
             path = folder / self.plan.record_name
-            write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
+            self.submit(write_record, path, record)  # encoded and written beside the network, like the rest
             self.report.files.append(self.rel(path))
         return {"entries": entries}
 
