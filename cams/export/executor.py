@@ -47,9 +47,11 @@ Reuse = Callable[[str, InputItem, Image.Image], Any]
 
 @dataclass
 class Loaded:
-    """What the loader thread made of one image besides decoding it: the network inputs per preprocessing
-    (models sharing one share them) and, with overlays, the pixel array and its grid-cell-sized copy."""
+    """What the loader thread made of one image besides decoding it: its output folders (model id -> folder), the
+    network inputs per preprocessing (models sharing one share them) and, with overlays, the pixel array and its
+    grid-cell-sized copy."""
 
+    folders: dict[str, Path] = field(default_factory=dict)
     tensors: dict[Preprocess, torch.Tensor] = field(default_factory=dict)
     pixels: np.ndarray | None = None
     small: np.ndarray | None = None
@@ -121,6 +123,7 @@ class ExportExecutor:
             return exc
         loaded = Loaded()
         for model in self.plan.models:
+            loaded.folders[model.id] = ensure_dir(self.root, item.folder, model.folder)
             preprocess = model.entry.preprocess
             if preprocess not in loaded.tensors:
                 loaded.tensors[preprocess] = prepare(image, preprocess, self.plan.mode).tensor
@@ -143,7 +146,7 @@ class ExportExecutor:
             states: list[dict[str, Any]] = []
             need: list[int] = []
             for index, (item, image, _) in enumerate(batch):
-                folder = ensure_dir(self.root, item.folder, model.folder)
+                folder = loaded[index].folders.get(model.id) or ensure_dir(self.root, item.folder, model.folder)
                 state = read_state(folder / self.plan.record_name) or {}
                 states.append(state)
                 if self.plan.needs(self.root, state, model):
