@@ -147,16 +147,18 @@ def overlay_pixels(pixels: np.ndarray, heatmap, crop_box: Box | None = None, col
     size = (pixels.shape[1], pixels.shape[0])
     box = _box(crop_box, size)
     x0, y0, x1, y1 = _box_pixels(size, box)
-    covers_all = (x0, y0, x1, y1) == (0, 0, size[0], size[1])
     # uint8 all the way (cv2 rounds and saturates): a large photo must not turn into several float copies.
-    result = pixels.copy() if covers_all else cv2.convertScaleAbs(pixels, alpha=OUTSIDE_DIM)
+    inside = None
     if x1 > x0 and y1 > y0:
         colours = _colour(_resample(_as_heatmap(heatmap), box, (x0, y0, x1, y1)), colormap)
-        result[y0:y1, x0:x1] = cv2.addWeighted(np.ascontiguousarray(pixels[y0:y1, x0:x1]), 1.0 - opacity,
-                                               colours, opacity, 0.0)
-    if not covers_all:
-        _outline(result, [round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1],
-                 max(1, round(min(size) / 150)))
+        inside = cv2.addWeighted(np.ascontiguousarray(pixels[y0:y1, x0:x1]), 1.0 - opacity, colours, opacity, 0.0)
+        if (x0, y0, x1, y1) == (0, 0, size[0], size[1]):  # the box covers the image: the blend is the picture
+            return inside
+    result = cv2.convertScaleAbs(pixels, alpha=OUTSIDE_DIM)
+    if inside is not None:
+        result[y0:y1, x0:x1] = inside
+    _outline(result, [round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1],
+             max(1, round(min(size) / 150)))
     return result
 
 
