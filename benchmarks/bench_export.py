@@ -12,7 +12,9 @@ export does: the demo pair shares one), forward. Cases: overlays in each format,
 ``cams.explain`` in place of the forward (the export's call: both layers, top-1, batch at once) gives the engine's
 own ratio, the ceiling of a heatmaps-only export that runs the network on one thread and nothing else. Each round
 times forward-only, then each case; ratios are medians over ``--rounds`` rounds, with the process's CPU seconds per
-image (all threads) beside them: on a shared machine the wall clock moves with the load, CPU time much less.
+image (all threads) beside them: on a shared machine the wall clock moves with the load, CPU time much less. The
+header says how many cores two GIL-free threads got before and after (``cores_free``): the export's threads can
+use no more than that.
 
 bench-loc: ``run_bench`` with the defaults (3 demo models x layer3, layer4 x 4 methods, validation split,
 deletion/insertion on the first ``--faith-n`` test images) at ``--bench-n`` test images: wall time, images/s and
@@ -23,9 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import threading
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +71,24 @@ def timed(work) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     work()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def cores_free(threads: int = 2) -> float:
+    """How many cores ``threads`` threads of GIL-free work (zlib) get right now: CPU seconds / wall seconds. On a
+    shared machine this says how much of the export's parallelism the machine can show at all."""
+    data = bytes(range(256)) * 4096
+
+    def work() -> None:
+        for _ in range(12):
+            zlib.compress(data, 6)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
 def network_loop(models: dict, paths: list[Path], batch: int, explain: bool = False) -> None:
@@ -120,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {model_id: (load(model_id), zoo.get(model_id)) for model_id in MODELS}
     lines = ["| case | forward-only img/s | case img/s | ratio (median) | ratios | CPU ms/img forward-only / case | "
              "load | target |", "|---|---:|---:|---:|---|---:|---|---|"]
-    load_before = os.getloadavg()
+    load_before, cores_before = os.getloadavg(), cores_free()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "photos")
         folder.mkdir()
@@ -151,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"{1000 * statistics.median(run[3] for run in runs) / count:.1f} | "
                          f"{min(run[4] for run in runs):.1f}-{max(run[4] for run in runs):.1f} | {verdict} |")
             print(lines[-1], flush=True)
-    load_after = os.getloadavg()
+    load_after, cores_after = os.getloadavg(), cores_free()
     text = [f"Export: demo_r50 + demo_r50_hybrid, layers {', '.join(LAYERS)}, {args.images} JPEGs 640x480, batch "
             f"{args.batch}, {args.threads} torch thread(s), {os.cpu_count()} CPUs, {args.rounds} round(s); load "
             f"average (1, 5, 15 min) "
             f"{load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f} before, "
-            f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} after.", "", *lines]
+            f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} after; two GIL-free threads got "
+            f"{cores_before:.2f} cores before, {cores_after:.2f} after.", "", *lines]
     if args.bench_n:
         faith_n = min(100, args.bench_n) if args.faith_n is None else args.faith_n
         seconds, rows = bench_loc(args.bench_n, faith_n)
