@@ -111,3 +111,73 @@ def test_cli_format_and_no_overlays_options(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cams", "export", "x.jpg", "--out", str(tmp_path), "--format", "gif"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--format" in bad.stderr
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 5, 3), (61, 47, 3)])
+def test_png_bytes_decode_to_the_same_pixels_in_pillow_and_opencv(shape):
+    import io
+
+    import cv2
+
+    from cams.export import encode_image
+    from cams.export.encode import png_bytes
+
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    data = png_bytes(pixels)
+    Image.open(io.BytesIO(data)).verify()  # chunk CRCs and structure
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(decoded[..., ::-1], pixels)
+    assert encode_image(Image.fromarray(pixels), "png") == encode_image(pixels, "png") == data
+
+
+def test_stored_heatmaps_are_the_engine_maps_of_each_model_input(tmp_path, photos):
+    """The loader thread prepares each image once per distinct preprocessing: models sharing one and a model with
+    another (input size and center crop) both get exactly their own input."""
+    from cams import explain
+    from pfnet.preprocess import Preprocess, prepare_batch
+
+    other = FakeEntry(id="other", preprocess=Preprocess(48, 56))
+    models = {"a": (tiny(seed=1), FakeEntry(id="a")), "b": (tiny("max", seed=2), FakeEntry(id="b")),
+              "other": (tiny(seed=3), other)}
+    out = tmp_path / "out"
+    report = run_export([photos], out, models, layers=["layer4"], mode="center", batch_size=1)  # batch 1: exact
+    assert report.computed == 6 and not report.warnings
+    for row in report.rows:
+        network, entry = models[row["model"]]
+        image = Image.open(photos / Path(row["image"]).name).convert("RGB")
+        tensor, _ = prepare_batch([image], entry.preprocess, "center")
+        wanted = explain(network, tensor, ["layer4"], "gradcam", targets=1).heatmaps[0, 0, 0].numpy()
+        assert np.allclose(np.load(out / row["heatmap"]), wanted, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["full", "center"])
+def test_grid_cells_match_the_shrunk_overlays(tmp_path, models, mode):
+    """Grid cells are drawn on the image shrunk to the cell, not by shrinking each full-size overlay: the same
+    picture within rounding (checked on a smooth photo, where either way of shrinking keeps its content). One
+    difference, wanted: the crop box outline is drawn at the cell's scale, a crisp line instead of a faint one."""
+    from cams.render import grid_geometry, thumbnail
+    from pfnet.assets import assets_dir
+
+    photo = sorted((assets_dir() / "examples").glob("*.jpg"))[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(photo).convert("RGB").resize((240, 180)).save(folder / "photo.png")
+    out = tmp_path / "out"
+    report = run_export([folder], out, models, layers=["layer3", "layer4"], mode=mode, cell_size=64)
+    assert report.computed == 2
+    sheet = np.asarray(Image.open(out / report.rows[0]["grid"]).convert("RGB")).astype(int)
+    geometry = grid_geometry(1, 2, ["Tiny R50"], 64, caption_lines=2)
+    assert sheet.shape[:2] == geometry.size[::-1]
+    for col, row in enumerate(report.rows):
+        shrunk = thumbnail(Image.open(out / row["overlay"]), 64)
+        x, y = geometry.cell_origin(0, col)
+        x, y = x + (64 - shrunk.width) // 2, y + (64 - shrunk.height) // 2
+        cell = sheet[y:y + shrunk.height, x:x + shrunk.width]
+        difference = np.abs(cell - np.asarray(shrunk).astype(int)).max(axis=2)
+        away = np.ones(difference.shape, bool)
+        if mode == "center":  # box (30, 0, 210, 180) of 240x180 -> (8, 0, 56, 48) of the 64x48 cell
+            assert (cell[:, [8, 55]] == 255).all() and (cell[[0, 47], 8:56] == 255).all()
+            away[:, 6:11] = away[:, 53:58] = away[:3] = away[-3:] = False
+        assert difference[away].mean() < 3 and np.percentile(difference[away], 99) < 25, \
+            (difference[away].mean(), np.percentile(difference[away], 99))

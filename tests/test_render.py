@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cams.render import COLORMAPS, colorize, colormap_lut, grid, grid_geometry, heatmap_on_image, overlay
+from cams.render import (COLORMAPS, colorize, colormap_lut, grid, grid_geometry, heatmap_on_image, overlay,
+                          overlay_pixels, shrink, thumbnail, thumbnail_size)
 from pfnet.preprocess import Preprocess, crop_box_for
 
 
@@ -166,3 +167,73 @@ def test_grid_validates_labels():
         grid([[Image.new("RGB", (4, 4))]], ["a", "b"])
     with pytest.raises(ValueError, match="at least one"):
         grid([])
+
+
+def test_colorize_maps_every_level_through_the_lookup_table():
+    for name in ("jet", "viridis"):
+        levels = np.arange(256, dtype=np.float32).reshape(16, 16) / 255.0
+        assert np.array_equal(colorize(levels, name), colormap_lut(name)[np.arange(256).reshape(16, 16)])
+
+
+def test_a_whole_pixel_box_resamples_like_the_general_box_path():
+    # (0, 0, w, h) takes cv2.resize; a box off by 1e-6 takes the general warpAffine path: the same map.
+    heat = np.random.default_rng(1).random((9, 13)).astype(np.float32)
+    exact = heatmap_on_image(heat, (70, 41), (0, 0, 70, 41))
+    general = heatmap_on_image(heat, (70, 41), (0, 0, 70 + 1e-6, 41))
+    assert exact.shape == general.shape == (41, 70)
+    assert np.abs(exact - general).max() < 1e-4
+    inner = heatmap_on_image(heat, (90, 60), (10, 5, 80, 46))  # an integer box inside a larger image
+    assert np.abs(inner[5:46, 10:80] - exact).max() < 1e-5
+
+
+@pytest.mark.parametrize("size, box", [((300, 200), (70.3, 20.6, 230.4, 180.5)), ((900, 600), (150, 0, 750, 600)),
+                                       ((900, 600), (-20.2, 30.7, 400.5, 640.0)), ((64, 64), (10, 10, 13, 60))])
+def test_the_crop_box_outline_is_what_pillow_draws(size, box):
+    from PIL import ImageDraw
+
+    black = Image.new("RGB", size, (0, 0, 0))
+    drawn = np.asarray(overlay(black, np.zeros((8, 8), np.float32), box, "jet", opacity=0.0))  # outline only
+    expected = Image.new("RGB", size, (0, 0, 0))
+    corners = [round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1]
+    ImageDraw.Draw(expected).rectangle(corners, outline=(255, 255, 255), width=max(1, round(min(size) / 150)))
+    assert np.array_equal(drawn, np.asarray(expected))
+
+
+def test_overlay_pixels_is_overlay_on_the_array():
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    heat = np.random.default_rng(3).random((16, 16)).astype(np.float32)
+    box = (10.5, 3.2, 60.1, 47.9)
+    assert np.array_equal(overlay_pixels(np.asarray(image), heat, box, "turbo", 0.3),
+                          np.asarray(overlay(image, heat, box, "turbo", 0.3)))
+    with pytest.raises(ValueError, match="uint8"):
+        overlay_pixels(np.zeros((4, 4, 3), np.float32), heat)
+
+
+def test_shrink_fits_like_thumbnail_and_averages():
+    pixels = np.random.default_rng(4).integers(0, 255, (301, 517, 3), dtype=np.uint8)
+    for side in (16, 64, 224, 600):
+        small = shrink(pixels, side)
+        assert (small.shape[1], small.shape[0]) == thumbnail_size((517, 301), side) == \
+            thumbnail(Image.fromarray(pixels), side).size
+    flat = np.full((300, 400, 3), 77, np.uint8)
+    assert (shrink(flat, 50) == 77).all()
+
+
+@pytest.mark.parametrize("caption", ["Ag|yj", "dog 9%", "ÄÖü 12.5%"])  # each fits a 64 px cell
+def test_grid_captions_are_the_pixels_imagedraw_draws(caption):
+    """Captions are pasted from cached text masks: the same pixels as drawing the text in place."""
+    from math import ceil
+
+    from PIL import ImageDraw, ImageFont
+
+    cell = Image.new("RGB", (64, 64), (200, 30, 30))
+    for _ in range(2):  # the second grid takes the cached masks
+        sheet = grid([[cell]], captions=[[caption]], cell_size=64)
+    geometry = grid_geometry(1, 1, (), 64)
+    font = ImageFont.load_default(size=geometry.font_size)
+    expected = Image.new("RGB", sheet.size, (255, 255, 255))
+    expected.paste(cell, geometry.cell_origin(0, 0))
+    x, y = geometry.cell_origin(0, 0)
+    left, _, right, _ = font.getbbox(caption)
+    ImageDraw.Draw(expected).text((x + (64 - ceil(right - left)) // 2, y + 64), caption, fill=(20, 20, 20), font=font)
+    assert np.array_equal(np.asarray(sheet), np.asarray(expected))

@@ -1,11 +1,12 @@
 """Batch export of CAM overlays, raw heatmaps, comparison grids and a manifest (CLI, app folder export and ZIP).
 
 The family: ``plan`` (what each model computes, and whether an image still needs it), ``executor`` (carrying a
-plan out here: explain per batch, draw and write on writer threads), ``ray_executor`` (carrying it out on a Ray
-cluster, ``engine="ray"``: the same files and manifest), ``encode`` (the per-result job any executor
-calls: overlay, encoding in the chosen format, heatmap, thumbnail), ``run`` (``run_export``: inputs -> plan ->
-executor -> manifests), ``inputs`` (files, folders, uploads; safe names), ``files`` (atomic writes, records,
-manifests, ``ExportReport``), ``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
+plan out here: decode ahead on a loader thread, explain per batch, draw and write on writer threads),
+``ray_executor`` (carrying it out on a Ray cluster, ``engine="ray"``: the same files and manifest), ``encode``
+(the per-result job any executor calls: overlay, encoding in the chosen format, heatmap, thumbnail), ``run``
+(``run_export``: inputs -> plan -> executor -> manifests), ``inputs`` (files, folders, uploads; safe names),
+``files`` (atomic writes, records, manifests, ``ExportReport``), ``reserve`` (the manifest's room on the disk),
+``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
 
 Folder layout written under ``OUT`` (every name component is sanitised: ASCII letters, digits, ``.``, ``_``
 and ``-`` only, no leading dot, length-capped; nothing is ever written outside ``OUT``)::
@@ -63,7 +64,8 @@ from cams.export.cli import EXIT_CANNOT_START, EXIT_NOTHING, EXIT_OK, EXIT_STOPP
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, encode_image, overlay_suffix, render_result
 from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport,
                                merge_manifest, os_error_text)
-from cams.export.inputs import InputItem, UploadSource, collect_inputs, read_input, safe_name
+from cams.export.inputs import (InputItem, UploadSource, collect_inputs, decode_input, input_records, read_input,
+                                safe_name)
 from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, validate_settings
 from cams.export.ray_executor import HandedExecutor, check_shared
 from cams.export.executor import Reuse
@@ -73,7 +75,7 @@ __all__ = [
     "run_export", "zip_directory", "load_models", "Progress", "Reuse", "ExportError", "ExportReport",
     "MANIFEST_COLUMNS", "MANIFEST_FORMAT", "STATE_FORMAT", "merge_manifest", "os_error_text",
     "EXIT_OK", "EXIT_NOTHING", "EXIT_CANNOT_START", "EXIT_STOPPED",
-    "InputItem", "UploadSource", "collect_inputs", "read_input", "safe_name",
+    "InputItem", "UploadSource", "collect_inputs", "decode_input", "input_records", "read_input", "safe_name",
     "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor", "explain_batch",
     "HandedExecutor", "check_shared",
     "render_result", "encode_image", "overlay_suffix", "FORMATS", "DEFAULT_FORMAT",

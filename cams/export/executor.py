@@ -1,30 +1,41 @@
 """Carrying out an export plan (:mod:`cams.export.plan`) on this machine: per batch of images one ``explain``
 call per model, then the overlays, heatmaps, result records and grids, drawn and written by a pool of writer
-threads while the next batch is explained (the per-result work is :func:`cams.export.encode.render_result`)."""
+threads while the next batch is explained (the per-result work is :func:`cams.export.encode.render_result`).
+A loader thread decodes and preprocesses the next images meanwhile (:meth:`ExportExecutor.load_ahead`), so the
+thread that runs the network does little else."""
 from __future__ import annotations
 
 import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import numpy as np
+import torch
 from PIL import Image
 
 from cams import engine
-from cams.export.encode import HEATMAP, OVERLAY, overlay_suffix, render_result, write_grid_sheet
+from cams.export.encode import HEATMAP, OVERLAY, overlay_suffix, render_result, rgb_pixels, write_grid_sheet
 from cams.export.files import STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, write_text
 from cams.export.inputs import InputItem, inside, safe_name
 from cams.export.plan import ExportPlan, ModelPlan
 from cams.images import ImageError, load_image
-from cams.render import grid, thumbnail
+from cams.render import grid, shrink, thumbnail
 from pfnet.errors import PfnetError
-from pfnet.preprocess import crop_box_for, prepare_batch
+from pfnet.preprocess import Preprocess, crop_box_for, prepare
 
 
 CLASS_CHARS = 40
 MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
+
+
+def write_record(path: Path, record: Mapping[str, Any]) -> None:
+    """One image and model's result record (:data:`STATE_FORMAT`), read back by re-runs."""
+    write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
 
 
 def default_writers() -> int:
@@ -48,6 +59,18 @@ def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, labels: list[
 Reuse = Callable[[str, InputItem, Image.Image], Any]
 
 
+@dataclass
+class Loaded:
+    """What the loader thread made of one image besides decoding it: its output folders (model id -> folder), the
+    network inputs per preprocessing (models sharing one share them) and, with overlays, the pixel array and its
+    grid-cell-sized copy."""
+
+    folders: dict[str, Path] = field(default_factory=dict)
+    tensors: dict[Preprocess, torch.Tensor] = field(default_factory=dict)
+    pixels: np.ndarray | None = None
+    small: np.ndarray | None = None
+
+
 class ExportExecutor:
     """Carries out ``plan`` into the folder ``root`` (checked by the caller), accumulating ``report``."""
 
@@ -63,6 +86,8 @@ class ExportExecutor:
         self._writer = ThreadPoolExecutor(max_workers=writers or default_writers(),
                                           thread_name_prefix="pfcam-export-writer")
         self._pending: deque[Future] = deque()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfcam-export-loader")
+        self._loaded: dict[str, Loaded] = {}  # item key -> what load_ahead made, taken by process()
 
     def submit(self, job: Callable[..., Any], *args: Any) -> Future:
         """Run ``job(*args)`` on the writer thread, after every job queued before it."""
@@ -84,16 +109,54 @@ class ExportExecutor:
         finally:
             self._pending.clear()
             self._writer.shutdown(wait=True)
+            self._loader.shutdown(wait=True, cancel_futures=True)
+            self._loaded.clear()
+
+    # -------------------------------------------------------------------------------------------- loading
+    def load_ahead(self, items: Iterable[InputItem], load: Callable[[InputItem], Image.Image],
+                   ahead: int | None = None) -> Iterator[tuple[InputItem, Image.Image | ImageError]]:
+        """``(item, load(item))`` in order, or ``(item, the ImageError)`` for a bad one: the loader thread decodes
+        up to ``ahead`` images (default: a batch) beyond the one handed out and prepares their network inputs and
+        pixels, while the caller's thread explains the batch before. Other exceptions are raised here."""
+        pending: deque[tuple[InputItem, Future]] = deque()
+        remaining = iter(items)
+        ahead = max(1, ahead or self.plan.batch_size)
+        while True:
+            while len(pending) <= ahead and (item := next(remaining, None)) is not None:
+                pending.append((item, self._loader.submit(self._load, item, load)))
+            if not pending:
+                return
+            item, future = pending.popleft()
+            yield item, future.result()
+
+    def _load(self, item: InputItem, load: Callable[[InputItem], Image.Image]) -> Image.Image | ImageError:
+        """Loader-thread job: decode one image and make what ``process`` and the writers will need of it."""
+        try:
+            image = load(item)
+        except ImageError as exc:
+            return exc
+        loaded = Loaded()
+        for model in self.plan.models:
+            loaded.folders[model.id] = ensure_dir(self.root, item.folder, model.folder)
+            preprocess = model.entry.preprocess
+            if preprocess not in loaded.tensors:
+                loaded.tensors[preprocess] = prepare(image, preprocess, self.plan.mode).tensor
+        if self.plan.overlays:
+            loaded.pixels = rgb_pixels(image)
+            loaded.small = shrink(loaded.pixels, self.plan.cell_size)
+        self._loaded[item.key] = loaded
+        return image
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
     def explain(self, model: ModelPlan, batch: list[tuple[InputItem, Image.Image, dict[str, Any]]],
-                need: list[int]) -> dict[int, tuple[engine.Explanation, int]]:
-        """``model``'s explanation of the images ``need`` (indices into ``batch``): index -> (explanation, the
-        image's position in it); empty when explaining failed (a warning says so). The one step an engine that
-        explains elsewhere replaces (:class:`cams.export.ray_executor.HandedExecutor`)."""
-        tensor, _ = prepare_batch([batch[index][1] for index in need], model.entry.preprocess, self.plan.mode)
+                need: list[int], loaded: list[Loaded]) -> dict[int, tuple[engine.Explanation, int]]:
+        """``model``'s explanation of the images ``need`` (indices into ``batch``, whose loader-thread work is
+        ``loaded``): index -> (explanation, the image's position in it); empty when explaining failed (a warning
+        says so). The one step an engine that explains elsewhere replaces
+        (:class:`cams.export.ray_executor.HandedExecutor`)."""
+        tensor = torch.stack([self._network_input(loaded[index], batch[index][1], model) for index in need])
         explanation = explain_batch(self.plan, model, tensor, [batch[index][0].label for index in need],
                                     self.report.warnings.append)
         if explanation is None:
@@ -102,6 +165,7 @@ class ExportExecutor:
 
     # -------------------------------------------------------------------------------------------- one batch
     def process(self, batch: list[tuple[InputItem, Image.Image, dict[str, Any]]]) -> None:
+        loaded = [self._loaded.pop(item.key, None) or Loaded() for item, _, _ in batch]
         # cells[(image index, model id, layer, rank)] = (thumbnail, its future, or None; caption; computed now?)
         cells: dict[tuple[int, str, str, int], tuple[Image.Image | None, str, bool]] = {}
         rows: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(batch))}
@@ -109,7 +173,7 @@ class ExportExecutor:
             states: list[dict[str, Any]] = []
             need: list[int] = []
             for index, (item, image, _) in enumerate(batch):
-                folder = ensure_dir(self.root, item.folder, model.folder)
+                folder = loaded[index].folders.get(model.id) or ensure_dir(self.root, item.folder, model.folder)
                 state = read_state(folder / self.plan.record_name) or {}
                 states.append(state)
                 if self.plan.needs(self.root, state, model):
@@ -118,7 +182,7 @@ class ExportExecutor:
                      if (known := self._reused(model, *batch[index][:2])) is not None}
             need = [index for index in need if index not in found]
             if need:
-                found.update(self.explain(model, batch, need))
+                found.update(self.explain(model, batch, need, loaded))
             for index, (item, image, info) in enumerate(batch):
                 explanation, position = found.get(index, (None, None))
                 if position is not None and not (explanation.probs[position].isfinite().all()
@@ -127,7 +191,7 @@ class ExportExecutor:
                                                 "no result written for this image")
                     position = None
                 box = crop_box_for(image.size, model.entry.preprocess, self.plan.mode)
-                state = self._update(model, item, image, box, states[index], explanation, position)
+                state = self._update(model, item, image, box, states[index], explanation, position, loaded[index])
                 for layer in model.layers:
                     for rank in range(1, model.topk + 1):
                         entry = state.get("entries", {}).get(entry_key(layer, rank))
@@ -144,6 +208,14 @@ class ExportExecutor:
                 row["grid"] = grids.get(row["rank"], "")
             self.report.rows.extend(rows[index])
 
+    def _network_input(self, loaded: Loaded, image: Image.Image, model: ModelPlan) -> torch.Tensor:
+        """The image as ``model`` takes it: made by the loader thread, or here if it was not (an image handed to
+        ``process`` directly)."""
+        preprocess = model.entry.preprocess
+        if preprocess not in loaded.tensors:
+            loaded.tensors[preprocess] = prepare(image, preprocess, self.plan.mode).tensor
+        return loaded.tensors[preprocess]
+
     def _reused(self, model: ModelPlan, item: InputItem, image: Image.Image) -> Any:
         """The caller's explanation of this image (``reuse``), if it has one made as this run would make it."""
         if self.reuse is None:
@@ -155,7 +227,7 @@ class ExportExecutor:
         return known if fits else None
 
     def _update(self, model: ModelPlan, item: InputItem, image: Image.Image, box, state: dict[str, Any],
-                explanation, position: int | None) -> dict[str, Any]:
+                explanation, position: int | None, loaded: Loaded) -> dict[str, Any]:
         """Write what this image and model still need; return the merged state (entries get ``_status``)."""
         settings = self.plan.record_settings(model)
         old_entries = state.get("entries", {}) if isinstance(state.get("entries"), dict) else {}
@@ -187,8 +259,12 @@ class ExportExecutor:
                 files = [(path, kind) for path, kind in ((png, OVERLAY), (npy, HEATMAP))
                          if path is not None and (self.plan.overwrite or path.is_symlink() or not path.exists())]  # a link: replaced
                 self.report.files.extend(self.rel(path) for path, _ in files)
-                thumb = self.submit(render_result, image, heat, box, self.plan.colormap, self.plan.opacity, files,
-                                    self.plan.overlay_format, self.plan.cell_size if self.plan.overlays else None)
+                if self.plan.overlays and loaded.pixels is None:  # drawn once for all of this image's results
+                    loaded.pixels = rgb_pixels(image)
+                    loaded.small = shrink(loaded.pixels, self.plan.cell_size)
+                thumb = self.submit(partial(render_result, pixels=loaded.pixels, small=loaded.small), image, heat,
+                                    box, self.plan.colormap, self.plan.opacity, files, self.plan.overlay_format,
+                                    self.plan.cell_size if self.plan.overlays else None)
                 ours = {self.rel(path) for path in (png, npy) if path is not None}
                 if self.plan.overwrite and isinstance(old, dict):  # another class name leaves an old file behind
                     for name in ("overlay", "heatmap"):
@@ -211,7 +287,7 @@ class ExportExecutor:
                       "entries": {key: {k: v for k, v in value.items() if not k.startswith("_")}
                                   for key, value in {**kept_extra, **entries}.items()}}
             path = folder / self.plan.record_name
-            write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
+            self.submit(write_record, path, record)  # encoded and written beside the network, like the rest
             self.report.files.append(self.rel(path))
         return {"entries": entries}
 

@@ -62,22 +62,38 @@ class InputItem:
         return load_image(self.path if self.data is None else self.data, name=self.label)
 
 
+def decode_input(item: InputItem, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 read_image: Callable[[InputItem], Image.Image] | None = None) -> Image.Image:
+    """One input decoded as every engine decodes it (``ImageError`` for a bad one). ``read_image`` replaces the
+    decoder (the app's session-budgeted one)."""
+    if read_image is not None:
+        return read_image(item)
+    return load_image(item.path if item.data is None else item.data, name=item.label, max_bytes=max_bytes,
+                      max_pixels=max_pixels)
+
+
+def input_records(item: InputItem, decoded: Image.Image | ImageError
+                  ) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """What the manifest says of an input once decoded (or refused): its "images" record, and its "skipped"
+    entry for a bad input (else None)."""
+    info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
+    if isinstance(decoded, ImageError):
+        info["reason"] = decoded.reason
+        return info, {"input": item.label, "stage": "load", "reason": decoded.reason}
+    info.update({"image_dir": item.folder, "status": "ok", "width": decoded.width, "height": decoded.height})
+    return info, None
+
+
 def read_input(item: InputItem, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                read_image: Callable[[InputItem], Image.Image] | None = None
                ) -> tuple[Image.Image | None, dict[str, Any], dict[str, str] | None]:
     """One input read as every engine reads it: ``(image, its manifest "images" record, None)``, or for a bad
-    input ``(None, its record with the reason, its "skipped" entry)``. ``read_image`` replaces the decoder (the
-    app's session-budgeted one); it raises ``ImageError`` for a bad input."""
-    info: dict[str, Any] = {"input": item.label, "image_dir": None, "status": "bad"}
+    input ``(None, its record with the reason, its "skipped" entry)``."""
     try:
-        image = read_image(item) if read_image is not None else load_image(
-            item.path if item.data is None else item.data, name=item.label, max_bytes=max_bytes,
-            max_pixels=max_pixels)
+        image = decode_input(item, max_bytes, max_pixels, read_image)
     except ImageError as exc:
-        info["reason"] = exc.reason
-        return None, info, {"input": item.label, "stage": "load", "reason": exc.reason}
-    info.update({"image_dir": item.folder, "status": "ok", "width": image.width, "height": image.height})
-    return image, info, None
+        return (None, *input_records(item, exc))
+    return (image, *input_records(item, image))
 
 
 def _upload_item(name: object, data: object) -> InputItem:

@@ -143,7 +143,7 @@ class HandedExecutor(ExportExecutor):
         super().__init__(root, plan, report, writers=writers)
         self.explained = explained  # per batch image: model id -> (heatmaps, targets, probs), or None if failed
 
-    def explain(self, model: ModelPlan, batch, need: list[int]) -> dict[int, tuple[Explanation, int]]:
+    def explain(self, model: ModelPlan, batch, need: list[int], loaded=None) -> dict[int, tuple[Explanation, int]]:
         missing = [i for i in need if model.id not in self.explained[i]]
         if missing:  # its outputs went missing between the read and the write: the next run redoes it
             names = ", ".join(batch[i][0].label for i in missing)

@@ -14,7 +14,7 @@ from cams.export.executor import ExportExecutor, Reuse
 from cams.export.files import (LOCK_NAME, MANIFEST_COLUMNS, MANIFEST_FORMAT, TEMP_SUFFIX, ExportError,
                                ExportReport, check_out_dir, merge_manifest, now, os_error_text, remove_orphans,
                                versions)
-from cams.export.inputs import InputItem, UploadSource, collect_inputs, read_input
+from cams.export.inputs import InputItem, UploadSource, collect_inputs, decode_input, input_records
 from cams.export.plan import GRID_CELL, ExportPlan, LayerChoice, plan_export
 from cams.export.reserve import ManifestRoom, manifest_room
 from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -114,10 +114,13 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             tick(item.label)
         batch.clear()
 
+    def load(item: InputItem) -> Image.Image:
+        return decode_input(item, max_bytes, max_pixels, read_image)
+
     try:
         try:
-            for item in items:
-                image, info, problem = read_input(item, max_bytes, max_pixels, read_image)
+            for item, image in run.load_ahead(items, load):  # decoded on a loader thread, a batch ahead
+                info, problem = input_records(item, image)
                 report.images.append(info)
                 if problem is not None:
                     report.skipped.append(problem)
