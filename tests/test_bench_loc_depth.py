@@ -84,3 +84,28 @@ def test_progress_is_a_line_per_batch_off_a_terminal(tiny_zoo, capsys):
     assert steps == [(1, 3), (2, 3), (3, 3)]
     assert "\r" not in err
     assert out.rstrip().splitlines()[-1].split()[1:3] == ["-", "uniform"]  # the table ends with the references
+
+
+def test_app_depth_scores_agree_with_bench_loc(tiny_zoo):
+    """The app's Measure panel (cams.depth, image by image) and bench-loc (score_images, batches through every
+    method at once) drive the same metrics: on the same images, boxes and layers they give the same values."""
+    from cams import explain
+    from cams.bench_loc import bench as bench_run
+    from cams.depth import DepthScores
+
+    model = bench_run.load_model(TINY)
+    torch.manual_seed(2)
+    images = torch.randn(4, 3, 64, 64)
+    boxes = [(4.0, 4.0, 40.0, 40.0), (20.0, 8.0, 60.0, 50.0), (0.0, 30.0, 34.0, 64.0), (10.0, 12.0, 50.0, 44.0)]
+    blocks = block_layers(model)
+    rows = bench_loc.score_images(model, images, boxes, methods=["gradcam"])[:len(blocks)]
+    heatmaps = explain(model, images, blocks, "gradcam").heatmaps[:, 0].numpy()  # [N, L, H, W]
+    scores = DepthScores(blocks)
+    for image_maps, box in zip(heatmaps, boxes):
+        scores.add(image_maps, box)
+    values = scores.values()
+    assert [row.layer for row in rows] == blocks
+    for index, row in enumerate(rows):
+        assert abs(row.values["pointing15"] - values["pointing_game"][index]) < 1e-9, row.layer
+        assert abs(row.values["energy"] - values["energy_in_box"][index]) < 1e-5, row.layer
+        assert abs(row.values["maxboxacc_v2"] - values["maxboxacc_v2"][index]) < 1e-9, row.layer
