@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="Ray actors (default: the engine's choice)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--device", default="cpu", help="device of the per-image explain cost")
-    parser.add_argument("--cost-images", type=int, default=48, help="images for the per-image costs")
+    parser.add_argument("--cost-images", type=int, default=48, help="images for the per-image costs (0: skip them)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads of the local engine (default: torch's; each Ray actor has one per CPU)")
     parser.add_argument("--costs-only", action="store_true", help="only the per-image costs (no engines, no Ray)")
@@ -164,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
 
         size = (width, height)
         lines: list[str] = [] if args.costs_only else engines_compared(inputs, work, models, args, size)
-        costs = per_image_costs(inputs, work / "out-costs", models, args)
-        lines += ["", f"Per-image costs (ms, one torch thread, {args.cost_images} images):", "",
-                  "| stage | ms per image |", "|---|---:|"]
-        lines += [f"| {name} | {ms:.1f} |" for name, ms in costs.items()]
+        if args.cost_images > 0:  # 0: the engines only
+            costs = per_image_costs(inputs, work / "out-costs", models, args)
+            lines += ["", f"Per-image costs (ms, one torch thread, {args.cost_images} images):", "",
+                      "| stage | ms per image |", "|---|---:|"]
+            lines += [f"| {name} | {ms:.1f} |" for name, ms in costs.items()]
         lines += ["", f"load average at the end: {os.getloadavg()[0]:.1f}"]
         text = "\n".join(lines)
         print("\n" + text)
