@@ -114,10 +114,17 @@ class ExportExecutor:
 
     # -------------------------------------------------------------------------------------------- loading
     def load_ahead(self, items: Iterable[InputItem], load: Callable[[InputItem], Image.Image],
-                   ahead: int | None = None) -> Iterator[tuple[InputItem, Image.Image | ImageError]]:
+                   ahead: int | None = None, on_caller: bool = False
+                   ) -> Iterator[tuple[InputItem, Image.Image | ImageError]]:
         """``(item, load(item))`` in order, or ``(item, the ImageError)`` for a bad one: the loader thread decodes
         up to ``ahead`` images (default: a batch) beyond the one handed out and prepares their network inputs and
-        pixels, while the caller's thread explains the batch before. Other exceptions are raised here."""
+        pixels, while the caller's thread explains the batch before. Other exceptions are raised here.
+        ``on_caller``: ``load`` runs on the caller's thread, one image at a time (a decoder that needs the caller's
+        thread, as the app's reads its Streamlit session)."""
+        if on_caller:
+            for item in items:
+                yield item, self._load(item, load)
+            return
         pending: deque[tuple[InputItem, Future]] = deque()
         remaining = iter(items)
         ahead = max(1, ahead or self.plan.batch_size)

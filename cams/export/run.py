@@ -17,7 +17,7 @@ from cams.export.files import (LOCK_NAME, MANIFEST_COLUMNS, MANIFEST_FORMAT, TEM
 from cams.export.inputs import InputItem, UploadSource, collect_inputs, decode_input, input_records
 from cams.export.plan import GRID_CELL, ExportPlan, LayerChoice, plan_export
 from cams.export.reserve import ManifestRoom, manifest_room
-from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError
+from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from cams.ray_runtime import RayOptions, check_engine
 from pfnet.errors import PfnetError
 
@@ -115,20 +115,13 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         batch.clear()
 
     def load(item: InputItem) -> Image.Image:
-        return decode_input(item, max_bytes, max_pixels)
+        return decode_input(item, max_bytes, max_pixels, read_image)
 
-    def decode_here(item: InputItem) -> tuple[InputItem, Image.Image | ImageError]:
-        try:
-            return item, decode_input(item, max_bytes, max_pixels, read_image)
-        except ImageError as exc:
-            return item, exc
-
-    # A caller's decoder runs on the caller's thread (the app's reads its Streamlit session, which other threads
-    # do not see); the default one on a loader thread, a batch ahead.
-    decoded = run.load_ahead(items, load) if read_image is None else map(decode_here, items)
     try:
         try:
-            for item, image in decoded:
+            # Decoded a batch ahead on the loader thread; a caller's decoder on the caller's thread (the app's
+            # reads its Streamlit session, which other threads do not see).
+            for item, image in run.load_ahead(items, load, on_caller=read_image is not None):
                 info, problem = input_records(item, image)
                 report.images.append(info)
                 if problem is not None:
