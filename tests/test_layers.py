@@ -72,6 +72,15 @@ def test_resnet_spatial_op_labels(r50max, hybrid):
     assert "max-pool" in L.layer_spec(hybrid, "layer1.0.conv_block").label
 
 
+def test_label_follows_a_replaced_spatial_op():
+    """Labels are remembered per op module (a speed-up): a block given another op gets that op's label."""
+    model = timm.create_model("resnet50_pf", width_mult=0.25, num_classes=10).eval()
+    assert "3x3 conv" in L.layer_spec(model, "layer2.1.conv_block").label
+    model.layer2[1].conv_block = nn.MaxPool2d(3, stride=1, padding=1)
+    label = L.layer_spec(model, "layer2.1.conv_block").label
+    assert "3x3 max-pool" in label and "conv" not in label.split(":")[-1]
+
+
 def test_stage_and_last_block_are_one_tensor(r50):
     assert L.layer_spec(r50, "layer4.2").same_as == "layer4"
     assert L.layer_spec(r50, "layer3.5").same_as == "layer3"
