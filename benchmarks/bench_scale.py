@@ -9,12 +9,13 @@ The inputs are ``--images`` JPEGs at ``--size`` (default 500x375, ImageNet val's
 bundled example photos. Each engine exports them ``--rounds`` times into fresh folders, the engines taking turns
 (a shared CPU's load hits both alike); the figure is the median wall time per run, the ratio ray / local images/s
 (target >= 0.8). Ray's start-up is timed apart: ``ray.init`` of a local runtime sized to this machine, then an
-export of two images twice: the first starts the worker processes (which the timed runs do not pay), the second
-is what every run pays (Ray Data's plan and a new actor pool, whose processes import torch and receive the models).
+export of two images twice: the first starts Ray Data's own processes (which the timed runs do not pay), the
+second is what every run pays (Ray Data's plan and a new actor pool, whose processes import torch and receive the
+models); and how long a fresh Python process takes to import what an actor imports (most of that fixed cost).
 
-Then the per-image costs, one torch thread, measured in this process: read + decode + preprocess (what Ray's
-read tasks do), explain per model (the actors), and draw + write every file of an image (the write tasks, the
-local executor's own code). A cluster plan divides these among its CPUs and GPUs (README, "Scale-out on Ray").
+Then the per-image costs, one torch thread, measured in this process: read + decode + preprocess, explain per
+model, and draw + write every file of an image (the local executor's own code), all of which an actor does for
+its blocks. A cluster plan divides these among its CPUs and GPUs (README, "Scale-out on Ray").
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +38,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cams.export import (ExportReport, HandedExecutor, collect_inputs, explain_batch, load_models,  # noqa: E402
+from cams.engine import Explanation  # noqa: E402
+from cams.export import (ExportExecutor, ExportReport, collect_inputs, explain_batch, load_models,  # noqa: E402
                          plan_export, read_input, run_export)
 from cams.ray_runtime import RayOptions, init_ray  # noqa: E402
 from pfnet import zoo  # noqa: E402
@@ -80,6 +83,18 @@ def timed_export(inputs: Path, out: Path, models: dict, args: argparse.Namespace
     return seconds
 
 
+class Handed(ExportExecutor):
+    """The local executor handed explanations made beforehand: what is left is drawing and writing."""
+
+    def __init__(self, root: Path, plan, explained: list[dict]):
+        super().__init__(root, plan, ExportReport(out_dir=root))
+        self.explained = explained  # per batch image: model id -> (heatmaps, targets, probs)
+
+    def explain(self, model, batch, need, loaded=None):
+        return {i: (Explanation(*(torch.from_numpy(value[None]) for value in self.explained[i][model.id]),
+                                tuple(model.layers), self.plan.method, model.class_names), 0) for i in need}
+
+
 def per_image_costs(inputs: Path, out: Path, models: dict, args: argparse.Namespace) -> dict[str, float]:
     """Milliseconds per image of each stage, one torch thread, ``--cost-images`` images."""
     threads = torch.get_num_threads()
@@ -117,7 +132,7 @@ def per_image_costs(inputs: Path, out: Path, models: dict, args: argparse.Namesp
         start = time.perf_counter()
         for first in range(0, len(items), args.batch_size):
             chunk = range(first, min(len(items), first + args.batch_size))
-            executor = HandedExecutor(out, plan, ExportReport(out_dir=out), [explained[i] for i in chunk])
+            executor = Handed(out, plan, [explained[i] for i in chunk])
             executor.process([(items[i], images[i], {}) for i in chunk])
             executor.finish()
         costs["draw + write every file"] = time.perf_counter() - start
@@ -179,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def actor_imports() -> float:
+    """Seconds a fresh Python process takes to import what an actor of the export imports (Ray Data, torch, the
+    networks' modules): the bulk of the fixed cost of a Ray run, paid by every new actor pool."""
+    code = ("import time; start = time.perf_counter(); import ray.data, cams.export.ray_executor; "
+            "print(time.perf_counter() - start)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def engines_compared(inputs: Path, work: Path, models: dict, args: argparse.Namespace,
                      size: tuple[int, int]) -> list[str]:
     """Ray's start-up, then both engines on the photos, taking turns; the summary as Markdown lines."""
@@ -197,9 +221,10 @@ def engines_compared(inputs: Path, work: Path, models: dict, args: argparse.Name
                    ray_options=RayOptions(workers=args.workers, gpus_per_worker=args.gpus_per_worker))
         small_runs.append(time.perf_counter() - start)
     first_s, again_s = small_runs
+    imports_s = actor_imports()
     print(f"Ray start-up: ray.init {init_s:.1f} s (local runtime: {resources.get('CPU', 0):g} CPUs, "
           f"{resources.get('GPU', 0):g} GPUs); an export of 2 images: {first_s:.1f} s the first time, "
-          f"{again_s:.1f} s again", flush=True)
+          f"{again_s:.1f} s again; an actor's imports in a fresh process: {imports_s:.1f} s", flush=True)
 
     times: dict[str, list[float]] = {"local": [], "ray": []}
     for round_index in range(args.rounds):
@@ -217,7 +242,8 @@ def engines_compared(inputs: Path, work: Path, models: dict, args: argparse.Name
              f"| ray (warm runtime) | {ray_s:.1f} | {args.images / ray_s:.2f} |",
              "", f"ray / local throughput: {ratio:.2f} ({verdict} the {TARGET_RATIO} target). Ray start-up: "
              f"ray.init {init_s:.1f} s; an export of 2 images {first_s:.1f} s the first time, {again_s:.1f} s "
-             "on the warm runtime (the fixed cost of every run, inside the figures above)"]
+             f"on the warm runtime (the fixed cost of every run, inside the figures above), of which "
+             f"{imports_s:.1f} s is a new actor's imports (timed in a fresh process)"]
     return lines
 
 

@@ -67,7 +67,7 @@ from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, 
 from cams.export.inputs import (InputItem, UploadSource, collect_inputs, decode_input, input_records, read_input,
                                 safe_name)
 from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, validate_settings
-from cams.export.ray_executor import HandedExecutor, check_shared
+from cams.export.ray_executor import check_shared
 from cams.export.executor import Reuse
 from cams.export.run import Progress, load_models, run_export, zip_directory
 
@@ -77,7 +77,7 @@ __all__ = [
     "EXIT_OK", "EXIT_NOTHING", "EXIT_CANNOT_START", "EXIT_STOPPED",
     "InputItem", "UploadSource", "collect_inputs", "decode_input", "input_records", "read_input", "safe_name",
     "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor", "explain_batch",
-    "HandedExecutor", "check_shared",
+    "check_shared",
     "render_result", "encode_image", "overlay_suffix", "FORMATS", "DEFAULT_FORMAT",
     "add_export_parser", "export_command", "DEFAULT_MODELS", "OFFLINE_HINT",
 ]

@@ -161,8 +161,7 @@ class ExportExecutor:
                 need: list[int], loaded: list[Loaded]) -> dict[int, tuple[engine.Explanation, int]]:
         """``model``'s explanation of the images ``need`` (indices into ``batch``, whose loader-thread work is
         ``loaded``): index -> (explanation, the image's position in it); empty when explaining failed (a warning
-        says so). The one step an engine that explains elsewhere replaces
-        (:class:`cams.export.ray_executor.HandedExecutor`)."""
+        says so). The one step another engine may replace (:class:`cams.export.ray_executor.ActorExecutor`)."""
         tensor = torch.stack([self._network_input(loaded[index], batch[index][1], model) for index in need])
         explanation = explain_batch(self.plan, model, tensor, [batch[index][0].label for index in need],
                                     self.report.warnings.append)

@@ -1,16 +1,15 @@
 """Carrying out an export plan (:mod:`cams.export.plan`) on a Ray cluster with Ray Data (``engine="ray"``).
 
 The driver lists the inputs (:func:`cams.export.inputs.collect_inputs`, as the local engine does). Then one Ray
-Data pipeline, each image one row:
-
-1. tasks read and decode each input (:func:`cams.export.inputs.read_input`, the local engine's reading: bad
-   inputs get its records) and preprocess it for every model its earlier outputs do not already cover;
-2. an actor pool explains (:func:`cams.export.executor.explain_batch`); each actor receives every model once,
-   moved to the GPU Ray gave it (or kept on the CPU);
-3. tasks draw and write with the local executor itself (:class:`HandedExecutor`: ``ExportExecutor.process``
-   handed the actors' explanations; each result through :func:`cams.export.encode.render_result` on its writer
-   threads), so both engines write the same files, records and grids, in the same format (or none, without
-   overlays); a task returns only after its files are on disk.
+Data pipeline, each image one row, in blocks of a batch: an actor pool (:class:`ExportWorker`) carries out each
+block whole with the local engine's code. An actor receives every model once, moved to the GPU Ray gave it (or
+kept on the CPU); it reads and decodes each input (:func:`cams.export.inputs.read_input`: bad inputs get the
+local records), explains and writes with the local executor itself (:class:`ActorExecutor`:
+``ExportExecutor.process``, each result through :func:`cams.export.encode.render_result` on its writer threads,
+beside the next model's explanation), so both engines write the same files, records and grids, in the same
+format (or none, without overlays); a block's rows come back only after its files are on disk. No image or
+heatmap travels between processes: on CPUs, moving them cost more than the drawing they would spread (README,
+"Scale-out on Ray").
 
 The driver gathers each image's rows, skipped inputs and warnings, keyed by the image's place in the input list
 (an image that comes twice counts once); ``run_export`` merges the manifest into the folder's
@@ -19,7 +18,7 @@ stops the run as it stops the local one: ``report.stopped`` says why in the same
 kept and listed.
 
 Where the outputs go: every node must see the output folder at the same path (a shared filesystem: NFS, a
-cluster filesystem, a FUSE-mounted bucket). Each task checks, before reading or writing, that it sees a probe
+cluster filesystem, a FUSE-mounted bucket). Each block checks, before reading or writing, that it sees a probe
 file the driver put there, and fails the run with a clear message where it does not (rather than writing into
 a node's own disk). The inputs must be readable at the paths the driver listed, too.
 
@@ -44,7 +43,7 @@ import torch
 
 from cams.engine import Explanation
 from cams.export.executor import ExportExecutor, explain_batch
-from cams.export.files import ExportError, ExportReport, os_error_text, read_state
+from cams.export.files import ExportError, ExportReport, os_error_text
 from cams.export.inputs import InputItem, read_input
 from cams.export.plan import ExportPlan, ModelPlan
 from cams.ray_runtime import (RayOptions, Shared, dataset_of, failure_message, from_column, pool_arguments,
@@ -52,11 +51,6 @@ from cams.ray_runtime import (RayOptions, Shared, dataset_of, failure_message, f
 from pfnet.preprocess import prepare
 
 PROBE_PREFIX = ".pfcam-ray-probe"
-
-
-def without_networks(plan: ExportPlan) -> ExportPlan:
-    """The plan for the tasks that read and write (they never run a model)."""
-    return replace(plan, models=tuple(replace(model, network=None) for model in plan.models))
 
 
 def on_cpu(plan: ExportPlan) -> ExportPlan:
@@ -83,119 +77,72 @@ def check_shared(root: str, probe: str) -> None:
                           "(README: Scale-out on Ray)")
 
 
-# ------------------------------------------------------------------------------------------------- the stages
-def read_stage(batch: dict[str, np.ndarray], plan: ExportPlan, root: str, probe: str, max_bytes: int,
-               max_pixels: int) -> dict[str, np.ndarray]:
-    """Task: decode each input; preprocess it for every model that still needs it."""
-    try:
-        check_shared(root, probe)
-        refused = None
-    except ExportError as exc:  # said by the write stage, which meets it too
-        refused = str(exc)
-    rows = []
-    for index, item in from_column(batch):
-        image, info, problem = (None, None, None) if refused else read_input(item, max_bytes, max_pixels)
-        tensors: dict[str, np.ndarray] = {}
-        if image is not None:
-            for model in plan.models:
-                record = read_state(Path(root) / item.folder / model.folder / plan.record_name) or {}
-                if plan.needs(Path(root), record, model):
-                    tensors[model.id] = prepare(image, model.entry.preprocess, plan.mode).tensor.numpy()
-        rows.append({"index": index, "item": item, "image": image, "info": info, "problem": problem,
-                     "tensors": tensors, "explained": {}, "warnings": []})
-    return to_column(rows)
+# ------------------------------------------------------------------------------------------------- the actors
+class ActorExecutor(ExportExecutor):
+    """The local executor as an actor runs it. Ray Data's blocks group inputs (bad ones too) where the local
+    engine's batches group good images, so an image can be alone in its batch where it never is locally. Alone,
+    it takes another oneDNN convolution path (~1e-6 apart); a copy keeps it company."""
+
+    def explain(self, model: ModelPlan, batch, need: list[int], loaded=None) -> dict[int, tuple[Explanation, int]]:
+        if len(need) != 1:
+            return super().explain(model, batch, need, loaded)
+        tensor = prepare(batch[need[0]][1], model.entry.preprocess, self.plan.mode).tensor
+        explanation = explain_batch(self.plan, model, torch.stack([tensor, tensor]), [batch[need[0]][0].label],
+                                    self.report.warnings.append)
+        return {} if explanation is None else {need[0]: (explanation, 0)}
 
 
-class Explainer:
-    """Actor: holds every model of the plan (on its GPU, if Ray gave it one) and explains batches of rows."""
+class ExportWorker:
+    """Actor: holds every model of the plan (on its GPU, if Ray gave it one) and carries out a batch of inputs
+    whole with the local engine's code: reads them (:func:`read_input`), explains and writes their files
+    (:class:`ActorExecutor`), so no image or heatmap travels between processes. A batch's rows come back once its
+    files are on disk. An OS error stops the batch, as it stops the local run; its rows say so (``stopped``), with
+    what was finished. A refusal (``ExportError``: a planted link, an output folder this node does not see)
+    comes back in its own words (``refused``) and fails the run."""
 
-    def __init__(self, plan: Shared):
+    def __init__(self, plan: Shared, root: str, probe: str, max_bytes: int, max_pixels: int,
+                 writers: int | None):
         device = worker_device()
         plan = plan.get()
         self.plan = replace(plan, models=tuple(replace(model, network=model.network.to(device))
                                                for model in plan.models))
+        self.root, self.probe, self.writers = Path(root), probe, writers
+        self.limits = (max_bytes, max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = from_column(batch)
-        for model in self.plan.models:
-            need = [i for i, row in enumerate(rows) if model.id in row["tensors"]]
-            if not need:
-                continue
-            tensor = torch.from_numpy(np.stack([rows[i]["tensors"][model.id] for i in need]))
-            if len(need) == 1:  # alone, an image takes another oneDNN convolution path (~1e-6 apart) than in the
-                tensor = tensor.repeat(2, 1, 1, 1)  # batches the local engine explains: give it a copy for company
-            explanation = explain_batch(self.plan, model, tensor, [rows[i]["item"].label for i in need],
-                                        rows[need[0]]["warnings"].append)
-            for position, i in enumerate(need):
-                rows[i]["explained"][model.id] = None if explanation is None else (
-                    explanation.heatmaps[position].numpy(), explanation.targets[position].numpy(),
-                    explanation.probs[position].numpy())
-        for row in rows:
-            row["tensors"] = {}
-        return to_column(rows)
-
-
-class HandedExecutor(ExportExecutor):
-    """The local executor, handed explanations computed by the actors instead of running the models."""
-
-    def __init__(self, root: Path, plan: ExportPlan, report: ExportReport, explained: list[dict[str, Any]],
-                 writers: int | None = None):
-        super().__init__(root, plan, report, writers=writers)
-        self.explained = explained  # per batch image: model id -> (heatmaps, targets, probs), or None if failed
-
-    def explain(self, model: ModelPlan, batch, need: list[int], loaded=None) -> dict[int, tuple[Explanation, int]]:
-        missing = [i for i in need if model.id not in self.explained[i]]
-        if missing:  # its outputs went missing between the read and the write: the next run redoes it
-            names = ", ".join(batch[i][0].label for i in missing)
-            self.report.warnings.append(f"{model.id}: not explained in this run (its outputs changed while it "
-                                        f"ran): {names}; run again to complete")
-        found = {}
-        for i in need:
-            part = self.explained[i].get(model.id)
-            if part is not None:
-                heatmaps, targets, probs = (torch.from_numpy(value[None]) for value in part)
-                found[i] = (Explanation(heatmaps, targets, probs, tuple(model.layers), self.plan.method,
-                                        model.class_names), 0)
-        return found
-
-
-def write_stage(batch: dict[str, np.ndarray], plan: ExportPlan, root: str, probe: str,
-                writers: int | None) -> dict[str, np.ndarray]:
-    """Task: draw and write every file of these images (the local executor's code); each image's rows, files and
-    the batch's warnings come back once the files are on disk. An OS error stops the batch, as it stops the
-    local run; its rows say so (``stopped``), with what was finished. A refusal (``ExportError``: a planted link,
-    an output folder this node does not see) comes back in its own words (``refused``) and fails the run."""
-    rows = from_column(batch)
-    good = [row for row in rows if row["image"] is not None]
-    report = ExportReport(out_dir=Path(root))
-    executor = HandedExecutor(Path(root), plan, report, [row["explained"] for row in good], writers)
-    refused = None
-    try:
+        report = ExportReport(out_dir=self.root)
+        executor = ActorExecutor(self.root, self.plan, report, writers=self.writers)
+        rows, refused = [], None
         try:
-            check_shared(root, probe)
-            if good and plan.models:
-                executor.process([(row["item"], row["image"], row["info"]) for row in good])
-        finally:
-            executor.finish()
-    except ExportError as exc:
-        refused = str(exc)
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop met while resolving a path
-        if isinstance(exc, RuntimeError) and "loop" not in str(exc).lower():
-            raise
-        report.stopped = os_error_text(exc, "writing the export")
-    call = secrets.token_hex(8)  # this call's rows, so that the driver can wait for all of a stopped batch
-    results = []
-    for row in rows:
-        folder = row["item"].folder if row["image"] is not None else None  # a bad input has no folder
-        results.append({"index": row["index"], "info": row["info"], "problem": row["problem"],
-                        "rows": [r for r in report.rows if r["image_dir"] == folder],
-                        "files": [f for f in report.files if f.split("/", 1)[0] == folder],
-                        "warnings": row["warnings"], "stale": 0, "stopped": report.stopped,
-                        "refused": refused, "call": (call, len(rows))})
-    if results:
-        results[0]["warnings"] = results[0]["warnings"] + report.warnings
-        results[0]["stale"] = executor.stale_count
-    return to_column(results)
+            try:
+                check_shared(str(self.root), self.probe)
+                rows = [(index, item, *read_input(item, *self.limits)) for index, item in from_column(batch)]
+                good = [(item, image, info) for _, item, image, info, _ in rows if image is not None]
+                if good and self.plan.models:
+                    executor.process(good)
+            finally:
+                executor.finish()
+        except ExportError as exc:
+            refused = str(exc)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop met while resolving a path
+            if isinstance(exc, RuntimeError) and "loop" not in str(exc).lower():
+                raise
+            report.stopped = os_error_text(exc, "writing the export")
+        if refused:
+            return to_column([{"refused": refused}])
+        call = secrets.token_hex(8)  # this call's rows, so that the driver can wait for all of a stopped batch
+        results = []
+        for index, item, image, info, problem in rows:
+            folder = item.folder if image is not None else None  # a bad input has no folder
+            results.append({"index": index, "info": info, "problem": problem,
+                            "rows": [r for r in report.rows if r["image_dir"] == folder],
+                            "files": [f for f in report.files if f.split("/", 1)[0] == folder],
+                            "warnings": [], "stale": 0, "stopped": report.stopped, "refused": None,
+                            "call": (call, len(rows))})
+        if results:
+            results[0]["warnings"] = report.warnings
+            results[0]["stale"] = executor.stale_count
+        return to_column(results)
 
 
 # ------------------------------------------------------------------------------------------------- the driver
@@ -214,7 +161,7 @@ def execute_on_ray(root: Path, plan: ExportPlan, items: Sequence[InputItem], rep
                                         writers)
         except ExportError:
             raise
-        except Exception as exc:  # noqa: BLE001 - Ray wraps the tasks' errors; the run stops with its message
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the actors' errors; the run stops with its message
             raise ExportError(f"the Ray run failed: {failure_message(exc)}") from exc
         finally:
             (root / probe).unlink(missing_ok=True)
@@ -239,16 +186,11 @@ def _run_pipeline(root: Path, plan: ExportPlan, items: Sequence[InputItem], repo
                   writers: int | None) -> dict[int, dict[str, Any]]:
     """Each image's result by its place in ``items``; after an OS error, those of the batches finished by then
     (``report.stopped`` says why)."""
-    light = without_networks(plan)
-    where = {"root": str(root), "probe": probe}
+    settings = {"plan": Shared(on_cpu(plan)), "root": str(root), "probe": probe, "max_bytes": max_bytes,
+                "max_pixels": max_pixels, "writers": writers}
     dataset = dataset_of(list(enumerate(items)), blocks=-(-len(items) // plan.batch_size))
-    dataset = dataset.map_batches(read_stage, batch_size=plan.batch_size, batch_format="numpy",
-                                  fn_kwargs={"plan": light, **where, "max_bytes": max_bytes, "max_pixels": max_pixels})
-    if plan.models:
-        dataset = dataset.map_batches(Explainer, batch_size=plan.batch_size, batch_format="numpy",
-                                      fn_constructor_kwargs={"plan": Shared(on_cpu(plan))}, **pool_arguments(options))
-    dataset = dataset.map_batches(write_stage, batch_size=plan.batch_size, batch_format="numpy",
-                                  fn_kwargs={"plan": light, **where, "writers": writers})
+    dataset = dataset.map_batches(ExportWorker, batch_size=plan.batch_size, batch_format="numpy",
+                                  fn_constructor_kwargs=settings, **pool_arguments(options))
     results: dict[int, dict[str, Any]] = {}
     stopped_left: dict[str, int] = {}  # a stopped batch's rows still to come
     for result in results_of(dataset):
