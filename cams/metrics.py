@@ -249,10 +249,13 @@ def box_accuracy_curve(heatmaps, boxes: Sequence[Boxes], candidates: Sequence[fl
         raise ValueError(f"{len(heatmaps)} heatmaps but {len(boxes)} box entries")
     if not heatmaps:
         raise ValueError("no heatmaps to score")
+    from cams.metrics_sweep import largest_component_boxes
+
     hits = np.zeros(len(candidates), dtype=np.float64)
-    for heatmap, box in zip(heatmaps, boxes):
-        for j, fraction in enumerate(candidates):
-            hits[j] += box_accuracy(heatmap, box, fraction, iou_threshold)
+    for heatmap, box in zip(heatmaps, boxes):  # every candidate's largest component from one sweep
+        truth = as_boxes(box)
+        for j, predicted in enumerate(largest_component_boxes(_heatmap(heatmap), candidates, heatmap_box)):
+            hits[j] += predicted is not None and any(box_iou(predicted, gt) >= iou_threshold for gt in truth)
     return hits / len(heatmaps)
 
 
