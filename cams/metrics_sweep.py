@@ -112,15 +112,19 @@ def _iou_sweep(entry, height, width, steps, eight, holes, truth):
     for s in range(steps):
         for i in range(starts[s], starts[s + 1]):
             p = order[i]
-            py, px = p // width, p % width
+            py = p // width
+            px = p - py * width
             parent[p], size[p], born[p] = p, 1, s
             x0[p], y0[p], x1[p], y1[p] = px, py, px + 1, py + 1
             a = p  # the new pixel's root
             for k in range(dy.shape[0]):
                 qy, qx = py + dy[k], px + dx[k]
-                if qy < 0 or qy >= height or qx < 0 or qx >= width or parent[qy * width + qx] < 0:
+                if qy < 0 or qy >= height or qx < 0 or qx >= width:
                     continue
-                b = _find(parent, qy * width + qx)
+                q = qy * width + qx
+                if parent[q] < 0 or parent[q] == a:  # not entered, or already in the new pixel's component
+                    continue
+                b = _find(parent, q)
                 if a == b:
                     continue
                 if born[b] < s:  # a version that lived through earlier steps ends here
@@ -154,7 +158,8 @@ def _largest_sweep(entry, height, width, steps):
     for s in range(steps):
         for i in range(starts[s], starts[s + 1]):
             p = order[i]
-            py, px = p // width, p % width
+            py = p // width
+            px = p - py * width
             parent[p], size[p] = p, 1
             x0[p], y0[p], x1[p], y1[p] = px, py, px + 1, py + 1
             root = p
