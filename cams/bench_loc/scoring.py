@@ -17,9 +17,9 @@ from cams.bench_loc.data import Sample, Split
 
 
 # Deletion/insertion: 2 + 2 x 15 x 10 = 302 forwards per image and model at the defaults (16 steps, 8 CAM rows + 2
-# references), about 1 s per image and model on a 2-core CPU: 20 images keep the plain run at n=500 within
-# 3 minutes there; --faith-n 100 (the earlier default) adds about 4 minutes.
-DEFAULT_FAITH_N = 20
+# references), 1-3 s per image and model on a shared 2-core CPU (20 images gave 210-271 s for the plain run at
+# n=500): 10 keep it near 3 minutes there; --faith-n 100 (the earlier default) is the full-size figure.
+DEFAULT_FAITH_N = 10
 DEFAULT_FAITH_STEPS = 16
 DEFAULT_ROAD_N = 0  # ROAD costs ~4 s per image and heatmap on the demo models (18 sparse solves)
 DEFAULT_BATCH_SIZE = 16
