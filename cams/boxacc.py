@@ -121,10 +121,19 @@ def curve_from_boxes(found: np.ndarray, owner: np.ndarray, boxes: M.Boxes, count
 
 
 def best_iou_curve(heatmap, boxes: M.Boxes, thresholds: Sequence[float] = THRESHOLDS) -> np.ndarray:
-    """``[T]``: at each threshold, the best IoU of any contour box with any ground-truth box (0 without either)."""
-    if not M.as_boxes(boxes):
+    """``[T]``: at each threshold, the best IoU of any contour box with any ground-truth box (0 without either).
+    One union-find sweep over the pixels (:func:`cams.metrics_sweep.best_iou_curve`) gives what
+    :func:`threshold_boxes` and :func:`curve_from_boxes` give threshold by threshold."""
+    from cams import metrics_sweep as sweep  # numba: imported when first needed
+
+    truth = np.asarray(M.as_boxes(boxes), dtype=np.float64).reshape(-1, 4)
+    if not len(truth):
         return np.zeros(len(thresholds), dtype=np.float64)
-    return curve_from_boxes(*threshold_boxes(heatmap, thresholds), boxes, len(thresholds))
+    cuts = np.asarray(thresholds, dtype=np.float64)
+    order = np.argsort(cuts, kind="stable")  # the sweep takes them ascending; each value's curve point is its own
+    curve = np.empty(len(cuts), dtype=np.float64)
+    curve[order] = sweep.best_iou_curve(_normalised(heatmap), truth, cuts[order])
+    return curve
 
 
 @dataclass

@@ -36,7 +36,7 @@ Definitions chosen
   equal values keep row-major order, a stable sort) and removed from the image (deletion) or inserted into a
   baseline image (insertion) in ``steps`` equal steps; the curve is the softmax probability of the target class
   after each step (``steps + 1`` points, fraction 0 to 1), computed with batched forward passes under
-  ``torch.no_grad``. The AUC is the trapezoid area over the fraction axis, i.e. normalised to [0, 1]. Lower is
+  ``torch.inference_mode``. The AUC is the trapezoid area over the fraction axis, i.e. normalised to [0, 1]. Lower is
   better for deletion, higher for insertion. Baselines: ``"blur"`` (Gaussian blur, sigma = 5 % of the side)
   or ``"mean"`` (every pixel set to the image's own per-channel mean), or a constant value / tensor.
 * **Reference heatmaps**: :func:`centre_gaussian` (a centred isotropic Gaussian, sigma = a quarter of the
@@ -249,10 +249,13 @@ def box_accuracy_curve(heatmaps, boxes: Sequence[Boxes], candidates: Sequence[fl
         raise ValueError(f"{len(heatmaps)} heatmaps but {len(boxes)} box entries")
     if not heatmaps:
         raise ValueError("no heatmaps to score")
+    from cams.metrics_sweep import largest_component_boxes
+
     hits = np.zeros(len(candidates), dtype=np.float64)
-    for heatmap, box in zip(heatmaps, boxes):
-        for j, fraction in enumerate(candidates):
-            hits[j] += box_accuracy(heatmap, box, fraction, iou_threshold)
+    for heatmap, box in zip(heatmaps, boxes):  # every candidate's largest component from one sweep
+        truth = as_boxes(box)
+        for j, predicted in enumerate(largest_component_boxes(_heatmap(heatmap), candidates, heatmap_box)):
+            hits[j] += predicted is not None and any(box_iou(predicted, gt) >= iou_threshold for gt in truth)
     return hits / len(heatmaps)
 
 
@@ -405,7 +408,7 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseli
     Deletion: step i replaces the ``i/steps`` most salient pixels with the baseline; insertion: step i pastes
     them into the baseline. The score is the softmax probability of the target class. The two end points
     (the intact image and the baseline) are the same for every heatmap of an image and are run once. Forward
-    passes are batched (``batch_size`` inputs at a time, across images) under ``torch.no_grad``; the model is
+    passes are batched (``batch_size`` inputs at a time, across images) under ``torch.inference_mode``; the model is
     used as given (put it in eval mode first). Curves are [N, K+1] (or [N, R, K+1]).
     """
     import torch
@@ -426,7 +429,7 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseli
     interior = steps - 1  # steps 1 .. K-1 of each curve
     variants_per_image = 2 + per_image * 2 * interior
     group = max(1, (4 * batch_size) // variants_per_image)  # images whose variants are built at once
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, n, group):
             stop = min(n, start + group)
             x = images[start:stop]
