@@ -8,7 +8,8 @@ for layer1..layer4 in one call; pytorch-grad-cam's ``GradCAM`` for layer4 and fo
 other (four ``GradCAM`` objects, each called, as its API needs for per-layer maps); each as the median of
 ``--repeats`` timed runs after ``--warmup`` untimed ones (timed round-robin, so load changes on a shared CPU
 hit every case alike), and as a ratio to forward-only.
-Targets: ours <= 1.25x forward for one layer, <= 2.2x for four.
+Targets: ours <= 1.25x forward for one layer, <= 2.2x for four. ``--scorecam`` adds Score-CAM at layer4 (one masked
+forward per channel: its floor is about channels / ``--scorecam-batch`` batched forwards).
 
 Then the engine throughput (:func:`engine_throughput`): images/s of ``explain`` over batches of ``--batch`` (8)
 images vs forward-only images/s at the same batch size (target >= 0.7). This is the engine alone; the export
@@ -176,6 +177,9 @@ def bench_model(label: str, arch: str, args,
     cases = {"forward only (inference_mode)": (forward_only(model, images), None),
              "ours: Grad-CAM layer4": (ours(model, images, ["layer4"]), TARGET_ONE),
              "ours: Grad-CAM layer1..layer4, one call": (ours(model, images, FOUR_LAYERS), TARGET_FOUR)}
+    if args.scorecam:  # one masked forward per layer4 channel (2048 for R50), --scorecam-batch at a time
+        cases["ours: Score-CAM layer4"] = (
+            lambda: explain(model, images, ["layer4"], "scorecam", batch_size=args.scorecam_batch), None)
     if not args.no_reference:
         cases["pytorch-grad-cam: GradCAM layer4"] = (pytorch_grad_cam_per_layer(model, images, ["layer4"]), None)
         cases["pytorch-grad-cam: 4 GradCAM objects, layer1..layer4"] = (
@@ -206,6 +210,9 @@ def main(argv: list[str] | None = None) -> str:
                              "weigh that tail less, as in a real folder)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip pytorch-grad-cam")
+    parser.add_argument("--scorecam", action="store_true", help="also Score-CAM at layer4 (one forward per channel: "
+                        "minutes per image on a CPU, meant for a GPU)")
+    parser.add_argument("--scorecam-batch", type=int, default=256, help="masked inputs per forward for Score-CAM")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
