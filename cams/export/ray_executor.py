@@ -48,7 +48,6 @@ from cams.export.inputs import InputItem, read_input
 from cams.export.plan import ExportPlan, ModelPlan
 from cams.ray_runtime import (RayOptions, Shared, dataset_of, failure_message, from_column, pool_arguments,
                               ray_session, results_of, to_column, worker_device)
-from pfnet.preprocess import prepare
 
 PROBE_PREFIX = ".pfcam-ray-probe"
 
@@ -83,10 +82,11 @@ class ActorExecutor(ExportExecutor):
     engine's batches group good images, so an image can be alone in its batch where it never is locally. Alone,
     it takes another oneDNN convolution path (~1e-6 apart); a copy keeps it company."""
 
-    def explain(self, model: ModelPlan, batch, need: list[int], loaded=None) -> dict[int, tuple[Explanation, int]]:
+    def explain(self, model: ModelPlan, batch, need: list[int], loaded) -> dict[int, tuple[Explanation, int]]:
         if len(need) != 1:
             return super().explain(model, batch, need, loaded)
-        tensor = prepare(batch[need[0]][1], model.entry.preprocess, self.plan.mode).tensor
+        # the executor's own input, kept per preprocessing: models that share one prepare the image once
+        tensor = self._network_input(loaded[need[0]], batch[need[0]][1], model)
         explanation = explain_batch(self.plan, model, torch.stack([tensor, tensor]), [batch[need[0]][0].label],
                                     self.report.warnings.append)
         return {} if explanation is None else {need[0]: (explanation, 0)}
