@@ -456,6 +456,31 @@ def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_ca
         main(["export", str(tmp_path), "--out", str(tmp_path / "o"), "--weights", "no-equals-sign"])
 
 
+def test_cli_export_without_models_falls_back_to_the_demo_pair_when_the_imagenet_weights_are_missing(
+        tmp_path, capsys, pfcam_cache):
+    """The newcomer's command (no --models, empty cache, no network) exports with the embedded default and says so;
+    naming the ImageNet models still fails, with the hint."""
+    from pfcam.cli import main
+    from pfnet.weights import weight_status
+
+    if any(weight_status(model_id) != "bundled" for model_id in ("demo_r50", "demo_r50_hybrid")):
+        pytest.skip("the bundled demo weights (assets/weights) are not there")
+    noise(64, 48).save(tmp_path / "photo.png")
+    assert main(["export", str(tmp_path / "photo.png"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping r50:" in err and "skipping r50_hybrid:" in err
+    assert "exporting with the bundled demo models demo_r50, demo_r50_hybrid instead" in err
+    rows = json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"]
+    assert {row["model"] for row in rows} == {"demo_r50", "demo_r50_hybrid"} and all(
+        (tmp_path / "out" / row["heatmap"]).is_file() for row in rows)
+
+    code = main(["export", str(tmp_path / "photo.png"), "--out", str(tmp_path / "named"), "--models", "r50,r50_hybrid",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "demo_r50,demo_r50_hybrid" in err and "instead" not in err
+    assert not (tmp_path / "named" / "manifest.json").exists()
+
+
 def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
     from pfcam.cli import main
     from pfnet.weights import weight_status

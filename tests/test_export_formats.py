@@ -181,3 +181,51 @@ def test_grid_cells_match_the_shrunk_overlays(tmp_path, models, mode):
             away[:, 6:11] = away[:, 53:58] = away[:3] = away[-3:] = False
         assert difference[away].mean() < 3 and np.percentile(difference[away], 99) < 25, \
             (difference[away].mean(), np.percentile(difference[away], 99))
+
+
+def test_network_threads_leave_cores_to_the_threads_beside_the_network():
+    from cams.export.executor import network_threads
+
+    assert [network_threads(True, cores) for cores in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 8]
+    assert [network_threads(False, cores) for cores in (1, 2, 3, 4, 16)] == [1, 1, 2, 3, 15]
+
+
+def test_export_threads_set_the_rule_or_the_users_count_and_restore_torchs(monkeypatch, models):
+    import torch
+    from cams.export.cli import export_threads
+    from cams.export.executor import network_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for overlays in (True, False):
+        with export_threads(None, overlays, models) as threads:
+            assert threads == torch.get_num_threads() == network_threads(overlays)
+        assert torch.get_num_threads() == before
+    with export_threads(3, True, models) as threads:  # --threads wins
+        assert threads == torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+    with export_threads(None, True, {"gpu": (tiny().to("meta"), FakeEntry())}) as threads:
+        assert threads == before  # not on the CPU: torch's own count
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with export_threads(None, True, models) as threads:
+        assert threads == before  # the user's OMP_NUM_THREADS: torch follows it already
+
+
+def test_cli_export_runs_the_network_on_the_rules_threads(tmp_path):
+    import os
+
+    from cams.export.executor import network_threads
+
+    noise(40, 30).save(tmp_path / "a.png")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    command = [sys.executable, "-m", "cams", "export", str(tmp_path / "a.png"), "--models", "demo_r50",
+               "--layers", "layer4", "--device", "cpu"]
+    done = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"torch threads: {network_threads(True)} (--threads)" in done.stderr
+    done = subprocess.run(command + ["--out", str(tmp_path / "heat"), "--no-overlays", "--threads", "2"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "torch threads: 2 (--threads)" in done.stderr, done.stderr
+    assert list((tmp_path / "heat").rglob("*.npy")) and not list((tmp_path / "heat").rglob("*layer4*.png"))
+    bad = subprocess.run(command + ["--out", str(tmp_path / "o"), "--threads", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--threads" in bad.stderr

@@ -3,13 +3,16 @@ summary. Registered through :func:`add_export_parser`."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cams.align import ALIGN_MODES
 from cams.engine import METHODS
 from cams.export.encode import DEFAULT_FORMAT, FORMATS
+from cams.export.executor import network_threads
 from cams.export.files import ExportError, os_error_text
 from cams.export.run import load_models, run_export
 from cams.ray_runtime import add_engine_arguments, check_engine, ray_options
@@ -17,6 +20,7 @@ from cams.render import COLORMAPS
 from pfnet.zoo import DEMO_IDS
 
 DEFAULT_MODELS = ("r50", "r50_hybrid")
+DEMO_DEFAULT = ("demo_r50", "demo_r50_hybrid")  # the embedded default: bundled, works offline
 # Exit statuses (README, "Security and limits").
 EXIT_OK = 0
 EXIT_NOTHING = 1  # nothing could be processed (no model loaded, no readable image)
@@ -59,8 +63,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "models (--models demo_r50,demo_r50_hybrid) or --weights MODEL=PATH.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders (searched recursively)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
-    parser.add_argument("--models", type=_split, default=",".join(DEFAULT_MODELS),
-                        help="comma-separated zoo ids (default: %(default)s; offline: demo_r50,demo_r50_hybrid)")
+    parser.add_argument("--models", type=_split, default=None,
+                        help=f"comma-separated zoo ids (default: {','.join(DEFAULT_MODELS)}, or the bundled "
+                             f"{','.join(DEMO_DEFAULT)} when neither one's ImageNet weights can be had: not cached, "
+                             "no network)")
     parser.add_argument("--layers", type=_split, default=None,
                         help="comma-separated layer names (default: each model's default layers)")
     parser.add_argument("--method", choices=list(METHODS), default="gradcam", help="CAM method (default: %(default)s)")
@@ -84,6 +90,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-overlays", dest="overlays", action="store_false",
                         help="heatmaps only: write the .npy heatmaps and records, no overlays and no grids "
                              "(for dataset-scale runs)")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="torch threads for the network on the CPU (default: $OMP_NUM_THREADS if set, else "
+                             "half the cores with overlays and all but one without, leaving the rest to the "
+                             "threads that decode, draw and write)")
     add_engine_arguments(parser)
     parser.set_defaults(handler=export_command)
     return parser
@@ -105,7 +115,7 @@ def export_command(args: argparse.Namespace) -> int:
             log("warning: --device is for --engine local; Ray's actors use a GPU when --gpus-per-worker gives "
                 "them one")
         device = "cpu"  # the driver plans on the CPU and ships the models to the actors
-    model_ids = list(dict.fromkeys(args.models))
+    model_ids = list(dict.fromkeys(args.models or DEFAULT_MODELS))
     weights = dict(args.weights)
     for model_id in weights:
         if model_id not in model_ids:
@@ -114,11 +124,27 @@ def export_command(args: argparse.Namespace) -> int:
         if model_id in model_ids and not Path(path).is_file():
             log(f"warning: --weights {model_id}={path}: no such file")
     models, unavailable = load_models(model_ids, weights, device, log)
-    if any(model_id not in DEMO_IDS for model_id in unavailable):
+    if args.models is None and not models and set(unavailable) == set(DEFAULT_MODELS):
+        log(f"the ImageNet weights of {' and '.join(DEFAULT_MODELS)} are not available here; exporting with the "
+            f"bundled demo models {', '.join(DEMO_DEFAULT)} instead (trained on synthetic shape scenes: their "
+            "classes are shapes, not ImageNet's). `--models` chooses; README, \"Models and official weights\", says "
+            "how to get the ImageNet ones")
+        models, unavailable = load_models(list(DEMO_DEFAULT), weights, device, log)
+    elif any(model_id not in DEMO_IDS for model_id in unavailable):
         log(OFFLINE_HINT)
     if not models:
         log("nothing could be processed: no model could be loaded")
         return EXIT_NOTHING
+    if args.engine != "local" and args.threads is not None:
+        log("warning: --threads is for --engine local; each Ray actor runs its network on one thread per CPU")
+    if args.engine != "local":
+        return _export(args, models, weights, log)
+    with export_threads(args.threads, args.overlays, models) as threads:
+        log(f"torch threads: {threads} (--threads)")
+        return _export(args, models, weights, log)
+
+
+def _export(args: argparse.Namespace, models: dict[str, tuple[Any, Any]], weights: dict[str, str], log) -> int:
     from tqdm import tqdm
 
     lines = not sys.stderr.isatty()  # logs, CI, nohup: one line per image instead of a bar
@@ -165,3 +191,25 @@ def export_command(args: argparse.Namespace) -> int:
         log("nothing could be processed")
         return EXIT_NOTHING
     return EXIT_OK
+
+
+@contextmanager
+def export_threads(threads: int | None, overlays: bool, models: dict[str, tuple[Any, Any]]) -> Iterator[int]:
+    """Torch's thread count for the export inside the block (restored after it), yielded: ``threads`` when given;
+    else, for models on the CPU, :func:`cams.export.executor.network_threads` unless ``$OMP_NUM_THREADS`` is set
+    (torch follows it already); on a GPU torch's own count stays."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is None:
+        on_cpu = any(getattr(next(network.parameters(), None), "device", torch.device("cpu")).type == "cpu"
+                     for network, _ in models.values())
+        if not on_cpu or os.environ.get("OMP_NUM_THREADS", "").strip():
+            threads = before
+        else:
+            threads = network_threads(overlays)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
