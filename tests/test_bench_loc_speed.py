@@ -31,4 +31,6 @@ def test_fixed_run_gives_the_csv_of_before_the_speed_work(tiny_zoo, tmp_path: Pa
             except ValueError:
                 assert mine[key] == value, (key, mine, theirs)
                 continue
-            assert float(mine[key]) == pytest.approx(expected, abs=1e-6), (key, mine["layer"], mine["method"])
+            # The CSV rounds to 6 decimals; float32 noise (~2e-8 between one and two torch threads) can tip a value
+            # sitting on a rounding boundary one step over (0.1199715: 0.119971 or 0.119972), which 1.5e-6 allows.
+            assert float(mine[key]) == pytest.approx(expected, abs=1.5e-6), (key, mine["layer"], mine["method"])
