@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cams.eigen import first_component_projection
+from cams.eigen import first_component_projection, fixed_sign_projection
 from cams.layers import CamError
 from pfnet.memory_format import FORMATS, format_of
 
@@ -142,8 +142,9 @@ def grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch
     raise MethodError(f"{method!r} is not a gradient method")
 
 
-def eigen_cam_maps(acts: torch.Tensor, count: int) -> torch.Tensor:
-    maps = first_component_projection(acts)  # pytorch-grad-cam's projection and sign, on acts' device
+def eigen_cam_maps(acts: torch.Tensor, count: int, fixed_sign: bool = False) -> torch.Tensor:
+    # pytorch-grad-cam's projection and sign, or the sign fixed by the activations; on acts' device
+    maps = fixed_sign_projection(acts) if fixed_sign else first_component_projection(acts)
     return maps.unsqueeze(0).expand(count, *maps.shape)
 
 

@@ -45,6 +45,9 @@ _controller = None  # created on first use: scanning the loaded libraries costs 
 # dead channels, repeated positions. LAPACK's bidiagonal then holds rounding noise next to its eps thresholds, and
 # its sign depends on the exact bits; such images take gesdd's own arithmetic, in numpy, on pytorch-grad-cam's bits.
 RANK_TOLERANCE = 1e-3
+# Gram matrices up to this size take a full eigh (R50 layer1's 256 x 256: 4 ms on one thread); larger ones (layer2's
+# 512 x 512: 24 ms) the subspace iteration of top_eigenvectors.
+DIRECT_EIGH = 256
 
 
 def _blas_threads():
@@ -136,3 +139,56 @@ def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
         exact_maps = exact_qr_projection(subset) if branch == "qr" else reference_projection(subset)
         projection[chosen] = exact_maps.to(acts.device)
     return projection.reshape(count, height, width)
+
+
+def fixed_sign_projection(activations: torch.Tensor) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N, h, w]`` float32 (on the activations' device): the same projection as
+    :func:`first_component_projection` (centred activations on their first principal direction), with a sign fixed
+    by the activations rather than by LAPACK: the projection rises with the activation mass (the channel sum at each
+    position), so the map shows where the layer responds, on every machine and LAPACK build.
+
+    The direction is the top eigenvector of the smaller Gram matrix (``M^T M``, C x C, or ``M M^T``, hw x hw), made in
+    float32 and solved in float64; no SVD of ``M`` itself. Within rounding its map equals pytorch-grad-cam's where
+    LAPACK's sign agrees and is its mirror image (before the ReLU) where it does not."""
+    count, channels, height, width = activations.shape
+    rows = height * width
+    matrix = activations.detach().float().reshape(count, channels, rows).transpose(1, 2)  # [N, hw, C]
+    matrix = torch.where(torch.isnan(matrix), torch.zeros((), device=matrix.device), matrix)
+    centred = matrix - matrix.mean(dim=1, keepdim=True)
+    if rows <= channels:  # wide: the hw x hw Gram; its top eigenvector u gives the direction M^T u
+        left = top_eigenvectors(centred @ centred.transpose(1, 2))
+        direction = (centred.transpose(1, 2) @ left.unsqueeze(-1)).squeeze(-1)
+    else:
+        direction = top_eigenvectors(centred.transpose(1, 2) @ centred)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # [N, hw]
+    leaning = (projection.double() * matrix.sum(dim=2).double()).sum(dim=1)
+    sign = torch.where(leaning < 0, -1.0, 1.0).to(projection.dtype)
+    return (projection * sign[:, None]).reshape(count, height, width)
+
+
+def top_eigenvectors(grams: torch.Tensor, block: int = 8, steps: int = 100, tolerance: float = 1e-12) -> torch.Tensor:
+    """``[N, k, k]`` symmetric positive semi-definite -> ``[N, k]``: each matrix's eigenvector of its largest
+    eigenvalue (unit length, float32), in float64 on the CPU.
+
+    Subspace iteration with Rayleigh-Ritz on ``block`` vectors (started from the columns of largest diagonal), until
+    the top Ritz pair's residual is below ``tolerance`` of its value: a few products with the matrix instead of a
+    full ``eigh``, whose tridiagonal reduction costs as much as the Gram matrix itself at 512 x 512 (R50 layer2).
+    Matrices up to ``DIRECT_EIGH`` wide (where ``eigh`` costs no more), and any the iteration does not settle within
+    ``steps``, take LAPACK's ``eigh``."""
+    matrices = grams.detach().double().cpu()
+    count, size = matrices.shape[0], matrices.shape[-1]
+    if size <= max(DIRECT_EIGH, 4 * block):
+        return torch.linalg.eigh(matrices)[1][..., -1].to(device=grams.device, dtype=torch.float32)
+    starts = matrices.diagonal(dim1=1, dim2=2).topk(block, dim=1).indices
+    basis = torch.gather(matrices, 2, starts[:, None, :].expand(count, size, block))
+    for _ in range(steps):
+        basis = torch.linalg.qr(basis).Q  # [N, k, b] orthonormal
+        product = matrices @ basis
+        values, vectors = torch.linalg.eigh(basis.transpose(1, 2) @ product)  # Rayleigh-Ritz on the block
+        top, ritz = values[:, -1], basis @ vectors[:, :, -1:]
+        residual = (product @ vectors[:, :, -1:] - top[:, None, None] * ritz).norm(dim=(1, 2))
+        if bool((residual <= tolerance * top.abs()).all()):
+            return ritz[..., 0].to(device=grams.device, dtype=torch.float32)
+        basis = product @ vectors  # the block moved on by one product, Ritz-ordered
+    return torch.linalg.eigh(matrices)[1][..., -1].to(device=grams.device, dtype=torch.float32)

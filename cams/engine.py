@@ -52,10 +52,14 @@ METHODS: dict[str, str] = {
     "hirescam": "HiResCAM",
     "layercam": "LayerCAM",
     "eigencam": "Eigen-CAM",
+    "eigencam_fixed": "Eigen-CAM, fixed sign",
     "scorecam": "Score-CAM",
     "cam": "CAM (fc weights)",
 }
 GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"})
+# Eigen-CAM with pytorch-grad-cam's sign (LAPACK's, which differs between builds), and with the sign fixed by the
+# activations (the map rises with the activation mass; cams.eigen.fixed_sign_projection).
+EIGEN_METHODS = frozenset({"eigencam", "eigencam_fixed"})
 
 # The constants pytorch-grad-cam uses (base_cam / utils.image / grad_cam_plusplus / xgrad_cam / score_cam).
 NORM_EPS = 1e-7
@@ -340,8 +344,8 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                         grad = grads[position]
                         grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
                         raw = grad_cam_maps(method, act, grad)
-                    elif method == "eigencam":
-                        raw = eigen_cam_maps(act, n_targets)
+                    elif method in EIGEN_METHODS:
+                        raw = eigen_cam_maps(act, n_targets, fixed_sign=method == "eigencam_fixed")
                     elif method == "cam":
                         raw = fc_cam_maps(model, act, class_ids)
                     else:

@@ -13,10 +13,10 @@ import torch
 from cams.align import layer_offsets
 from cams.cam_maths import (check_inputs, eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
                             model_input)
-from cams.engine import GRADIENT_METHODS, Capture, Explanation, check_method, explain, normalise
+from cams.engine import EIGEN_METHODS, GRADIENT_METHODS, Capture, Explanation, check_method, explain, normalise
 from cams.layers import LayerError, resolve, to_grid
 
-SHARED = GRADIENT_METHODS | {"eigencam", "cam"}
+SHARED = GRADIENT_METHODS | EIGEN_METHODS | {"cam"}
 
 
 def explain_methods(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[str], methods: Sequence[str],
@@ -70,8 +70,8 @@ def _shared_pass(model, images, layers, methods, targets, class_names, batch_siz
                     for method in methods:
                         if method in GRADIENT_METHODS:
                             raw = grad_cam_maps(method, act, grad)
-                        elif method == "eigencam":
-                            raw = eigen_cam_maps(act, n_targets)
+                        elif method in EIGEN_METHODS:
+                            raw = eigen_cam_maps(act, n_targets, fixed_sign=method == "eigencam_fixed")
                         else:
                             raw = fc_cam_maps(model, act, class_ids)
                         maps = normalise(raw, size, offsets[position])  # [T, n, H, W]

@@ -12,8 +12,9 @@ from pfcam_app.first_run import fetch_with_bar
 from pfcam_app.network import network
 from pfnet import weights, zoo
 
-IGNORES_TARGET = {"eigencam": "Eigen-CAM draws the first principal component of the activations: the same map "
-                              "whatever the target class"}
+IGNORES_TARGET = dict.fromkeys(("eigencam", "eigencam_fixed"),
+                               "Eigen-CAM draws the first principal component of the activations: the same map "
+                               "whatever the target class")
 LAYER_HELP = {
     "resnet": "One column per layer, in network depth order. `stem`: conv 7x7/2 + max-pool/2 output (1/4 "
               "resolution); `layerS.i`: output of block i+1 of stage S; `layerS.i.conv_block`: that block's spatial "
@@ -161,7 +162,9 @@ def settings_sidebar(defaults: tuple[str, ...]) -> Settings:
     method = st.selectbox("CAM method", list(engine.METHODS), format_func=lambda m: engine.METHODS[m], key="method",
                           help="Gradient methods need one forward and one backward pass per image; Score-CAM runs a "
                                "forward pass per activation channel (slow on a CPU; it shows its progress and can "
-                               "be stopped).")
+                               "be stopped). Eigen-CAM is pytorch-grad-cam's, sign included (LAPACK's, which can "
+                               "differ between machines and invert the map); Eigen-CAM, fixed sign, turns the same "
+                               "projection so it rises with the activations, on every machine.")
     if method == "cam":
         st.caption(":orange[CAM uses the fc weights, so it explains the final feature map only (layer4.2 on the "
                    "ResNets); other layers get an error message.]")

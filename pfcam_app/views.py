@@ -16,7 +16,8 @@ DISPLAY_SIDE = 448  # longest side of the images shown on the page (overlays are
 MIN_COLUMNS = 3  # the grid keeps at least this many columns so that one or two layers do not blow cells up
 BOX_COLOUR = (0, 255, 0)
 SCALE_SIZE = (512, 16)  # the colour scale's bar, in pixels
-IGNORES_TARGET = {"eigencam": "Eigen-CAM: the same map for any target (first principal component)"}
+IGNORES_TARGET = dict.fromkeys(("eigencam", "eigencam_fixed"),
+                               "Eigen-CAM: the same map for any target (first principal component)")
 
 
 # ----------------------------------------------------------------------------------------------------- layers

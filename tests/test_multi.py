@@ -8,7 +8,7 @@ from cams.engine import explain
 from cams.multi import explain_methods
 from pfnet.resnet import resnet50_hybrid
 
-GRADIENT_AND_EIGEN = ["gradcam", "gradcampp", "layercam", "xgradcam", "hirescam", "eigencam"]
+GRADIENT_AND_EIGEN = ["gradcam", "gradcampp", "layercam", "xgradcam", "hirescam", "eigencam", "eigencam_fixed"]
 
 
 @pytest.mark.parametrize("layers, methods, targets", [

@@ -195,6 +195,94 @@ def test_eigencam_end_to_end_on_a_trained_model():
             assert error < TOLERANCE, f"{name}: max |diff| {error:.2e}"
 
 
+def _turned_by_mass(projection: np.ndarray, acts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed-sign convention applied to a projection: (the projection turned so it rises with the channel sum
+    of the activations, how clear the lean is: |correlation| of the two per image)."""
+    mass = torch.nan_to_num(acts, nan=0.0).sum(dim=1).double().numpy()
+    flat, weights = projection.reshape(len(projection), -1).astype(np.float64), mass.reshape(len(mass), -1)
+    lean = (flat * weights).sum(axis=1)
+    scale = np.linalg.norm(flat, axis=1) * np.linalg.norm(weights - weights.mean(axis=1, keepdims=True), axis=1)
+    clarity = np.abs(lean) / np.maximum(scale, 1e-30)
+    return projection * np.where(lean < 0, -1.0, 1.0)[:, None, None], clarity
+
+
+def test_fixed_sign_projection_is_the_reference_turned_to_the_activations(cases, monkeypatch):
+    """Eigen-CAM, fixed sign: pytorch-grad-cam's projection, turned so it rises with the activation mass; the same
+    map whichever sign the decomposition hands back (the eigenvector negated gives the same result)."""
+    agree = total = unclear = 0
+    negated = lambda grams, solve=eigen.top_eigenvectors: -solve(grams)  # noqa: E731
+    for label, acts in cases:
+        reference = get_2d_projection(acts.numpy())
+        expected, clarity = _turned_by_mass(reference, acts)
+        ours = eigen.fixed_sign_projection(acts)
+        assert ours.dtype == torch.float32 and ours.shape == acts.shape[:1] + acts.shape[2:]
+        with monkeypatch.context() as patch:
+            patch.setattr(eigen, "top_eigenvectors", negated)
+            assert torch.allclose(eigen.fixed_sign_projection(acts), ours, rtol=0, atol=1e-5), label
+        clear = clarity > 1e-3  # a lean of the order of rounding could go either way
+        unclear += int((~clear).sum())
+        error = np.abs(_map(ours.numpy()) - _map(expected)).max(axis=(1, 2))[clear]
+        assert error.size == 0 or error.max() < TOLERANCE, f"{label}: max |diff| per image {error}"
+        agree += int((np.sign((reference * expected).sum(axis=(1, 2))) >= 0)[clear].sum())
+        total += int(clear.sum())
+    print(f"fixed sign = LAPACK's sign on {agree} of {total} images; {unclear} images with no clear lean")
+    assert unclear <= total // 20 and 0 < agree < total  # the convention is not LAPACK's: it differs somewhere
+
+
+@pytest.mark.parametrize("kind", ["rectified", "low rank", "flat", "zero"])
+def test_top_eigenvectors_iterate_to_eighs_vector(kind):
+    """Matrices too large for the direct eigh go through the subspace iteration (or its eigh fallback when the
+    spectrum is too flat to settle): the same top eigenvector, up to sign."""
+    rng = np.random.default_rng(len(kind))
+    size = 2 * eigen.DIRECT_EIGH
+    if kind == "rectified":  # a centred layer2-like activation matrix's Gram
+        rows = np.maximum(rng.standard_normal((3, 3 * size // 2, size)) + 0.3, 0)
+    elif kind == "low rank":
+        rows = rng.standard_normal((3, 400, 5)) @ rng.standard_normal((3, 5, size))
+        rows += 1e-3 * rng.standard_normal(rows.shape)
+    elif kind == "flat":
+        rows = rng.standard_normal((3, 4 * size, size))
+    else:
+        rows = np.zeros((3, 10, size))
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    grams = torch.from_numpy(np.swapaxes(rows, 1, 2) @ rows).float()
+    ours = eigen.top_eigenvectors(grams)
+    assert ours.shape == (3, size) and ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    if kind == "zero":
+        return
+    expected = torch.linalg.eigh(grams.double())[1][..., -1].float()
+    assert ((ours * expected).sum(dim=1).abs() > 1 - 1e-6).all(), (ours * expected).sum(dim=1)
+
+
+def test_fixed_sign_points_at_the_object_where_lapack_may_not():
+    """A bright square on a dark, noisy background: the fixed sign always draws the square, whatever the channel
+    mix; pytorch-grad-cam's sign is LAPACK's."""
+    rng = np.random.default_rng(4)
+    acts = 0.05 * rng.random((6, 32, 14, 14))
+    acts[:, :, 4:9, 5:10] += rng.random((6, 32, 1, 1))  # each channel responds to the square by its own amount
+    acts = torch.from_numpy(acts.astype(np.float32))
+    maps = _map(eigen.fixed_sign_projection(acts).numpy())
+    inside = np.zeros((14, 14), bool)
+    inside[4:9, 5:10] = True
+    assert (maps[:, inside].min(axis=1) > 0.9).all() and (maps[:, ~inside].max(axis=1) < 0.1).all()
+
+
+def test_eigencam_fixed_end_to_end():
+    from cams.engine import normalise
+
+    model = pfnet.load("demo_r50")
+    images = scenes.scene_batch(5, range(2), 128)[0]
+    names = ["layer1", "layer4"]
+    result = explain(model, images, names, "eigencam_fixed", targets=2, align="none")
+    assert result.method_label == "Eigen-CAM, fixed sign"
+    acts = _activations(model, names, images)
+    for position, name in enumerate(names):
+        expected = normalise(eigen.fixed_sign_projection(acts[name]), (128, 128))
+        for target in range(2):  # class-agnostic, like Eigen-CAM
+            error = (result.heatmaps[:, target, position] - expected).abs().max()
+            assert error < TOLERANCE, f"{name}: max |diff| {error:.2e}"
+
+
 # ------------------------------------------------------------------------------------------------ memory format
 METHODS_ON_RESNETS = ["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam", "cam"]
 
