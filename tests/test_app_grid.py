@@ -45,10 +45,11 @@ def test_the_page_shows_the_scale_of_the_chosen_colormap(app):
     assert any(c.value.startswith("Colour scale (viridis)") for c in app.caption)
 
 
-def test_eigen_cam_says_it_ignores_the_target(app):
+@pytest.mark.parametrize("method", ["eigencam", "eigencam_fixed"])
+def test_eigen_cam_says_it_ignores_the_target(app, method):
     from pfcam_app import core
 
-    app.selectbox(key="method").set_value("eigencam")
+    app.selectbox(key="method").set_value(method)
     app.radio(key="target_kind").set_value("Top-k classes")
     app.run()
     app.slider(key="top_k").set_value(2)
