@@ -15,8 +15,8 @@ same loop with ``cams.explain`` in place of the forward (the export's call: both
 the engine's own ratio, the ceiling of a heatmaps-only export that runs the network on one thread and nothing
 else. Each round times forward-only, then each case; ratios are medians over ``--rounds`` rounds, with the
 process's CPU seconds per image (all threads) beside them: on a shared machine the wall clock moves with the load,
-CPU time much less. The header says how many cores two GIL-free threads got before and after (``cores_free``): the export's threads can
-use no more than that.
+CPU time much less. The header says how many cores two GIL-free threads got before and after (``cores_free``):
+the export's threads can use no more than that.
 
 bench-loc: ``python -m cams bench-loc --n N`` with every other option at its default (3 demo models x layer3,
 layer4 x 4 methods, the validation split, deletion/insertion on the default ``--faith-n`` test images), in a fresh
