@@ -48,6 +48,8 @@ RANK_TOLERANCE = 1e-3
 # Gram matrices up to this size take a full eigh (R50 layer1's 256 x 256: 4 ms on one thread); larger ones (layer2's
 # 512 x 512: 24 ms) the subspace iteration of top_eigenvectors.
 DIRECT_EIGH = 256
+# A projection whose correlation with the activation mass is below this is taken as not leaning either way.
+TIE_TOLERANCE = 1e-6
 
 
 def _blas_threads():
@@ -162,9 +164,21 @@ def fixed_sign_projection(activations: torch.Tensor) -> torch.Tensor:
         direction = top_eigenvectors(centred.transpose(1, 2) @ centred)
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # [N, hw]
-    leaning = (projection.double() * matrix.sum(dim=2).double()).sum(dim=1)
-    sign = torch.where(leaning < 0, -1.0, 1.0).to(projection.dtype)
-    return (projection * sign[:, None]).reshape(count, height, width)
+    return (projection * _activation_sign(projection, matrix)[:, None]).reshape(count, height, width)
+
+
+def _activation_sign(projection: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``[N]`` of +-1: the sign that makes each projection ``[N, hw]`` lean with the activation mass (the channel sum of
+    ``matrix`` ``[N, hw, C]`` at each position). Where the two are uncorrelated (an even mass: no lean to follow), the
+    sign that makes the projection's largest entry positive."""
+    values = projection.double()
+    mass = matrix.double().sum(dim=2)
+    mass = mass - mass.mean(dim=1, keepdim=True)
+    leaning = (values * mass).sum(dim=1)
+    even = leaning.abs() <= TIE_TOLERANCE * values.norm(dim=1) * mass.norm(dim=1)
+    peak = values.gather(1, values.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    leaning = torch.where(even, peak, leaning)
+    return torch.where(leaning < 0, -1.0, 1.0).to(device=projection.device, dtype=projection.dtype)
 
 
 def top_eigenvectors(grams: torch.Tensor, block: int = 8, steps: int = 100, tolerance: float = 1e-12) -> torch.Tensor:

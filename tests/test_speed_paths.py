@@ -267,6 +267,23 @@ def test_fixed_sign_points_at_the_object_where_lapack_may_not():
     assert (maps[:, inside].min(axis=1) > 0.9).all() and (maps[:, ~inside].max(axis=1) < 0.1).all()
 
 
+def test_fixed_sign_without_a_lean_makes_the_largest_entry_positive(monkeypatch):
+    """An even activation mass (every position's channel sum the same) gives no lean: the projection's largest entry
+    is made positive, whichever sign the decomposition returns."""
+    rng = np.random.default_rng(5)
+    acts = rng.standard_normal((3, 12, 6, 7))
+    acts = acts - acts.mean(axis=1, keepdims=True) + 1.0  # channel sum 12 everywhere
+    acts = torch.from_numpy(acts.astype(np.float32))
+    ours = eigen.fixed_sign_projection(acts)
+    flat = ours.flatten(1)
+    assert (flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)) > 0).all()
+    expected = get_2d_projection(acts.numpy())
+    assert np.allclose(np.abs(ours.numpy()), np.abs(expected), atol=1e-4)
+    with monkeypatch.context() as patch:
+        patch.setattr(eigen, "top_eigenvectors", lambda grams, solve=eigen.top_eigenvectors: -solve(grams))
+        assert torch.allclose(eigen.fixed_sign_projection(acts), ours, rtol=0, atol=1e-5)
+
+
 def test_eigencam_fixed_end_to_end():
     from cams.engine import normalise
 
