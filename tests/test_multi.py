@@ -23,7 +23,10 @@ def test_shared_pass_equals_one_call_per_method(layers, methods, targets):
     assert list(shared) == methods
     for method in methods:
         alone = explain(model, images, layers, method=method, targets=targets, batch_size=2)
-        torch.testing.assert_close(shared[method].heatmaps, alone.heatmaps, rtol=0, atol=1e-6)
+        # float32's rounding, not 1e-6: in full-suite runs (3 of 4) the lone image of the last batch came out
+        # 2.7e-5 - 3.5e-5 apart for Grad-CAM++ only (its alpha divides by tiny gradients' powers), each path
+        # self-consistent; the engine's standard against pytorch-grad-cam is 1e-4 too.
+        torch.testing.assert_close(shared[method].heatmaps, alone.heatmaps, rtol=0, atol=1e-4)
         assert torch.equal(shared[method].targets, alone.targets)
         torch.testing.assert_close(shared[method].probs, alone.probs, rtol=0, atol=1e-7)
         assert shared[method].method == method and shared[method].layers == tuple(layers)
