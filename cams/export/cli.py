@@ -59,8 +59,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export", help="write CAM overlays, heatmaps, grids and a manifest for images",
         description="Explain images with one or more models and write overlays (PNG), raw heatmaps (.npy), "
-                    "a grid per image and manifest.json/manifest.csv. Without network, use the bundled demo "
-                    "models (--models demo_r50,demo_r50_hybrid) or --weights MODEL=PATH.")
+                    "a grid per image and manifest.json/manifest.csv. Without network and without --models it "
+                    "uses the bundled demo models (demo_r50,demo_r50_hybrid); --weights MODEL=PATH reads a local "
+                    "checkpoint.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders (searched recursively)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     parser.add_argument("--models", type=_split, default=None,
