@@ -142,9 +142,10 @@ def grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch
     raise MethodError(f"{method!r} is not a gradient method")
 
 
-def eigen_cam_maps(acts: torch.Tensor, count: int, fixed_sign: bool = False) -> torch.Tensor:
-    # pytorch-grad-cam's projection and sign, or the sign fixed by the activations; on acts' device
-    maps = fixed_sign_projection(acts) if fixed_sign else first_component_projection(acts)
+def eigen_cam_maps(method: str, acts: torch.Tensor, count: int) -> torch.Tensor:
+    """"eigencam": pytorch-grad-cam's projection and sign; "eigencam_fixed": the sign fixed by the activations.
+    Raw maps ``[count, n, h, w]`` (one per target: the same), on acts' device."""
+    maps = fixed_sign_projection(acts) if method == "eigencam_fixed" else first_component_projection(acts)
     return maps.unsqueeze(0).expand(count, *maps.shape)
 
 

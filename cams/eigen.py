@@ -108,6 +108,13 @@ def exact_qr_projection(activations: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.float32(projections)).reshape(len(projections), -1)
 
 
+def _position_matrix(activations: torch.Tensor) -> torch.Tensor:
+    """``[N, C, h, w]`` float32 -> ``[N, h*w, C]``, NaN counted as 0 (as ``get_2d_projection`` does)."""
+    count, channels, height, width = activations.shape
+    matrix = activations.reshape(count, channels, height * width).transpose(1, 2)
+    return torch.where(torch.isnan(matrix), torch.zeros((), device=matrix.device), matrix)
+
+
 def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
     """``[N, C, h, w]`` -> ``[N, h, w]`` float32 (on the activations' device): each image's centred activations
     projected on their first principal direction, with ``get_2d_projection``'s sign."""
@@ -118,8 +125,7 @@ def first_component_projection(activations: torch.Tensor) -> torch.Tensor:
     projection = torch.empty((count, rows), dtype=torch.float32, device=acts.device)
     exact = torch.ones(count, dtype=torch.bool)
     if branch != "direct":
-        matrix = acts.reshape(count, channels, rows).transpose(1, 2)
-        matrix = torch.where(torch.isnan(matrix), torch.zeros((), device=matrix.device), matrix)
+        matrix = _position_matrix(acts)
         matrix = matrix - matrix.mean(dim=1, keepdim=True)  # [N, m = h*w, n = C]
         if branch == "qr":
             factor = torch.linalg.qr(matrix, mode="r").R
@@ -154,8 +160,7 @@ def fixed_sign_projection(activations: torch.Tensor) -> torch.Tensor:
     LAPACK's sign agrees and is its mirror image (before the ReLU) where it does not."""
     count, channels, height, width = activations.shape
     rows = height * width
-    matrix = activations.detach().float().reshape(count, channels, rows).transpose(1, 2)  # [N, hw, C]
-    matrix = torch.where(torch.isnan(matrix), torch.zeros((), device=matrix.device), matrix)
+    matrix = _position_matrix(activations.detach().float())  # [N, hw, C]
     centred = matrix - matrix.mean(dim=1, keepdim=True)
     if rows <= channels:  # wide: the hw x hw Gram; its top eigenvector u gives the direction M^T u
         left = top_eigenvectors(centred @ centred.transpose(1, 2))
@@ -191,9 +196,18 @@ def top_eigenvectors(grams: torch.Tensor, block: int = 8, steps: int = 100, tole
     Matrices up to ``DIRECT_EIGH`` wide (where ``eigh`` costs no more), and any the iteration does not settle within
     ``steps``, take LAPACK's ``eigh``."""
     matrices = grams.detach().double().cpu()
+    vectors = None
+    if matrices.shape[-1] > max(DIRECT_EIGH, 4 * block):
+        vectors = _subspace_iteration(matrices, block, steps, tolerance)
+    if vectors is None:
+        vectors = torch.linalg.eigh(matrices)[1][..., -1]
+    return vectors.to(device=grams.device, dtype=torch.float32)
+
+
+def _subspace_iteration(matrices: torch.Tensor, block: int, steps: int, tolerance: float) -> torch.Tensor | None:
+    """``top_eigenvectors``' iteration on float64 ``[N, k, k]``: the top Ritz vectors ``[N, k]``, or None when some
+    matrix has not settled within ``steps``."""
     count, size = matrices.shape[0], matrices.shape[-1]
-    if size <= max(DIRECT_EIGH, 4 * block):
-        return torch.linalg.eigh(matrices)[1][..., -1].to(device=grams.device, dtype=torch.float32)
     starts = matrices.diagonal(dim1=1, dim2=2).topk(block, dim=1).indices
     basis = torch.gather(matrices, 2, starts[:, None, :].expand(count, size, block))
     for _ in range(steps):
@@ -203,6 +217,6 @@ def top_eigenvectors(grams: torch.Tensor, block: int = 8, steps: int = 100, tole
         top, ritz = values[:, -1], basis @ vectors[:, :, -1:]
         residual = (product @ vectors[:, :, -1:] - top[:, None, None] * ritz).norm(dim=(1, 2))
         if bool((residual <= tolerance * top.abs()).all()):
-            return ritz[..., 0].to(device=grams.device, dtype=torch.float32)
+            return ritz[..., 0]
         basis = product @ vectors  # the block moved on by one product, Ritz-ordered
-    return torch.linalg.eigh(matrices)[1][..., -1].to(device=grams.device, dtype=torch.float32)
+    return None

@@ -345,7 +345,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                         grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
                         raw = grad_cam_maps(method, act, grad)
                     elif method in EIGEN_METHODS:
-                        raw = eigen_cam_maps(act, n_targets, fixed_sign=method == "eigencam_fixed")
+                        raw = eigen_cam_maps(method, act, n_targets)
                     elif method == "cam":
                         raw = fc_cam_maps(model, act, class_ids)
                     else:

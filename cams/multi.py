@@ -71,7 +71,7 @@ def _shared_pass(model, images, layers, methods, targets, class_names, batch_siz
                         if method in GRADIENT_METHODS:
                             raw = grad_cam_maps(method, act, grad)
                         elif method in EIGEN_METHODS:
-                            raw = eigen_cam_maps(act, n_targets, fixed_sign=method == "eigencam_fixed")
+                            raw = eigen_cam_maps(method, act, n_targets)
                         else:
                             raw = fc_cam_maps(model, act, class_ids)
                         maps = normalise(raw, size, offsets[position])  # [T, n, H, W]

@@ -6,13 +6,14 @@ import hashlib
 
 import streamlit as st
 
+from cams.engine import EIGEN_METHODS
 from pfcam_app import core
 from pfcam_app.core import STATUS_ICON, STATUS_LABEL, Settings, Slot
 from pfcam_app.first_run import fetch_with_bar
 from pfcam_app.network import network
 from pfnet import weights, zoo
 
-IGNORES_TARGET = dict.fromkeys(("eigencam", "eigencam_fixed"),
+IGNORES_TARGET = dict.fromkeys(sorted(EIGEN_METHODS),
                                "Eigen-CAM draws the first principal component of the activations: the same map "
                                "whatever the target class")
 LAYER_HELP = {

@@ -9,6 +9,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image, ImageDraw
 
+from cams.engine import EIGEN_METHODS
 from pfcam_app.core import Settings, Slot, Source, cam_store, compute_cams, error_text, guard, plain
 from pfnet import zoo
 
@@ -16,7 +17,7 @@ DISPLAY_SIDE = 448  # longest side of the images shown on the page (overlays are
 MIN_COLUMNS = 3  # the grid keeps at least this many columns so that one or two layers do not blow cells up
 BOX_COLOUR = (0, 255, 0)
 SCALE_SIZE = (512, 16)  # the colour scale's bar, in pixels
-IGNORES_TARGET = dict.fromkeys(("eigencam", "eigencam_fixed"),
+IGNORES_TARGET = dict.fromkeys(sorted(EIGEN_METHODS),
                                "Eigen-CAM: the same map for any target (first principal component)")
 
 

@@ -136,9 +136,9 @@ def export_command(args: argparse.Namespace) -> int:
     if not models:
         log("nothing could be processed: no model could be loaded")
         return EXIT_NOTHING
-    if args.engine != "local" and args.threads is not None:
-        log("warning: --threads is for --engine local; each Ray actor runs its network on one thread per CPU")
     if args.engine != "local":
+        if args.threads is not None:
+            log("warning: --threads is for --engine local; each Ray actor runs its network on one thread per CPU")
         return _export(args, models, weights, log)
     with export_threads(args.threads, args.overlays, models) as threads:
         log(f"torch threads: {threads} (--threads)")
