@@ -7,6 +7,7 @@ is a :class:`~pfnet.errors.PfnetError` with a plain message.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from pfnet.memory_format import apply_format, choose_format
 
 __all__ = [
     "Fit", "GDRIVE_URL", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
-    "max_bytes", "offline", "read_checkpoint", "select_device", "weight_status",
+    "max_bytes", "offline", "read_checkpoint", "select_device", "state_digest", "weight_status",
 ]
 
 WeightsArg = Union[None, str, os.PathLike, bytes, bytearray, memoryview, Mapping]
@@ -153,6 +154,17 @@ def load(model_id: str, weights: WeightsArg = None, device: str | torch.device |
     # The heatmap alignment was measured for the entry's own weights; other weights are drawn unshifted.
     model.cam_offsets = dict(entry.cam_offsets) if weights is None else {}
     return apply_format(model.to(target).eval(), choose_format(memory_format, entry.family, target))
+
+
+def state_digest(model: nn.Module) -> str:
+    """The weights' identity: sha256 (16 hex digits) of ``model``'s state dict, every name, dtype, shape and value
+    in order. Independent of device and memory format; any changed weight, buffer or dtype changes it."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"\n{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def describe(model_id: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from PIL import Image
 import cams.engine
 from cams.export import MANIFEST_COLUMNS, ExportError, collect_inputs, run_export, safe_name, zip_directory
 from pfnet import PFResNet, zoo
-from pfnet.preprocess import Preprocess
+from cams.images import load_image
+from pfnet.preprocess import Preprocess, prepare
 from pfnet.version import __version__
 
 CLASSES = [f"shape {i}" for i in range(10)]
@@ -297,6 +299,48 @@ def test_other_settings_are_kept_and_flagged_without_overwrite(first_run, tmp_pa
     report = run_export([inputs / "rgb.png"], out, models, colormap="viridis")
     assert {row["status"] for row in report.rows} == {"stale"} and report.files == []
     assert any("other settings" in warning for warning in report.warnings)
+
+
+def test_other_weights_or_a_file_changed_in_place_are_flagged_stale(first_run, tmp_path, models, monkeypatch):
+    base, inputs, *_ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(base / "out", out)
+    first = json.loads((base / "out" / "manifest.json").read_text())
+    digest = first["settings"]["models"]["tiny"]["weights"]
+    assert len(digest) == 16 and digest != "0" * 16
+
+    # the same weights in another model object: nothing to redo
+    counter = CountingExplain(monkeypatch)
+    same = run_export([inputs / "rgb.png"], out, {"tiny": (tiny(seed=0), FakeEntry())})
+    assert counter.calls == [] and {row["status"] for row in same.rows} == {"existing"}
+
+    # other weights under the same model id: kept, flagged, and the warning says why
+    other = {"tiny": (tiny(seed=1), FakeEntry())}
+    kept = run_export([inputs / "rgb.png"], out, other)
+    assert counter.calls == [] and kept.files == []
+    assert {row["status"] for row in kept.rows} == {"stale"}
+    assert any("other weights" in warning and "--overwrite" in warning for warning in kept.warnings)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["models"]["tiny"]["weights"] not in ("", digest)
+
+    redone = run_export([inputs / "rgb.png"], out, other, overwrite=True)
+    assert counter.calls == [1] and {row["status"] for row in redone.rows} == {"computed"}
+    stored = np.load(out / next(row["heatmap"] for row in redone.rows if row["layer"] == "layer4"))
+    tensor = prepare(load_image(inputs / "rgb.png"), FakeEntry().preprocess, "full").tensor[None]
+    fresh = counter.real(other["tiny"][0], tensor, ["layer4"])
+    np.testing.assert_allclose(stored, fresh.heatmaps[0, 0, 0].numpy(), atol=1e-5)
+
+    # the file rewritten in place (same path, so the same output folder): its earlier outputs are stale;
+    # a copy with the same bytes and only a new modification time is not
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(noise(80, 60, seed=3), "PNG"))
+    run_export([folder], out, models)
+    os.utime(folder / "a.png", (1_000_000_000, 1_000_000_000))
+    assert {row["status"] for row in run_export([folder], out, models).rows} == {"existing"}
+    (folder / "a.png").write_bytes(encode(noise(80, 60, seed=4), "PNG"))
+    changed = run_export([folder], out, models)
+    assert {row["status"] for row in changed.rows} == {"stale"} and changed.files == []
 
 
 def test_topk_and_unknown_layers(tmp_path, models):

@@ -710,3 +710,23 @@ def test_public_surface():
     assert pfnet.zoo is zoo
     with pytest.raises(KeyError):
         pfnet.load("no_such_model")
+
+
+def test_state_digest_follows_the_values_not_the_object_or_layout():
+    def build(seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return pfnet.PFResNet("hybrid", num_classes=10, width_mult=0.25).eval()
+
+    digest = weights.state_digest(build())
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert weights.state_digest(build()) == digest  # same values, another object
+    assert weights.state_digest(build().to(memory_format=torch.channels_last)) == digest
+    assert weights.state_digest(build(seed=1)) != digest
+    nudged = build()
+    with torch.no_grad():
+        nudged.fc.bias[3] += 1e-6  # one value
+    assert weights.state_digest(nudged) != digest
+    counted = build()
+    counted.conv1[1].num_batches_tracked += 1  # a buffer counts too
+    assert weights.state_digest(counted) != digest
+    assert weights.state_digest(build().half()) != digest  # other numerics

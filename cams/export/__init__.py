@@ -37,7 +37,8 @@ Manifest rows: ``manifest.csv`` has exactly the columns ``MANIFEST_COLUMNS``::
 (1 = top class), ``probability`` the softmax probability of ``class_id``, ``overlay``/``heatmap``/``grid`` paths
 relative to ``OUT`` (POSIX separators), ``status`` ``computed`` (written by this run), ``existing`` (kept from an
 earlier run) or ``stale`` (kept from an earlier run made with other mode/colormap/opacity/input size/heatmap
-alignment: the files on disk are the earlier ones; pass ``overwrite=True`` to redo them).
+alignment, other weights (``pfnet.weights.state_digest``) or other bytes of the same input file: the files on
+disk are the earlier ones; pass ``overwrite=True`` to redo them).
 ``manifest.json["rows"]`` has the same keys plus ``crop_box`` ([left, top,
 right, bottom] in the original's pixels) and ``input_size`` (S). ``manifest.json`` also holds ``format``,
 ``versions`` (pfcam, python, torch, timm, pillow, numpy), ``settings``, ``started_at``/``finished_at`` (UTC,

@@ -73,13 +73,14 @@ Reuse = Callable[[str, InputItem, Image.Image], Any]
 @dataclass
 class Loaded:
     """What the loader thread made of one image besides decoding it: its output folders (model id -> folder), the
-    network inputs per preprocessing (models sharing one share them) and, with overlays, the pixel array and its
-    grid-cell-sized copy."""
+    network inputs per preprocessing (models sharing one share them), with overlays the pixel array and its
+    grid-cell-sized copy, and the digest of the file's bytes."""
 
     folders: dict[str, Path] = field(default_factory=dict)
     tensors: dict[Preprocess, torch.Tensor] = field(default_factory=dict)
     pixels: np.ndarray | None = None
     small: np.ndarray | None = None
+    source: str | None = None
 
 
 class ExportExecutor:
@@ -162,6 +163,7 @@ class ExportExecutor:
         if self.plan.overlays:
             loaded.pixels = rgb_pixels(image)
             loaded.small = shrink(loaded.pixels, self.plan.cell_size)
+        loaded.source = item.content_digest()
         self._loaded[item.key] = loaded
         return image
 
@@ -246,7 +248,10 @@ class ExportExecutor:
     def _update(self, model: ModelPlan, item: InputItem, image: Image.Image, box, state: dict[str, Any],
                 explanation, position: int | None, loaded: Loaded) -> dict[str, Any]:
         """Write what this image and model still need; return the merged state (entries get ``_status``)."""
-        settings = self.plan.record_settings(model)
+        if loaded.source is None:  # not made by the loader thread
+            loaded.source = item.content_digest()
+        # Outputs of another version of this file (changed in place: same path, same folder) are stale too.
+        settings = {**self.plan.record_settings(model), "source": loaded.source}
         old_entries = state.get("entries", {}) if isinstance(state.get("entries"), dict) else {}
         folder = self.root / item.folder / model.folder
         entries: dict[str, Any] = {}

@@ -61,6 +61,17 @@ class InputItem:
     def load(self) -> Image.Image:
         return load_image(self.path if self.data is None else self.data, name=self.label)
 
+    def content_digest(self) -> str:
+        """sha256 (16 hex digits) of the input's bytes, so a re-run can tell a file changed in place; "" when the
+        file cannot be read now. Called after the image decoded, so the decoder's byte cap already held."""
+        if self.data is not None:
+            return hashlib.sha256(self.data).hexdigest()[:16]
+        try:
+            with open(self.path, "rb") as handle:  # type: ignore[arg-type]
+                return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+        except (OSError, TypeError, ValueError):
+            return ""
+
 
 def decode_input(item: InputItem, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  read_image: Callable[[InputItem], Image.Image] | None = None) -> Image.Image:

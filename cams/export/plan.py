@@ -16,6 +16,7 @@ from cams.export.inputs import safe_name, short_hash
 from cams.layers import LayerError, default_layers, family_of, layer_names
 from cams.render import COLORMAPS
 from pfnet.preprocess import MODES
+from pfnet.weights import state_digest
 
 GRID_CELL = 224
 
@@ -37,6 +38,7 @@ class ModelPlan:
     topk: int
     align: str = "model"  # cams.explain's align: "model" (the model's recorded offsets) or "none"
     cam_offsets: dict[str, list[float]] = field(default_factory=dict)  # the non-zero offsets explain draws with
+    weights: str = ""  # pfnet.weights.state_digest of the network: outputs of other weights are stale
 
     @property
     def input_size(self) -> int:
@@ -100,7 +102,8 @@ class ExportPlan:
     def record_settings(self, model: ModelPlan) -> dict[str, Any]:
         """What ``model``'s outputs are drawn with; outputs kept from a run with other settings are "stale"."""
         settings = {"mode": self.mode, "colormap": self.colormap, "opacity": round(float(self.opacity), 4),
-                    "input_size": model.input_size, "overlay_format": self.overlay_format if self.overlays else None}
+                    "input_size": model.input_size, "overlay_format": self.overlay_format if self.overlays else None,
+                    "weights": model.weights}
         if model.cam_offsets:  # outputs drawn with another alignment are kept, flagged stale
             settings["cam_offsets"] = model.cam_offsets
         return settings
@@ -108,7 +111,7 @@ class ExportPlan:
     def manifest_settings(self) -> dict[str, Any]:
         """``manifest.json["settings"]``, before the caller's extra settings."""
         return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
-                                  "cam_offsets": m.cam_offsets} for m in self.models},
+                                  "cam_offsets": m.cam_offsets, "weights": m.weights} for m in self.models},
                 "method": self.method, "topk": self.topk, "batch_size": self.batch_size, "mode": self.mode,
                 "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
                 "overwrite": bool(self.overwrite), "overlays": bool(self.overlays),
@@ -189,7 +192,8 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
         folders.add(folder)
         offsets = {layer: list(offset) for layer, offset in zip(chosen, layer_offsets(network, chosen, align))
                    if any(offset)}
-        plans.append(ModelPlan(model_id, folder, str(label), network, entry, chosen, class_names, k, align, offsets))
+        plans.append(ModelPlan(model_id, folder, str(label), network, entry, chosen, class_names, k, align, offsets,
+                               state_digest(network)))
     return plans
 
 

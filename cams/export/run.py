@@ -150,8 +150,9 @@ def _finish_export(root: Path, plan: ExportPlan, report: ExportReport, items: Se
                   started: str, extra_settings: Mapping[str, Any] | None) -> ExportReport:
     """The run's last warnings and its manifest, merged into the folder's (every engine ends here)."""
     if stale_count:
-        report.warnings.append(f"{stale_count} outputs were made earlier with other settings and were kept; "
-                               f"pass --overwrite (overwrite=True) to redo them")
+        report.warnings.append(f"{stale_count} outputs were made earlier with other settings, other weights or an "
+                               f"earlier version of the image and were kept; pass --overwrite (overwrite=True) "
+                               f"to redo them")
     if not items:
         report.warnings.append("no images found in the inputs")
 
