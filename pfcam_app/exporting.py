@@ -55,14 +55,18 @@ def _signature(sources: list[Source], slots: list[Slot], *settings: Any) -> str:
 
 
 def export_topk(target: tuple) -> int:
-    """The export's top-k for the page's target (a class picked by name is exported as the top class)."""
+    """The export's top-k for the page's target (1 for a picked class)."""
     return int(target[1]) if target[0] == "top" else 1
+
+
+def export_classes(target: tuple) -> list[str] | None:
+    """The export's fixed target for the page's: the picked class, else None (the predicted top-k)."""
+    return [str(target[1])] if target[0] == "class" else None
 
 
 def page_cams(settings: Settings, reused: list[str]):
     """``run_export``'s ``reuse``: the page's stored CAMs of an image (as an Explanation), or None."""
     slots = {slot.id: slot for slot in settings.runnable}
-    target = ("top", export_topk(settings.target))
 
     def reuse(model_id: str, item: Any, image: Any) -> Any:
         import torch
@@ -72,7 +76,7 @@ def page_cams(settings: Settings, reused: list[str]):
         slot = slots.get(model_id)
         if slot is None or item.data is None:
             return None
-        found = cam_store().get(settings.key(digest_of(bytes(item.data)), slot, target))
+        found = cam_store().get(settings.key(digest_of(bytes(item.data)), slot))
         if found is None:
             return None
         reused.append(model_id)
@@ -114,7 +118,7 @@ def _export(out_dir: Path, sources: list[Source], settings: Settings, overwrite:
         models={slot.id: (slot.model, slot.entry) for slot in slots}, layers=layers, method=settings.method,
         topk=export_topk(settings.target), batch_size=8, mode=settings.mode, colormap=settings.colormap,
         opacity=settings.opacity, overwrite=overwrite, progress=progress, align=settings.align,
-        reuse=page_cams(settings, reused), read_image=session_image)
+        reuse=page_cams(settings, reused), read_image=session_image, target=export_classes(settings.target))
     bar.empty()
     return report, len(reused)
 
@@ -141,8 +145,8 @@ def export_panel(sources: list[Source], settings: Settings) -> None:
         st.warning(f"Export is unavailable: `cams.export` could not be loaded ({error_text(exc)}).")
         return
     if settings.target[0] == "class":
-        st.caption(f"Exports explain each image's predicted class (the export format has no fixed-class target); "
-                   f"the class picked in the sidebar ('{plain(settings.target[1])}') applies to the page only.")
+        st.caption(f"Exports explain the class picked in the sidebar ('{plain(settings.target[1])}') in every "
+                   f"image; a model without that class is left out, with a warning.")
     st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `python -m cams export`, "
                "from the CAMs already on the page (only what is missing is computed).")
     chosen = (tuple(sorted((k, tuple(v)) for k, v in settings.layers_by_family.items())), settings.method,

@@ -185,6 +185,29 @@ def test_a_class_picked_by_name_is_explained_by_every_model(blank):
     assert len(cells) == 4 and all(c.captions[0].startswith("star · ") for c in cells)
 
 
+def test_the_export_explains_the_picked_class_with_the_pages_cams(blank, tmp_path, monkeypatch):
+    app = blank
+    upload(app, [("one.png", scene_png(9))])
+    app.radio(key="target_kind").set_value("A class I pick")
+    app.run()
+    app.selectbox(key="target_class").set_value("star")
+    monkeypatch.setenv("PFCAM_EXPORT_ROOT", str(tmp_path / "root"))
+    app.text_input(key="export_dir").set_value("exports")
+    app.run()
+    assert any("explain the class picked in the sidebar ('star')" in c.value for c in app.caption)
+    app.button(key="export_folder").click()
+    app.run()
+    assert_clean(app)
+    assert not app.error and not [w.value for w in app.warning if "skipped" in w.value or "fail" in w.value]
+    summary = " ".join(s.value for s in app.success)
+    assert "Exported 4 heatmaps of 1 image(s)" in summary and "2 image × model results taken from the page" in summary
+    rows = json.loads((tmp_path / "root" / "exports" / "manifest.json").read_text())["rows"]
+    assert len(rows) == 4 and {row["model"] for row in rows} == set(DEMO)
+    assert {(row["target"], row["class_id"], row["class_name"]) for row in rows} == {("class3", 3, "star")}
+    assert all(row["overlay"].split("/")[-1].startswith(f"{row['layer']}__gradcam__class3-star")
+               and row["grid"].endswith("grid__gradcam__class3.png") for row in rows)
+
+
 def test_model_cards_show_measured_and_paper_figures(app):
     upload(app, [("one.png", scene_png(5))])
     titles = [e.label for e in app.expander]

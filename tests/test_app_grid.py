@@ -2,6 +2,8 @@
 models' caveat on photos, Score-CAM's Stop / Continue, the alignment note, exports from the page's CAMs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -142,8 +144,8 @@ def test_exports_take_the_cams_already_on_the_page(blank, tmp_path, monkeypatch)
     blank.run()
     assert_clean(blank)
     assert calls == [] and [b.label for b in blank.download_button] == ["Download ZIP"]
-    # a class picked on the page is not what the export explains (the top class): a new image's top-class
-    # CAMs are not on the page, and only they are computed
+    # a class picked on the page is what the export explains: new slots beside the top-class ones, every one of
+    # them from the page's CAMs of that class (a new image's too: the page drew it)
     blank.radio(key="target_kind").set_value("A class I pick")
     blank.run()
     blank.selectbox(key="target_class").set_value("star")
@@ -152,9 +154,11 @@ def test_exports_take_the_cams_already_on_the_page(blank, tmp_path, monkeypatch)
     blank.button(key="export_folder").click()
     blank.run()
     assert_clean(blank)
-    assert calls == [1, 1]  # per model, the new image only
+    assert calls == []
     assert "Exported 12 heatmaps of 3 image(s)" in blank.success[0].value
-    assert "(4 computed, 8 kept from an earlier export; 0 image × model results" in blank.success[0].value
+    assert "(12 computed, 0 kept from an earlier export; 6 image × model results" in blank.success[0].value
+    rows = json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"]
+    assert sorted({row["target"] for row in rows}) == ["class3", "top1"] and len(rows) == 8 + 12
 
 
 def test_the_page_runs_as_its_own_script():

@@ -355,6 +355,80 @@ def test_topk_and_unknown_layers(tmp_path, models):
     assert (tmp_path / "out" / second["grid"]).is_file()
 
 
+def test_target_classes_are_explained_for_every_image(tmp_path, models, monkeypatch):
+    images = [("a.png", encode(noise(48, 40, seed=1), "PNG")), ("b.png", encode(noise(40, 56, seed=2), "PNG"))]
+    out = tmp_path / "out"
+    counter = CountingExplain(monkeypatch)
+    report = run_export(images, out, models, layers=["layer3", "layer4"], target="Shape 7, 3,shape 7")
+    assert counter.calls == [2] and report.warnings == []
+    assert [(row["image"], row["layer"], row["target"]) for row in report.rows] == [
+        (image, layer, target) for image in ("a.png", "b.png") for layer in ("layer3", "layer4")
+        for target in ("class7", "class3")]
+    network = models["tiny"][0]
+    for index, (name, data) in enumerate(images):
+        tensor = prepare(load_image(data), FakeEntry().preprocess, "full").tensor[None]
+        fresh = counter.real(network, tensor, ["layer3", "layer4"], targets=[7, 3])
+        probs = fresh.probs[0]
+        for row in report.rows[4 * index:4 * index + 4]:
+            class_id = int(row["target"][5:])
+            assert row["class_id"] == class_id and row["class_name"] == f"shape {class_id}"
+            assert row["rank"] == int((probs > probs[class_id]).sum()) + 1  # where the model ranks the class
+            assert row["probability"] == pytest.approx(float(probs[class_id]), abs=1e-6)
+            assert row["overlay"].endswith(f"{row['layer']}__gradcam__{row['target']}-shape_{class_id}.png")
+            assert row["grid"].endswith(f"grid__gradcam__{row['target']}.png") and (out / row["grid"]).is_file()
+            heatmap = fresh.heatmaps[0, [7, 3].index(class_id), ["layer3", "layer4"].index(row["layer"])]
+            np.testing.assert_allclose(np.load(out / row["heatmap"]), heatmap.numpy(), atol=1e-4)  # batch of 2 vs 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["target"] == ["Shape 7", "3"]
+    assert manifest["settings"]["models"]["tiny"]["classes"] == [7, 3]
+    with open(out / "manifest.csv", newline="") as handle:
+        assert [row["target"] for row in csv.DictReader(handle)] == [row["target"] for row in report.rows]
+
+    # a re-run keeps them; the predicted class is another slot beside them, not a replacement
+    again = run_export(images, out, models, layers=["layer3", "layer4"], target=["shape 7", 3])
+    assert counter.calls == [2] and {row["status"] for row in again.rows} == {"existing"}
+    predicted = run_export(images, out, models, layers=["layer3", "layer4"])
+    assert counter.calls == [2, 2] and {row["target"] for row in predicted.rows} == {"top1"}
+    rows = json.loads((out / "manifest.json").read_text())["rows"]
+    assert sorted({row["target"] for row in rows}) == ["class3", "class7", "top1"] and len(rows) == 12
+
+
+def test_target_classes_a_model_lacks_are_skipped_with_a_reason(tmp_path, models):
+    source = [("a.png", encode(noise(40, 40), "PNG"))]
+    report = run_export(source, tmp_path / "out", models, layers=["layer4"], target="12,shape 2,cat")
+    assert [row["target"] for row in report.rows] == ["class2"]
+    assert any("class id 12 is out of range (it has 10 classes)" in w for w in report.warnings)
+    assert any("has no class named 'cat'" in w for w in report.warnings)
+    nothing = run_export(source, tmp_path / "none", models, layers=["layer4"], target="cat")
+    assert not nothing.ok and nothing.rows == []
+    assert any("none of the target classes exists; model skipped" in w for w in nothing.warnings)
+    with pytest.raises(ExportError, match="top-k .* or target classes"):
+        run_export(source, tmp_path / "both", models, topk=2, target="shape 1")
+    assert not (tmp_path / "both").exists()
+    class TwoDogs(FakeEntry):
+        def class_names(self) -> list[str]:
+            return ["dog", "Dog", *CLASSES[2:]]
+
+    shared = {"tiny": (tiny(), TwoDogs())}
+    twice = run_export(source, tmp_path / "twice", shared, layers=["layer4"], target="dog,1")
+    assert any("2 classes are named 'dog' (ids 0, 1); give the id" in w for w in twice.warnings)
+    assert [row["target"] for row in twice.rows] == ["class1"]
+
+
+def test_rows_of_an_older_manifest_get_their_target(first_run, tmp_path, models):
+    base, inputs, *_ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(base / "out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for row in manifest["rows"]:
+        del row["target"]  # as written before fixed targets existed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = run_export([inputs / "rgb.png"], out, models)
+    assert {row["status"] for row in again.rows} == {"existing"}
+    rows = json.loads((out / "manifest.json").read_text())["rows"]
+    assert len(rows) == 18 and {row["target"] for row in rows} == {"top1"}
+
+
 def test_center_mode_records_the_crop_box(tmp_path, models):
     report = run_export([("wide.png", encode(noise(80, 40), "PNG"))], tmp_path / "out", models,
                         layers=["layer4"], mode="center")
@@ -563,3 +637,14 @@ def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
     assert [(row["model"], row["layer"]) for row in rerun] == [
         ("demo_r50", "layer3"), ("demo_r50", "layer4"), ("demo_r50_hybrid", "layer3"), ("demo_r50_hybrid", "layer4")]
     assert all(row["settings"]["align"] == "model" for row in rerun)  # each row: the settings that made it
+
+    # --target: a class by name for every image, from the command line; --topk beside it is refused
+    star = tmp_path / "star"
+    assert main(["export", str(example), "--out", str(star), "--models", "demo_r50", "--device", "cpu",
+                 "--layers", "layer4", "--target", "Star"]) == 0
+    with open(star / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["target"], row["class_name"]) for row in rows] == [("class3", "star")]
+    assert main(["export", str(example), "--out", str(tmp_path / "both"), "--models", "demo_r50",
+                 "--topk", "2", "--target", "star"]) == 2
+    assert "either top-k" in capsys.readouterr().err

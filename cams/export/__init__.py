@@ -13,28 +13,31 @@ and ``-`` only, no leading dot, length-capped; nothing is ever written outside `
 
     OUT/
       manifest.json                       the run: versions, settings, timestamps, images, rows, skipped inputs
-      manifest.csv                        one row per image x model x layer x target rank (MANIFEST_COLUMNS)
+      manifest.csv                        one row per image x model x layer x target (MANIFEST_COLUMNS)
       <stem>-<hash8>/                     one folder per input image
-        grid__<method>__top<k>.png        rows = models, columns = layers, caption = class + probability
+        grid__<method>__<target>.png      rows = models, columns = layers, caption = class + probability
         <model>/
-          <layer>__<method>__top<k>-<class>.png   overlay on the ORIGINAL image, at its size (EXIF-upright);
-                                                  .jpg / .webp with overlay_format, absent with overlays=False
-          <layer>__<method>__top<k>-<class>.npy   raw heatmap, float32 [S, S] in [0, 1] at the network's input
+          <layer>__<method>__<target>-<class>.png   overlay on the ORIGINAL image, at its size (EXIF-upright);
+                                                    .jpg / .webp with overlay_format, absent with overlays=False
+          <layer>__<method>__<target>-<class>.npy   raw heatmap, float32 [S, S] in [0, 1] at the network's input
                                                   resolution S; it covers ``crop_box`` of the original image
           results__<method>.json          what was computed for this image and model (read by re-runs)
 
 ``<stem>`` is the input's file name without extension (for uploads, the last path component of the upload
 name), ``<hash8>`` the first 8 hex digits of the SHA-256 of the source: the absolute path of a file, or
-``upload:<name>:<sha256 of the bytes>`` of an upload. ``<k>`` is the target rank (1 = the top class),
-``<class>`` the class name (``class<id>`` without names). ``--mode center`` heatmaps cover the central crop
+``upload:<name>:<sha256 of the bytes>`` of an upload. ``<target>`` is ``top<k>`` for the k-th predicted class
+(1 = the top class) or ``class<id>`` for a class asked for by ``target`` (the same for every image), ``<class>``
+the class name (``class<id>`` without names). ``--mode center`` heatmaps cover the central crop
 only: the overlay dims the rest and outlines the crop.
 
 Manifest rows: ``manifest.csv`` has exactly the columns ``MANIFEST_COLUMNS``::
 
-    image, image_dir, model, layer, method, rank, class_id, class_name, probability, overlay, heatmap, grid, status
+    image, image_dir, model, layer, method, target, rank, class_id, class_name, probability, overlay, heatmap, grid,
+    status
 
-``image`` is the input as given (path or upload name), ``image_dir`` its folder, ``rank`` the target rank
-(1 = top class), ``probability`` the softmax probability of ``class_id``, ``overlay``/``heatmap``/``grid`` paths
+``image`` is the input as given (path or upload name), ``image_dir`` its folder, ``target`` as in the file
+names, ``rank`` where the model ranks ``class_id`` for this image (1 = its top class; ``k`` for ``top<k>``),
+``probability`` the softmax probability of ``class_id``, ``overlay``/``heatmap``/``grid`` paths
 relative to ``OUT`` (POSIX separators), ``status`` ``computed`` (written by this run), ``existing`` (kept from an
 earlier run) or ``stale`` (kept from an earlier run made with other mode/colormap/opacity/input size/heatmap
 alignment, other weights (``pfnet.weights.state_digest``) or other bytes of the same input file: the files on
@@ -50,7 +53,7 @@ Overlay formats: ``overlay_format`` "png" (default, lossless), "jpeg" or "webp";
 heatmaps and records only (empty ``overlay`` and ``grid`` cells). Both are part of the recorded settings: an
 overlay in another format than the run's is redone, a heatmaps-only run keeps earlier heatmaps.
 
-Re-runs: an image whose outputs for a model (every requested layer and rank, this method) all exist is not
+Re-runs: an image whose outputs for a model (every requested layer and target, this method) all exist is not
 recomputed; existing files are never replaced unless ``overwrite`` (an image's grid is redrawn when it gains
 new results). The manifest is the folder's index: every result whose files are there, each row with its
 ``settings`` (those of the run that made it) and status; runs merge into it under an ``flock`` on

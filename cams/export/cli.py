@@ -72,6 +72,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="comma-separated layer names (default: each model's default layers)")
     parser.add_argument("--method", choices=list(METHODS), default="gradcam", help="CAM method (default: %(default)s)")
     parser.add_argument("--topk", type=_positive, default=1, help="explain the top-k classes (default: 1)")
+    parser.add_argument("--target", default="predicted", metavar="CLASSES",
+                        help="'predicted' (default: each image's top-k classes) or comma-separated class ids or "
+                             "names explained for every image, e.g. 'tabby,340' (names match without regard to "
+                             "case; a class a model lacks is skipped for that model)")
     parser.add_argument("--batch-size", type=_positive, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: $PFCAM_DEVICE, else cuda if available")
@@ -166,7 +170,7 @@ def _export(args: argparse.Namespace, models: dict[str, tuple[Any, Any]], weight
                                 opacity=args.opacity, overwrite=args.overwrite, progress=progress,
                                 extra_settings={"weights": weights, "device": args.device, "engine": args.engine},
                                 align=args.align, overlay_format=args.overlay_format, overlays=args.overlays,
-                                engine=args.engine, ray_options=ray_options(args))
+                                engine=args.engine, ray_options=ray_options(args), target=args.target)
         except ExportError as exc:
             log(f"error: {exc}")
             return EXIT_CANNOT_START

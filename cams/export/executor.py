@@ -59,7 +59,7 @@ def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, labels: list[
     """``model``'s explanation of a preprocessed batch as the plan asks (every planned layer, top-k), or None when
     it failed; ``warn`` is told why, naming the images (``labels``). Every engine explains through this."""
     try:
-        return engine.explain(model.network, tensor, model.layers, plan.method, targets=model.topk,
+        return engine.explain(model.network, tensor, model.layers, plan.method, targets=model.engine_targets,
                               align=model.align, class_names=model.class_names, batch_size=plan.batch_size)
     except (PfnetError, ValueError, RuntimeError) as exc:
         warn(f"{model.id}: explaining failed for {', '.join(labels)}: {exc}")
@@ -185,8 +185,8 @@ class ExportExecutor:
     # -------------------------------------------------------------------------------------------- one batch
     def process(self, batch: list[tuple[InputItem, Image.Image, dict[str, Any]]]) -> None:
         loaded = [self._loaded.pop(item.key, None) or Loaded() for item, _, _ in batch]
-        # cells[(image index, model id, layer, rank)] = (thumbnail, its future, or None; caption; computed now?)
-        cells: dict[tuple[int, str, str, int], tuple[Image.Image | None, str, bool]] = {}
+        # cells[(image index, model id, layer, target)] = (thumbnail, its future, or None; caption; computed now?)
+        cells: dict[tuple[int, str, str, str], tuple[Image.Image | None, str, bool]] = {}
         rows: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(batch))}
         for model in self.plan.models:
             states: list[dict[str, Any]] = []
@@ -211,20 +211,21 @@ class ExportExecutor:
                     position = None
                 box = crop_box_for(image.size, model.entry.preprocess, self.plan.mode)
                 state = self._update(model, item, image, box, states[index], explanation, position, loaded[index])
-                for layer in model.layers:
-                    for rank in range(1, model.topk + 1):
-                        entry = state.get("entries", {}).get(entry_key(layer, rank))
-                        if entry is None:
-                            continue
-                        rows[index].append(self._row(item, model, entry))
-                        cells[(index, model.id, layer, rank)] = (entry.pop("_thumb", None),
-                                                                 f"{entry['class_name']}\n{entry['probability']:.1%}",
-                                                                 entry.get("_status") == "computed")
+                for layer, target in self.plan.outputs(model):
+                    entry = state.get("entries", {}).get(entry_key(layer, target))
+                    if entry is None:
+                        continue
+                    rows[index].append(self._row(item, model, entry, target))
+                    caption = f"{entry['class_name']}\n{entry['probability']:.1%}"
+                    if model.classes:  # a fixed class: where the model ranks it
+                        caption += f" · rank {entry['rank']}"
+                    cells[(index, model.id, layer, target)] = (entry.pop("_thumb", None), caption,
+                                                               entry.get("_status") == "computed")
         for index, (item, image, info) in enumerate(batch):
             grids = self._grids(index, item, cells)
             info["grids"] = grids
             for row in rows[index]:
-                row["grid"] = grids.get(row["rank"], "")
+                row["grid"] = grids.get(row["target"], "")
             self.report.rows.extend(rows[index])
 
     def _network_input(self, loaded: Loaded, image: Image.Image, model: ModelPlan) -> torch.Tensor:
@@ -241,7 +242,8 @@ class ExportExecutor:
             return None
         known = self.reuse(model.id, item, image)
         fits = (known is not None and tuple(known.layers) == tuple(model.layers)
-                and known.method == self.plan.method and tuple(known.heatmaps.shape[:2]) == (1, model.topk)
+                and known.method == self.plan.method and tuple(known.heatmaps.shape[:2]) == (1, len(model.targets))
+                and (not model.classes or [int(c) for c in known.targets[0]] == list(model.classes))
                 and int(known.heatmaps.shape[-1]) == int(model.entry.preprocess.input_size))
         return known if fits else None
 
@@ -257,8 +259,8 @@ class ExportExecutor:
         entries: dict[str, Any] = {}
         changed = False
         for layer_index, layer in enumerate(model.layers):
-            for rank in range(1, model.topk + 1):
-                key = entry_key(layer, rank)
+            for target_index, target in enumerate(model.targets):
+                key = entry_key(layer, target)
                 old = old_entries.get(key)
                 if self.plan.usable(self.root, old) and not self.plan.overwrite:
                     kept = dict(old)
@@ -269,15 +271,17 @@ class ExportExecutor:
                     continue
                 if explanation is None or position is None:
                     continue  # not computed (explain failed): no row
-                class_id = int(explanation.targets[position, rank - 1])
+                class_id = int(explanation.targets[position, target_index])
+                probs = explanation.probs[position]
+                rank = int((probs > probs[class_id]).sum()) + 1 if model.classes else target_index + 1
                 names = model.class_names
                 class_name = names[class_id] if names and 0 <= class_id < len(names) else f"class{class_id}"
-                probability = float(explanation.probs[position, class_id])
-                stem = (f"{safe_name(layer)}__{safe_name(self.plan.method)}__top{rank}-"
+                probability = float(probs[class_id])
+                stem = (f"{safe_name(layer)}__{safe_name(self.plan.method)}__{target}-"
                         f"{safe_name(class_name, CLASS_CHARS, f'class{class_id}')}")
                 npy = folder / f"{stem}.npy"
                 png = folder / f"{stem}{overlay_suffix(self.plan.overlay_format)}" if self.plan.overlays else None
-                heat = explanation.heatmaps[position, rank - 1, layer_index].numpy()
+                heat = explanation.heatmaps[position, target_index, layer_index].numpy()
                 files = [(path, kind) for path, kind in ((png, OVERLAY), (npy, HEATMAP))
                          if path is not None and (self.plan.overwrite or path.is_symlink() or not path.exists())]  # a link: replaced
                 self.report.files.extend(self.rel(path) for path, _ in files)
@@ -292,11 +296,12 @@ class ExportExecutor:
                     for name in ("overlay", "heatmap"):
                         previous = old.get(name)
                         if isinstance(previous, str) and previous not in ours:
-                            target = self.root / previous
-                            if inside(target, self.root) and target.is_file() and target.parent == folder.resolve():
-                                target.unlink()
-                entries[key] = {"layer": layer, "rank": rank, "class_id": class_id, "class_name": class_name,
-                                "probability": probability, "overlay": self.rel(png) if png else None,
+                            earlier_file = self.root / previous
+                            if (inside(earlier_file, self.root) and earlier_file.is_file()
+                                    and earlier_file.parent == folder.resolve()):
+                                earlier_file.unlink()
+                entries[key] = {"layer": layer, "target": target, "rank": rank, "class_id": class_id,
+                                "class_name": class_name, "probability": probability, "overlay": self.rel(png) if png else None,
                                 "heatmap": self.rel(npy),
                                 "crop_box": [round(float(v), 4) for v in box], "input_size": model.input_size,
                                 "settings": settings, "_status": "computed", "_thumb": thumb}
@@ -313,48 +318,47 @@ class ExportExecutor:
             self.report.files.append(self.rel(path))
         return {"entries": entries}
 
-    def _row(self, item: InputItem, model: ModelPlan, entry: Mapping[str, Any]) -> dict[str, Any]:
+    def _row(self, item: InputItem, model: ModelPlan, entry: Mapping[str, Any], target: str) -> dict[str, Any]:
         return {"image": item.label, "image_dir": item.folder, "model": model.id, "layer": entry["layer"],
-                "method": self.plan.method, "rank": int(entry["rank"]), "class_id": int(entry["class_id"]),
-                "class_name": str(entry["class_name"]), "probability": round(float(entry["probability"]), 6),
+                "method": self.plan.method, "target": target, "rank": int(entry["rank"]),
+                "class_id": int(entry["class_id"]), "class_name": str(entry["class_name"]), "probability": round(float(entry["probability"]), 6),
                 "overlay": entry.get("overlay") or "", "heatmap": entry["heatmap"], "grid": "",
                 "status": entry.get("_status", "existing"),
                 "crop_box": entry.get("crop_box"), "input_size": entry.get("input_size")}
 
-    def _grids(self, index: int, item: InputItem, cells) -> dict[int, str]:
-        """Write (when new results or missing) one grid per rank; return rank -> relative path (none without
+    def _grids(self, index: int, item: InputItem, cells) -> dict[str, str]:
+        """Write (when new results or missing) one grid per target; return target -> relative path (none without
         overlays)."""
         if not self.plan.overlays:
             return {}
         columns: list[str] = []
         for model in self.plan.models:
             columns.extend(layer for layer in model.layers if layer not in columns)
-        ranks = max(model.topk for model in self.plan.models)
-        written: dict[int, str] = {}
-        for rank in range(1, ranks + 1):
-            mine = {key: value for key, value in cells.items() if key[0] == index and key[3] == rank}
+        written: dict[str, str] = {}
+        for target in self.plan.targets:
+            mine = {key: value for key, value in cells.items() if key[0] == index and key[3] == target}
             if not mine:
                 continue
-            path = self.root / item.folder / f"grid__{safe_name(self.plan.method)}__top{rank}.png"
+            path = self.root / item.folder / f"grid__{safe_name(self.plan.method)}__{target}.png"
             fresh = any(value[2] for value in mine.values())
             if path.exists() and not fresh and not self.plan.overwrite:
-                written[rank] = self.rel(path)
+                written[target] = self.rel(path)
                 continue
             pictures, captions = [], []
             for model in self.plan.models:
                 row_pictures, row_captions = [], []
                 for layer in columns:
-                    cell = mine.get((index, model.id, layer, rank))
+                    cell = mine.get((index, model.id, layer, target))
                     picture = None if cell is None else cell[0]
                     if cell is not None and picture is None:  # kept from an earlier run: read it back
-                        picture = self._thumb_from_disk(item, model, layer, rank)
+                        picture = self._thumb_from_disk(item, model, layer, target)
                     row_pictures.append(picture)
                     row_captions.append("" if cell is None else cell[1])
                 pictures.append(row_pictures)
                 captions.append(row_captions)
             self.submit(self._write_grid, path, pictures, columns, captions)
             self.report.files.append(self.rel(path))
-            written[rank] = self.rel(path)
+            written[target] = self.rel(path)
         return written
 
     def _write_grid(self, path: Path, pictures: list[list[Any]], columns: list[str],
@@ -366,9 +370,9 @@ class ExportExecutor:
                      cell_size=self.plan.cell_size)
         write_grid_sheet(path, sheet)
 
-    def _thumb_from_disk(self, item: InputItem, model: ModelPlan, layer: str, rank: int) -> Image.Image | None:
+    def _thumb_from_disk(self, item: InputItem, model: ModelPlan, layer: str, target: str) -> Image.Image | None:
         state = read_state(self.root / item.folder / model.folder / self.plan.record_name)
-        entry = (state or {}).get("entries", {}).get(entry_key(layer, rank))
+        entry = (state or {}).get("entries", {}).get(entry_key(layer, target))
         if not self.plan.usable(self.root, entry):
             return None
         try:

@@ -23,7 +23,7 @@ from pfnet.errors import PfnetError
 from pfnet.version import __version__
 
 
-MANIFEST_COLUMNS = ("image", "image_dir", "model", "layer", "method", "rank", "class_id", "class_name",
+MANIFEST_COLUMNS = ("image", "image_dir", "model", "layer", "method", "target", "rank", "class_id", "class_name",
                     "probability", "overlay", "heatmap", "grid", "status")
 MANIFEST_FORMAT = "pfcam-export/1"
 STATE_FORMAT = "pfcam-export-state/1"
@@ -87,8 +87,16 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def entry_key(layer: str, rank: int) -> str:
-    return f"{layer}|{rank}"
+def entry_key(layer: str, target: str) -> str:
+    """An entry's key in an image's record: ``layer|<k>`` for the top-k target "top<k>" (the key records have
+    always used), ``layer|class<id>`` for a fixed class."""
+    return f"{layer}|{target[3:] if target.startswith('top') else target}"
+
+
+def row_target(row: Mapping[str, Any]) -> str:
+    """A row's target: "top<k>" or "class<id>" (rows written before fixed classes existed are top-k)."""
+    target = row.get("target")
+    return target if isinstance(target, str) and target else f"top{row.get('rank')}"
 
 
 def _not_json(constant: str) -> Any:
@@ -265,7 +273,7 @@ class ExportReport:
 
 def row_key(row: Mapping[str, Any]) -> tuple:
     """One result slot of the folder: a later result for the same slot replaces the earlier row."""
-    return tuple(str(row.get(key)) for key in ("image_dir", "model", "layer", "method", "rank"))
+    return (*(str(row.get(key)) for key in ("image_dir", "model", "layer", "method")), row_target(row))
 
 
 def _row_files_present(root: Path, row: Mapping[str, Any]) -> bool:
@@ -286,7 +294,8 @@ def merge_rows(root: Path, old_rows: list[Any], new_rows: list[dict[str, Any]],
     """The folder's rows: earlier rows whose files are still there, each replaced in place by a newer result for
     its slot (:func:`row_key`), then new slots. New rows get ``settings`` unless they were kept from an earlier
     run with other settings ("stale"), which keep the settings their earlier row recorded."""
-    previous = {row_key(row): row for row in old_rows if isinstance(row, dict) and _row_files_present(root, row)}
+    previous = {row_key(row): {**row, "target": row_target(row)} for row in old_rows
+                if isinstance(row, dict) and _row_files_present(root, row)}
     merged: dict[tuple, dict[str, Any]] = dict(previous)
     for row in new_rows:
         key = row_key(row)

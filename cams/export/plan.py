@@ -39,10 +39,23 @@ class ModelPlan:
     align: str = "model"  # cams.explain's align: "model" (the model's recorded offsets) or "none"
     cam_offsets: dict[str, list[float]] = field(default_factory=dict)  # the non-zero offsets explain draws with
     weights: str = ""  # pfnet.weights.state_digest of the network: outputs of other weights are stale
+    classes: tuple[int, ...] = ()  # fixed target classes (ids); empty: the top-k predicted classes
 
     @property
     def input_size(self) -> int:
         return int(self.entry.preprocess.input_size)
+
+    @property
+    def targets(self) -> list[str]:
+        """Each result's target, in the engine's order: "top1".."top<k>", or "class<id>" per fixed class."""
+        if self.classes:
+            return [f"class{class_id}" for class_id in self.classes]
+        return [f"top{rank}" for rank in range(1, self.topk + 1)]
+
+    @property
+    def engine_targets(self) -> int | list[int]:
+        """``cams.explain``'s ``targets``: the fixed class ids, else k."""
+        return list(self.classes) if self.classes else self.topk
 
 
 @dataclass(frozen=True)
@@ -61,10 +74,16 @@ class ExportPlan:
     cell_size: int = GRID_CELL
     overlay_format: str = DEFAULT_FORMAT  # "png" | "jpeg" | "webp" (cams.export.encode.FORMATS)
     overlays: bool = True  # False: heatmaps (.npy) and records only; no overlays, no grids
+    target: tuple[str, ...] = ()  # the classes asked for, as given (ids or names); empty: the predicted top-k
 
-    def outputs(self, model: ModelPlan) -> list[tuple[str, int]]:
-        """The (layer, rank) results every image gets from ``model``."""
-        return [(layer, rank) for layer in model.layers for rank in range(1, model.topk + 1)]
+    def outputs(self, model: ModelPlan) -> list[tuple[str, str]]:
+        """The (layer, target) results every image gets from ``model`` (targets: :attr:`ModelPlan.targets`)."""
+        return [(layer, target) for layer in model.layers for target in model.targets]
+
+    @property
+    def targets(self) -> list[str]:
+        """Every model's targets, in order, each once: one grid per target."""
+        return list(dict.fromkeys(target for model in self.models for target in model.targets))
 
     @property
     def record_name(self) -> str:
@@ -74,8 +93,8 @@ class ExportPlan:
     def needs(self, root: Path, record: Mapping[str, Any] | None, model: ModelPlan) -> bool:
         """Whether an image whose earlier record for ``model`` is ``record`` (None: none) must be explained."""
         entries = (record or {}).get("entries", {})
-        return self.overwrite or not all(self.usable(root, entries.get(entry_key(layer, rank)))
-                                         for layer, rank in self.outputs(model))
+        return self.overwrite or not all(self.usable(root, entries.get(entry_key(layer, target)))
+                                         for layer, target in self.outputs(model))
 
     def usable(self, root: Path, entry: Any) -> bool:
         """Whether an earlier entry has every file this plan writes: the heatmap, and with overlays an overlay in
@@ -111,8 +130,10 @@ class ExportPlan:
     def manifest_settings(self) -> dict[str, Any]:
         """``manifest.json["settings"]``, before the caller's extra settings."""
         return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
-                                  "cam_offsets": m.cam_offsets, "weights": m.weights} for m in self.models},
-                "method": self.method, "topk": self.topk, "batch_size": self.batch_size, "mode": self.mode,
+                                  "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights}
+                           for m in self.models},
+                "method": self.method, "topk": self.topk, "target": list(self.target) or "predicted",
+                "batch_size": self.batch_size, "mode": self.mode,
                 "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
                 "overwrite": bool(self.overwrite), "overlays": bool(self.overlays),
                 "overlay_format": self.overlay_format if self.overlays else None,
@@ -121,12 +142,14 @@ class ExportPlan:
 
 
 def validate_settings(method: str, topk: int, batch_size: int, mode: str, colormap: str, opacity: float,
-                      align: str, overlay_format: str = DEFAULT_FORMAT) -> None:
+                      align: str, overlay_format: str = DEFAULT_FORMAT, target: Sequence[str] = ()) -> None:
     """Raise ``ExportError`` for a setting no export can run with."""
     if method not in METHODS:
         raise ExportError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ExportError(f"topk must be a positive integer, got {topk!r}")
+    if target and topk != 1:
+        raise ExportError("choose either top-k (the predicted classes) or target classes, not both")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ExportError(f"batch_size must be a positive integer, got {batch_size!r}")
     if mode not in MODES:
@@ -150,10 +173,53 @@ def _requested_layers(layers: LayerChoice, model_id: str, family: str | None) ->
     return list(layers)
 
 
+def target_list(target: str | int | Sequence[str | int] | None) -> tuple[str, ...]:
+    """The classes asked for, as given: None, "" or "predicted" -> () (the predicted top-k); a comma-separated
+    string or a sequence of ids and names -> each one, stripped, in order, once (names match without regard to
+    case: the first spelling is kept)."""
+    if target is None:
+        return ()
+    items = target.split(",") if isinstance(target, str) else [str(item) for item in target]
+    items = [item.strip() for item in items if item.strip()]
+    if [item.lower() for item in items] in ([], ["predicted"]):
+        return ()
+    unique: dict[str, str] = {}
+    for item in items:
+        unique.setdefault(item.lower(), item)
+    return tuple(unique.values())
+
+
+def resolve_classes(target: Sequence[str], class_names: Sequence[str] | None, count: int | None
+                    ) -> tuple[list[int], list[str]]:
+    """A model's class ids for ``target`` (ids as digits, or names matched without regard to case), and why the
+    others cannot be used (unknown, out of range, a name several classes share)."""
+    ids: list[int] = []
+    problems: list[str] = []
+    lowered = [name.lower() for name in class_names or ()]
+    for item in target:
+        if item.isdigit():
+            class_id = int(item)
+            if count is not None and class_id >= count:
+                problems.append(f"class id {class_id} is out of range (it has {count} classes)")
+                continue
+        else:
+            matches = [index for index, name in enumerate(lowered) if name == item.lower()]
+            if len(matches) != 1:
+                problems.append(f"has no class named {item!r}" if not matches else
+                                f"{len(matches)} classes are named {item!r} (ids {', '.join(map(str, matches))}); "
+                                "give the id")
+                continue
+            class_id = matches[0]
+        if class_id not in ids:
+            ids.append(class_id)
+    return ids, problems
+
+
 def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk: int,
-                warn: Callable[[str], None], align: str = "model") -> list[ModelPlan]:
+                warn: Callable[[str], None], align: str = "model", target: Sequence[str] = ()) -> list[ModelPlan]:
     """One plan per usable model (id -> (eval-mode model, zoo entry)); what is left out is said through ``warn``:
-    layers a model lacks, models with none of the requested layers, a top-k beyond a model's classes."""
+    layers a model lacks, models with none of the requested layers, a top-k beyond a model's classes, target
+    classes a model does not have (a model with none of them is skipped)."""
     plans: list[ModelPlan] = []
     folders: set[str] = set()
     for model_id, pair in models.items():
@@ -186,6 +252,14 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
         if isinstance(classes, int) and k > classes:
             warn(f"{model_id}: top-{topk} asked of a model with {classes} classes; using top-{classes}")
             k = classes
+        fixed: list[int] = []
+        if target:
+            fixed, problems = resolve_classes(target, class_names, classes if isinstance(classes, int) else None)
+            for problem in problems:
+                warn(f"{model_id}: {problem}; that target is skipped for this model")
+            if not fixed:
+                warn(f"{model_id}: none of the target classes exists; model skipped")
+                continue
         folder = safe_name(model_id, 64, "model")
         if folder in folders:
             folder = f"{folder}-{short_hash(model_id)}"
@@ -193,7 +267,7 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
         offsets = {layer: list(offset) for layer, offset in zip(chosen, layer_offsets(network, chosen, align))
                    if any(offset)}
         plans.append(ModelPlan(model_id, folder, str(label), network, entry, chosen, class_names, k, align, offsets,
-                               state_digest(network)))
+                               state_digest(network), tuple(fixed)))
     return plans
 
 
@@ -201,8 +275,10 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
                 topk: int = 1, batch_size: int = 8, mode: str = "full", colormap: str = "jet", opacity: float = 0.5,
                 overwrite: bool = False, align: str = "model", cell_size: int = GRID_CELL,
                 warn: Callable[[str], None] = lambda _: None, overlay_format: str = DEFAULT_FORMAT,
-                overlays: bool = True) -> ExportPlan:
-    """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`)."""
-    validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format)
-    return ExportPlan(tuple(plan_models(models, layers, topk, warn, align)), method, topk, batch_size, mode,
-                      colormap, float(opacity), overwrite, align, cell_size, overlay_format, bool(overlays))
+                overlays: bool = True, target: str | Sequence[str | int] | None = None) -> ExportPlan:
+    """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`). ``target``: None or
+    "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`)."""
+    classes = target_list(target)
+    validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format, classes)
+    return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes)), method, topk, batch_size, mode,
+                      colormap, float(opacity), overwrite, align, cell_size, overlay_format, bool(overlays), classes)

@@ -19,11 +19,11 @@ from cams.export.files import TEMP_SUFFIX
 
 ROW_BYTES = 2048  # one result's row in manifest.json and manifest.csv, besides its settings (measured: ~700)
 IMAGE_BYTES = 1024  # one image's entry (names, size, status), besides its grids
-GRID_BYTES = 256  # one grid path in an image's entry (one per rank)
+GRID_BYTES = 256  # one grid path in an image's entry (one per target)
 BASE_BYTES = 32 * 1024  # versions, warnings, skipped inputs, this run's line in the history, file-system blocks
 
 
-def manifest_room(root: Path, settings: Mapping[str, Any], results: int, images: int, ranks: int) -> int:
+def manifest_room(root: Path, settings: Mapping[str, Any], results: int, images: int, targets: int) -> int:
     """Bytes the merged manifests may need: the current ones plus ``results`` rows and ``images`` entries."""
     settings_bytes = len(json.dumps(settings, indent=1, default=str).encode())  # each row carries its settings
     current = 0
@@ -32,7 +32,7 @@ def manifest_room(root: Path, settings: Mapping[str, Any], results: int, images:
             current += (root / name).stat().st_size
         except OSError:
             pass
-    return (current + results * (ROW_BYTES + settings_bytes) + images * (IMAGE_BYTES + ranks * GRID_BYTES)
+    return (current + results * (ROW_BYTES + settings_bytes) + images * (IMAGE_BYTES + targets * GRID_BYTES)
             + 2 * settings_bytes + BASE_BYTES)
 
 

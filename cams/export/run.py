@@ -33,7 +33,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                align: str = "model", reuse: Reuse | None = None, overlay_format: str = "png",
                overlays: bool = True, writers: int | None = None, engine: str = "local",
                ray_options: RayOptions | None = None,
-               read_image: Callable[[InputItem], Image.Image] | None = None) -> ExportReport:
+               read_image: Callable[[InputItem], Image.Image] | None = None,
+               target: str | Sequence[str | int] | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -41,7 +42,9 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     ``name``. ``layers``: None (each model's ``cams.layers.default_layers``), a list for every model, or a dict
     keyed by model id or family (``"resnet"``, ``"vit"``, ``"pit"``); a layer a model lacks is reported and
     skipped for that model. Images go through ``batch_size`` at a time, one ``cams.explain`` call per batch and
-    model (all layers and top-``topk`` targets at once). ``progress(done, total, message)`` counts image x model
+    model (all layers and targets at once). ``target``: None or "predicted" (each image's top-``topk`` classes), or
+    class ids / names (a list, or one comma-separated string) explained for every image: a class a model lacks is
+    reported and skipped for that model. ``progress(done, total, message)`` counts image x model
     steps, once per image. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
     ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
@@ -65,7 +68,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                           "every image itself")
     warnings: list[str] = []
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
-                       cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays)
+                       cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays,
+                       target=target)
     started = now()
     root = check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root, warnings=warnings)
@@ -86,7 +90,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
             progress(done, total, f"{finished} / {len(items)} images: {label}")
 
     room = ManifestRoom(root, manifest_room(root, plan.manifest_settings(), len(items) * sum(
-        len(model.layers) * model.topk for model in plan.models), len(items), topk))
+        len(plan.outputs(model)) for model in plan.models), len(items), len(plan.targets)))
     try:
         room.hold()  # a full disk stops the run here, before any output, rather than leave the manifest stale
     except OSError as exc:
