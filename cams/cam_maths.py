@@ -25,12 +25,48 @@ class TargetError(CamError):
     """Targets that cannot be used (bad k, unknown class id or name)."""
 
 
-def target_plan(targets, class_names, num_classes: int | None) -> tuple[int | None, list[int] | None]:
-    """(k, None) for top-k, (None, ids) for explicit classes."""
+#: What :func:`target_plan` returns: (k, None) for each image's top-k; (None, ids) for the same classes for every
+#: image; (None, an int64 tensor [N, T]) for classes per image (-1: that image's top class).
+TargetPlan = tuple[int | None, list[int] | torch.Tensor | None]
+
+
+def _per_image(targets) -> torch.Tensor | None:
+    """``targets`` as an int64 [N, T] tensor when it gives classes per image (a 2-D tensor or array, or a list of
+    lists / tuples), else None."""
+    if isinstance(targets, (torch.Tensor, np.ndarray)):
+        if targets.ndim != 2:
+            return None
+        table = torch.as_tensor(targets)
+    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(row, (list, tuple)) for row in targets):
+        if len({len(row) for row in targets}) != 1 or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) for row in targets for v in row):
+            raise TargetError("per-image targets must be rows of class ids, all of one length")
+        table = torch.tensor(targets, dtype=torch.int64)
+    else:
+        return None
+    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise TargetError(f"per-image targets must be integer class ids; got {table.dtype}")
+    if table.shape[1] < 1:
+        raise TargetError("per-image targets need at least one class per image")
+    return table.to(torch.int64).cpu()
+
+
+def target_plan(targets, class_names, num_classes: int | None) -> TargetPlan:
+    """Checks ``targets`` (see :func:`cams.explain`); returns the plan (:data:`TargetPlan`)."""
     if targets is None:
         return 1, None
     if isinstance(targets, bool):
-        raise TargetError("targets must be None, an int k (top-k) or a list of class ids / names")
+        raise TargetError("targets must be None, an int k (top-k), a list of class ids / names, or class ids per "
+                          "image [N, T]")
+    per_image = _per_image(targets)
+    if per_image is not None:
+        if num_classes is not None:
+            bad = sorted({int(v) for v in per_image.flatten().tolist() if not -1 <= v < num_classes})
+            if bad:
+                raise TargetError(f"class ids {bad[:10]} are out of range for {num_classes} classes")
+        elif bool((per_image < -1).any()):
+            raise TargetError("per-image class ids must be >= 0 (or -1: the image's top class)")
+        return None, per_image
     if isinstance(targets, (int, np.integer)):
         k = int(targets)
         if k < 1 or (num_classes is not None and k > num_classes):
@@ -62,15 +98,26 @@ def target_plan(targets, class_names, num_classes: int | None) -> tuple[int | No
     return None, ids
 
 
-def check_inputs(model: nn.Module, images, batch_size, targets, class_names) -> tuple[int | None, list[int] | None]:
-    """Refuses unusable ``images`` / ``batch_size``; returns the target plan (:func:`target_plan`)."""
+def check_inputs(model: nn.Module, images, batch_size, targets, class_names) -> TargetPlan:
+    """Refuses unusable ``images`` / ``batch_size`` / ``targets``; returns the target plan (:func:`target_plan`)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise CamError(f"images must be a float tensor [N, 3, H, W]; got "
                        f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise CamError(f"batch_size must be a positive int; got {batch_size!r}")
     num_classes = getattr(model, "num_classes", None)
-    return target_plan(targets, class_names, num_classes if isinstance(num_classes, int) else None)
+    plan = target_plan(targets, class_names, num_classes if isinstance(num_classes, int) else None)
+    if isinstance(plan[1], torch.Tensor) and plan[1].shape[0] != images.shape[0]:
+        raise TargetError(f"per-image targets have {plan[1].shape[0]} rows for {images.shape[0]} images")
+    return plan
+
+
+def target_count(plan: TargetPlan) -> int:
+    """How many targets each image gets."""
+    top_k, fixed_ids = plan
+    if top_k is not None:
+        return top_k
+    return int(fixed_ids.shape[1]) if isinstance(fixed_ids, torch.Tensor) else len(fixed_ids)
 
 
 def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -83,11 +130,19 @@ def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=FORMATS[format_of(model)])
 
 
-def explained_classes(logits: torch.Tensor, top_k: int | None, fixed_ids: list[int] | None) -> torch.Tensor:
-    """``[n, T]`` class ids: each image's top-k, or the fixed ids for every image."""
+def explained_classes(logits: torch.Tensor, top_k: int | None, fixed_ids: list[int] | torch.Tensor | None,
+                      start: int = 0) -> torch.Tensor:
+    """``[n, T]`` class ids of the batch of images ``start:start + n``: each image's top-k, the fixed ids for
+    every image, or each image's own row (-1: its top class)."""
     classes = logits.shape[1]
     if top_k is not None and top_k > classes:
         raise TargetError(f"top-{top_k} asked of a model with {classes} classes")
+    if isinstance(fixed_ids, torch.Tensor):
+        rows = fixed_ids[start:start + logits.shape[0]].to(logits.device)
+        if rows.numel() and int(rows.max()) >= classes:
+            raise TargetError(f"class ids up to {int(rows.max())} are out of range for {classes} classes")
+        top = logits.detach().argmax(dim=1, keepdim=True).expand_as(rows)
+        return torch.where(rows < 0, top, rows).contiguous()
     if fixed_ids is not None and max(fixed_ids) >= classes:
         raise TargetError(f"class ids {fixed_ids} are out of range for {classes} classes")
     if top_k is not None:

@@ -42,7 +42,7 @@ from torch import nn
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
 from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetError, check_inputs,  # noqa: F401
                             eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients, model_input,
-                            target_plan)
+                            target_count, target_plan)
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
 
 METHODS: dict[str, str] = {
@@ -293,8 +293,9 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
 
     ``images``: a preprocessed batch ``[N, 3, H, W]`` (moved to the model's device if it is elsewhere).
     ``layers``: names from :func:`cams.layers.available_layers`. ``targets``: None (each image's top-1 class),
-    an int k (each image's top-k) or a list of class ids / names (names need ``class_names``), the same for
-    every image. ``batch_size``: images per forward pass, and masked inputs per forward pass for Score-CAM.
+    an int k (each image's top-k), a list of class ids / names (names need ``class_names``), the same for
+    every image, or class ids per image: a 2-D int tensor / array or a list of equal-length lists [N, T] (-1 in a
+    row: that image's top class; e.g. each image's ground-truth label). ``batch_size``: images per forward pass, and masked inputs per forward pass for Score-CAM.
     ``align``: where each layer's cells are drawn (:mod:`cams.align`): "model" (the default) uses the offsets
     recorded for the model (``model.cam_offsets``, set by ``pfnet.load``; none for most models), "none" the
     plain resize, or a mapping layer -> (dy, dx) in input pixels.
@@ -310,7 +311,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     modules = {name: resolve(model, name) for name in layers}
     check_method(model, method, layers)
     offsets = layer_offsets(model, layers, align)
-    top_k, fixed_ids = check_inputs(model, images, batch_size, targets, class_names)
+    top_k, fixed_ids = plan = check_inputs(model, images, batch_size, targets, class_names)
     if progress is not None and not callable(progress):
         raise CamError(f"progress must be callable (done, total) -> stop?; got {type(progress).__name__}")
 
@@ -318,7 +319,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         images = model_input(model, images)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         count = images.shape[0]
-        n_targets = top_k if top_k is not None else len(fixed_ids)
+        n_targets = target_count(plan)
         heatmaps = torch.empty((count, n_targets, len(layers), *size), dtype=torch.float32)
         all_ids = torch.empty((count, n_targets), dtype=torch.int64)
         all_probs: list[torch.Tensor] = []
@@ -329,7 +330,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
             for start in range(0, count, batch_size):
                 batch = images[start:start + batch_size]
                 logits, outputs = capture.run(model, batch, want_grad)
-                class_ids = explained_classes(logits, top_k, fixed_ids)
+                class_ids = explained_classes(logits, top_k, fixed_ids, start)
                 all_ids[start:start + batch.shape[0]] = class_ids.cpu()
                 all_probs.append(torch.softmax(logits.detach().float(), dim=1).cpu())
                 acts = [outputs[name] for name in layers]

@@ -12,7 +12,7 @@ import torch
 
 from cams.align import layer_offsets
 from cams.cam_maths import (check_inputs, eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
-                            model_input)
+                            model_input, target_count)
 from cams.engine import EIGEN_METHODS, GRADIENT_METHODS, Capture, Explanation, check_method, explain, normalise
 from cams.layers import LayerError, resolve, to_grid
 
@@ -40,13 +40,13 @@ def _shared_pass(model, images, layers, methods, targets, class_names, batch_siz
     for method in methods:
         check_method(model, method, layers)
     offsets = layer_offsets(model, layers, align)
-    top_k, fixed_ids = check_inputs(model, images, batch_size, targets, class_names)
+    top_k, fixed_ids = plan = check_inputs(model, images, batch_size, targets, class_names)
     want_grad = any(method in GRADIENT_METHODS for method in methods)
     with torch.inference_mode(False):
         images = model_input(model, images)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         count = images.shape[0]
-        n_targets = top_k if top_k is not None else len(fixed_ids)
+        n_targets = target_count(plan)
         heatmaps = {method: torch.empty((count, n_targets, len(layers), *size)) for method in methods}
         all_ids = torch.empty((count, n_targets), dtype=torch.int64)
         all_probs: list[torch.Tensor] = []
@@ -55,7 +55,7 @@ def _shared_pass(model, images, layers, methods, targets, class_names, batch_siz
                 batch = images[start:start + batch_size]
                 stop = start + batch.shape[0]
                 logits, outputs = capture.run(model, batch, want_grad)
-                class_ids = explained_classes(logits, top_k, fixed_ids)
+                class_ids = explained_classes(logits, top_k, fixed_ids, start)
                 all_ids[start:stop] = class_ids.cpu()
                 all_probs.append(torch.softmax(logits.detach().float(), dim=1).cpu())
                 acts = [outputs[name] for name in layers]

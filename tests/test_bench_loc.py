@@ -276,6 +276,44 @@ def test_target_label_explains_the_ground_truth_class(tiny_zoo, capsys: pytest.C
     check_rows(parse_table(out)[1], TINY, ["layer4"], ["Grad-CAM"])
 
 
+def test_target_label_on_a_thousand_class_head(monkeypatch, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Each image's label is its own target: ImageNet-size heads need not explain every class."""
+    entry = zoo.ZooEntry("tiny_imagenet", "tiny_imagenet", "resnet50_hybrid", "resnet",
+                         zoo.WeightSource("bundled", "t.safetensors", "t.safetensors"), Preprocess(64, 64),
+                         arch_kwargs={"width_mult": 0.25})
+    monkeypatch.setitem(zoo.ZOO, entry.id, entry)
+    torch.manual_seed(0)
+    network = entry.build().eval()
+    monkeypatch.setattr(bench_run, "load_model", lambda model_id, device=None: network)
+    names = entry.class_names()
+    folder = tmp_path / "imagenet_like"
+    folder.mkdir()
+    labels = ["tabby", "zebra", "golden retriever", "no such class", "tabby", "zebra"]
+    rows = ["image,x0,y0,x1,y1,label"]
+    for index, label in enumerate(labels):
+        box, _ = _scene_file(folder, f"img{index}.png", index, (96, 96))
+        rows.append(f"img{index}.png,{box[0]:.2f},{box[1]:.2f},{box[2]:.2f},{box[3]:.2f},{label}")
+    (folder / "boxes.csv").write_text("\n".join(rows) + "\n")
+    problems: list[str] = []
+    annotations = bench_loc.read_annotations(folder, problems)
+    _, split = bench_loc.data_splits(annotations, entry.preprocess, n=6, val_n=0, seed=0, problems=problems,
+                                     cache={})
+    opts = bench_loc.Options(("layer4",), ("gradcam",), batch_size=4, target="label")
+    batches = list(bench_loc.cam_batches(network, split, opts, "gradcam", names))
+    explained = np.concatenate([batch[3] for batch in batches]).tolist()
+    probs = np.concatenate([batch[4] for batch in batches])
+    for sample, class_id, prob in zip(split.samples, explained, probs):
+        label = sample.labels[0]
+        assert class_id == (names.index(label) if label in names else int(prob.argmax()))  # unknown: its top-1
+    status = main(["bench-loc", "--models", entry.id, "--layers", "layer4", "--methods", "gradcam", "--data",
+                   str(folder), "--n", "6", "--val-n", "2", "--faith-n", "1", "--faith-steps", "2", "--target",
+                   "label"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "ground-truth class" in out and "skipping" not in err
+    check_rows(parse_table(out)[1], entry.id, ["layer4"], ["Grad-CAM"])
+
+
 def test_imagenet_model_needs_data(capsys: pytest.CaptureFixture):
     assert main(["bench-loc", "--models", "r50", "--n", "2"]) == 1
     assert "give it your own images with --data" in capsys.readouterr().err

@@ -186,6 +186,41 @@ def test_output_contract_and_targets(r50_small):
     assert named.target_name(0, 0) == "class 7"
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "scorecam", "cam"])
+def test_targets_per_image(method):
+    model = _tiny()
+    images = _images(3, 48)
+    layers = ["layer4"] if method in ("scorecam", "cam") else ["layer2", "layer4"]
+    both = explain(model, images, layers, method, targets=[7, 2], batch_size=2)
+    top1 = explain(model, images, layers, method, batch_size=2)
+    # image 0: class 2, image 1: its top class (-1), image 2: class 7 then class 2; batches of 2 slice the rows
+    mixed = explain(model, images, layers, method, targets=torch.tensor([[2, 7], [-1, 2], [7, 2]]), batch_size=2)
+    assert mixed.targets.tolist() == [[2, 7], [int(top1.targets[1, 0]), 2], [7, 2]]
+    torch.testing.assert_close(mixed.heatmaps[0], both.heatmaps[0].flip(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.heatmaps[1, 0], top1.heatmaps[1, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.heatmaps[1, 1], both.heatmaps[1, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.heatmaps[2], both.heatmaps[2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed.probs, both.probs)
+    # one class each, as lists or an array: each image's own label
+    labels = explain(model, images, layers, method, targets=np.array([[3], [3], [9]]), batch_size=2)
+    again = explain(model, images, layers, method, targets=[[3], [3], [9]], batch_size=3)
+    assert labels.targets.tolist() == again.targets.tolist() == [[3], [3], [9]]
+    torch.testing.assert_close(labels.heatmaps, again.heatmaps, atol=1e-5, rtol=0)
+    threes = explain(model, images, layers, method, targets=[3], batch_size=2)
+    torch.testing.assert_close(labels.heatmaps[:2], threes.heatmaps[:2], atol=1e-5, rtol=0)
+
+
+def test_bad_targets_per_image():
+    model = _tiny()
+    images = _images(2, 48)
+    for targets, message in (([[1], [2], [3]], "3 rows for 2 images"), ([[1], [10]], "out of range"),
+                             ([[1], [-2]], "out of range"), ([[1, 2], [3]], "one length"),
+                             ([[1], ["cat"]], "one length"), (torch.zeros(2, 1), "integer"),
+                             (torch.zeros(2, 0, dtype=torch.int64), "at least one")):
+        with pytest.raises(TargetError, match=message):
+            explain(model, images, ["layer4"], targets=targets)
+
+
 def test_bad_arguments(r50_small):
     images = _images(1, 64)
     with pytest.raises(MethodError, match="gradcampp") as info:

@@ -41,8 +41,8 @@ box" always uses the box(es); box accuracy compares boxes.
 
 What is explained: by default each image's top-1 class (``cams.explain(targets=None)``), as in the CAM
 "top-1 localization" protocol, so a misclassified image is scored on the CAM of the wrong class; with
-``--target label`` the ground-truth class (Zhang et al.'s cued pointing game; all classes go through the
-engine at once, so only for heads of at most 64 classes). Deletion/insertion follow the probability of the
+``--target label`` the ground-truth class (Zhang et al.'s cued pointing game; each image's label is its
+target in the engine's one gradient call, so any head, ImageNet's 1,000 classes too). Deletion/insertion follow the probability of the
 explained class. One ``explain`` call per batch per method covers all layers. Deletion/insertion are costly and
 run on the first ``--faith-n`` test images only; the table caption says so. Each test batch goes through every
 method and the reference heatmaps, then one deletion/insertion pass scores all of them (the intact image and the

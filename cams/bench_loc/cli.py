@@ -15,7 +15,7 @@ from cams.layers import BLOCKS
 from cams.plotting import write_atomic
 from cams.progress import Progress
 from cams.bench_loc.bench import (ALIGN_CHOICES, DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N,
-                                  DEFAULT_VAL_N, MAX_LABEL_CLASSES, TARGETS, NothingEvaluated, run_bench)
+                                  DEFAULT_VAL_N, TARGETS, NothingEvaluated, run_bench)
 from cams.bench_loc.data import CSV_NAME, DEFAULT_SEED, BenchError, DataSource, DefaultData, FolderData
 from cams.bench_loc.scoring import DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N
 from cams.bench_loc.plot import plot_depth
@@ -68,7 +68,7 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
                         help=f"your own images with {CSV_NAME} (image,x0,y0,x1,y1[,label]) or VOC .xml per image")
     parser.add_argument("--target", choices=TARGETS, default="predicted",
                         help="class to explain: each image's top-1 class (default) or its ground-truth label "
-                             f"(models with at most {MAX_LABEL_CLASSES} classes)")
+                             "(an image without a usable label: its top-1 class)")
     parser.add_argument("--align", choices=ALIGN_CHOICES, default="model",
                         help="where heatmaps are drawn: each model's recorded alignment offset (default), the plain "
                              "resize (none), or an offset fitted per row on the validation split (fit)")

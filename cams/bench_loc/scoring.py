@@ -93,30 +93,22 @@ def explain_methods_batch(model, split: Split, start: int, stop: int, opts: Opti
     """Per method, (heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) of images ``start:stop``,
     every layer and method from one forward and one gradient call (:func:`cams.multi.explain_methods`).
 
-    ``opts.target == "predicted"``: each image's top-1 class. ``"label"``: each image's ground-truth class
-    (the engine takes the same target list for every image, so all classes are explained at once and each
-    image's label slot is kept; images without a usable label fall back to their top-1 class).
+    ``opts.target == "predicted"``: each image's top-1 class. ``"label"``: each image's ground-truth class (the
+    smallest id where it has several; an image without a usable label falls back to its top-1 class).
     """
     from cams.multi import explain_methods
 
     inputs = split.tensors(start, stop) if inputs is None else inputs
     align = "none" if opts.align == "fit" else opts.align  # fitted offsets are applied by the caller
-    label = opts.target == "label"
-    results = explain_methods(model, inputs, list(opts.layers), methods,
-                              targets=list(range(len(class_names))) if label else None, class_names=class_names,
+    targets = None
+    if opts.target == "label":
+        table = _label_index(class_names)
+        targets = [[min((class_id for class_id in _label_ids(split.samples[index], table)
+                         if 0 <= class_id < len(class_names)), default=-1)] for index in range(start, stop)]
+    results = explain_methods(model, inputs, list(opts.layers), methods, targets=targets, class_names=class_names,
                               batch_size=opts.batch_size, align=align)
-    out = {}
-    for method, result in results.items():
-        probs = result.probs.numpy()
-        if label:
-            table = _label_index(class_names)
-            chosen = np.array([min(_label_ids(split.samples[start + i], table), default=int(probs[i].argmax()))
-                               for i in range(stop - start)], dtype=np.int64)
-            out[method] = (result.heatmaps[torch.arange(stop - start), torch.from_numpy(chosen)].numpy(), chosen,
-                           probs)
-        else:
-            out[method] = (result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(), probs)
-    return out
+    return {method: (result.heatmaps[:, 0].numpy(), result.targets[:, 0].numpy(), result.probs.numpy())
+            for method, result in results.items()}
 
 
 def explain_batch(model, split: Split, start: int, stop: int, opts: Options, method: str, class_names,
