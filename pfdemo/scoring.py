@@ -11,7 +11,7 @@ import torch
 from cams.align import fit_offset, layer_strides, peak
 from cams.engine import explain
 from cams.metrics import is_flat, pointing_game as hit, pointing_tolerance
-from pfdemo.scenes import CLASS_NAMES, TEST_SEED, scene_batch
+from pfdemo.scenes import TEST_SEED, scene_batch
 
 
 @torch.no_grad()
@@ -35,10 +35,10 @@ AGREEMENT_PX = 2.0
 
 def label_maps(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, layers: Sequence[str],
                method: str = "gradcam", align: str | dict = "none") -> np.ndarray:
-    """Heatmaps [N, L, H, W] of each image's ground-truth class (``cams.explain``: every class in one gradient
-    call, then the label's maps)."""
-    result = explain(net, x, list(layers), method=method, targets=list(range(len(CLASS_NAMES))), align=align)
-    return result.heatmaps[torch.arange(len(x)), labels].numpy()
+    """Heatmaps [N, L, H, W] of each image's ground-truth class (``cams.explain`` with each label as its image's
+    target)."""
+    result = explain(net, x, list(layers), method=method, targets=labels.view(-1, 1), align=align)
+    return result.heatmaps[:, 0].numpy()
 
 
 def fit_alignment(net: torch.nn.Module, size: int, layers: Sequence[str] = EVAL_LAYERS, n: int = CALIBRATION_N,
