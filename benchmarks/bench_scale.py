@@ -118,7 +118,7 @@ def per_image_costs(inputs: Path, out: Path, models: dict, args: argparse.Namesp
             start = time.perf_counter()
             for first in range(0, len(items), args.batch_size):
                 batch = tensors[model.id][first:first + args.batch_size].to(device)
-                result = explain_batch(plan, model, batch, [], print)
+                result = explain_batch(plan, model, batch, items[first:first + args.batch_size], print)
                 for offset in range(batch.shape[0]):
                     explained[first + offset][model.id] = (result.heatmaps[offset].numpy(),
                                                            result.targets[offset].numpy(),

@@ -415,6 +415,72 @@ def test_target_classes_a_model_lacks_are_skipped_with_a_reason(tmp_path, models
     assert [row["target"] for row in twice.rows] == ["class1"]
 
 
+def labelled_folder(base: Path) -> Path:
+    folder = base / "labelled"
+    (folder / "sub").mkdir(parents=True)
+    for name, seed in (("a.png", 1), ("sub/b.png", 2), ("c.png", 3), ("d.png", 4)):
+        (folder / name).write_bytes(encode(noise(40 + 8 * seed, 40, seed=seed), "PNG"))
+    # bench-loc's boxes.csv: extra columns, two rows for a.png (one label), paths relative to the CSV
+    (folder / "boxes.csv").write_text("image,x0,y0,x1,y1,label\na.png,1,1,9,9,shape 4\na.png,2,2,8,8,Shape 4\n"
+                                      "sub/b.png,0,0,5,5,8\nc.png,0,0,5,5,cat\nghost.png,0,0,1,1,shape 1\n"
+                                      "d.png,0,0,5,5,\n")
+    return folder
+
+
+def test_labels_give_each_image_its_own_class(tmp_path, models, monkeypatch):
+    folder = labelled_folder(tmp_path)
+    out = tmp_path / "out"
+    counter = CountingExplain(monkeypatch)
+    report = run_export([folder], out, models, layers=["layer4"], labels=folder / "boxes.csv", batch_size=4)
+    assert counter.calls == [2]  # a.png and sub/b.png: c.png's label is no class, d.png has none
+    assert [(Path(row["image"]).name, row["target"], row["class_id"]) for row in report.rows] == [
+        ("a.png", "label", 4), ("b.png", "label", 8)]
+    warnings = "\n".join(report.warnings)
+    assert "line 7: no label" in warnings and "1 label(s) are not among its classes ('cat'" in warnings
+    assert "1 image(s) have no label" in warnings and "d.png" in warnings
+    network = models["tiny"][0]
+    tensors = torch.stack([prepare(load_image(folder / name), FakeEntry().preprocess, "full").tensor
+                           for name in ("a.png", "sub/b.png")])
+    fresh = counter.real(network, tensors, ["layer4"], targets=[[4], [8]])
+    for position, row in enumerate(report.rows):
+        probs = fresh.probs[position]
+        assert row["rank"] == int((probs > probs[row["class_id"]]).sum()) + 1
+        assert row["overlay"].endswith(f"layer4__gradcam__label-shape_{row['class_id']}.png")
+        assert row["grid"].endswith("grid__gradcam__label.png")
+        np.testing.assert_allclose(np.load(out / row["heatmap"]), fresh.heatmaps[position, 0, 0].numpy(), atol=1e-5)
+    assert json.loads((out / "manifest.json").read_text())["settings"]["target"] == "label"
+
+    # the same labels again: kept; another label for b.png: its result is stale; a mapping works as the file does
+    same = run_export([folder], out, models, layers=["layer4"], labels=folder / "boxes.csv", batch_size=4)
+    assert counter.calls == [2] and {row["status"] for row in same.rows} == {"existing"}
+    changed = run_export([folder / "a.png", folder / "sub" / "b.png"], out, models, layers=["layer4"],
+                         labels={str(folder / "a.png"): "4", str(folder / "sub/b.png"): "shape 2"})
+    assert counter.calls == [2] and [row["status"] for row in changed.rows] == ["existing", "stale"]
+
+    with pytest.raises(ExportError, match="leave out top-k and target classes"):
+        run_export([folder], tmp_path / "no", models, labels=folder / "boxes.csv", target="shape 1")
+    with pytest.raises(ExportError, match="leave out top-k"):
+        run_export([folder], tmp_path / "no", models, labels=folder / "boxes.csv", topk=2)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "No such file"), (b"image,class\na.png,1\n", "'image' and 'label' columns"),
+    (b"image,label\n\xff\xfe,1\n", "not UTF-8"), (b"image,label\n", "gives no image a label"),
+    (b"image,label\n" + b"x" * (64 * 2**20), "larger than 64 MB")])
+def test_a_labels_file_that_cannot_be_used_is_refused(tmp_path, models, capsys, content, message):
+    from pfcam.cli import main
+
+    path = tmp_path / "labels.csv"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ExportError, match=message):
+        run_export([("a.png", encode(noise(40, 40), "PNG"))], tmp_path / "out", models, labels=path)
+    assert not (tmp_path / "out").exists()
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "cli"), "--models", "demo_r50",
+                 "--labels", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_rows_of_an_older_manifest_get_their_target(first_run, tmp_path, models):
     base, inputs, *_ = first_run
     out = tmp_path / "out"

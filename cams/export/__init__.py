@@ -5,8 +5,8 @@ plan out here: decode ahead on a loader thread, explain per batch, draw and writ
 ``ray_executor`` (carrying it out on a Ray cluster, ``engine="ray"``: the same files and manifest), ``encode``
 (the per-result job any executor calls: overlay, encoding in the chosen format, heatmap, thumbnail), ``run``
 (``run_export``: inputs -> plan -> executor -> manifests), ``inputs`` (files, folders, uploads; safe names),
-``files`` (atomic writes, records, manifests, ``ExportReport``), ``reserve`` (the manifest's room on the disk),
-``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
+``labels`` (each image's own class), ``files`` (atomic writes, records, manifests, ``ExportReport``), ``reserve``
+(the manifest's room on the disk), ``cli`` (``pfcam export``). Use the names below; the modules are the family's own.
 
 Folder layout written under ``OUT`` (every name component is sanitised: ASCII letters, digits, ``.``, ``_``
 and ``-`` only, no leading dot, length-capped; nothing is ever written outside ``OUT``)::
@@ -26,8 +26,9 @@ and ``-`` only, no leading dot, length-capped; nothing is ever written outside `
 ``<stem>`` is the input's file name without extension (for uploads, the last path component of the upload
 name), ``<hash8>`` the first 8 hex digits of the SHA-256 of the source: the absolute path of a file, or
 ``upload:<name>:<sha256 of the bytes>`` of an upload. ``<target>`` is ``top<k>`` for the k-th predicted class
-(1 = the top class) or ``class<id>`` for a class asked for by ``target`` (the same for every image), ``<class>``
-the class name (``class<id>`` without names). ``--mode center`` heatmaps cover the central crop
+(1 = the top class), ``class<id>`` for a class asked for by ``target`` (the same for every image) or ``label``
+for the image's own class (``labels``, :mod:`cams.export.labels`), ``<class>`` the class name (``class<id>``
+without names). ``--mode center`` heatmaps cover the central crop
 only: the overlay dims the rest and outlines the crop.
 
 Manifest rows: ``manifest.csv`` has exactly the columns ``MANIFEST_COLUMNS``::

@@ -76,6 +76,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="'predicted' (default: each image's top-k classes) or comma-separated class ids or "
                              "names explained for every image, e.g. 'tabby,340' (names match without regard to "
                              "case; a class a model lacks is skipped for that model)")
+    parser.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                        help="each image's own class instead: a CSV with image and label columns (bench-loc's "
+                             "boxes.csv works), image paths relative to the CSV's folder, labels as class ids or "
+                             "names; an image without a label gets no result")
     parser.add_argument("--batch-size", type=_positive, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: $PFCAM_DEVICE, else cuda if available")
@@ -168,9 +172,11 @@ def _export(args: argparse.Namespace, models: dict[str, tuple[Any, Any]], weight
             report = run_export(args.inputs, args.out, models, layers=args.layers, method=args.method,
                                 topk=args.topk, batch_size=args.batch_size, mode=args.mode, colormap=args.colormap,
                                 opacity=args.opacity, overwrite=args.overwrite, progress=progress,
-                                extra_settings={"weights": weights, "device": args.device, "engine": args.engine},
+                                extra_settings={"weights": weights, "device": args.device, "engine": args.engine,
+                                                "labels": str(args.labels) if args.labels else None},
                                 align=args.align, overlay_format=args.overlay_format, overlays=args.overlays,
-                                engine=args.engine, ray_options=ray_options(args), target=args.target)
+                                engine=args.engine, ray_options=ray_options(args), target=args.target,
+                                labels=args.labels)
         except ExportError as exc:
             log(f"error: {exc}")
             return EXIT_CANNOT_START

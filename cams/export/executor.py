@@ -54,15 +54,16 @@ def network_threads(overlays: bool = True, cores: int | None = None) -> int:
     return max(1, cores // 2 if overlays else cores - 1)
 
 
-def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, labels: list[str],
+def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, items: list[InputItem],
                   warn: Callable[[str], None]) -> engine.Explanation | None:
-    """``model``'s explanation of a preprocessed batch as the plan asks (every planned layer, top-k), or None when
-    it failed; ``warn`` is told why, naming the images (``labels``). Every engine explains through this."""
+    """``model``'s explanation of a preprocessed batch of ``items`` as the plan asks (every planned layer and
+    target), or None when it failed; ``warn`` is told why, naming the images. Every engine explains through this."""
     try:
-        return engine.explain(model.network, tensor, model.layers, plan.method, targets=model.engine_targets,
-                              align=model.align, class_names=model.class_names, batch_size=plan.batch_size)
+        return engine.explain(model.network, tensor, model.layers, plan.method,
+                              targets=model.engine_targets([item.key for item in items]), align=model.align,
+                              class_names=model.class_names, batch_size=plan.batch_size)
     except (PfnetError, ValueError, RuntimeError) as exc:
-        warn(f"{model.id}: explaining failed for {', '.join(labels)}: {exc}")
+        warn(f"{model.id}: explaining failed for {', '.join(item.label for item in items)}: {exc}")
         return None
 
 
@@ -176,7 +177,7 @@ class ExportExecutor:
         ``loaded``): index -> (explanation, the image's position in it); empty when explaining failed (a warning
         says so). The one step another engine may replace (:class:`cams.export.ray_executor.ActorExecutor`)."""
         tensor = torch.stack([self._network_input(loaded[index], batch[index][1], model) for index in need])
-        explanation = explain_batch(self.plan, model, tensor, [batch[index][0].label for index in need],
+        explanation = explain_batch(self.plan, model, tensor, [batch[index][0] for index in need],
                                     self.report.warnings.append)
         if explanation is None:
             return {}
@@ -192,6 +193,9 @@ class ExportExecutor:
             states: list[dict[str, Any]] = []
             need: list[int] = []
             for index, (item, image, _) in enumerate(batch):
+                if model.label_ids is not None and item.key not in model.label_ids:
+                    states.append({})
+                    continue  # no label this model knows: no result (run_export and the plan say so)
                 folder = loaded[index].folders.get(model.id) or ensure_dir(self.root, item.folder, model.folder)
                 state = read_state(folder / self.plan.record_name) or {}
                 states.append(state)
@@ -217,7 +221,7 @@ class ExportExecutor:
                         continue
                     rows[index].append(self._row(item, model, entry, target))
                     caption = f"{entry['class_name']}\n{entry['probability']:.1%}"
-                    if model.classes:  # a fixed class: where the model ranks it
+                    if model.chosen_classes:  # a given class: where the model ranks it
                         caption += f" · rank {entry['rank']}"
                     cells[(index, model.id, layer, target)] = (entry.pop("_thumb", None), caption,
                                                                entry.get("_status") == "computed")
@@ -238,7 +242,7 @@ class ExportExecutor:
 
     def _reused(self, model: ModelPlan, item: InputItem, image: Image.Image) -> Any:
         """The caller's explanation of this image (``reuse``), if it has one made as this run would make it."""
-        if self.reuse is None:
+        if self.reuse is None or model.label_ids is not None:
             return None
         known = self.reuse(model.id, item, image)
         fits = (known is not None and tuple(known.layers) == tuple(model.layers)
@@ -254,6 +258,8 @@ class ExportExecutor:
             loaded.source = item.content_digest()
         # Outputs of another version of this file (changed in place: same path, same folder) are stale too.
         settings = {**self.plan.record_settings(model), "source": loaded.source}
+        if model.label_ids is not None:  # another label for this image makes its earlier result stale
+            settings["label"] = model.label_ids.get(item.key)
         old_entries = state.get("entries", {}) if isinstance(state.get("entries"), dict) else {}
         folder = self.root / item.folder / model.folder
         entries: dict[str, Any] = {}
@@ -273,7 +279,7 @@ class ExportExecutor:
                     continue  # not computed (explain failed): no row
                 class_id = int(explanation.targets[position, target_index])
                 probs = explanation.probs[position]
-                rank = int((probs > probs[class_id]).sum()) + 1 if model.classes else target_index + 1
+                rank = int((probs > probs[class_id]).sum()) + 1 if model.chosen_classes else target_index + 1
                 names = model.class_names
                 class_name = names[class_id] if names and 0 <= class_id < len(names) else f"class{class_id}"
                 probability = float(probs[class_id])

@@ -40,6 +40,7 @@ class ModelPlan:
     cam_offsets: dict[str, list[float]] = field(default_factory=dict)  # the non-zero offsets explain draws with
     weights: str = ""  # pfnet.weights.state_digest of the network: outputs of other weights are stale
     classes: tuple[int, ...] = ()  # fixed target classes (ids); empty: the top-k predicted classes
+    label_ids: Mapping[str, int] | None = None  # image key -> its own class (--labels); None: not a labelled run
 
     @property
     def input_size(self) -> int:
@@ -47,14 +48,23 @@ class ModelPlan:
 
     @property
     def targets(self) -> list[str]:
-        """Each result's target, in the engine's order: "top1".."top<k>", or "class<id>" per fixed class."""
+        """Each result's target, in the engine's order: "top1".."top<k>", "class<id>" per fixed class, or "label"
+        (each image's own class)."""
+        if self.label_ids is not None:
+            return ["label"]
         if self.classes:
             return [f"class{class_id}" for class_id in self.classes]
         return [f"top{rank}" for rank in range(1, self.topk + 1)]
 
     @property
-    def engine_targets(self) -> int | list[int]:
-        """``cams.explain``'s ``targets``: the fixed class ids, else k."""
+    def chosen_classes(self) -> bool:
+        """Whether the classes are given (fixed or per image) rather than the model's top-k."""
+        return bool(self.classes) or self.label_ids is not None
+
+    def engine_targets(self, keys: Sequence[str]) -> int | list[int] | list[list[int]]:
+        """``cams.explain``'s ``targets`` for the images ``keys``: their labels, the fixed class ids, or k."""
+        if self.label_ids is not None:
+            return [[self.label_ids[key]] for key in keys]
         return list(self.classes) if self.classes else self.topk
 
 
@@ -75,6 +85,7 @@ class ExportPlan:
     overlay_format: str = DEFAULT_FORMAT  # "png" | "jpeg" | "webp" (cams.export.encode.FORMATS)
     overlays: bool = True  # False: heatmaps (.npy) and records only; no overlays, no grids
     target: tuple[str, ...] = ()  # the classes asked for, as given (ids or names); empty: the predicted top-k
+    labelled: bool = False  # each image's own class (--labels)
 
     def outputs(self, model: ModelPlan) -> list[tuple[str, str]]:
         """The (layer, target) results every image gets from ``model`` (targets: :attr:`ModelPlan.targets`)."""
@@ -132,7 +143,8 @@ class ExportPlan:
         return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
                                   "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights}
                            for m in self.models},
-                "method": self.method, "topk": self.topk, "target": list(self.target) or "predicted",
+                "method": self.method, "topk": self.topk,
+                "target": "label" if self.labelled else list(self.target) or "predicted",
                 "batch_size": self.batch_size, "mode": self.mode,
                 "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
                 "overwrite": bool(self.overwrite), "overlays": bool(self.overlays),
@@ -142,7 +154,8 @@ class ExportPlan:
 
 
 def validate_settings(method: str, topk: int, batch_size: int, mode: str, colormap: str, opacity: float,
-                      align: str, overlay_format: str = DEFAULT_FORMAT, target: Sequence[str] = ()) -> None:
+                      align: str, overlay_format: str = DEFAULT_FORMAT, target: Sequence[str] = (),
+                      labelled: bool = False) -> None:
     """Raise ``ExportError`` for a setting no export can run with."""
     if method not in METHODS:
         raise ExportError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -150,6 +163,8 @@ def validate_settings(method: str, topk: int, batch_size: int, mode: str, colorm
         raise ExportError(f"topk must be a positive integer, got {topk!r}")
     if target and topk != 1:
         raise ExportError("choose either top-k (the predicted classes) or target classes, not both")
+    if labelled and (target or topk != 1):
+        raise ExportError("labels give each image its own class: leave out top-k and target classes")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ExportError(f"batch_size must be a positive integer, got {batch_size!r}")
     if mode not in MODES:
@@ -215,8 +230,20 @@ def resolve_classes(target: Sequence[str], class_names: Sequence[str] | None, co
     return ids, problems
 
 
+def label_ids_for(labels: Mapping[str, str], class_names: Sequence[str] | None, count: int | None
+                  ) -> tuple[dict[str, int], list[str]]:
+    """Image key -> class id of each label the model has, and the labels it has not (each once)."""
+    known: dict[str, int | None] = {}
+    for label in set(labels.values()):
+        ids, _ = resolve_classes([label], class_names, count)
+        known[label] = ids[0] if ids else None
+    return ({key: known[label] for key, label in labels.items() if known[label] is not None},
+            sorted(label for label, class_id in known.items() if class_id is None))
+
+
 def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk: int,
-                warn: Callable[[str], None], align: str = "model", target: Sequence[str] = ()) -> list[ModelPlan]:
+                warn: Callable[[str], None], align: str = "model", target: Sequence[str] = (),
+                labels: Mapping[str, str] | None = None) -> list[ModelPlan]:
     """One plan per usable model (id -> (eval-mode model, zoo entry)); what is left out is said through ``warn``:
     layers a model lacks, models with none of the requested layers, a top-k beyond a model's classes, target
     classes a model does not have (a model with none of them is skipped)."""
@@ -260,6 +287,16 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
             if not fixed:
                 warn(f"{model_id}: none of the target classes exists; model skipped")
                 continue
+        label_ids: dict[str, int] | None = None
+        if labels is not None:
+            label_ids, unknown = label_ids_for(labels, class_names, classes if isinstance(classes, int) else None)
+            if unknown:
+                shown = ", ".join(repr(label) for label in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+                warn(f"{model_id}: {len(unknown)} label(s) are not among its classes ({shown}: an unknown name, an "
+                     f"id out of range or a name several classes share); their images get no result from it")
+            if not label_ids:
+                warn(f"{model_id}: none of the labels is one of its classes; model skipped")
+                continue
         folder = safe_name(model_id, 64, "model")
         if folder in folders:
             folder = f"{folder}-{short_hash(model_id)}"
@@ -267,7 +304,7 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
         offsets = {layer: list(offset) for layer, offset in zip(chosen, layer_offsets(network, chosen, align))
                    if any(offset)}
         plans.append(ModelPlan(model_id, folder, str(label), network, entry, chosen, class_names, k, align, offsets,
-                               state_digest(network), tuple(fixed)))
+                               state_digest(network), tuple(fixed), label_ids))
     return plans
 
 
@@ -275,10 +312,14 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
                 topk: int = 1, batch_size: int = 8, mode: str = "full", colormap: str = "jet", opacity: float = 0.5,
                 overwrite: bool = False, align: str = "model", cell_size: int = GRID_CELL,
                 warn: Callable[[str], None] = lambda _: None, overlay_format: str = DEFAULT_FORMAT,
-                overlays: bool = True, target: str | Sequence[str | int] | None = None) -> ExportPlan:
+                overlays: bool = True, target: str | Sequence[str | int] | None = None,
+                labels: Mapping[str, str] | None = None) -> ExportPlan:
     """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`). ``target``: None or
-    "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`)."""
+    "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`). ``labels``:
+    image key (:func:`cams.export.labels.image_key`) -> its class id or name, explained instead."""
     classes = target_list(target)
-    validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format, classes)
-    return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes)), method, topk, batch_size, mode,
-                      colormap, float(opacity), overwrite, align, cell_size, overlay_format, bool(overlays), classes)
+    validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format, classes,
+                      labels is not None)
+    return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes, labels)), method, topk,
+                      batch_size, mode, colormap, float(opacity), overwrite, align, cell_size, overlay_format,
+                      bool(overlays), classes, labels is not None)

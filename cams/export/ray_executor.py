@@ -87,7 +87,8 @@ class ActorExecutor(ExportExecutor):
             return super().explain(model, batch, need, loaded)
         # the executor's own input, kept per preprocessing: models that share one prepare the image once
         tensor = self._network_input(loaded[need[0]], batch[need[0]][1], model)
-        explanation = explain_batch(self.plan, model, torch.stack([tensor, tensor]), [batch[need[0]][0].label],
+        item = batch[need[0]][0]
+        explanation = explain_batch(self.plan, model, torch.stack([tensor, tensor]), [item, item],
                                     self.report.warnings.append)
         return {} if explanation is None else {need[0]: (explanation, 0)}
 

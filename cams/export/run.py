@@ -15,6 +15,7 @@ from cams.export.files import (LOCK_NAME, MANIFEST_COLUMNS, MANIFEST_FORMAT, TEM
                                ExportReport, check_out_dir, merge_manifest, now, os_error_text, remove_orphans,
                                versions)
 from cams.export.inputs import InputItem, UploadSource, collect_inputs, decode_input, input_records
+from cams.export.labels import label_table
 from cams.export.plan import GRID_CELL, ExportPlan, LayerChoice, plan_export
 from cams.export.reserve import ManifestRoom, manifest_room
 from cams.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -34,7 +35,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                overlays: bool = True, writers: int | None = None, engine: str = "local",
                ray_options: RayOptions | None = None,
                read_image: Callable[[InputItem], Image.Image] | None = None,
-               target: str | Sequence[str | int] | None = None) -> ExportReport:
+               target: str | Sequence[str | int] | None = None,
+               labels: str | os.PathLike | Mapping[str, str] | None = None) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -44,7 +46,9 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     skipped for that model. Images go through ``batch_size`` at a time, one ``cams.explain`` call per batch and
     model (all layers and targets at once). ``target``: None or "predicted" (each image's top-``topk`` classes), or
     class ids / names (a list, or one comma-separated string) explained for every image: a class a model lacks is
-    reported and skipped for that model. ``progress(done, total, message)`` counts image x model
+    reported and skipped for that model. ``labels``: each image's own class instead (a labels file, see
+    :mod:`cams.export.labels`, or image path -> class id or name); an image without one gets no result, and a
+    label a model lacks is reported. ``progress(done, total, message)`` counts image x model
     steps, once per image. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
     ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
@@ -67,15 +71,24 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         raise ExportError("reuse and read_image are for the local engine (the app); --engine ray reads and explains "
                           "every image itself")
     warnings: list[str] = []
+    table = None
+    if labels is not None:
+        table, problems = label_table(labels)
+        warnings.extend(problems)
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
                        cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays,
-                       target=target)
+                       target=target, labels=table)
     started = now()
     root = check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root, warnings=warnings)
     report.orphans = remove_orphans(root)
     items, scan_skipped = collect_inputs(sources, exclude=root)
     report.skipped.extend(scan_skipped)
+    if table is not None:
+        unlabelled = [item.label for item in items if item.key not in table]
+        if unlabelled:
+            shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+            report.warnings.append(f"{len(unlabelled)} image(s) have no label ({shown}); no result for them")
     if not models:
         report.warnings.append("no model to run")
     per_image = max(1, len(plan.models))
