@@ -438,6 +438,7 @@ def test_labels_give_each_image_its_own_class(tmp_path, models, monkeypatch):
     warnings = "\n".join(report.warnings)
     assert "line 7: no label" in warnings and "1 label(s) are not among its classes ('cat'" in warnings
     assert "1 image(s) have no label" in warnings and "d.png" in warnings
+    assert sorted(path.name.split("-")[0] for path in out.iterdir() if path.is_dir()) == ["a", "b"]  # no empty ones
     network = models["tiny"][0]
     tensors = torch.stack([prepare(load_image(folder / name), FakeEntry().preprocess, "full").tensor
                            for name in ("a.png", "sub/b.png")])

@@ -157,6 +157,8 @@ class ExportExecutor:
             return exc
         loaded = Loaded()
         for model in self.plan.models:
+            if model.label_ids is not None and item.key not in model.label_ids:
+                continue  # no result from this model: no folder either
             loaded.folders[model.id] = ensure_dir(self.root, item.folder, model.folder)
             preprocess = model.entry.preprocess
             if preprocess not in loaded.tensors:

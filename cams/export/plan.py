@@ -246,7 +246,7 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
                 labels: Mapping[str, str] | None = None) -> list[ModelPlan]:
     """One plan per usable model (id -> (eval-mode model, zoo entry)); what is left out is said through ``warn``:
     layers a model lacks, models with none of the requested layers, a top-k beyond a model's classes, target
-    classes a model does not have (a model with none of them is skipped)."""
+    classes or labels a model does not have (a model with none of them is skipped)."""
     plans: list[ModelPlan] = []
     folders: set[str] = set()
     for model_id, pair in models.items():
