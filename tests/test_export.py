@@ -467,12 +467,15 @@ def test_labels_give_each_image_its_own_class(tmp_path, models, monkeypatch):
 @pytest.mark.parametrize("content, message", [
     (None, "No such file"), (b"image,class\na.png,1\n", "'image' and 'label' columns"),
     (b"image,label\n\xff\xfe,1\n", "not UTF-8"), (b"image,label\n", "gives no image a label"),
+    ("fifo", "not a regular file"), (b"image,label\n\"" + b"x" * 200_000 + b"\",1\n", "line"),
     (b"image,label\n" + b"x" * (64 * 2**20), "larger than 64 MB")])
 def test_a_labels_file_that_cannot_be_used_is_refused(tmp_path, models, capsys, content, message):
     from pfcam.cli import main
 
     path = tmp_path / "labels.csv"
-    if content is not None:
+    if content == "fifo":
+        os.mkfifo(path)  # reading it would block: refused before opening
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(ExportError, match=message):
         run_export([("a.png", encode(noise(40, 40), "PNG"))], tmp_path / "out", models, labels=path)

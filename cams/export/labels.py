@@ -24,6 +24,8 @@ def read_labels(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
     """(image key -> label, problems with rows). An image with several rows keeps its first label. Raises
     ``ExportError`` for a file that cannot be used at all."""
     source = Path(path)
+    if source.exists() and not source.is_file():  # a folder, a FIFO or a device: never read
+        raise ExportError(f"labels file {source} is not a regular file")
     try:
         with open(source, "rb") as handle:
             data = handle.read(MAX_LABELS_BYTES + 1)
@@ -50,7 +52,11 @@ def read_labels(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
             if not image or not label:
                 problems.append(f"line {reader.line_num}: no {'image' if not image else 'label'}")
                 continue
-            key = image_key(folder / image)
+            try:
+                key = image_key(folder / image)
+            except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+                problems.append(f"line {reader.line_num}: {image} cannot be resolved")
+                continue
             earlier = labels.setdefault(key, label)
             if earlier.lower() != label.lower():
                 problems.append(f"line {reader.line_num}: {image} has several labels; the first ({earlier}) is used")
