@@ -3,6 +3,8 @@
 for many targets, and each method's weighting (the maths of pytorch-grad-cam 1.5.x, done in torch)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 import torch
@@ -96,6 +98,32 @@ def target_plan(targets, class_names, num_classes: int | None) -> TargetPlan:
         if bad:
             raise TargetError(f"class ids {bad} are out of range for {num_classes} classes")
     return None, ids
+
+
+def resolve_classes(target: Sequence[str], class_names: Sequence[str] | None, count: int | None
+                    ) -> tuple[list[int], list[str]]:
+    """A model's class ids for ``target`` (ids as digits, or names matched without regard to case), each once, and
+    why the others cannot be used (unknown, out of range, a name several classes share). Never raises."""
+    ids: list[int] = []
+    problems: list[str] = []
+    lowered = [name.lower() for name in class_names or ()]
+    for item in target:
+        if item.isdigit():
+            class_id = int(item)
+            if count is not None and class_id >= count:
+                problems.append(f"class id {class_id} is out of range (it has {count} classes)")
+                continue
+        else:
+            matches = [index for index, name in enumerate(lowered) if name == item.lower()]
+            if len(matches) != 1:
+                problems.append(f"has no class named {item!r}" if not matches else
+                                f"{len(matches)} classes are named {item!r} (ids {', '.join(map(str, matches))}); "
+                                "give the id")
+                continue
+            class_id = matches[0]
+        if class_id not in ids:
+            ids.append(class_id)
+    return ids, problems
 
 
 def check_inputs(model: nn.Module, images, batch_size, targets, class_names) -> TargetPlan:

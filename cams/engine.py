@@ -42,7 +42,7 @@ from torch import nn
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
 from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetError, check_inputs,  # noqa: F401
                             eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients, model_input,
-                            target_count, target_plan)
+                            resolve_classes, target_count, target_plan)
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
 
 METHODS: dict[str, str] = {

@@ -32,6 +32,7 @@ class Target:
     source: Source
     boxes: list[tuple[float, float, float, float]]
     mask: np.ndarray | None = None
+    label: str | None = None  # its ground-truth class (a scene's, or the boxes CSV's label column)
 
 
 @dataclass
@@ -48,50 +49,73 @@ class ModelRun:
         return self.next >= self.planned
 
 
-def parse_boxes(data: bytes) -> tuple[dict[str, list[tuple[float, float, float, float]]], list[str]]:
-    """An uploaded boxes CSV (``image,x0,y0,x1,y1[,label]``, original-image pixels) -> boxes by image name, and
-    the problems met (hostile input: never raises)."""
+def parse_boxes(data: bytes) -> tuple[dict[str, list[tuple[float, float, float, float]]], dict[str, str], list[str]]:
+    """An uploaded boxes CSV (``image,x0,y0,x1,y1[,label]``, original-image pixels) -> boxes by image name, the
+    first label given for each image, and the problems met (hostile input: never raises)."""
     from cams.bench_loc.data import parse_boxes_csv
 
     if len(data) > BOXES_LIMIT_BYTES:
-        return {}, [f"the boxes file is {len(data) / 2**20:.1f} MB; the limit is {BOXES_LIMIT_BYTES >> 20} MB"]
+        return {}, {}, [f"the boxes file is {len(data) / 2**20:.1f} MB; the limit is {BOXES_LIMIT_BYTES >> 20} MB"]
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        return {}, ["the boxes file is not UTF-8 text (expected a CSV: image,x0,y0,x1,y1[,label])"]
+        return {}, {}, ["the boxes file is not UTF-8 text (expected a CSV: image,x0,y0,x1,y1[,label])"]
     if "\0" in text:
-        return {}, ["the boxes file is binary, not a CSV (expected image,x0,y0,x1,y1[,label])"]
+        return {}, {}, ["the boxes file is binary, not a CSV (expected image,x0,y0,x1,y1[,label])"]
     problems: list[str] = []
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    for _, name, box, _ in parse_boxes_csv(text, "boxes CSV", problems):
+    labels: dict[str, str] = {}
+    for _, name, box, label in parse_boxes_csv(text, "boxes CSV", problems):
         boxes.setdefault(name, []).append(box)
+        if label and label.strip():
+            labels.setdefault(name, label.strip())
     if not boxes and not problems:
         problems.append("the boxes file has no rows (expected image,x0,y0,x1,y1[,label])")
-    return boxes, problems
+    return boxes, labels, problems
 
 
-def measurable(sources: list[Source], csv_boxes: dict[str, list]) -> list[Target]:
-    """The chosen images with ground truth: demo scenes (box and mask), and images named in the boxes CSV."""
+def measurable(sources: list[Source], csv_boxes: dict[str, list], csv_labels: dict[str, str] | None = None
+               ) -> list[Target]:
+    """The chosen images with ground truth: demo scenes (box, mask and class), and images named in the boxes CSV
+    (with the class its label column gives)."""
     targets = []
     for source in sources:
         if source.refused:
             continue
         if source.box is not None:
-            targets.append(Target(source, [tuple(float(v) for v in source.box)], source.mask))
+            targets.append(Target(source, [tuple(float(v) for v in source.box)], source.mask, source.label))
         elif source.name in csv_boxes:
-            targets.append(Target(source, list(csv_boxes[source.name])))
+            targets.append(Target(source, list(csv_boxes[source.name]), label=(csv_labels or {}).get(source.name)))
     return targets
 
 
-def signature(targets: list[Target], settings: Settings) -> tuple:
+def signature(targets: list[Target], settings: Settings, truth: bool = False) -> tuple:
     """What a measurement depends on: a new one starts when any of it changes."""
-    return (tuple((t.source.digest, tuple(t.boxes)) for t in targets),
-            tuple((slot.id, slot.key) for slot in settings.ready), settings.method, settings.target, settings.mode,
-            settings.align)
+    return (tuple((t.source.digest, tuple(t.boxes), t.label) for t in targets),
+            tuple((slot.id, slot.key) for slot in settings.ready), settings.method,
+            "truth" if truth else settings.target, settings.mode, settings.align)
 
 
-def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Settings, progress: Any) -> None:
-    """The next batch of images through one model: one explain call for every block, then scored."""
+def truth_targets(batch: list[Target], class_names: list[str], skipped: list[str]) -> list[list[int]]:
+    """Per image, its ground-truth class among ``class_names`` (-1: its top class, when it has no label the model
+    knows; ``skipped`` says so)."""
+    from cams.engine import resolve_classes
+
+    rows = []
+    for target in batch:
+        ids, _ = resolve_classes([target.label], class_names, len(class_names)) if target.label else ([], [])
+        note = (f"{target.source.name}: {repr(target.label) if target.label else 'no label'} is not one of the "
+                "model's classes; its top class was explained")
+        if not ids and note not in skipped:  # a stopped batch is redone: said once
+            skipped.append(note)
+        rows.append([ids[0] if ids else -1])
+    return rows
+
+
+def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Settings, progress: Any,
+                  truth: bool = False) -> None:
+    """The next batch of images through one model: one explain call for every block, then scored. ``truth``:
+    each image's ground-truth class instead of the page's target."""
     import torch
 
     from cams.depth import heatmap_region
@@ -110,9 +134,13 @@ def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Se
         run.next += len(chunk)
         return
     prepared = [prepare(image, slot.entry.preprocess, settings.mode) for image in images]
-    top = ("top", 1) if settings.target[0] == "top" else settings.target  # the first target only
+    names = list(slot.entry.class_names())
+    if truth:
+        explained = truth_targets(batch, names, run.skipped)
+    else:
+        explained = engine_targets(("top", 1) if settings.target[0] == "top" else settings.target)  # the first only
     result = explain(slot.model, torch.stack([p.tensor for p in prepared]), run.scores.layers,
-                     method=settings.method, targets=engine_targets(top), class_names=slot.entry.class_names(),
+                     method=settings.method, targets=explained, class_names=names,
                      batch_size=SCORECAM_BATCH, align=settings.align, progress=progress)
     heatmaps = result.heatmaps.detach().cpu().numpy()  # [N, 1, L, H, W]
     regions = [heatmap_region(target.boxes, target.mask, ready.crop_box, image.size, heatmaps.shape[-2:])
@@ -140,18 +168,20 @@ def measure_panel(sources: list[Source], settings: Settings) -> None:
                      icon=":material/monitoring:"):
         st.caption("Every block of each loaded model, scored against the ground-truth boxes of the chosen images "
                    "(demo scenes have theirs; for your own images upload a boxes CSV "
-                   "`image,x0,y0,x1,y1[,label]` in original-image pixels). The page's method and target; "
+                   "`image,x0,y0,x1,y1[,label]` in original-image pixels). The page's method, and its target "
+                   "or each image's ground-truth class; "
                    f"at most {MEASURE_CELLS} image × block heatmaps per model.")
         upload = st.file_uploader("Boxes CSV for your uploaded images", type=["csv"], key="measure_boxes",
                                   max_upload_size=1)
         csv_boxes: dict[str, list] = {}
+        csv_labels: dict[str, str] = {}
         if upload is not None:
-            csv_boxes, problems = parse_boxes(upload.getvalue())
+            csv_boxes, csv_labels, problems = parse_boxes(upload.getvalue())
             for problem in problems[:10]:
                 st.warning(f"Boxes CSV: {plain(problem)}", icon=":material/warning:")
             if len(problems) > 10:
                 st.caption(f"… and {len(problems) - 10} more problems in the boxes CSV.")
-        targets = measurable(sources, csv_boxes)
+        targets = measurable(sources, csv_boxes, csv_labels)
         if not targets:
             st.info("None of the chosen images has boxes: pick demo scenes, or upload a boxes CSV naming your "
                     "uploaded images.", icon=":material/crop_free:")
@@ -159,7 +189,12 @@ def measure_panel(sources: list[Source], settings: Settings) -> None:
         if not settings.ready:
             st.info("Load a model in the sidebar to measure.", icon=":material/arrow_back:")
             return
-        sig = signature(targets, settings)
+        truth = any(target.label for target in targets) and st.toggle(
+            "Explain each image's ground-truth class", key="measure_truth",
+            help="The class of the scene, or the label column of the boxes CSV, instead of the page's target (the "
+                 "protocol of MaxBoxAccV2). An image whose label is not one of a model's classes is explained at "
+                 "its top class, and the notes under the table say so.")
+        sig = signature(targets, settings, truth)
         held = st.session_state.get(RESULTS_KEY)
         runs: dict[str, ModelRun] = held[1] if held and held[0] == sig else {}
         st.session_state[RESULTS_KEY] = (sig, runs)  # one measurement per session: older ones are dropped
@@ -175,13 +210,13 @@ def measure_panel(sources: list[Source], settings: Settings) -> None:
             holder = st.empty()
             holder.button("Stop measuring", key="measure_stop", on_click=_stop, args=(sig,),
                           icon=":material/stop_circle:", help="Ends at the next progress step; finished images stay.")
-            _measure(targets, settings, runs)
+            _measure(targets, settings, runs, truth)
             holder.empty()
         if runs:
             _show(runs, settings)
 
 
-def _measure(targets: list[Target], settings: Settings, runs: dict[str, ModelRun]) -> None:
+def _measure(targets: list[Target], settings: Settings, runs: dict[str, ModelRun], truth: bool = False) -> None:
     from cams.depth import DepthScores
     from cams.layers import block_layers
 
@@ -204,7 +239,7 @@ def _measure(targets: list[Target], settings: Settings, runs: dict[str, ModelRun
                     bar.progress(min(1.0, done / total) if total else 0.0, text=f"{what}: {done} / {total}")
 
                 progress(0, 1)
-                measure_batch(slot, run, targets, settings, progress)
+                measure_batch(slot, run, targets, settings, progress, truth)
     bar.empty()
 
 

@@ -34,7 +34,7 @@ def chart_series(at) -> dict[str, list[float]]:
     return series
 
 
-def expected_last_block(model_id: str, image, box) -> tuple[float, float]:
+def expected_last_block(model_id: str, image, box, targets=None) -> tuple[float, float]:
     """Pointing game and energy in box at a model's last block, computed here from cams directly."""
     from cams import metrics
     from cams.engine import explain
@@ -45,7 +45,7 @@ def expected_last_block(model_id: str, image, box) -> tuple[float, float]:
     model = weights.load(model_id, device="cpu")
     prepared = prepare(image, zoo.get(model_id).preprocess, "full")
     layer = block_layers(model)[-1]
-    heatmap = explain(model, prepared.tensor.unsqueeze(0), [layer]).heatmaps[0, 0, 0].numpy()
+    heatmap = explain(model, prepared.tensor.unsqueeze(0), [layer], targets=targets).heatmaps[0, 0, 0].numpy()
     mapped = metrics.map_box(box, prepared.crop_box, heatmap.shape[::-1])
     return float(metrics.pointing_game(heatmap, box=mapped)), metrics.energy_in_box(heatmap, box=mapped)
 
@@ -110,6 +110,41 @@ def test_a_users_image_with_a_boxes_csv_is_measured_as_computed_directly(blank):
         assert last["Pointing game"] == hit and last["Energy in box"] == pytest.approx(energy, abs=1e-5)
 
 
+def test_the_ground_truth_class_is_measured_when_asked(blank):
+    import io
+
+    from PIL import Image
+
+    from pfdemo import scenes
+    from pfnet import zoo
+
+    size = zoo.get("demo_r50").preprocess.input_size
+    mine, yours = (scenes.render_scene(31337, index, size) for index in (6, 7))  # what scene_png(6 / 7) draw
+    other = (mine.label + 3) % len(scenes.CLASS_NAMES)  # a label that is not the scene's: its CAM differs
+    upload(blank, [("mine.png", scene_png(6)), ("yours.png", scene_png(7))])
+    rows = ["image,x0,y0,x1,y1,label",
+            f"mine.png,{','.join(str(int(v)) for v in mine.box)},{scenes.CLASS_NAMES[other].upper()}",
+            f"yours.png,{','.join(str(int(v)) for v in yours.box)},no such shape"]
+    blank.file_uploader(key="measure_boxes").set_value([("boxes.csv", "\n".join(rows).encode(), "text/csv")])
+    blank.run()
+    blank.toggle(key="measure_truth").set_value(True)
+    blank.run()
+    blank.button(key="measure_start").click()
+    blank.run()
+    table = measured(blank)
+    notes = " ".join(c.value for c in blank.caption)
+    assert "yours.png: 'no such shape' is not one of the model's classes; its top class was explained" in notes
+    images = [Image.open(io.BytesIO(scene_png(index))).convert("RGB") for index in (6, 7)]
+    for model_id in DEMO:
+        last = table[table["model"] == zoo.get(model_id).name].iloc[-1]
+        assert last["n"] == 2
+        labelled = expected_last_block(model_id, images[0], mine.box, targets=[other])
+        top = expected_last_block(model_id, images[1], yours.box)  # no usable label: its top class
+        assert last["Energy in box"] == pytest.approx((labelled[1] + top[1]) / 2, abs=1e-5)
+        predicted = expected_last_block(model_id, images[0], mine.box)
+        assert abs(predicted[1] - labelled[1]) > 1e-3  # the label, not the prediction, was explained
+
+
 @pytest.mark.parametrize("data, message", [
     (b"PK\x03\x04\0\0image,x0", "binary, not a CSV"),
     (b"name,left,top\nmine.png,1,2\n", "missing column(s) image, x0, y0, x1, y1"),
@@ -131,10 +166,10 @@ def test_a_malformed_boxes_csv_gets_a_clear_message(blank, data, message):
 def test_parse_boxes_bounds_and_merges_rows():
     from pfcam_app.measure import BOXES_LIMIT_BYTES, parse_boxes
 
-    boxes, problems = parse_boxes(b"image,x0,y0,x1,y1\na.png,0,0,4,4\na.png,1,1,2,2\n,1,1,2,2\n")
+    boxes, labels, problems = parse_boxes(b"image,x0,y0,x1,y1\na.png,0,0,4,4\na.png,1,1,2,2\n,1,1,2,2\n")
     assert boxes == {"a.png": [(0.0, 0.0, 4.0, 4.0), (1.0, 1.0, 2.0, 2.0)]}
     assert problems == ["boxes CSV line 4: no image name; skipped"]
-    boxes, problems = parse_boxes(b"x" * (BOXES_LIMIT_BYTES + 1))
+    boxes, labels, problems = parse_boxes(b"x" * (BOXES_LIMIT_BYTES + 1))
     assert boxes == {} and "the limit is 1 MB" in problems[0]
 
 

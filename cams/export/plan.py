@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
-from cams.engine import METHODS
+from cams.engine import METHODS, resolve_classes
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
@@ -202,32 +202,6 @@ def target_list(target: str | int | Sequence[str | int] | None) -> tuple[str, ..
     for item in items:
         unique.setdefault(item.lower(), item)
     return tuple(unique.values())
-
-
-def resolve_classes(target: Sequence[str], class_names: Sequence[str] | None, count: int | None
-                    ) -> tuple[list[int], list[str]]:
-    """A model's class ids for ``target`` (ids as digits, or names matched without regard to case), and why the
-    others cannot be used (unknown, out of range, a name several classes share)."""
-    ids: list[int] = []
-    problems: list[str] = []
-    lowered = [name.lower() for name in class_names or ()]
-    for item in target:
-        if item.isdigit():
-            class_id = int(item)
-            if count is not None and class_id >= count:
-                problems.append(f"class id {class_id} is out of range (it has {count} classes)")
-                continue
-        else:
-            matches = [index for index, name in enumerate(lowered) if name == item.lower()]
-            if len(matches) != 1:
-                problems.append(f"has no class named {item!r}" if not matches else
-                                f"{len(matches)} classes are named {item!r} (ids {', '.join(map(str, matches))}); "
-                                "give the id")
-                continue
-            class_id = matches[0]
-        if class_id not in ids:
-            ids.append(class_id)
-    return ids, problems
 
 
 def label_ids_for(labels: Mapping[str, str], class_names: Sequence[str] | None, count: int | None
