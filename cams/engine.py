@@ -295,7 +295,8 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     ``layers``: names from :func:`cams.layers.available_layers`. ``targets``: None (each image's top-1 class),
     an int k (each image's top-k), a list of class ids / names (names need ``class_names``), the same for
     every image, or class ids per image: a 2-D int tensor / array or a list of equal-length lists [N, T] (-1 in a
-    row: that image's top class; e.g. each image's ground-truth label). ``batch_size``: images per forward pass, and masked inputs per forward pass for Score-CAM.
+    row: that image's top class; e.g. each image's ground-truth label). ``batch_size``: images per forward pass,
+    and masked inputs per forward pass for Score-CAM.
     ``align``: where each layer's cells are drawn (:mod:`cams.align`): "model" (the default) uses the offsets
     recorded for the model (``model.cam_offsets``, set by ``pfnet.load``; none for most models), "none" the
     plain resize, or a mapping layer -> (dy, dx) in input pixels.

@@ -2,7 +2,8 @@
 Eigen-CAM and CAM from the same activations (bench-loc explains four methods of each batch this way).
 
 Each method's heatmaps equal what ``cams.explain`` gives for it alone (the same forward, gradients and maths,
-:mod:`cams.cam_maths`), within float32 rounding (Grad-CAM++ amplifies it most: up to 3.5e-5 seen); Score-CAM, which needs forwards of its own, is passed on to ``cams.explain``.
+:mod:`cams.cam_maths`), within float32 rounding (Grad-CAM++ amplifies it most: up to 3.5e-5 seen); Score-CAM,
+which needs forwards of its own, is passed on to ``cams.explain``.
 """
 from __future__ import annotations
 

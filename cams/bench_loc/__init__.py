@@ -42,11 +42,11 @@ box" always uses the box(es); box accuracy compares boxes.
 What is explained: by default each image's top-1 class (``cams.explain(targets=None)``), as in the CAM
 "top-1 localization" protocol, so a misclassified image is scored on the CAM of the wrong class; with
 ``--target label`` the ground-truth class (Zhang et al.'s cued pointing game; each image's label is its
-target in the engine's one gradient call, so any head, ImageNet's 1,000 classes too). Deletion/insertion follow the probability of the
-explained class. One ``explain`` call per batch per method covers all layers. Deletion/insertion are costly and
-run on the first ``--faith-n`` test images only; the table caption says so. Each test batch goes through every
-method and the reference heatmaps, then one deletion/insertion pass scores all of them (the intact image and the
-baseline run once per image), through a copy of the model with BatchNorm folded into the convolutions
+target in the engine's one gradient call, so any head, ImageNet's 1,000 classes too). Deletion/insertion follow
+the probability of the explained class. One ``explain`` call per batch per method covers all layers.
+Deletion/insertion are costly and run on the first ``--faith-n`` test images only; the table caption says so.
+Each test batch goes through every method and the reference heatmaps, then one deletion/insertion pass scores
+all of them (the intact image and the baseline run once per image), through a copy of the model with BatchNorm folded into the convolutions
 (``inference_copy``; logits equal to ~1e-6, checked on the batch before it is used).
 """
 from cams.bench_loc.bench import (DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N, DEFAULT_VAL_N,

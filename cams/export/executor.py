@@ -157,7 +157,7 @@ class ExportExecutor:
             return exc
         loaded = Loaded()
         for model in self.plan.models:
-            if model.label_ids is not None and item.key not in model.label_ids:
+            if not model.explains(item.key):
                 continue  # no result from this model: no folder either
             loaded.folders[model.id] = ensure_dir(self.root, item.folder, model.folder)
             preprocess = model.entry.preprocess
@@ -192,23 +192,23 @@ class ExportExecutor:
         cells: dict[tuple[int, str, str, str], tuple[Image.Image | None, str, bool]] = {}
         rows: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(batch))}
         for model in self.plan.models:
-            states: list[dict[str, Any]] = []
+            # images without a label this model knows get nothing from it (run_export and the plan say so)
+            mine = [index for index, (item, _, _) in enumerate(batch) if model.explains(item.key)]
+            states: dict[int, dict[str, Any]] = {}
             need: list[int] = []
-            for index, (item, image, _) in enumerate(batch):
-                if model.label_ids is not None and item.key not in model.label_ids:
-                    states.append({})
-                    continue  # no label this model knows: no result (run_export and the plan say so)
+            for index in mine:
+                item = batch[index][0]
                 folder = loaded[index].folders.get(model.id) or ensure_dir(self.root, item.folder, model.folder)
-                state = read_state(folder / self.plan.record_name) or {}
-                states.append(state)
-                if self.plan.needs(self.root, state, model):
+                states[index] = read_state(folder / self.plan.record_name) or {}
+                if self.plan.needs(self.root, states[index], model):
                     need.append(index)
             found = {index: (known, 0) for index in need
                      if (known := self._reused(model, *batch[index][:2])) is not None}
             need = [index for index in need if index not in found]
             if need:
                 found.update(self.explain(model, batch, need, loaded))
-            for index, (item, image, info) in enumerate(batch):
+            for index in mine:
+                item, image, _ = batch[index]
                 explanation, position = found.get(index, (None, None))
                 if position is not None and not (explanation.probs[position].isfinite().all()
                                                  and explanation.heatmaps[position].isfinite().all()):
@@ -261,7 +261,7 @@ class ExportExecutor:
         # Outputs of another version of this file (changed in place: same path, same folder) are stale too.
         settings = {**self.plan.record_settings(model), "source": loaded.source}
         if model.label_ids is not None:  # another label for this image makes its earlier result stale
-            settings["label"] = model.label_ids.get(item.key)
+            settings["label"] = model.label_ids[item.key]
         old_entries = state.get("entries", {}) if isinstance(state.get("entries"), dict) else {}
         folder = self.root / item.folder / model.folder
         entries: dict[str, Any] = {}
@@ -309,8 +309,8 @@ class ExportExecutor:
                                     and earlier_file.parent == folder.resolve()):
                                 earlier_file.unlink()
                 entries[key] = {"layer": layer, "target": target, "rank": rank, "class_id": class_id,
-                                "class_name": class_name, "probability": probability, "overlay": self.rel(png) if png else None,
-                                "heatmap": self.rel(npy),
+                                "class_name": class_name, "probability": probability,
+                                "overlay": self.rel(png) if png else None, "heatmap": self.rel(npy),
                                 "crop_box": [round(float(v), 4) for v in box], "input_size": model.input_size,
                                 "settings": settings, "_status": "computed", "_thumb": thumb}
                 changed = True
@@ -329,7 +329,8 @@ class ExportExecutor:
     def _row(self, item: InputItem, model: ModelPlan, entry: Mapping[str, Any], target: str) -> dict[str, Any]:
         return {"image": item.label, "image_dir": item.folder, "model": model.id, "layer": entry["layer"],
                 "method": self.plan.method, "target": target, "rank": int(entry["rank"]),
-                "class_id": int(entry["class_id"]), "class_name": str(entry["class_name"]), "probability": round(float(entry["probability"]), 6),
+                "class_id": int(entry["class_id"]), "class_name": str(entry["class_name"]),
+                "probability": round(float(entry["probability"]), 6),
                 "overlay": entry.get("overlay") or "", "heatmap": entry["heatmap"], "grid": "",
                 "status": entry.get("_status", "existing"),
                 "crop_box": entry.get("crop_box"), "input_size": entry.get("input_size")}

@@ -61,6 +61,10 @@ class ModelPlan:
         """Whether the classes are given (fixed or per image) rather than the model's top-k."""
         return bool(self.classes) or self.label_ids is not None
 
+    def explains(self, key: str) -> bool:
+        """Whether the image ``key`` gets results from this model (in a labelled run: a label it knows)."""
+        return self.label_ids is None or key in self.label_ids
+
     def engine_targets(self, keys: Sequence[str]) -> int | list[int] | list[list[int]]:
         """``cams.explain``'s ``targets`` for the images ``keys``: their labels, the fixed class ids, or k."""
         if self.label_ids is not None:
