@@ -46,8 +46,8 @@ target in the engine's one gradient call, so any head, ImageNet's 1,000 classes 
 the probability of the explained class. One ``explain`` call per batch per method covers all layers.
 Deletion/insertion are costly and run on the first ``--faith-n`` test images only; the table caption says so.
 Each test batch goes through every method and the reference heatmaps, then one deletion/insertion pass scores
-all of them (the intact image and the baseline run once per image), through a copy of the model with BatchNorm folded into the convolutions
-(``inference_copy``; logits equal to ~1e-6, checked on the batch before it is used).
+all of them (the intact image and the baseline run once per image), through a copy of the model with BatchNorm
+folded into the convolutions (``inference_copy``; logits equal to ~1e-6, checked on the batch before it is used).
 """
 from cams.bench_loc.bench import (DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N, DEFAULT_VAL_N,
                                   BenchResult, NothingEvaluated, run_bench)
