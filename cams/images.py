@@ -40,7 +40,7 @@ BACKGROUND = (255, 255, 255)
 _BAND_SAMPLES = 1 << 22  # samples converted at a time from 16-bit and float images (16 MB of float32)
 
 __all__ = ["ImageError", "IMAGE_EXTENSIONS", "ALLOWED_FORMATS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS",
-           "has_image_extension", "load_image"]
+           "has_image_extension", "load_image", "path_problem", "printable"]
 
 
 class ImageError(PfnetError):
@@ -50,6 +50,26 @@ class ImageError(PfnetError):
         super().__init__(f"{name}: {reason}")
         self.name = name
         self.reason = reason
+
+
+def path_problem(text: str) -> str | None:
+    """Why ``text`` (a path read from a user's file or an upload's name) cannot name a file here, or None: a NUL
+    byte, or characters the file system's encoding cannot hold (lone surrogates). Callers report it as a row
+    problem; ``Path`` and ``os`` would raise ``ValueError`` / ``UnicodeEncodeError`` on it."""
+    if "\0" in text:
+        return "holds a NUL byte, which no path can hold"
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        return "holds characters a path cannot hold here"
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` safe for messages, JSON and CSV: undecodable bytes replaced, control characters (NUL included)
+    shown as ``\\xNN``."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def has_image_extension(path: str | os.PathLike) -> bool:

@@ -144,11 +144,21 @@ def read_boxes_csv(folder: Path, problems: list[str]) -> dict[Path, Annotation]:
     except (OSError, ValueError, UnicodeDecodeError) as error:
         problems.append(f"{path}: cannot read ({error}); CSV ignored")
         return out
+    from cams.images import path_problem, printable
+
     root = folder.resolve()
     for where, name, box, label in parse_boxes_csv(text, path.name, problems):
-        image_path = (folder / name).resolve()
+        reason = path_problem(name)
+        if reason is not None:  # a NUL byte: Path.resolve would raise ValueError
+            problems.append(f"{where}: image '{printable(name)}' {reason}; skipped")
+            continue
+        try:
+            image_path = (folder / name).resolve()
+        except (OSError, RuntimeError, ValueError) as error:  # too long a name, a link loop
+            problems.append(f"{where}: image '{printable(name)}' cannot be resolved ({error}); skipped")
+            continue
         if root not in image_path.parents:
-            problems.append(f"{where}: image {name!r} is outside {folder}; skipped")
+            problems.append(f"{where}: image '{printable(name)}' is outside {folder}; skipped")
             continue
         entry = out.setdefault(image_path, Annotation(image_path, [], (), f"{CSV_NAME}"))
         entry.boxes.append(box)

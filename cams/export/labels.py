@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cams.export.files import ExportError
+from cams.images import path_problem, printable
 
 MAX_LABELS_BYTES = 64 * 2**20  # ImageNet val's 50,000 rows take ~3 MB
 MAX_PROBLEMS = 20
@@ -52,14 +53,19 @@ def read_labels(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
             if not image or not label:
                 problems.append(f"line {reader.line_num}: no {'image' if not image else 'label'}")
                 continue
+            reason = path_problem(image)
+            if reason is not None:  # a NUL byte: Path.resolve would raise ValueError
+                problems.append(f"line {reader.line_num}: image '{printable(image)}' {reason}; row skipped")
+                continue
             try:
                 key = image_key(folder / image)
-            except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
-                problems.append(f"line {reader.line_num}: {image} cannot be resolved")
+            except (OSError, RuntimeError, ValueError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+                problems.append(f"line {reader.line_num}: {printable(image)} cannot be resolved")
                 continue
             earlier = labels.setdefault(key, label)
             if earlier.lower() != label.lower():
-                problems.append(f"line {reader.line_num}: {image} has several labels; the first ({earlier}) is used")
+                problems.append(f"line {reader.line_num}: {printable(image)} has several labels; the first "
+                                f"({printable(earlier)}) is used")
     except csv.Error as exc:
         raise ExportError(f"labels file {source}, line {reader.line_num}: {exc}") from None
     if not labels:
@@ -72,5 +78,13 @@ def read_labels(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
 def label_table(labels: str | os.PathLike | Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """``run_export``'s ``labels`` (a labels file, or image path -> label) as (image key -> label, problems)."""
     if isinstance(labels, Mapping):
-        return {image_key(image): str(label).strip() for image, label in labels.items()}, []
+        table: dict[str, str] = {}
+        problems: list[str] = []
+        for image, label in labels.items():
+            reason = path_problem(os.fspath(image))
+            if reason is not None:
+                problems.append(f"labels: image '{printable(os.fspath(image))}' {reason}; skipped")
+                continue
+            table[image_key(image)] = str(label).strip()
+        return table, problems
     return read_labels(labels)
