@@ -33,8 +33,18 @@ CLASS_CHARS = 40
 MAX_PENDING_WRITES = 64  # queued PNG/npy writes before the explaining side waits
 
 
-def write_record(path: Path, record: Mapping[str, Any]) -> None:
-    """One image and model's result record (:data:`STATE_FORMAT`), read back by re-runs."""
+def write_record(path: Path, record: Mapping[str, Any], files: Mapping[str, Future] | None = None) -> None:
+    """One image and model's result record (:data:`STATE_FORMAT`), read back by re-runs. ``files``: entry key ->
+    the writer job of that entry's files; the record is written after them, and an entry whose files failed
+    (a full disk) is left out, so a record never names a file that was not written."""
+    if files:
+        entries = dict(record.get("entries", {}))
+        for key, job in files.items():
+            if job.exception() is not None:  # waits for the job; its failure is reported by finish()
+                entries.pop(key, None)
+        if not entries:
+            return
+        record = {**record, "entries": entries}
     write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
 
 
@@ -322,7 +332,9 @@ class ExportExecutor:
                       "entries": {key: {k: v for k, v in value.items() if not k.startswith("_")}
                                   for key, value in {**kept_extra, **entries}.items()}}
             path = folder / self.plan.record_name
-            self.submit(write_record, path, record)  # encoded and written beside the network, like the rest
+            jobs = {key: value["_thumb"] for key, value in entries.items() if isinstance(value.get("_thumb"), Future)}
+            # written beside the network like the rest, after the files it names (queued before it: no deadlock)
+            self.submit(write_record, path, record, jobs)
             self.report.files.append(self.rel(path))
         return {"entries": entries}
 
