@@ -95,6 +95,8 @@ class Explanation:
 
     ``heatmaps`` float32 ``[N, T, L, H, W]``; ``targets`` int64 ``[N, T]`` (class ids, per image);
     ``probs`` float32 ``[N, num_classes]``, the softmax of the forward pass the heatmaps come from.
+    ``errors``: per image, why its result is not usable (its forward pass or heatmaps hold NaN or infinities), or
+    None; an image with an error has no meaningful probabilities or heatmaps, and callers show the error instead.
     """
 
     heatmaps: torch.Tensor
@@ -103,6 +105,7 @@ class Explanation:
     layers: tuple[str, ...]
     method: str
     class_names: tuple[str, ...] | None = None
+    errors: tuple[str | None, ...] = ()
 
     @property
     def method_label(self) -> str:
@@ -357,7 +360,18 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                 del acts, grads
                 if not scored:
                     meter.add(batch.shape[0])
+    probs = torch.cat(all_probs)
     return Explanation(
-        heatmaps=heatmaps, targets=all_ids, probs=torch.cat(all_probs), layers=tuple(layers), method=method,
-        class_names=tuple(class_names) if class_names is not None else None,
+        heatmaps=heatmaps, targets=all_ids, probs=probs, layers=tuple(layers), method=method,
+        class_names=tuple(class_names) if class_names is not None else None, errors=image_errors(probs, heatmaps),
     )
+
+
+def image_errors(probs: torch.Tensor, heatmaps: torch.Tensor) -> tuple[str | None, ...]:
+    """Per image, why its result is not usable (NaN or infinite output or heatmap), or None: never returned
+    silently (:attr:`Explanation.errors`)."""
+    bad_output = ~probs.isfinite().all(dim=1)
+    bad_heatmap = ~heatmaps.flatten(1).isfinite().all(dim=1)
+    return tuple("the model's output for this image is NaN or infinite" if output
+                 else "its heatmap is NaN or infinite" if heatmap else None
+                 for output, heatmap in zip(bad_output.tolist(), bad_heatmap.tolist()))

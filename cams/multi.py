@@ -81,4 +81,5 @@ def _shared_pass(model, images, layers, methods, targets, class_names, batch_siz
     probs = torch.cat(all_probs)
     names = tuple(class_names) if class_names is not None else None
     return {method: Explanation(heatmaps=heatmaps[method], targets=all_ids, probs=probs, layers=tuple(layers),
-                                method=method, class_names=names) for method in methods}
+                                method=method, class_names=names, errors=image_errors(probs, heatmaps[method]))
+            for method in methods}

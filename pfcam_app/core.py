@@ -440,6 +440,10 @@ def compute_cams(key: tuple, image: Image.Image, model: Any, progress: Any = Non
     result = explain(model, prepared.tensor.unsqueeze(0), list(layers), method=method,
                      targets=engine_targets(target), class_names=entry.class_names(), batch_size=SCORECAM_BATCH,
                      align=align, progress=progress)
+    if result.errors and result.errors[0]:  # NaN: this image's error, shown as such and never stored
+        from cams.layers import CamError
+
+        raise CamError(f"{result.errors[0]}; no heatmap or class is shown for it")
     value = {"heatmaps": _numpy(result.heatmaps[0], np.float32), "targets": _numpy(result.targets[0], np.int64),
              "probs": _numpy(result.probs[0], np.float32), "crop_box": tuple(float(v) for v in prepared.crop_box),
              "seconds": time.perf_counter() - started}

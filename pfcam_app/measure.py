@@ -147,7 +147,9 @@ def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Se
                for target, image, ready in zip(batch, images, prepared)]
     # Scored only now that the batch is through (a Stop during explain redoes the whole batch, never half of it).
     for index, (target, (boxes, mask)) in enumerate(zip(batch, regions)):
-        if boxes:
+        if index < len(result.errors) and result.errors[index]:  # NaN: that image's error, never a score
+            run.skipped.append(f"{target.source.name}: {result.errors[index]}")
+        elif boxes:
             run.scores.add(heatmaps[index, 0], boxes, mask)
         else:
             run.skipped.append(f"{target.source.name}: its boxes fall outside {slot.entry.name}'s crop")

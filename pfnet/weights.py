@@ -1,7 +1,8 @@
 """Where a zoo entry's checkpoint is (bundled, cache, download, path, upload), its status, the device, and loading
 it into a model. Reading, fitting and downloading live in checkpoint.py, fit.py and download.py (re-exported here).
 
-Every checkpoint is read without running code: ``torch.load(..., weights_only=True)`` (with ``argparse.Namespace``
+Every model is probed once at load (:mod:`pfnet.probe`): weights that make NaN are refused. Every checkpoint is
+read without running code: ``torch.load(..., weights_only=True)`` (with ``argparse.Namespace``
 as the one extra allowed type, for training checkpoints) or safetensors. Every failure the user can cause or meet
 is a :class:`~pfnet.errors.PfnetError` with a plain message.
 """
@@ -24,6 +25,7 @@ from pfnet.download import (GDRIVE_URL, Progress, download_hf, download_url, hf_
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 from pfnet.fit import Fit, detect_architecture, matching_dtypes, prepare_for
 from pfnet.memory_format import apply_format, choose_format
+from pfnet.probe import probe
 
 __all__ = [
     "Fit", "GDRIVE_URL", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
@@ -151,6 +153,8 @@ def load(model_id: str, weights: WeightsArg = None, device: str | torch.device |
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:  # pragma: no cover - prepare_for checks keys and shapes first
         raise CheckpointError(f"the checkpoint does not fit {entry.name}: {shorten(str(error), 400)}") from None
+    # Finite but pathological weights (1e38, a zero or negative variance) make NaN: refused here, once per digest.
+    probe(model.eval(), int(entry.preprocess.input_size), state_digest(model))
     # The heatmap alignment was measured for the entry's own weights; other weights are drawn unshifted.
     model.cam_offsets = dict(entry.cam_offsets) if weights is None else {}
     return apply_format(model.to(target).eval(), choose_format(memory_format, entry.family, target))

@@ -220,11 +220,12 @@ class ExportExecutor:
             for index in mine:
                 item, image, _ = batch[index]
                 explanation, position = found.get(index, (None, None))
-                if position is not None and not (explanation.probs[position].isfinite().all()
-                                                 and explanation.heatmaps[position].isfinite().all()):
-                    self.report.warnings.append(f"{model.id}: {item.label}: the model's output is NaN or infinite; "
-                                                "no result written for this image")
-                    position = None
+                if position is not None:
+                    errors = explanation.errors or engine.image_errors(explanation.probs, explanation.heatmaps)
+                    if errors[position]:  # NaN: this image's error, a reason in the manifest, no result written
+                        self.report.skipped.append({"input": item.label, "stage": "explain", "model": model.id,
+                                                    "reason": f"{model.id}: {errors[position]}; no result written"})
+                        position = None
                 box = crop_box_for(image.size, model.entry.preprocess, self.plan.mode)
                 state = self._update(model, item, image, box, states[index], explanation, position, loaded[index])
                 for layer, target in self.plan.outputs(model):
