@@ -20,7 +20,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from pfnet.checkpoint_sizes import pickle_storage_bytes, safetensors_tensor_bytes
+from pfnet.checkpoint_sizes import pickle_storages, safetensors_tensor_bytes, safetensors_tensor_count
 from pfnet.errors import CheckpointError, PfnetError
 
 
@@ -44,6 +44,35 @@ def max_bytes() -> int:
         if value > 0:
             return value
     return DEFAULT_MAX_BYTES
+
+
+DEFAULT_MAX_TENSORS = 100_000  # the zoo's checkpoints hold 150-700 tensors, optimizer state included a few thousand
+TENSOR_OVERHEAD = 2048  # bytes a parsed tensor holds besides its data (its object, storage, name): measured ~1.8 KB
+
+
+def max_tensors() -> int:
+    """The cap on the number of tensors a checkpoint may hold (env ``PFCAM_MAX_TENSORS``, default 100,000): a
+    file of a million one-byte tensors would pin ~1.8 GB once parsed, though its data is 1 MB."""
+    raw = os.environ.get("PFCAM_MAX_TENSORS", "").strip()
+    if raw:
+        try:
+            value = int(float(raw))
+        except ValueError:
+            raise PfnetError(f"PFCAM_MAX_TENSORS must be a number of tensors, not {raw!r}") from None
+        if value > 0:
+            return value
+    return DEFAULT_MAX_TENSORS
+
+
+def check_tensors(nbytes: int, count: int, what: str) -> None:
+    """Refuse a file declaring more than :func:`max_tensors` tensors, or whose parsed form (data plus
+    ``TENSOR_OVERHEAD`` per tensor) would be over :func:`max_bytes`, before it is parsed."""
+    limit = max_tensors()
+    if count > limit:
+        raise CheckpointError(f"{what} holds more than {limit:,} tensors (over the limit, PFCAM_MAX_TENSORS); "
+                              "refused before reading it whole")
+    check_size(nbytes, f"{what} declares tensors of")
+    check_size(nbytes + count * TENSOR_OVERHEAD, f"{what} declares {count:,} tensors that, parsed, would hold")
 
 
 def check_size(nbytes: int, subject: str) -> None:
@@ -149,19 +178,24 @@ def _check_zip(source: str | IO[bytes], what: str) -> None:
         raise CheckpointError(_torch_load_reason(error, what)) from None
     check_size(total, f"{what} would decompress to")
     if "data.pkl" in records:
-        check_size(pickle_storage_bytes(io.BytesIO(reader.get_record("data.pkl"))), f"{what} declares tensors of")
+        nbytes, count = pickle_storages(io.BytesIO(reader.get_record("data.pkl")), max_tensors=max_tensors())
+        check_tensors(nbytes, count, what)
 
 
 def _check_pickle(stream: IO[bytes], what: str) -> None:
     """Torch's older pickle format: the storages its pickles declare (torch allocates them as it meets them)."""
-    check_size(pickle_storage_bytes(stream, pickles=_LEGACY_PICKLES), f"{what} declares tensors of")
+    nbytes, count = pickle_storages(stream, pickles=_LEGACY_PICKLES, max_tensors=max_tensors())
+    check_tensors(nbytes, count, what)
 
 
 def _check_safetensors(read: Any, head: bytes, what: str) -> None:
     """The tensor sizes a safetensors header declares (``read(n)``: the file's first n bytes)."""
     (length,) = struct.unpack("<Q", head[:8])
     header = read(8 + min(length, _SAFETENSORS_MAX_HEADER))
-    check_size(safetensors_tensor_bytes(header), f"{what} declares tensors of")
+    count = safetensors_tensor_count(header)
+    if count > max_tensors():  # counted in the raw header: a million entries are never parsed as JSON
+        check_tensors(0, count, what)
+    check_tensors(safetensors_tensor_bytes(header), count, what)
 
 
 def _load_safetensors(data: bytes | None, path: Path | None, what: str) -> dict[str, torch.Tensor]:

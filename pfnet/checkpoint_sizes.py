@@ -21,13 +21,30 @@ _WIDEST = 16
 def pickle_storage_bytes(stream: IO[bytes], pickles: int = 1) -> int:
     """Bytes of the storages declared by up to ``pickles`` pickles read one after another from ``stream``
     (torch's zip holds one, its older format several), each storage key counted once."""
+    return pickle_storages(stream, pickles)[0]
+
+
+def pickle_storages(stream: IO[bytes], pickles: int = 1, max_tensors: int | None = None) -> tuple[int, int]:
+    """(bytes of the storages, tensors) the pickles declare: every storage reference counts as a tensor. The walk
+    stops once the count passes ``max_tensors`` (the count returned is then ``max_tensors + 1``): a file of a
+    million tensors is refused without walking, let alone loading, all of it."""
     records: list[Any] = []
     for _ in range(pickles):
         start = stream.tell()
-        records.extend(_persistent_ids(stream))
+        for record in _persistent_ids(stream):
+            records.append(record)
+            if max_tensors is not None and len(records) > max_tensors:
+                return _storage_bytes(iter(records)), len(records)
         if stream.tell() == start:
             break
-    return _storage_bytes(iter(records))
+    return _storage_bytes(iter(records)), len(records)
+
+
+def safetensors_tensor_count(header: bytes) -> int:
+    """How many tensors a safetensors header (``header``: the file from its start) lists, at most: occurrences of
+    the ``"dtype"`` key, counted without parsing the JSON (a header of a million entries is 77 MB)."""
+    (length,) = struct.unpack("<Q", header[:8])
+    return header[8:8 + length].count(b'"dtype"')
 
 
 def safetensors_tensor_bytes(head: bytes) -> int:

@@ -95,6 +95,8 @@ def official_state(arch: str, device: str = "meta") -> dict[str, torch.Tensor]:
             out[key] = torch.zeros(shape, dtype=torch.long, device=device)
         elif device == "meta":
             out[key] = torch.empty(shape, device="meta")
+        elif key.endswith("running_var"):  # a variance: positive (a negative one is refused at load)
+            out[key] = torch.rand(shape) + 0.5
         else:
             out[key] = torch.randn(shape) * 0.01
     return out
