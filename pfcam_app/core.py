@@ -62,13 +62,23 @@ def error_text(exc: BaseException) -> str:
     return f"Something unexpected went wrong ({type(exc).__name__}{': ' + detail if detail else ''})."
 
 
-_MARKDOWN = re.compile(r"([\\`*_\[\]!<>$~|#])")  # what starts emphasis, links, images, HTML, maths, tables
+_MARKDOWN = re.compile(r"([\\`*_\[\]!<>$~|#@&])")  # emphasis, links, images, HTML, maths, tables, e-mail links
+_LIST_MARK = re.compile(r"^(\s*)([-+]|\d+(?=[.)]))")  # a leading "- ", "+ " or "1." starts a list
+WORD_JOINER = "\u2060"  # invisible; splits what Streamlit matches in the text itself
+_JOINED = re.compile(r"(?<=[-<>~=])(?=\\?[-<>=])|(?<=www)(?=\.)", re.IGNORECASE)  # "->", "<=", "--", "www."
 
 
 def plain(text: object) -> str:
-    """User-given text (file names, labels, messages quoting them) made inert for Streamlit's Markdown: every
-    Markdown character backslash-escaped, line breaks flattened; it then shows exactly as typed."""
-    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).splitlines()))
+    """User-given text (file names, labels, messages quoting them) made inert for Streamlit's Markdown, so it shows
+    as typed: line breaks flattened; Markdown's characters backslash-escaped (emphasis, links, HTML, maths, e-mail
+    autolinks, a leading list mark); an invisible word joiner after each ``:``, inside ``www.`` and inside
+    ``->``-like pairs, because Streamlit finds colour spans (``:red[...]``), icons (``:material/...:``,
+    ``:streamlit:``), autolinks and arrows in the parsed text, where an escape no longer holds."""
+    escaped = _MARKDOWN.sub(r"\\\1", " ".join(str(text).splitlines()))
+    escaped = _LIST_MARK.sub(lambda m: m.group(1) + (m.group(2) if m.group(2)[0].isdigit() else "\\" + m.group(2)),
+                             escaped)
+    escaped = re.sub(r"^(\s*\d+)([.)])", r"\1\\\2", escaped)
+    return _JOINED.sub(WORD_JOINER, escaped.replace(":", ":" + WORD_JOINER))
 
 
 def _is_cam_error(exc: BaseException) -> bool:

@@ -16,6 +16,7 @@ import streamlit as st
 
 from pfcam_app.core import (SCORECAM_BATCH, Settings, Slot, Source, decode, engine_targets, error_text, guard,
                             plain)
+from pfcam_app.uploads import accepted, upload_types
 
 MEASURE_CELLS = 256  # image x block heatmaps per model in one measurement (R50's 16 blocks: 16 images)
 MEASURE_BATCH = 8  # images per explain call
@@ -173,8 +174,8 @@ def measure_panel(sources: list[Source], settings: Settings) -> None:
                    "`image,x0,y0,x1,y1[,label]` in original-image pixels). The page's method, and its target "
                    "or each image's ground-truth class; "
                    f"at most {MEASURE_CELLS} image × block heatmaps per model.")
-        upload = st.file_uploader("Boxes CSV for your uploaded images", type=["csv"], key="measure_boxes",
-                                  max_upload_size=1)
+        upload = accepted(st.file_uploader("Boxes CSV for your uploaded images", type=upload_types("boxes CSV"),
+                                           key="measure_boxes", max_upload_size=1), "boxes CSV")
         csv_boxes: dict[str, list] = {}
         csv_labels: dict[str, str] = {}
         if upload is not None:

@@ -37,10 +37,10 @@ def main() -> None:
         st.error("pfcam is not fully installed; missing pieces: " + ", ".join(missing), icon=":material/build:")
         st.stop()
 
-    from cams.images import IMAGE_EXTENSIONS
     from pfcam_app import core, first_run, network, views
     from pfcam_app.exporting import export_panel
     from pfcam_app.sidebar import settings_sidebar
+    from pfcam_app.uploads import accepted, upload_types
 
     network.start_check()  # at most HUB_TIMEOUT seconds, once per process, while the page draws
     first_run.apply_switch()
@@ -67,9 +67,10 @@ def main() -> None:
     st.header("Images", anchor=False)
     upload_col, example_col = st.columns([3, 2], gap="large")
     uploads = upload_col.file_uploader(
-        "Upload images", type=sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS), accept_multiple_files=True,
+        "Upload images", type=upload_types("image"), accept_multiple_files=True,
         key="uploads", max_upload_size=core.IMAGE_LIMIT_MB,
         help=f"JPEG, PNG, WEBP, BMP or TIFF, up to {core.IMAGE_LIMIT_MB} MB each.")
+    uploads = accepted(uploads, "image", upload_col)
     scenes, photos = core.scene_options(), core.example_photos()
     if not scenes:
         example_col.caption("Demo scenes are unavailable (`pfdemo.scenes` failed to load).")

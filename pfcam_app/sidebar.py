@@ -11,6 +11,7 @@ from pfcam_app import core
 from pfcam_app.core import STATUS_ICON, STATUS_LABEL, Settings, Slot
 from pfcam_app.first_run import fetch_with_bar
 from pfcam_app.network import network
+from pfcam_app.uploads import accepted, upload_types
 from pfnet import weights, zoo
 
 IGNORES_TARGET = dict.fromkeys(sorted(EIGEN_METHODS),
@@ -73,10 +74,11 @@ def _model_controls(model_id: str) -> Slot:
             why = "" if status == "missing" else f" ({state.reason}: {state.where})"
             st.caption(f"Not available offline{why}. Download it from {entry.source.page} and save it as `{path}`, "
                        "or upload the checkpoint below.")
-        upload = st.file_uploader("Use a checkpoint file", type=core.CHECKPOINT_TYPES, key=f"ckpt_{model_id}",
+        upload = st.file_uploader("Use a checkpoint file", type=upload_types("checkpoint"), key=f"ckpt_{model_id}",
                                   max_upload_size=core.CHECKPOINT_LIMIT_MB,
                                   help="A .pth/.pt/.safetensors state dict or training checkpoint; its architecture "
                                        "is detected from the keys and shapes.")
+        upload = accepted(upload, "checkpoint")
         if upload is not None:
             slot = _uploaded_slot(model_id, upload)
             if slot is not None:

@@ -301,12 +301,13 @@ def test_export_never_writes_nan_into_json(demo_state, tmp_path):
     records[0].write_text(json.dumps(record))
     again = run_export([image], out, {DEMO: (model, entry)}, layers=["layer4"])
     assert again.computed == 1 and _strict_json(out / "manifest.json")["rows"][0]["probability"] > 0
-    # A model whose output is NaN (weights spoiled after loading): a warning for the image, no result.
+    # A model whose output is NaN (weights spoiled after loading): the image's reason in the manifest, no result.
     with torch.no_grad():
         model.fc.weight.fill_(float("inf"))
     spoiled = run_export([image], out, {DEMO: (model, entry)}, layers=["layer4"], overwrite=True)
     assert spoiled.computed == 0
-    assert any("a.png: the model's output is NaN or infinite" in warning for warning in spoiled.warnings)
+    assert any(item["stage"] == "explain" and "the model's output for this image is NaN or infinite" in item["reason"]
+               and item["input"].endswith("a.png") for item in spoiled.skipped)
     assert all(row["status"] != "computed" for row in spoiled.rows)
     manifest = _strict_json(out / "manifest.json")  # the folder's index: the earlier, finite result is kept
     assert manifest["rows"] and all(0 < row["probability"] <= 1 for row in manifest["rows"])
