@@ -41,6 +41,8 @@ FIRST_PHOTO = "cat_chelsea.jpg"  # the photo selected on a first screen with Ima
 SCORECAM_BATCH = 32  # one image per explain call; Score-CAM's masked copies go through 32 at a time
 CAM_ENTRIES = 512  # CAM results kept (image x model x settings)
 CAM_BYTES = 256 * 2**20  # and their arrays' bytes, whichever bound is met first
+UPLOAD_ENTRIES = 16  # parsed uploaded checkpoints and their models kept (upload_store)
+UPLOAD_CACHE_BYTES = 1536 * 2**20  # and their bytes: one checkpoint at the 1 GB cap and its model, or several small
 STATUS_LABEL = {"bundled": "bundled", "cached": "cached", "downloadable": "can download", "missing": "missing",
                 "unreachable": "no network", "failed": "download failed"}
 STATUS_ICON = {"bundled": ":material/inventory_2:", "cached": ":material/check_circle:",
@@ -296,15 +298,40 @@ def _load_default(model_id: str, weights_key: str, device: str) -> Any:
     return weights.load(model_id, device=device)
 
 
-@st.cache_resource(show_spinner=False, max_entries=2)
-def read_upload(digest: str, _data: bytes) -> dict:
-    """The uploaded checkpoint's state dict (read without running code by pfnet.weights)."""
-    return weights.read_checkpoint(_data)
+def tensor_bytes(tensors: Any) -> int:
+    """What a state dict or a model holds: its tensors' bytes, plus pfnet's per-tensor overhead."""
+    from pfnet.checkpoint import TENSOR_OVERHEAD
+
+    values = tensors.state_dict().values() if hasattr(tensors, "state_dict") else tensors.values()
+    return sum(int(t.nelement()) * int(t.element_size()) + TENSOR_OVERHEAD for t in values if hasattr(t, "nelement"))
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _load_uploaded(model_id: str, digest: str, device: str, _state: dict) -> Any:
-    return weights.load(model_id, weights=_state, device=device)
+@st.cache_resource(show_spinner=False)
+def upload_store() -> CamStore:
+    """Uploaded checkpoints, parsed, and the models made from them: bounded in bytes (``UPLOAD_CACHE_BYTES``), not
+    in entries (a million-tensor file pinned ~1.8 GB in one entry); shared by the sessions of the process."""
+    return CamStore(UPLOAD_ENTRIES, UPLOAD_CACHE_BYTES)
+
+
+def read_upload(digest: str, data: bytes) -> dict:
+    """The uploaded checkpoint's state dict (read without running code by pfnet.weights), kept in
+    :func:`upload_store`."""
+    found = upload_store().get(("state", digest))
+    if found is not None:
+        return found["value"]
+    state = weights.read_checkpoint(data)
+    upload_store().put(("state", digest), {"value": state, "_bytes": tensor_bytes(state)})
+    return state
+
+
+def _load_uploaded(model_id: str, digest: str, device: str, state: dict) -> Any:
+    key = ("model", model_id, digest, device)
+    found = upload_store().get(key)
+    if found is not None:
+        return found["value"]
+    model = weights.load(model_id, weights=state, device=device)
+    upload_store().put(key, {"value": model, "_bytes": tensor_bytes(model)})
+    return model
 
 
 def failed_downloads() -> dict[str, str]:
@@ -398,7 +425,8 @@ class CamStore:
 
     @staticmethod
     def size_of(value: dict[str, Any]) -> int:
-        return sum(item.nbytes for item in value.values() if isinstance(item, np.ndarray))
+        """Its arrays' bytes, plus ``value["_bytes"]`` (what a value that is not arrays says it holds)."""
+        return sum(item.nbytes for item in value.values() if isinstance(item, np.ndarray)) + value.get("_bytes", 0)
 
     def get(self, key: tuple) -> dict[str, Any] | None:
         with self._lock:

@@ -70,3 +70,16 @@ def test_a_checkpoint_under_the_caps_still_loads():
     torch.save({f"t{i}.weight": torch.ones(2) for i in range(500)}, buffer)
     assert len(read_checkpoint(buffer.getvalue())) == 500
     assert pfnet.checkpoint_sizes.safetensors_tensor_count(million_tensor_safetensors(10)) == 10
+
+
+def test_the_apps_upload_cache_is_bounded_in_bytes_not_entries(monkeypatch):
+    from pfcam_app import core
+
+    store = core.CamStore(core.UPLOAD_ENTRIES, 3 * 2**20)
+    monkeypatch.setattr(core, "upload_store", lambda: store)
+    for index in range(4):  # 1 MB each with their overhead; three fit
+        data = io.BytesIO()
+        torch.save({f"w{index}": torch.zeros(2**18 - 600)}, data)
+        core.read_upload(f"digest{index}", data.getvalue())
+    assert store.bytes <= 3 * 2**20 and len(store.values()) == 3  # the first went for the fourth
+    assert store.get(("state", "digest3")) is not None and store.get(("state", "digest0")) is None

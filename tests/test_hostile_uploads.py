@@ -219,3 +219,87 @@ def test_a_live_server_refuses_an_oversized_image_put_and_keeps_a_checkpoint(tmp
     assert statuses == {"small image": 204, "oversized image": 413, "oversized image, chunked": 413,
                         "checkpoint": 204}, (tmp_path / "server.log").read_text()[-2000:]
     assert stored == 1000 + (IMAGE_LIMIT_MB + 10) * MB  # the small image and the checkpoint; no refused byte
+
+
+# ------------------------------------------------------------------------------------------------ the server's budget
+
+
+def test_the_server_budget_counts_every_session_together():
+    store = Store()
+    held = {"s1": 60 * MB, "s2": 30 * MB}
+    limits = UploadLimits(store, held_bytes=lambda session: held.get(session, 0), session_bytes=100 * MB,
+                          server_bytes=100 * MB, total_held=lambda: sum(held.values()))
+    assert put(limits, "w.pth", 20 * MB, session="s3")[0] == 413  # s3's own budget is free; the server's is not
+    assert put(limits, "w.pth", 9 * MB, session="s3")[0] == 204
+    assert limits.in_flight == {}
+
+
+@pytest.mark.parametrize("name", ["passwd", "x.png\x00.pth", "a\nb.png", "w.exe"])
+def test_a_name_that_fits_no_uploader_is_refused_before_its_bytes_are_kept(name):
+    store = Store()
+    limits = UploadLimits(store, held_bytes=lambda session: 0)
+    status, unread = put(limits, name, 3 * MB)
+    assert status == 400 and store.kept == {} and len(unread) >= 3
+
+
+def test_a_websocket_that_closes_releases_the_gone_sessions_uploads():
+    released = []
+
+    async def app(scope, receive, send):
+        return None
+
+    limits = UploadLimits(app, held_bytes=lambda session: 0, release=lambda: released.append(1) or 0)
+    asyncio.run(limits({"type": "websocket", "path": "/_stcore/stream"}, None, None))
+    asyncio.run(limits({"type": "websocket", "path": "/other"}, None, None))
+    assert released == [1]
+
+
+def server_rss_mb(port: str) -> float:
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "--server.port" in child.cmdline() and port in child.cmdline():
+                return child.memory_info().rss / MB
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no server process")
+
+
+def test_a_live_server_refuses_sessions_past_its_budget_and_frees_them_when_they_close(tmp_path):
+    """Three browser sessions of 120 MB checkpoints against a 300 MB server budget: the third gets 413; when the
+    sessions close, the store is empty and the server's RSS returns near where it started."""
+    import websockets
+    from browser_support import ROOT, app_server, fresh_env
+
+    size = 120 * MB
+    env = {**fresh_env(tmp_path), "PFCAM_SERVER_UPLOAD_MB": "300"}
+
+    async def scenario(url: str) -> dict:
+        port = url.rsplit(":", 1)[1]
+        stream = url.replace("http", "ws") + "/_stcore/stream"
+        sockets = [await websockets.connect(stream, subprotocols=["streamlit"], max_size=None) for _ in range(3)]
+        sessions = [Session(url) for _ in sockets]
+        slots = [(await session.upload_urls(ws, ["w.pth"]))[0] for session, ws in zip(sessions, sockets)]
+        start = server_rss_mb(port)
+        statuses = [await asyncio.to_thread(session.put, slot, "w.pth", size) for session, slot in zip(sessions, slots)]
+        full = server_rss_mb(port)
+        for ws in sockets:
+            await ws.close()
+        after = full
+        for _ in range(40):  # bounded: up to 20 s for the server to see the sockets close
+            await asyncio.sleep(0.5)
+            after = server_rss_mb(port)
+            if after < start + 100:
+                break
+        await asyncio.sleep(5.5)  # the metrics' cache window
+        return {"statuses": statuses, "start": start, "full": full, "after": after,
+                "stored": stored_upload_bytes(url)}
+
+    with app_server(env, tmp_path / "server.log", ROOT / "app.py") as (url, _):
+        result = asyncio.run(scenario(url))
+    print(result)
+    assert result["statuses"] == [204, 204, 413], (tmp_path / "server.log").read_text()[-2000:]
+    assert result["full"] > result["start"] + 200  # two sessions' 240 MB were held
+    assert result["stored"] == 0
+    assert result["after"] < result["start"] + 100, result
