@@ -10,6 +10,8 @@ import logging
 import os
 import pickle
 import re
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,17 +105,33 @@ def quiet_ray_data() -> None:
 
 @contextmanager
 def ray_session(options: RayOptions) -> Iterator[Any]:
-    """Ray, connected for the block: the caller's connection when there is one, else ours, shut down after."""
+    """Ray, connected for the block: the caller's connection when there is one, else ours, shut down after. A
+    local runtime we start is watched by :mod:`cams.ray_reaper`: killed with this process, its processes go too."""
     ray = require_ray()
     if ray.is_initialized():
         quiet_ray_data()
         yield ray
         return
-    init_ray(options)
+    reaper = start_reaper() if options.address is None else None
     try:
+        init_ray(options)
         yield ray
     finally:
         ray.shutdown()
+        if reaper is not None:
+            reaper.kill()  # Ray is down: nothing left to reap
+            reaper.wait()
+
+
+def start_reaper() -> subprocess.Popen | None:
+    """:mod:`cams.ray_reaper` watching this process, in a session of its own (a signal to this process's group
+    does not reach it); None where it cannot start (then Ray's own clean-up is all there is)."""
+    script = Path(__file__).with_name("ray_reaper.py")
+    try:
+        return subprocess.Popen([sys.executable, str(script), str(os.getpid())], start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
 
 
 class Shared:
