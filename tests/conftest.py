@@ -19,7 +19,7 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
-    """Tests run offline (PFCAM_OFFLINE=1), as docs/INTERFACES.md promises; a test may delenv it.
+    """Tests run offline (PFCAM_OFFLINE=1), as docs/testing.md says; a test may delenv it.
 
     The user's own checkpoint cache is never read: what is cached there would change the app's defaults.
     """

@@ -253,7 +253,7 @@ def test_bench_loc_on_the_bundled_demo_model(tmp_path: Path, capsys: pytest.Capt
     gradcam4 = next(row for row in rows if row[1] == "layer4" and row[2] == "Grad-CAM")
     noise = next(row for row in rows if row[2] == bench_loc.RANDOM)
     # pointing game at the default layer: the trained CAM beats uniform noise (its layer3 map need not: measured
-    # 0.33 against the centre reference's 0.37 on 500 scenes, see the README)
+    # 0.33 against the centre reference's 0.37 on 500 scenes, see docs/measuring.md)
     assert float(gradcam4[4]) > float(noise[4]) + 0.2
     assert (tmp_path / "demo.md").read_text().count("| " + DEMO + " |") == 10
 
