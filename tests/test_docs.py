@@ -39,3 +39,21 @@ def test_readme_commands_are_the_ones_ci_runs():
     ci_line = next(line for line in ci.splitlines() if line.startswith(install))
     assert ci_line.endswith(f"&& {run}")  # CI runs the README's test command (it only adds a timing print)
     assert "pip install -e \".[app]\" && streamlit run app.py" in readme
+
+
+def test_benchmark_sections_replace_only_their_own_text(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from docs_page import write_section
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    page = tmp_path / "page.md"
+    page.write_text("# Speed\n\nbefore\n<!-- bench:a -->\nold table\n<!-- /bench:a -->\nafter\n")
+    write_section(page, "a", "| x | 1.00 |", "python benchmarks/x.py --flag")
+    write_section(page, "b", "| y | 2.00 |", "python benchmarks/y.py")
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("# Speed\n\nbefore\n<!-- bench:a -->\nMeasured by ")
+    assert "`python benchmarks/x.py --flag`" in text and "| x | 1.00 |\n<!-- /bench:a -->\nafter\n" in text
+    assert text.rstrip().endswith("| y | 2.00 |\n<!-- /bench:b -->")  # a new section is appended
+    write_section(page, "a", "| x | 3.00 |", "python benchmarks/x.py")
+    assert page.read_text().count("<!-- bench:a -->") == 1 and "| x | 3.00 |" in page.read_text()
