@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from apptest_support import app, assert_clean, blank, scene_png, upload  # noqa: F401
+from apptest_support import assert_clean, scene_png, upload
 from pfcam_app.core import WORD_JOINER, plain
 
 _ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
