@@ -65,22 +65,25 @@ def error_text(exc: BaseException) -> str:
 
 
 _MARKDOWN = re.compile(r"([\\`*_\[\]!<>$~|#@&])")  # emphasis, links, images, HTML, maths, tables, e-mail links
-_LIST_MARK = re.compile(r"^(\s*)([-+]|\d+(?=[.)]))")  # a leading "- ", "+ " or "1." starts a list
 WORD_JOINER = "\u2060"  # invisible; splits what Streamlit matches in the text itself
-_JOINED = re.compile(r"(?<=[-<>~=])(?=\\?[-<>=])|(?<=www)(?=\.)", re.IGNORECASE)  # "->", "<=", "--", "www."
+_ARROW = re.compile(r"(^|\s)(<->|->|<-|--|>=|<=|~=)(?=\s|$)")  # Streamlit draws these as arrows, a dash, signs
+_COLON = re.compile(r":(?=[A-Za-z/])")  # ":red[", ":material/", ":streamlit:", "http://"
+_WWW = re.compile(r"\b(www)(?=\.)", re.IGNORECASE)
 
 
 def plain(text: object) -> str:
     """User-given text (file names, labels, messages quoting them) made inert for Streamlit's Markdown, so it shows
     as typed: line breaks flattened; Markdown's characters backslash-escaped (emphasis, links, HTML, maths, e-mail
-    autolinks, a leading list mark); an invisible word joiner after each ``:``, inside ``www.`` and inside
-    ``->``-like pairs, because Streamlit finds colour spans (``:red[...]``), icons (``:material/...:``,
-    ``:streamlit:``), autolinks and arrows in the parsed text, where an escape no longer holds."""
-    escaped = _MARKDOWN.sub(r"\\\1", " ".join(str(text).splitlines()))
-    escaped = _LIST_MARK.sub(lambda m: m.group(1) + (m.group(2) if m.group(2)[0].isdigit() else "\\" + m.group(2)),
-                             escaped)
-    escaped = re.sub(r"^(\s*\d+)([.)])", r"\1\\\2", escaped)
-    return _JOINED.sub(WORD_JOINER, escaped.replace(":", ":" + WORD_JOINER))
+    autolinks, a leading list mark); an invisible word joiner after a ``:`` that a letter or ``/`` follows, inside
+    ``www.`` and inside a lone ``->``, because Streamlit finds colour spans (``:red[...]``), icons
+    (``:material/...:``, ``:streamlit:``), autolinks and arrows in the parsed text, where an escape no longer
+    holds."""
+    text = " ".join(str(text).splitlines())
+    text = _ARROW.sub(lambda m: m.group(1) + m.group(2)[0] + WORD_JOINER + m.group(2)[1:], text)
+    escaped = _MARKDOWN.sub(r"\\\1", text)
+    escaped = re.sub(r"^(\s*)([-+])(?=\s)", r"\1\\\2", escaped)  # "- x" and "+ x" start a list
+    escaped = re.sub(r"^(\s*\d+)([.)])(?=\s)", r"\1\\\2", escaped)  # so does "1. x"
+    return _WWW.sub(r"\1" + WORD_JOINER, _COLON.sub(":" + WORD_JOINER, escaped))
 
 
 def _is_cam_error(exc: BaseException) -> bool:
