@@ -14,7 +14,8 @@ import torch
 from cams.align import layer_offsets
 from cams.cam_maths import (check_inputs, eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
                             model_input, target_count)
-from cams.engine import EIGEN_METHODS, GRADIENT_METHODS, Capture, Explanation, check_method, explain, normalise
+from cams.engine import (EIGEN_METHODS, GRADIENT_METHODS, Capture, Explanation, check_method, explain, image_errors,
+                         normalise)
 from cams.layers import LayerError, resolve, to_grid
 
 SHARED = GRADIENT_METHODS | EIGEN_METHODS | {"cam"}
