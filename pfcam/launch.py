@@ -15,8 +15,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-from pfnet.assets import bundled_dir
-
 ENTRY = "server.py"
 
 
@@ -30,6 +28,8 @@ def entry_path() -> Path:
 
 def config_flags(config: Path | None = None) -> list[str]:
     """``--section.key=value`` for every setting of the project's Streamlit config (none if it is missing)."""
+    from pfnet.assets import bundled_dir  # here, not at the top: `pfcam app --help` stays free of torch
+
     path = config or bundled_dir("pfcam_streamlit", ".streamlit") / "config.toml"
     try:
         settings = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -24,6 +24,13 @@ GRID_CELL = 224
 LayerChoice = Sequence[str] | Mapping[str, Sequence[str]] | str | None
 
 
+def target_names(topk: int, classes: Sequence[int] = ()) -> list[str]:
+    """What the files and the manifest call each target: "class<id>" per fixed class, else "top1".."top<k>"."""
+    if classes:
+        return [f"class{int(class_id)}" for class_id in classes]
+    return [f"top{rank}" for rank in range(1, topk + 1)]
+
+
 @dataclass
 class ModelPlan:
     """One model's part of an export."""
@@ -50,11 +57,7 @@ class ModelPlan:
     def targets(self) -> list[str]:
         """Each result's target, in the engine's order: "top1".."top<k>", "class<id>" per fixed class, or "label"
         (each image's own class)."""
-        if self.label_ids is not None:
-            return ["label"]
-        if self.classes:
-            return [f"class{class_id}" for class_id in self.classes]
-        return [f"top{rank}" for rank in range(1, self.topk + 1)]
+        return ["label"] if self.label_ids is not None else target_names(self.topk, self.classes)
 
     @property
     def chosen_classes(self) -> bool:
