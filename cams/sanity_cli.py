@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, TextIO
 import numpy as np
 import torch
 
+from cams import tables
 from cams.plotting import write_atomic
 from cams.sanity import MODES, SanityResult, randomisation_units, sanity_check
 
@@ -166,16 +167,11 @@ def caption(rows: Sequence[Row], seed: int, source: str) -> str:
 
 
 def format_table(rows: Sequence[Row], title: str) -> str:
-    header, body = table_cells(rows)
-    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([title, "", line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body]) + "\n"
+    return tables.format_text(title, *table_cells(rows))
 
 
 def format_markdown(rows: Sequence[Row], title: str) -> str:
-    header, body = table_cells(rows)
-    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+    return tables.format_markdown(title, *table_cells(rows))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
