@@ -34,7 +34,7 @@ from pfnet.errors import UnknownModelError
 from pfnet.preprocess import MODES, Preprocess, from_pretrained_cfg, prepare_batch
 from pfnet.weights import load
 
-__all__ = ["explain", "Result", "to_images", "load_model"]
+__all__ = ["explain", "to_images", "load_model"]
 
 #: What ``images`` may be: one of these, or a list / tuple of them (a 4-D array or tensor is a batch).
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
@@ -63,7 +63,8 @@ def explain(model: str | nn.Module, images: ImageLike | Sequence[ImageLike], lay
         preprocess: how images become network inputs (default: the zoo entry's, else the model's timm
             ``pretrained_cfg``, else ImageNet's 224 px).
         mode: ``"full"`` (the whole image squashed to the input size) or ``"center"`` (ImageNet's centre crop).
-        align, batch_size: passed to ``cams.explain``.
+        align: where each layer's heatmap is drawn (``cams.explain``'s: "model", "none" or layer -> (dy, dx)).
+        batch_size: images per forward pass (``cams.explain``'s).
         device: where a model loaded by name runs (default: ``pfnet.select_device()``); a module stays where it is.
         name: what saved folders call the model (default: its id, or the module's class name).
 
