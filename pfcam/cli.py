@@ -16,7 +16,8 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 DESCRIPTION = "pfcam: Grad-CAM workbench for the parameter-free-layer networks (ICLR 2022)."
 

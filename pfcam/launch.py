@@ -13,7 +13,8 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 ENTRY = "server.py"
 

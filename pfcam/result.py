@@ -130,7 +130,7 @@ class Result:
             root.mkdir(parents=True, exist_ok=True)
             root = root.resolve()
             model_folder = safe_name(self.model, 64, "model")
-            for index, (picture, box, item) in enumerate(zip(self.images, self.crop_boxes, self.items)):
+            for index, (picture, box, item) in enumerate(zip(self.images, self.crop_boxes, self.items, strict=True)):
                 out = ensure_dir(root, item.folder, model_folder)
                 ids = [int(class_id) for class_id in self.classes[index]]
                 names = target_names(self.top_k, ids if self.chosen else ())
