@@ -22,6 +22,7 @@ import pfnet
 from cams.export import run_export
 from cams.images import ImageError, load_image
 from cams.render import overlay
+from pfcam import api
 from pfnet import zoo
 from pfnet.errors import UnknownModelError
 from pfnet.preprocess import Preprocess, prepare_batch
@@ -145,6 +146,22 @@ def test_a_module_with_its_own_preprocessing_and_no_class_names(tmp_path):
     written = result.save(tmp_path)
     first = result.classes[0, 0]
     assert (tmp_path / result.items[0].folder / "tiny" / f"layer4__gradcam__top1-class{first}.npy") in written
+
+
+def test_a_timm_name_is_loaded_by_pfnet_and_brings_its_preprocessing(monkeypatch, small_picture, tmp_path):
+    """"timm:<name>" goes to pfnet.load as given; its pretrained_cfg preprocesses, a 1000-class head has ImageNet's
+    names."""
+    torch.manual_seed(0)
+    network = timm.create_model("resnet50_hybrid", width_mult=0.25, depths=(1, 1, 1, 1),
+                                pretrained_cfg_overlay={"input_size": (3, 64, 64), "crop_pct": 1.0}).eval()
+    asked = []
+    monkeypatch.setattr(api, "load", lambda model_id, device=None: asked.append(model_id) or network)
+    result = pfcam.explain("timm:tiny_hybrid", small_picture, layers="layer4")
+    assert asked == ["timm:tiny_hybrid"] and result.model == "timm:tiny_hybrid"
+    tensor, boxes = prepare_batch([small_picture], Preprocess(64, 64))
+    assert torch.equal(result.heatmaps, cams.explain(network, tensor, ["layer4"]).heatmaps)
+    assert result.class_name() == zoo.imagenet_classes()[int(result.classes[0, 0])]
+    assert all(path.parent.name == "timm_tiny_hybrid" for path in result.save(tmp_path))
 
 
 @pytest.mark.parametrize("kwargs, error", [
