@@ -145,7 +145,8 @@ class ExportPlan:
     def manifest_settings(self) -> dict[str, Any]:
         """``manifest.json["settings"]``, before the caller's extra settings."""
         return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
-                                  "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights}
+                                  "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights,
+                                  "weights_origin": getattr(m.network, "weights_origin", None)}
                            for m in self.models},
                 "method": self.method, "topk": self.topk,
                 "target": "label" if self.labelled else list(self.target) or "predicted",
@@ -230,6 +231,8 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
     for model_id, pair in models.items():
         network, entry = pair
         label = getattr(entry, "name", None) or model_id
+        if getattr(network, "weights_origin", None) == "random":  # asked for explicitly; never silent
+            label = f"{label} (random weights)"
         try:
             family = family_of(network)
             valid = layer_names(network)
