@@ -41,11 +41,11 @@ FIRST_PHOTO = "cat_chelsea.jpg"  # the photo selected on a first screen with Ima
 SCORECAM_BATCH = 32  # one image per explain call; Score-CAM's masked copies go through 32 at a time
 CAM_ENTRIES = 512  # CAM results kept (image x model x settings)
 CAM_BYTES = 256 * 2**20  # and their arrays' bytes, whichever bound is met first
-STATUS_LABEL = {"bundled": "bundled", "installed": "installed", "cached": "cached", "downloadable": "can download", "missing": "missing",
-                "unreachable": "no network", "failed": "download failed"}
-STATUS_ICON = {"bundled": ":material/inventory_2:", "installed": ":material/inventory_2:", "cached": ":material/check_circle:",
-               "downloadable": ":material/cloud_download:", "missing": ":material/error:",
-               "unreachable": ":material/wifi_off:", "failed": ":material/cloud_off:"}
+STATUS_LABEL = {"bundled": "bundled", "installed": "installed", "cached": "cached", "downloadable": "can download",
+                "missing": "missing", "unreachable": "no network", "failed": "download failed"}
+STATUS_ICON = {"bundled": ":material/inventory_2:", "installed": ":material/inventory_2:",
+               "cached": ":material/check_circle:", "downloadable": ":material/cloud_download:",
+               "missing": ":material/error:", "unreachable": ":material/wifi_off:", "failed": ":material/cloud_off:"}
 READY = ("bundled", "installed", "cached")
 PHOTO_DEFAULT = zoo.PHOTO_FALLBACK  # ImageNet networks installed with pfcam: beside the demo models offline
 FIRST_PHOTOS = ("cat_chelsea.jpg", "coffee.jpg")  # explained by them on the offline first screen

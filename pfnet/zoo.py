@@ -175,9 +175,9 @@ def timm_preprocess(name: str, overrides: dict[str, Any] | None = None) -> Prepr
 
 def _timm_baseline(model_id: str, name: str, timm_name: str, figures: PaperFigures, description: str) -> ZooEntry:
     arch, _, tag = timm_name.partition(".")
-    return ZooEntry(model_id, name, arch, "timm", WeightSource("hf", f"timm/{timm_name}", f"{model_id}_{tag}.safetensors"),
-                    timm_preprocess(timm_name), figures, note=f"timm {timm_name}, weights from the Hugging Face Hub.",
-                    description=description)
+    source = WeightSource("hf", f"timm/{timm_name}", f"{model_id}_{tag}.safetensors")
+    return ZooEntry(model_id, name, arch, "timm", source, timm_preprocess(timm_name), figures,
+                    note=f"timm {timm_name}, weights from the Hugging Face Hub.", description=description)
 
 
 def _gdrive(model_id: str, file_id: str) -> WeightSource:
