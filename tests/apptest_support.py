@@ -84,7 +84,9 @@ def expected_top1(model_id: str, data: bytes) -> tuple[str, float]:
 
 @pytest.fixture
 def app(pfcam_cache):
-    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded)."""
+    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded), narrowed to the
+    demo pair on the first demo scene: the page these suites were written for. (The offline first screen also puts
+    EfficientNet-Lite0 on two photos; test_app.py and test_app_timm.py test that screen itself.)"""
     from streamlit.testing.v1 import AppTest
 
     from pfcam_app import core
@@ -95,6 +97,11 @@ def app(pfcam_cache):
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     at.run()
     assert_clean(at)
+    if list(at.multiselect(key="models").value) != list(DEMO):
+        at.multiselect(key="models").set_value(list(DEMO))
+        at.multiselect(key="examples").set_value([FIRST_SCENE])
+        at.run()
+        assert_clean(at)
     return at
 
 

@@ -38,7 +38,8 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma-separated zoo ids or timm:<name>[.<tag>]")
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
-                        help=f"comma-separated layer names; '{BLOCKS}' means every block, shallow to deep")
+                        help=f"comma-separated layer names; '{BLOCKS}' means every block, shallow to deep "
+                             "(default: layer3,layer4 for the ResNets, each other network's own default layers)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated CAM method ids")
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="test images (default %(default)s)")
     parser.add_argument("--val-n", type=int, default=DEFAULT_VAL_N,
