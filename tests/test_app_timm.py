@@ -2,7 +2,7 @@
 paper's baselines in one click, the bundled photos' boxes in the Measure panel. Offline, AppTest."""
 from __future__ import annotations
 
-from apptest_support import DEMO, app, assert_clean, blank, overlays, row_notes  # noqa: F401
+from apptest_support import DEMO, assert_clean, overlays, row_notes
 
 SMALL = "test_resnet.r160_in1k"  # timm's own tiny test network
 SMALL_ID = f"timm:{SMALL}"

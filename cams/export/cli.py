@@ -21,7 +21,7 @@ from pfnet.zoo import DEMO_IDS, PHOTO_FALLBACK
 
 DEFAULT_MODELS = ("r50", "r50_hybrid")
 DEMO_DEFAULT = ("demo_r50", "demo_r50_hybrid")  # the embedded default: bundled, works offline
-# Exit statuses (README, "Security and limits").
+# Exit statuses (docs/security.md).
 EXIT_OK = 0
 EXIT_NOTHING = 1  # nothing could be processed (no model loaded, no readable image)
 EXIT_CANNOT_START = 2  # bad settings or an output folder that cannot be used; nothing written
