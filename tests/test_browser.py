@@ -2,9 +2,9 @@
 
 A fresh machine as the README's quick start meets it: no pfcam flags, empty PFCAM_CACHE and HF_HOME, the hub
 unreachable (HF_ENDPOINT on a closed loopback port). The first screen must show the demo models' heatmaps of a
-demo scene and EfficientNet-Lite0's of two bundled photos without a click; the test checks that they are not blank, saves a screenshot (and copies it to
-$PFCAM_SCREENSHOT when set: that is how docs/screenshot.png is refreshed), then uploads an image through the
-page's file input and checks its heatmaps too.
+demo scene and EfficientNet-Lite0's of two bundled photos without a click; the test checks that they are not
+blank, saves a screenshot (and copies it to $PFCAM_SCREENSHOT when set: that is how docs/screenshot.png is
+refreshed), then uploads an image through the page's file input and checks its heatmaps too.
 """
 from __future__ import annotations
 
