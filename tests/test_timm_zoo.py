@@ -254,3 +254,16 @@ def test_the_size_cap_applies_to_timm_downloads(hub, pfcam_cache, monkeypatch):
     with pytest.raises(WeightsUnavailableError, match="over the 1000-byte limit"):
         pfnet.load(f"timm:{SMALL}", device="cpu")
     assert not list(pfcam_cache.iterdir())
+
+
+@pytest.mark.parametrize("model_id", [f"timm:{SMALL}", "timm:pit_ti_224.in1k", "effnet_lite0"])
+def test_the_card_figures_are_measured_for_networks_pfnet_did_not_build(model_id):
+    """Parameters, MACs and latency as the model card measures them (PiT passes its class token between modules in
+    a tuple, which the MAC counter's module tracker used to trip over)."""
+    from pfnet import profile
+
+    model = pfnet.load(model_id, weights=None if model_id == "effnet_lite0" else "random", device="cpu")
+    size = zoo.get(model_id).preprocess.input_size
+    assert profile.count_params(model) > 0 and profile.count_macs(model, (size, size)) > 0
+    assert all(parameter.requires_grad for parameter in model.parameters())  # left as it was
+    assert profile.measure_latency_ms(model, (size, size), warmup=0, runs=1) > 0
