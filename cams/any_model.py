@@ -129,7 +129,25 @@ def _outline(model: nn.Module) -> Outline:
                 parts.append(Part(block, "block", f"{block} · stage {index + 1} block {number + 1}",
                                   same_as=path if plain and number == len(blocks) - 1 else None, stage=path))
         names = [path for path, _ in staged]
+    if _token_head(model):  # the last block's patch tokens do not reach the logits: never a default
+        dead = {part.name for part in parts if part.kind == "block"}
+        dead = {max(dead, key=[part.name for part in parts].index)} if dead else set()
+        if names[-1] not in dead and parts[-1].kind == "block" and parts[-1].stage == names[-1]:
+            dead.add(names[-1])  # the last stage's output is its last block's patch tokens (PiT)
+            names.append(parts[-2].name if parts[-2].kind == "block" else names[-1])
+        parts = [Part(part.name, part.kind, f"{part.label} · {_DEAD}", part.same_as, part.stage)
+                 if part.name in dead else part for part in parts]
+        names = [name for name in names if name not in dead]
     return Outline(tuple(parts), tuple(names[-2:]), reductions)
+
+
+_DEAD = "class-token head: its patch tokens get no gradient"
+
+
+def _token_head(model: nn.Module) -> bool:
+    """Whether the classifier reads only the prefix tokens (DeiT, PiT: ``global_pool == "token"``): then the
+    last block's patch tokens get no gradient, and Grad-CAM there is flat."""
+    return prefix_tokens(model) > 0 and getattr(model, "global_pool", "token") == "token"
 
 
 def _last_child(module: nn.Module) -> str:
