@@ -23,6 +23,7 @@ Everything here is plain data; :mod:`cams.layers` turns it into ``LayerSpec`` an
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import Counter
@@ -328,16 +329,25 @@ def class_names_of(model: nn.Module) -> list[str] | None:
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         return None
     try:
-        from timm.data import ImageNetInfo, infer_imagenet_subset
+        from timm.data import infer_imagenet_subset
 
         subset = infer_imagenet_subset(model)
-        if subset:
-            info = ImageNetInfo(subset)
-            if info.num_classes() == count:
-                return [info.index_to_description(index) for index in range(count)]
+    except (ImportError, AttributeError, KeyError, ValueError):
+        subset = None
+    names = _imagenet_names(subset) if subset else None
+    return list(names if names is not None and len(names) == count else numbered(count))
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_names(subset: str) -> tuple[str, ...] | None:
+    """timm's names of an ImageNet subset's classes (read from timm's files: ~0.1 s, so once per subset)."""
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo(subset)
+        return tuple(info.index_to_description(index) for index in range(info.num_classes()))
     except (ImportError, AttributeError, KeyError, ValueError, OSError):
-        pass
-    return list(numbered(count))
+        return None
 
 
 def numbered(count: int) -> tuple[str, ...]:
