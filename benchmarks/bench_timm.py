@@ -18,6 +18,7 @@ The cases of one model are timed round-robin in one process (each round in a see
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +107,13 @@ def bench_model(name: str, args) -> list[tuple[str, str, float, float, float | N
     return [(name, label, medians[label], medians[label] / forward_s, target) for label, (_, target) in cases.items()]
 
 
+def _loadavg() -> str:
+    try:
+        return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS, help="timm model names (random weights)")
@@ -119,9 +127,10 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lines = [f"Grad-CAM on timm models vs a forward (cpu, {args.size}x{args.size}, batch {args.batch}, random weights, "
-             f"median of {args.repeats} after {args.warmup} warm-up, {torch.get_num_threads()} torch threads)", "",
-             "| model | measurement | median ms | x forward | target |", "|---|---|---:|---:|---|"]
+    title = (f"Grad-CAM on timm models vs a forward (cpu, {args.size}x{args.size}, batch {args.batch}, random "
+             f"weights, median of {args.repeats} after {args.warmup} warm-up, {torch.get_num_threads()} torch "
+             f"threads, load average at the start {_loadavg()})")
+    lines = [title, "", "| model | measurement | median ms | x forward | target |", "|---|---|---:|---:|---|"]
     print("\n".join(lines), flush=True)
     for name in args.models:
         for model_name, label, seconds, ratio, target in bench_model(name, args):

@@ -215,6 +215,19 @@ def test_swin_channels_last_and_pit_tuple_stages_read_as_maps():
     assert bool(torch.isfinite(explanation.heatmaps).all())
 
 
+@pytest.mark.parametrize("key, layer", [("swin", "layers.2"), ("deit", "blocks.9")])
+def test_every_method_reads_derived_maps(key, layer):
+    model = _timm(key, num_classes=5)
+    images = _images(2, *TIMM[key][2])
+    methods = ["gradcam", "gradcampp", "layercam", "eigencam", "eigencam_fixed"]
+    results = explain_methods(model, images, [layer], methods, targets=2)
+    for method in methods:
+        heatmaps = results[method].heatmaps
+        assert heatmaps.shape == (2, 2, 1, *TIMM[key][2]) and bool(torch.isfinite(heatmaps).all()), method
+    alone = explain(model, images, [layer], "gradcam", targets=2)
+    assert torch.allclose(alone.heatmaps, results["gradcam"].heatmaps, atol=1e-5)
+
+
 def test_underivable_tokens_name_the_shape_and_the_reshape_argument():
     model = Tokens().eval()
     with pytest.raises(LayerError) as caught:
