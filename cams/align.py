@@ -70,7 +70,7 @@ def layer_offsets(model, layers: Sequence[str], align: str | Mapping[str, Sequen
                          f"got {type(align).__name__} {align!r}")
     by_layer = {canonical(model, str(key)): _check_offset(str(key), value) for key, value in table.items()}
     shared = _stride_offsets(model, by_layer) if isinstance(align, str) and by_layer else {}
-    return [by_layer[name] if name in by_layer else (shared.get(layer_stride(model, name)) or NO_OFFSET)
+    return [by_layer[name] if name in by_layer else ((shared and shared.get(layer_stride(model, name))) or NO_OFFSET)
             for name in (canonical(model, layer) for layer in layers)]
 
 

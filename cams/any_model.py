@@ -23,6 +23,7 @@ Everything here is plain data; :mod:`cams.layers` turns it into ``LayerSpec`` an
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import Counter
@@ -129,7 +130,25 @@ def _outline(model: nn.Module) -> Outline:
                 parts.append(Part(block, "block", f"{block} · stage {index + 1} block {number + 1}",
                                   same_as=path if plain and number == len(blocks) - 1 else None, stage=path))
         names = [path for path, _ in staged]
+    if _token_head(model):  # the last block's patch tokens do not reach the logits: never a default
+        dead = {part.name for part in parts if part.kind == "block"}
+        dead = {max(dead, key=[part.name for part in parts].index)} if dead else set()
+        if names[-1] not in dead and parts[-1].kind == "block" and parts[-1].stage == names[-1]:
+            dead.add(names[-1])  # the last stage's output is its last block's patch tokens (PiT)
+            names.append(parts[-2].name if parts[-2].kind == "block" else names[-1])
+        parts = [Part(part.name, part.kind, f"{part.label} · {_DEAD}", part.same_as, part.stage)
+                 if part.name in dead else part for part in parts]
+        names = [name for name in names if name not in dead]
     return Outline(tuple(parts), tuple(names[-2:]), reductions)
+
+
+_DEAD = "class-token head: its patch tokens get no gradient"
+
+
+def _token_head(model: nn.Module) -> bool:
+    """Whether the classifier reads only the prefix tokens (DeiT, PiT: ``global_pool == "token"``): then the
+    last block's patch tokens get no gradient, and Grad-CAM there is flat."""
+    return prefix_tokens(model) > 0 and getattr(model, "global_pool", "token") == "token"
 
 
 def _last_child(module: nn.Module) -> str:
@@ -310,16 +329,25 @@ def class_names_of(model: nn.Module) -> list[str] | None:
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         return None
     try:
-        from timm.data import ImageNetInfo, infer_imagenet_subset
+        from timm.data import infer_imagenet_subset
 
         subset = infer_imagenet_subset(model)
-        if subset:
-            info = ImageNetInfo(subset)
-            if info.num_classes() == count:
-                return [info.index_to_description(index) for index in range(count)]
+    except (ImportError, AttributeError, KeyError, ValueError):
+        subset = None
+    names = _imagenet_names(subset) if subset else None
+    return list(names if names is not None and len(names) == count else numbered(count))
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_names(subset: str) -> tuple[str, ...] | None:
+    """timm's names of an ImageNet subset's classes (read from timm's files: ~0.1 s, so once per subset)."""
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo(subset)
+        return tuple(info.index_to_description(index) for index in range(info.num_classes()))
     except (ImportError, AttributeError, KeyError, ValueError, OSError):
-        pass
-    return list(numbered(count))
+        return None
 
 
 def numbered(count: int) -> tuple[str, ...]:
