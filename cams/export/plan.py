@@ -13,7 +13,7 @@ from cams.engine import METHODS, resolve_classes
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
-from cams.layers import LayerError, default_layers, family_of, layer_names
+from cams.layers import LayerError, default_layers, layer_names, pfnet_family
 from cams.render import COLORMAPS
 from pfnet.preprocess import MODES
 from pfnet.weights import state_digest
@@ -148,7 +148,8 @@ class ExportPlan:
     def manifest_settings(self) -> dict[str, Any]:
         """``manifest.json["settings"]``, before the caller's extra settings."""
         return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
-                                  "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights}
+                                  "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights,
+                                  "weights_origin": getattr(m.network, "weights_origin", None)}
                            for m in self.models},
                 "method": self.method, "topk": self.topk,
                 "target": "label" if self.labelled else list(self.target) or "predicted",
@@ -233,8 +234,10 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
     for model_id, pair in models.items():
         network, entry = pair
         label = getattr(entry, "name", None) or model_id
+        if getattr(network, "weights_origin", None) == "random":  # asked for explicitly; never silent
+            label = f"{label} (random weights)"
         try:
-            family = family_of(network)
+            family = pfnet_family(network)  # None for any other network: layers keyed by model id
             valid = layer_names(network)
             wanted = _requested_layers(layers, model_id, family)
             wanted = list(default_layers(network)) if wanted is None else wanted
