@@ -72,3 +72,23 @@ def test_a_hostile_image_id_in_the_imagenet_solution_csv_is_a_row_problem(tmp_pa
     assert problems and all(isinstance(problem, str) for problem in problems)
     json.dumps(problems)  # printable: no NUL, no lone surrogate in what is shown
     assert all("\0" not in problem for problem in problems)
+
+
+def test_upload_names_with_nul_and_undecodable_bytes_are_exported_under_printable_labels(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cams.export import run_export
+    from export_worker import tiny_models
+
+    picture = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(picture, "PNG")
+    names = ["x\0y\udcff.png", "../../etc/\npasswd.png"]
+    report = run_export([(name, picture.getvalue()) for name in names], tmp_path / "out", tiny_models())
+    assert report.ok and not report.errors
+    labels = {row["image"] for row in report.rows}
+    assert labels == {"x\\x00y\ufffd.png", "../../etc/\\x0apasswd.png"}
+    json.loads((tmp_path / "out" / "manifest.json").read_text())  # writable as JSON: no NUL, no lone surrogate
+    assert all(path.is_relative_to(tmp_path / "out") for path in (tmp_path / "out").rglob("*"))
