@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cams import boxacc as B  # noqa: E402 - after the repository root is on the path
+from cams import boxacc as B
 
 
 def maps(n: int, side: int, seed: int = 0) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
@@ -58,7 +58,8 @@ def main() -> None:
         for step in B.STEPS:
             cuts = B.thresholds_for(protocol, step)
             timings[protocol, step] = best_of(
-                lambda: [B.best_iou_curve(h, box, cuts, protocol=protocol) for h, box in data], args.repeat)
+                lambda cuts=cuts, protocol=protocol: [B.best_iou_curve(h, box, cuts, protocol=protocol)
+                                                      for h, box in data], args.repeat)
     cuts = B.thresholds_for("wsol", 0.01)
     traced = best_of(lambda: [B.curve_from_boxes(*B.threshold_boxes(h, cuts, "wsol"), box, len(cuts), "wsol")
                               for h, box in data], 1)

@@ -7,7 +7,7 @@ Columns (all in [0, 1] except ``road_combined``, in [-0.5, 0.5]):
 * ``maxboxacc_v2`` and ``box_acc_iou30/50/70``: MaxBoxAccV2 (:mod:`cams.boxacc`): every contour's box, the best
   threshold of a 0.01 sweep over the whole test set, per IoU level, and their mean.
 * ``deletion_auc``, ``insertion_auc``: means over the first ``faith_n`` test images.
-* ``road_morf``, ``road_lerf``, ``road_combined``: ROAD (:mod:`cams.road`, noisy linear imputation, rank removal,
+* ``road_morf``, ``road_lerf``, ``road_combined``: ROAD (:mod:`cams.road`, noisy linear imputation, pytorch-grad-cam's percentile removal,
   probability of the explained class, 10..90 % removed) over the first ``road_n`` test images.
 """
 from __future__ import annotations

@@ -215,4 +215,4 @@ def _road_text(road_n: int, n_test: int) -> str:
         return "ROAD: not run (--road-n 0; about 4 s per image and heatmap on the demo models)."
     return (f"ROAD (Rong et al. 2022; MoRF lower, LeRF and combined = (LeRF - MoRF)/2 higher is better): first "
             f"{road_n} of the {n_test} test images only, noisy linear imputation, 10-90 % of the pixels removed by "
-            f"rank, probability of the explained class.")
+            f"pytorch-grad-cam's percentile rule (its numbers), probability of the explained class.")
