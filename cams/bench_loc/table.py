@@ -17,7 +17,7 @@ HEADERS = {"accuracy": "accuracy", "pointing15": "pointing game (15 px)",
            "box_acc_iou70": "BoxAcc IoU.7", "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
            "road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF", "road_combined": "ROAD combined"}
 CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "road_n",
-              "flat_heatmaps", "offset_dy", "offset_dx", "depth"]
+              "flat_heatmaps", "offset_dy", "offset_dx", "depth", "box_protocol"]
 
 
 def _fmt(value: float | None) -> str:
@@ -68,7 +68,7 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
                             + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.road_n,
                                row.flat]
                             + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"])
-                            + ["" if row.depth is None else row.depth])
+                            + ["" if row.depth is None else row.depth, row.box_protocol])
 
 
 def read_csv(path: str | Path) -> list[Row]:
@@ -83,5 +83,6 @@ def read_csv(path: str | Path) -> list[Row]:
                             {key: number(record.get(key, "")) for key in KEYS}, number(record["box_threshold"]),
                             int(record["n"]), int(record["faith_n"]), int(record["flat_heatmaps"]),
                             "baseline" if reference else "cam", offset, int(record.get("road_n") or 0),
-                            int(record["depth"]) if record.get("depth") else None))
+                            int(record["depth"]) if record.get("depth") else None,
+                            record.get("box_protocol") or "pfcam"))  # CSVs from before the column: pfcam's
     return rows
