@@ -44,7 +44,7 @@ IOU_LEVELS: tuple[float, ...] = (0.3, 0.5, 0.7)
 THRESHOLDS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(100))
 PROTOCOLS: tuple[str, ...] = ("wsol", "pfcam")
 DEFAULT_PROTOCOL = "wsol"
-STEPS: tuple[float, ...] = (0.01, 0.001)  # wsolevaluation's cam_curve_interval: 0.01 in its paper's tables, 0.001 default
+STEPS: tuple[float, ...] = (0.01, 0.001)  # wsolevaluation's cam_curve_interval (its code's default: 0.001)
 PROTOCOL_LABELS = {"wsol": "wsolevaluation protocol", "pfcam": "pfcam protocol"}
 
 __all__ = ["IOU_LEVELS", "THRESHOLDS", "PROTOCOLS", "DEFAULT_PROTOCOL", "STEPS", "PROTOCOL_LABELS", "MaxBoxAcc",

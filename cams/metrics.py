@@ -38,7 +38,8 @@ Definitions chosen
 * **Deletion / insertion** (Petsiuk et al., RISE, BMVC 2018): pixels are ranked by heatmap value (descending;
   equal values keep row-major order, a stable sort) and removed from the image (deletion) or inserted into a
   baseline image (insertion) in ``steps`` steps (step i: the ``round(i * P / steps)`` top pixels; RISE's step
-  of ``s`` pixels moves ``min(i * s, P)``: the same counts for ``s = P / steps`` where ``steps`` divides P); the curve is the softmax probability of the target class
+  of ``s`` pixels moves ``min(i * s, P)``: the same counts for ``s = P / steps`` where ``steps`` divides P);
+  the curve is the softmax probability of the target class
   after each step (``steps + 1`` points, fraction 0 to 1), computed with batched forward passes under
   ``torch.inference_mode``. The AUC is the trapezoid area over the fraction axis, i.e. normalised to [0, 1]. Lower is
   better for deletion, higher for insertion. Baselines: ``"blur"`` (Gaussian blur, sigma = 5 % of the side)
@@ -424,7 +425,8 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseli
     them into the baseline. RISE's ``CausalMetric`` takes a step size ``s`` in pixels instead: step i moves
     ``min(i * s, P)`` pixels over ``ceil(P / s)`` steps (the last one shorter); with ``s = P / steps`` the counts
     are the same wherever ``steps`` divides P (e.g. 16 steps on 224 x 224 or 160 x 160). A
-    tensor ``baseline`` may be one image ``[1 or C, H, W]``-broadcastable or one per image ``[N, C, H, W]``. The score is the softmax probability of the target class. The two end points
+    tensor ``baseline`` may be one image ``[1 or C, H, W]``-broadcastable or one per image ``[N, C, H, W]``.
+    The score is the softmax probability of the target class. The two end points
     (the intact image and the baseline) are the same for every heatmap of an image and are run once. Forward
     passes are batched (``batch_size`` inputs at a time, across images) under ``torch.inference_mode``; the model is
     used as given (put it in eval mode first). Curves are [N, K+1] (or [N, R, K+1]).

@@ -8,7 +8,8 @@ Columns (all in [0, 1] except ``road_combined``, in [-0.5, 0.5]):
   threshold of a 0.01 (or 0.001) sweep over the whole test set, per IoU level, and their mean, in the row's
   ``box_protocol`` (``"wsol"``: wsolevaluation's numbers, the default; ``"pfcam"``: pfcam's own).
 * ``deletion_auc``, ``insertion_auc``: means over the first ``faith_n`` test images.
-* ``road_morf``, ``road_lerf``, ``road_combined``: ROAD (:mod:`cams.road`, noisy linear imputation, pytorch-grad-cam's percentile removal,
+* ``road_morf``, ``road_lerf``, ``road_combined``: ROAD (:mod:`cams.road`, noisy linear imputation,
+  pytorch-grad-cam's percentile removal,
   probability of the explained class, 10..90 % removed) over the first ``road_n`` test images.
 """
 from __future__ import annotations
