@@ -1,4 +1,4 @@
-"""MaxBoxAccV2 curve speed per protocol: ``python benchmarks/bench_boxacc.py [--n 48] [--side 160]``.
+"""MaxBoxAccV2 curve speed per protocol: ``python benchmarks/bench_boxacc.py [--n 48] [--side 160] [--docs]``.
 
 Times :func:`cams.boxacc.best_iou_curve` (the numba sweep) in the ``pfcam`` and ``wsol`` protocols on the same
 smooth CAM-like maps and uniform noise, plus the per-threshold contour path of the ``wsol`` protocol
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--side", type=int, default=160)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/measuring.md")
     args = parser.parse_args()
     data = maps(args.n, args.side)
     for protocol in B.PROTOCOLS:  # compile and warm
@@ -63,14 +64,22 @@ def main() -> None:
     cuts = B.thresholds_for("wsol", 0.01)
     traced = best_of(lambda: [B.curve_from_boxes(*B.threshold_boxes(h, cuts, "wsol"), box, len(cuts), "wsol")
                               for h, box in data], 1)
-    print(f"{args.n} maps of {args.side} x {args.side} (half smooth, half noise); best of {args.repeat}")
+    lines = [f"{args.n} maps of {args.side} x {args.side} (half smooth CAM-like, half uniform noise), best of "
+             f"{args.repeat}:", "", "| path | protocol | step | ms per map |", "|---|---|---:|---:|"]
     for (protocol, step), seconds in timings.items():
-        print(f"  sweep  {protocol:5s} step {step:<5g}: {1000 * seconds / args.n:7.2f} ms/map")
-    print(f"  traced wsol  step 0.01 : {1000 * traced / args.n:7.2f} ms/map (per-threshold contours)")
-    for step in B.STEPS:
-        print(f"  ratio wsol / pfcam at step {step:g}: {timings['wsol', step] / timings['pfcam', step]:.2f}")
-    print(f"  traced / sweep (wsol, 0.01): {traced / timings['wsol', 0.01]:.1f}")
+        lines.append(f"| numba sweep | {protocol} | {step:g} | {1000 * seconds / args.n:.2f} |")
+    lines.append(f"| per-threshold contours | wsol | 0.01 | {1000 * traced / args.n:.2f} |")
+    lines.append("")
+    lines.append("Ratio wsol / pfcam: " + ", ".join(
+        f"{timings['wsol', step] / timings['pfcam', step]:.2f} at step {step:g}" for step in B.STEPS)
+        + f"; contours / sweep (wsol, 0.01): {traced / timings['wsol', 0.01]:.1f}.")
+    body = "\n".join(lines)
+    print(body)
+    if args.docs:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from docs_page import write_section
 
+        print(f"wrote {write_section('measuring.md', 'bench_boxacc', body)}")
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from apptest_support import DEMO, app, assert_clean  # noqa: F401
+from apptest_support import DEMO, assert_clean
 
 
 def test_cascade_per_method_starts_at_one_and_falls(app):
