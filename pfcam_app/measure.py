@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from pfcam_app.stoppable import Stoppable
 from pfcam_app.core import (SCORECAM_BATCH, Settings, Slot, Source, decode, engine_targets, error_text, guard,
                             plain)
 
@@ -23,6 +24,7 @@ BOXES_LIMIT_BYTES = 1 << 20  # a boxes CSV larger than this is refused unread
 RESULTS_KEY = "_measure_results"  # session state: (signature, {model id: ModelRun})
 RUN_KEY = "_measure_run"  # session state: the signature the user asked to measure
 STOP_KEY = "_measure_stopped"  # session state: the signature whose measurement the user stopped
+JOB = Stoppable("measure", RUN_KEY, STOP_KEY)
 
 
 @dataclass
@@ -154,15 +156,6 @@ def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Se
     run.next += len(chunk)
 
 
-def _stop(sig: tuple) -> None:
-    st.session_state[STOP_KEY] = sig
-
-
-def _start(sig: tuple) -> None:
-    st.session_state[RUN_KEY] = sig
-    st.session_state.pop(STOP_KEY, None)
-
-
 def measure_panel(sources: list[Source], settings: Settings) -> None:
     with st.expander("Measure: localization across depth", expanded=RUN_KEY in st.session_state,
                      icon=":material/monitoring:"):
@@ -207,17 +200,9 @@ def measure_panel(sources: list[Source], settings: Settings) -> None:
         runs: dict[str, ModelRun] = held[1] if held and held[0] == sig else {}
         st.session_state[RESULTS_KEY] = (sig, runs)  # one measurement per session: older ones are dropped
         unfinished = not runs or any(not run.done for run in runs.values())
-        if st.session_state.get(RUN_KEY) != sig:
-            st.button("Measure", key="measure_start", on_click=_start, args=(sig,), icon=":material/play_arrow:",
-                      type="primary")
-        elif st.session_state.get(STOP_KEY) == sig and unfinished:
-            st.info("Measuring stopped; what finished is shown.", icon=":material/pause_circle:")
-            st.button("Continue", key="measure_continue", on_click=_start, args=(sig,),
-                      icon=":material/play_arrow:")
-        elif unfinished:
-            holder = st.empty()
-            holder.button("Stop measuring", key="measure_stop", on_click=_stop, args=(sig,),
-                          icon=":material/stop_circle:", help="Ends at the next progress step; finished images stay.")
+        holder = JOB.controls(sig, unfinished, "Measure", "Measuring stopped; what finished is shown.",
+                              "Stop measuring", "Ends at the next progress step; finished images stay.")
+        if holder is not None:
             _measure(targets, settings, runs, truth, protocol)
             holder.empty()
         if runs:

@@ -16,6 +16,7 @@ import numpy as np
 import streamlit as st
 
 from pfcam_app.core import Settings, Source, decode, error_text, guard, plain
+from pfcam_app.stoppable import Stoppable
 
 SANITY_IMAGES = 4  # images per check
 SANITY_METHODS = 3  # methods per check
@@ -23,6 +24,7 @@ SANITY_SEED = 0
 RESULTS_KEY = "_sanity_results"  # session state: (signature, {model id: SanityRun})
 RUN_KEY = "_sanity_run"  # session state: the signature the user asked to check
 STOP_KEY = "_sanity_stopped"  # session state: the signature whose check the user stopped
+JOB = Stoppable("sanity", RUN_KEY, STOP_KEY)
 METRICS = {"spearman": "Spearman (median)", "ssim": "SSIM (median)"}
 
 
@@ -98,15 +100,6 @@ def cascade_step(run: SanityRun, model_name: str) -> None:
     run.next += 1
 
 
-def _stop(sig: tuple) -> None:
-    st.session_state[STOP_KEY] = sig
-
-
-def _start(sig: tuple) -> None:
-    st.session_state[RUN_KEY] = sig
-    st.session_state.pop(STOP_KEY, None)
-
-
 def sanity_panel(sources: list[Source], settings: Settings) -> None:
     from cams.engine import METHODS
 
@@ -137,16 +130,9 @@ def sanity_panel(sources: list[Source], settings: Settings) -> None:
         runs: dict[str, SanityRun] = held[1] if held and held[0] == sig else {}
         st.session_state[RESULTS_KEY] = (sig, runs)  # one check per session: older ones are dropped
         unfinished = not runs or any(not run.done for run in runs.values())
-        if st.session_state.get(RUN_KEY) != sig:
-            st.button("Run the sanity check", key="sanity_start", on_click=_start, args=(sig,),
-                      icon=":material/play_arrow:", type="primary")
-        elif st.session_state.get(STOP_KEY) == sig and unfinished:
-            st.info("Sanity check stopped; what finished is shown.", icon=":material/pause_circle:")
-            st.button("Continue", key="sanity_continue", on_click=_start, args=(sig,), icon=":material/play_arrow:")
-        elif unfinished:
-            holder = st.empty()
-            holder.button("Stop the check", key="sanity_stop", on_click=_stop, args=(sig,),
-                          icon=":material/stop_circle:", help="Ends after the current step; finished steps stay.")
+        holder = JOB.controls(sig, unfinished, "Run the sanity check", "Sanity check stopped; what finished is shown.",
+                              "Stop the check", "Ends after the current step; finished steps stay.")
+        if holder is not None:
             _check(chosen, settings, methods, runs)
             holder.empty()
         if runs:

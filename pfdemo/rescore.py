@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pfdemo.scoring import EVAL_LAYERS, pointing_game
+from pfdemo.scoring import pointing_figures
 from pfdemo.train import write_card
 
 
@@ -21,14 +21,7 @@ def rescore(out: Path) -> dict:
     card = json.loads((out / "demo_card.json").read_text())
     for name, entry in card["models"].items():
         net = weights.load(f"demo_{name}", device="cpu").eval()
-        size = int(entry["input_size"])
-        offsets = entry.get("cam_offsets") or {}
-        for layer in EVAL_LAYERS:
-            suffix = "" if layer == "layer4" else f"_{layer}"
-            unaligned = pointing_game(net, size, layer=layer)
-            entry[f"pointing_game{suffix}_unaligned"] = unaligned
-            entry[f"pointing_game{suffix}"] = (pointing_game(net, size, layer=layer, offset=tuple(offsets[layer]))
-                                               if layer in offsets else unaligned)
+        entry.update(pointing_figures(net, int(entry["input_size"]), entry.get("cam_offsets") or {}))
         entry["scored"] = time.strftime("%Y-%m-%d", time.gmtime())
     write_card(out, card)
     return card

@@ -105,6 +105,13 @@ def localization(net: torch.nn.Module, size: int) -> dict:
     fits = fit_alignment(net, size)
     offsets = {layer: fit["offset"] for layer, fit in fits.items() if fit["offset"] is not None}
     report = {"cam_offsets": offsets, "cam_offset_fits": {layer: fit["fits"] for layer, fit in fits.items()}}
+    return {**report, **pointing_figures(net, size, offsets)}
+
+
+def pointing_figures(net: torch.nn.Module, size: int, offsets: dict) -> dict:
+    """The card's pointing-game entries: per layer of :data:`EVAL_LAYERS`, drawn with its recorded offset (where
+    ``offsets`` has one) and unaligned."""
+    report = {}
     for layer in EVAL_LAYERS:
         suffix = "" if layer == "layer4" else f"_{layer}"
         unaligned = pointing_game(net, size, layer=layer)
