@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cams import boxacc as B
+from cams import boxacc as B  # noqa: E402 - importable once the repository root is on the path
 
 
 def maps(n: int, side: int, seed: int = 0) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
