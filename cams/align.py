@@ -193,13 +193,6 @@ def _nonempty(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
-def peak(heatmap: np.ndarray) -> tuple[int, int] | None:
-    """(row, col) of the maximum, or None for a flat map (no peak to align)."""
-    from cams import metrics
-
-    return None if metrics.is_flat(heatmap) else metrics.peak(heatmap)
-
-
 def fit_offset(peaks: Sequence[tuple[int, int] | None], regions: Sequence[np.ndarray], max_shift: int) -> Offset:
     """The integer translation (|dy|, |dx| <= ``max_shift``) that minimises the mean distance from the moved
     peaks to the centres (centroids) of their objects.
