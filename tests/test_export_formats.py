@@ -3,6 +3,8 @@ heatmap, heatmaps-only writes heatmaps and records and nothing else, and a rerun
 overlays while a heatmaps-only rerun keeps what is there."""
 from __future__ import annotations
 
+import csv
+
 import json
 import subprocess
 import sys
@@ -68,6 +70,8 @@ def test_heatmaps_only_writes_heatmaps_and_records_only(tmp_path, models, photos
     assert {Path(p).suffix for p in written} == {".npy", ".json", ".csv"}  # no overlay, no grid
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["overlays"] is False and manifest["settings"]["overlay_format"] is None
+    assert len(manifest["rows"]) == 2  # one row per heatmap, though no overlay was drawn
+    assert len(list(csv.DictReader((out / "manifest.csv").open()))) == 2
     for row in manifest["rows"]:
         assert row["overlay"] == "" and row["grid"] == "" and row["status"] == "computed"
         assert np.load(out / row["heatmap"]).dtype == np.float32

@@ -272,8 +272,11 @@ def row_key(row: Mapping[str, Any]) -> tuple:
 
 
 def _row_files_present(root: Path, row: Mapping[str, Any]) -> bool:
-    return all(isinstance(row.get(key), str) and row[key] and (root / row[key]).is_file()
-               for key in ("overlay", "heatmap"))
+    """The row's heatmap is on disk, and so is its overlay unless it has none (a heatmaps-only export)."""
+    heatmap, overlay = row.get("heatmap"), row.get("overlay")
+    if not isinstance(heatmap, str) or not heatmap or not (root / heatmap).is_file():
+        return False
+    return overlay in (None, "") or (isinstance(overlay, str) and (root / overlay).is_file())
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
