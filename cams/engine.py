@@ -41,8 +41,8 @@ from torch import nn
 
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
 from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetError, check_inputs,  # noqa: F401
-                            eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients, model_input,
-                            resolve_classes, target_count, target_plan)
+                            eigen_cam_maps, eigen_smoothed, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
+                            model_input, resolve_classes, target_count, target_plan)
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
 
 METHODS: dict[str, str] = {
@@ -51,15 +51,33 @@ METHODS: dict[str, str] = {
     "xgradcam": "XGrad-CAM",
     "hirescam": "HiResCAM",
     "layercam": "LayerCAM",
-    "eigencam": "Eigen-CAM",
-    "eigencam_fixed": "Eigen-CAM, fixed sign",
+    "gradcamelementwise": "Grad-CAM element-wise",
+    "eigengradcam": "Eigen-Grad-CAM",
+    "eigencam_fixed": "Eigen-CAM",
+    "eigencam": "Eigen-CAM, pytorch-grad-cam's sign",
+    "kpcacam": "KPCA-CAM",
+    "finercam": "Finer-CAM",
+    "shapleycam": "Shapley-CAM",
+    "smoothgradcampp": "SmoothGrad-CAM++",
+    "guidedgradcam": "Guided Grad-CAM",
+    "fullgrad": "FullGrad",
     "scorecam": "Score-CAM",
+    "ablationcam": "Ablation-CAM",
     "cam": "CAM (fc weights)",
 }
-GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"})
-# Eigen-CAM with pytorch-grad-cam's sign (LAPACK's, which differs between builds), and with the sign fixed by the
-# activations (the map rises with the activation mass; cams.eigen.fixed_sign_projection).
-EIGEN_METHODS = frozenset({"eigencam", "eigencam_fixed"})
+GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "gradcamelementwise",
+                              "eigengradcam"})
+# Eigen-CAM with the sign fixed by the activations (what "Eigen-CAM" means in pfcam: the map rises with the activation
+# mass; cams.eigen.fixed_sign_projection), with pytorch-grad-cam's sign (LAPACK's, which differs between builds, kept
+# for parity), and KPCA-CAM (a kernel principal component): maps of the activations alone, the same for every target.
+EIGEN_METHODS = frozenset({"eigencam", "eigencam_fixed", "kpcacam"})
+# Methods with passes of their own (cams.methods): more than the one forward + one gradient call of the others.
+OWN_PASS_METHODS = frozenset({"ablationcam", "fullgrad", "guidedgradcam", "finercam", "shapleycam", "smoothgradcampp"})
+# Where a method's heatmap depends on nothing of the requested layer but its name (FullGrad: every bias layer).
+LAYERLESS_METHODS = frozenset({"fullgrad"})
+# Methods that run a forward per channel (``batch_size`` counts masked / ablated inputs; progress counts channels).
+SCORED_METHODS = frozenset({"scorecam", "ablationcam"})
+PRECISIONS = ("float32", "bfloat16")
 
 # The constants pytorch-grad-cam uses (base_cam / utils.image / grad_cam_plusplus / xgrad_cam / score_cam).
 NORM_EPS = 1e-7
@@ -74,7 +92,7 @@ class Cancelled(Exception):
 Progress = Callable[[int, int], "bool | None"]
 
 
-class _Meter:
+class Meter:
     """Counts work units (images; masked inputs for Score-CAM) and asks ``progress`` whether to go on."""
 
     def __init__(self, progress: Progress | None, total: int):
@@ -103,6 +121,11 @@ class Explanation:
     layers: tuple[str, ...]
     method: str
     class_names: tuple[str, ...] | None = None
+    #: Guided Grad-CAM only: the guided-backprop gradient of each target's score with respect to the input,
+    #: float32 ``[N, T, 3, H, W]`` (pytorch-grad-cam's ``GuidedBackpropReLUModel`` output, for every image and target).
+    guided: torch.Tensor | None = None
+    #: How the heatmaps were computed beyond ``method``: {"aug_smooth", "eigen_smooth", "precision"} when set.
+    options: tuple[tuple[str, object], ...] = ()
 
     @property
     def method_label(self) -> str:
@@ -218,13 +241,18 @@ class Capture:
 
         return hook
 
-    def run(self, model: nn.Module, images: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, dict]:
+    def run(self, model: nn.Module, images: torch.Tensor, want_grad: bool, from_input: bool = False
+            ) -> tuple[torch.Tensor, dict]:
+        """One forward; ``from_input``: recording from the first operation (for gradients to the input: guided
+        backprop, FullGrad), the layers' outputs kept as they are."""
         self.outputs = {}
-        self.want_grad = want_grad
+        self.want_grad = want_grad and not from_input
         self.grad_started = False
         self.active = True
         try:
             with torch.no_grad():  # restores this thread's grad mode whatever the hooks did
+                if from_input:
+                    torch.set_grad_enabled(True)
                 logits = model(images)
         finally:
             self.active = False
@@ -238,15 +266,27 @@ class Capture:
 
 
 # ------------------------------------------------------------------------------------------------ maths
+def precise(model: nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """``model(images)`` under no_grad, in bfloat16 autocast when ``precision`` is "bfloat16" (the logits float32)."""
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        return model(images).float()
+
+
 def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, class_ids: torch.Tensor,
-                    batch_size: int, meter: _Meter) -> torch.Tensor:
+                    batch_size: int, meter: Meter, eigen_smooth: bool = False, precision: str = "float32"
+                    ) -> torch.Tensor:
     """Score-CAM as pytorch-grad-cam computes it: each channel, upsampled (align_corners=True) and min-max
-    scaled, masks the input; the target logits of the masked inputs, softmaxed over channels, weight the maps."""
+    scaled, masks the input; the target logits of the masked inputs, softmaxed over channels, weight the maps.
+
+    A constant channel's mask is 0 everywhere: all such channels mask the input to the same zero image, which is
+    run once per image (22 of 512 channels at the demo R50's layer4); the masked inputs go in the model's memory
+    format, and in bfloat16 autocast when ``precision`` says so."""
     size = images.shape[-2:]
     count, channels = acts.shape[0], acts.shape[1]
     scores = torch.empty((count, class_ids.shape[1], channels), dtype=torch.float32, device=acts.device)
     with torch.no_grad():
         for index in range(count):
+            constant_score = None
             for start in range(0, channels, batch_size):
                 chunk = acts[index, start:start + batch_size].unsqueeze(1)
                 masks = F.interpolate(chunk, size=size, mode="bilinear", align_corners=True)
@@ -254,11 +294,31 @@ def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, 
                 low = flat.min(dim=1).values[:, None, None, None]
                 high = flat.max(dim=1).values[:, None, None, None]
                 masks = (masks - low) / (high - low + SCORECAM_EPS)
-                logits = model(images[index:index + 1] * masks)
-                scores[index, :, start:start + chunk.shape[0]] = logits[:, class_ids[index]].t().float()
+                varying = (high - low).flatten() != 0
+                if constant_score is None and not bool(varying.all()):
+                    varying[int((~varying).nonzero()[0])] = True  # the first constant channel is run, once
+                run = varying.nonzero().squeeze(1)
+                ids = class_ids[index]
+                out = scores[index, :, start:start + chunk.shape[0]]
+                if run.numel():
+                    masked = (images[index:index + 1] * masks[run]).contiguous(memory_format=_format_of(images))
+                    out[:, run] = precise(model, masked, precision)[:, ids].t()
+                if run.numel() < chunk.shape[0]:
+                    if constant_score is None:
+                        first = int((~((high - low).flatten() != 0)).nonzero()[0])
+                        constant_score = out[:, first].clone()
+                    skipped = ((high - low).flatten() == 0).nonzero().squeeze(1)
+                    out[:, skipped] = constant_score[:, None]
                 meter.add(chunk.shape[0])
     weights = torch.softmax(scores, dim=-1)  # [n, T, C]
+    if eigen_smooth:
+        return eigen_smoothed(weights.transpose(0, 1)[..., None, None].to(acts.dtype) * acts)
     return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)
+
+
+def _format_of(images: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
+        and not images.is_contiguous() else torch.contiguous_format
 
 
 def _min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -288,7 +348,8 @@ def normalise(maps: torch.Tensor, size: tuple[int, int], offset: Offset = NO_OFF
 # ------------------------------------------------------------------------------------------------ entry point
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
             targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
-            align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None) -> Explanation:
+            align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
+            aug_smooth: bool = False, eigen_smooth: bool = False, precision: str = "float32") -> Explanation:
     """Heatmaps of ``method`` for every image x target x layer.
 
     ``images``: a preprocessed batch ``[N, 3, H, W]`` (moved to the model's device if it is elsewhere).
@@ -303,7 +364,24 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     ``progress(done, total)``: called after each batch of images (units: images) or, for Score-CAM, after each
     chunk of masked inputs (units: channels, one masked input per image x layer channel; the total grows by each
     batch's channels once its forward pass shows them). Return a true value to stop: :class:`Cancelled`.
+    ``aug_smooth``: pytorch-grad-cam's test-time augmentation (horizontal flip x brightness 0.9 / 1 / 1.1, the six
+    maps un-flipped and averaged), the six copies of each image in the same forward and gradient call
+    (:mod:`cams.smoothing`). ``eigen_smooth``: the first principal component of the weighted activations instead of
+    their sum (pytorch-grad-cam's option; Eigen-CAM, Eigen-Grad-CAM and KPCA-CAM are projections already).
+    ``precision``: "float32", or "bfloat16" for Score-CAM's and Ablation-CAM's extra forwards in bfloat16
+    autocast (about 0.6-0.75 of their time on a CPU; logits move by ~0.5% of the largest), recorded in
+    ``Explanation.options``.
     """
+    if precision not in PRECISIONS:
+        raise CamError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if aug_smooth:
+        from cams.smoothing import aug_smooth_explain
+        return aug_smooth_explain(model, images, layers, method, targets, class_names, batch_size, align, progress,
+                                  eigen_smooth=eigen_smooth, precision=precision)
+    if method in OWN_PASS_METHODS:
+        from cams.methods import explain_own
+        return explain_own(model, images, [layers] if isinstance(layers, str) else layers, method, targets,
+                           class_names, batch_size, align, progress, eigen_smooth=eigen_smooth, precision=precision)
     if isinstance(layers, str):
         layers = [layers]
     layers = list(layers)
@@ -326,7 +404,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         all_probs: list[torch.Tensor] = []
         want_grad = method in GRADIENT_METHODS
         scored = method == "scorecam"  # counts channels, not images
-        meter = _Meter(progress, 0 if scored else count)
+        meter = Meter(progress, 0 if scored else count)
         with Capture(modules) as capture:
             for start in range(0, count, batch_size):
                 batch = images[start:start + batch_size]
@@ -345,19 +423,22 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     if want_grad:
                         grad = grads[position]
                         grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
-                        raw = grad_cam_maps(method, act, grad)
+                        raw = grad_cam_maps(method, act, grad, eigen_smooth)
                     elif method in EIGEN_METHODS:
                         raw = eigen_cam_maps(method, act, n_targets)
                     elif method == "cam":
                         raw = fc_cam_maps(model, act, class_ids)
                     else:
-                        raw = _score_cam_maps(model, batch, act, class_ids, batch_size, meter)
+                        raw = _score_cam_maps(model, batch, act, class_ids, batch_size, meter, eigen_smooth,
+                                              precision)
                     maps = normalise(raw, size, offsets[position])  # [T, n, H, W]
                     heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
                 del acts, grads
                 if not scored:
                     meter.add(batch.shape[0])
+    options = tuple((key, value) for key, value in (("eigen_smooth", eigen_smooth), ("precision", precision))
+                    if value not in (False, "float32"))
     return Explanation(
         heatmaps=heatmaps, targets=all_ids, probs=torch.cat(all_probs), layers=tuple(layers), method=method,
-        class_names=tuple(class_names) if class_names is not None else None,
+        class_names=tuple(class_names) if class_names is not None else None, options=options,
     )

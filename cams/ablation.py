@@ -1,0 +1,198 @@
+"""Ablation-CAM as pytorch-grad-cam computes it, run from the layer onward.
+
+pytorch-grad-cam's ``AblationCAM`` replaces the layer by an ``AblationLayer`` and runs the *whole* network once per
+batch of ``batch_size`` channels (each copy of the image with one channel of the layer's output ablated), so the part
+of the network before the layer is recomputed ``C / batch_size`` times for nothing. Here the network is traced once
+per call (``torch.fx``, the layer kept whole), the part that does not depend on the layer's output is run once per
+image, and each batch of ablated outputs runs only the nodes downstream of the layer: at R50's layer4 that is the
+pooling and the classifier. Where the model cannot be traced (or a value before the layer is not per-image, e.g. a
+shape read off the input), the ablated outputs go through the whole network as pytorch-grad-cam does.
+
+The maths is pytorch-grad-cam's: a channel is ablated to 0 when the batch's minimum activation is 0, otherwise to
+that minimum minus 1e7, re-read after each ablation (``AblationLayer.__call__``: the k-th copy of a batch gets
+``min - k * 1e7``, so the result depends on ``batch_size`` as pytorch-grad-cam's does); the weights are
+``(score - ablated score) / score``; token layers ablate their last dimension (``AblationLayerVit``). Channels that
+are 0 everywhere under the 0 rule are not run: ablating them changes nothing and their weight multiplies zeros.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from cams.cam_maths import eigen_smoothed
+from cams.engine import Meter, precise
+from cams.layers import to_grid
+
+ABLATION_VALUE = 1e7  # pytorch-grad-cam's AblationLayer
+
+
+def ablation_values(minimum: torch.Tensor, count: int) -> torch.Tensor:
+    """The values pytorch-grad-cam's ``AblationLayer`` writes into copies 0..count-1 of a batch whose minimum
+    activation is ``minimum`` (float32 arithmetic, as it does it)."""
+    if float(minimum) == 0:
+        return torch.zeros(count, dtype=minimum.dtype, device=minimum.device)
+    values, current = [], minimum.reshape(())
+    for _ in range(count):
+        current = current - ABLATION_VALUE
+        values.append(current)
+    return torch.stack(values)
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx tracer that keeps ``leaf`` (and timm's untraceable modules) whole."""
+
+    def __init__(self, leaf: nn.Module):
+        functions, modules = (), ()
+        try:  # timm's registry of functions / modules fx cannot trace through
+            from timm.layers import _fx as timm_fx
+            functions, modules = tuple(timm_fx.get_notrace_functions()), tuple(timm_fx.get_notrace_modules())
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
+        super().__init__(autowrap_functions=functions)
+        self.leaf, self.leaf_types = leaf, modules
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return module is self.leaf or isinstance(module, self.leaf_types) or \
+            super().is_leaf_module(module, qualified_name)
+
+
+class Tail:
+    """The network from one module onward: ``prepare(image)`` runs what does not depend on the module's output for
+    one image; ``run(outputs)`` runs the rest for a batch of replacement outputs of that module -> logits."""
+
+    def __init__(self, model: nn.Module, module: nn.Module):
+        tracer = _Tracer(module)
+        graph = tracer.trace(model)
+        self.module = torch.fx.GraphModule(tracer.root, graph)
+        leaves = [node for node in graph.nodes if node.op == "call_module"
+                  and self.module.get_submodule(node.target) is module]
+        if len(leaves) != 1:
+            raise RuntimeError(f"the layer is called {len(leaves)} times in the traced graph")
+        self.leaf = leaves[0]
+        downstream, dependent = {self.leaf}, set()
+        for node in graph.nodes:
+            if node.op == "placeholder" or any(arg in dependent for arg in node.all_input_nodes):
+                dependent.add(node)
+            if any(arg in downstream for arg in node.all_input_nodes):
+                downstream.add(node)
+        self.order = [node for node in graph.nodes if node in downstream]
+        self.boundary = [node for node in graph.nodes if node not in downstream
+                         and any(user in downstream for user in node.users)]
+        self.dependent = dependent
+        self.cache: dict = {}
+
+    def prepare(self, image: torch.Tensor) -> bool:
+        """Runs the network up to the layer for ``image`` [1, ...]; False when a value the rest needs is not
+        per-image (then :meth:`run` cannot broadcast it, and the caller runs whole forwards)."""
+        interpreter = torch.fx.Interpreter(self.module, garbage_collect_values=False)
+        env: dict = {}
+        for node in self.module.graph.nodes:
+            if node in self.order:
+                continue
+            if node.op == "placeholder":
+                env[node] = image
+                continue
+            interpreter.env = env
+            env[node] = interpreter.run_node(node)
+        self.cache = {}
+        for node in self.boundary:
+            value = env[node]
+            if node in self.dependent and not (isinstance(value, torch.Tensor) and value.dim() >= 1
+                                               and value.shape[0] == 1):
+                return False
+            self.cache[node] = value
+        return True
+
+    def run(self, outputs: torch.Tensor) -> torch.Tensor:
+        count = outputs.shape[0]
+        interpreter = torch.fx.Interpreter(self.module)
+        env = {node: value.expand(count, *value.shape[1:]) if node in self.dependent else value
+               for node, value in self.cache.items()}
+        interpreter.env = env
+        for node in self.order:
+            if node is self.leaf:
+                env[node] = outputs
+            elif node.op == "output":
+                return interpreter.run_node(node)
+            else:
+                env[node] = interpreter.run_node(node)
+        raise RuntimeError("the traced graph has no output")
+
+
+def tail_for(model: nn.Module, module: nn.Module) -> Tail | None:
+    """A :class:`Tail` of ``model`` after ``module``, or None where fx cannot trace the model."""
+    try:
+        return Tail(model, module)
+    except Exception:  # noqa: BLE001 (any tracing failure: run whole forwards instead)
+        return None
+
+
+def _ablated(one: torch.Tensor, start: int, count: int, axis: int) -> torch.Tensor:
+    """``count`` copies of the layer output ``one`` [1, ...], copy k with channel ``start + k`` (along ``axis``)
+    set to pytorch-grad-cam's ablation value."""
+    copies = one.expand(count, *one.shape[1:]).clone()
+    values = ablation_values(one.min(), count).to(copies.dtype)
+    moved = copies.movedim(axis, 1)  # a view: writes land in copies
+    index = torch.arange(count, device=copies.device)
+    moved[index, start + index] = values.view(count, *([1] * (moved.dim() - 2)))
+    return copies
+
+
+def _whole_forward_scores(model, module, image, outputs, precision):
+    """Logits of ``image`` repeated, with ``module``'s output replaced by ``outputs`` (pytorch-grad-cam's way)."""
+    def replace(mod, inputs, output):
+        return outputs
+
+    handle = module.register_forward_hook(replace)
+    try:
+        return precise(model, image.expand(outputs.shape[0], *image.shape[1:]), precision)
+    finally:
+        handle.remove()
+
+
+def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, batch_size: int, meter: Meter,
+                   eigen_smooth: bool, precision: str):
+    """Ablation-CAM for one batch of images: (logits, class ids, raw maps [T, n, h, w] per layer)."""
+    logits, outputs = capture.run(model, batch, want_grad=False)
+    class_ids = class_ids_of(logits)
+    original = logits.detach().gather(1, class_ids).float()  # [n, T]
+    raw_outputs = [outputs[name].detach() for name in layers]
+    del outputs
+    axes = [1 if out.dim() == 4 else out.dim() - 1 for out in raw_outputs]
+    meter.grow(batch.shape[0] * sum(int(out.shape[axis]) for out, axis in zip(raw_outputs, axes)))
+    raws = []
+    with torch.no_grad():
+        for name, out, axis in zip(layers, raw_outputs, axes):
+            module = modules[name]
+            channels = int(out.shape[axis])
+            tail = tail_for(model, module)
+            scores = original[:, :, None].repeat(1, 1, channels)  # [n, T, C]; skipped channels keep the score
+            for index in range(batch.shape[0]):
+                image, one = batch[index:index + 1], out[index:index + 1]
+                ids = class_ids[index]
+                use_tail = tail is not None and tail.prepare(image)
+                dead = None
+                if float(one.min()) == 0:
+                    dead = (one.movedim(axis, 1).flatten(2) == 0).all(dim=2)[0]  # [C]
+                for start in range(0, channels, batch_size):
+                    count = min(batch_size, channels - start)
+                    if dead is not None and bool(dead[start:start + count].all()):
+                        meter.add(count)
+                        continue
+                    ablated = _ablated(one, start, count, axis)
+                    if use_tail:
+                        with torch.autocast(ablated.device.type, dtype=torch.bfloat16,
+                                            enabled=precision == "bfloat16"):
+                            result = tail.run(ablated).float()
+                    else:
+                        result = _whole_forward_scores(model, module, image, ablated, precision)
+                    scores[index, :, start:start + count] = result[:, ids].t()
+                    meter.add(count)
+            weights = (original[:, :, None] - scores) / original[:, :, None]  # [n, T, C]
+            grid = to_grid(model, name, out, size)
+            if eigen_smooth:
+                raws.append(eigen_smoothed(weights.transpose(0, 1)[..., None, None].to(grid.dtype) * grid))
+            else:
+                raws.append(torch.einsum("ntc,nchw->tnhw", weights.to(grid.dtype), grid))
+    return logits.detach(), class_ids, raws
