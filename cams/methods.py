@@ -225,7 +225,10 @@ def _finer_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth
 
 
 def _shapley_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth):
-    logits, outputs = capture.run(model, batch, want_grad=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no second derivative
+        logits, outputs = capture.run(model, batch, want_grad=True)
     class_ids = class_ids_of(logits)
     acts = [outputs[name] for name in layers]
     count = class_ids.shape[1]
@@ -345,7 +348,7 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
                     offset = NO_OFFSET if shared_map is not None else offsets[position]
                     maps = normalise(raw.detach(), size, offset)  # [T, n, H, W]
                     if method == "guidedgradcam":
-                        maps = normalise((maps[:, :, None] * guided).abs().amax(dim=2), size)
+                        maps = _min_max_maps((maps[:, :, None] * guided).abs().amax(dim=2))  # one min-max
                     heatmaps[start:stop, :, position] = maps.transpose(0, 1).cpu()
                 if guided_all is not None:
                     guided_all[start:stop] = guided.transpose(0, 1).float().cpu()
