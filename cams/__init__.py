@@ -3,7 +3,7 @@
 ``cams.explain(model, images, layers, method, targets, class_names, batch_size, align) -> Explanation``; the other
 modules (``cams.images``, ``cams.render``, ``cams.export``, ``cams.metrics``) are imported on their own.
 """
-from cams.engine import (GRADIENT_METHODS, METHODS, Cancelled, Explanation, MethodError, TargetError, explain,
+from cams.engine import (GRADIENT_METHODS, METHOD_NOTES, METHODS, Cancelled, Explanation, MethodError, TargetError, explain,
                          normalise, resolve_classes)
 from cams.layers import (
     CamError,
@@ -25,7 +25,7 @@ from cams.layers import (
 )
 
 __all__ = [
-    "explain", "Explanation", "METHODS", "GRADIENT_METHODS", "normalise", "Cancelled", "resolve_classes",
+    "explain", "Explanation", "METHODS", "METHOD_NOTES", "GRADIENT_METHODS", "normalise", "Cancelled", "resolve_classes",
     "CamError", "LayerError", "MethodError", "TargetError",
     "LayerSpec", "available_layers", "BLOCKS", "block_layers", "expand_layers", "layer_names", "layer_spec", "canonical", "default_layer", "default_layers",
     "family_of", "resolve", "to_grid", "token_grid",
