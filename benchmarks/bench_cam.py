@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cam.py                      # R50 and R50-hybrid, 224x224, batch 1, random weights
     python benchmarks/bench_cam.py --markdown bench.md  # also write the Markdown tables to a file
+    python benchmarks/bench_cam.py --threads 1 --docs   # and into docs/performance.md and the README's headline
 
 For each model: forward-only inference time (``torch.inference_mode``); ``cams.explain`` Grad-CAM for layer4 and
 for layer1..layer4 in one call; pytorch-grad-cam's ``GradCAM`` for layer4 and for the four layers one after the
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--scorecam-batch", type=int, default=256, help="masked inputs per forward for Score-CAM")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
+    parser.add_argument("--docs", action="store_true", help="write the tables into docs/performance.md (and, "
+                        "on the CPU with the reference, the README's headline table)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,8 +234,10 @@ def main(argv: list[str] | None = None) -> str:
         "|---|---|---:|---:|---|",
     ]
     print("\n".join(lines), flush=True)
+    ratios: dict[str, dict[str, float]] = {}
     for label in args.models:
         for model_label, name, seconds, ratio, target in bench_model(label, MODELS[label], args, device):
+            ratios.setdefault(model_label, {})[name] = ratio
             verdict = "" if target is None else f"<= {target}x " + ("ok" if ratio <= target else "MISSED")
             line = f"| {model_label} | {name} | {seconds * 1e3:.1f} | {ratio:.2f} | {verdict} |"
             lines.append(line)
@@ -274,7 +279,33 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n".join(lines) + "\n"
     if args.markdown:
         args.markdown.write_text(text)
+    if args.docs:
+        write_docs(text, ratios, args)
     return text
+
+
+HEADLINE = {"ours, layer4": "ours: Grad-CAM layer4",
+            "ours, layer1..layer4 in one call": "ours: Grad-CAM layer1..layer4, one call",
+            "pytorch-grad-cam, layer4": "pytorch-grad-cam: GradCAM layer4",
+            "pytorch-grad-cam, layer1..layer4": "pytorch-grad-cam: 4 GradCAM objects, layer1..layer4"}
+
+
+def write_docs(text: str, ratios: dict[str, dict[str, float]], args) -> None:
+    """The full tables into docs/performance.md (a section per device); on the CPU with the reference measured,
+    the x-forward ratios into the README's headline table."""
+    from docs_page import command_line, write_section
+
+    command = command_line()
+    page = write_section("performance.md", f"bench_cam-{args.device}", text, command)
+    print(f"wrote {page}", flush=True)
+    if args.device != "cpu" or args.no_reference or args.width_mult != 1.0:
+        return
+    rows = ["| model | " + " | ".join(HEADLINE) + " |", "|---|" + "---:|" * len(HEADLINE)]
+    for model_label, by_name in ratios.items():
+        rows.append(f"| {model_label} | " + " | ".join(f"{by_name[name]:.2f}" for name in HEADLINE.values()) + " |")
+    body = ("Grad-CAM's cost as a multiple of a forward pass (224x224, batch 1, random weights, median of "
+            f"{args.repeats}):\n\n" + "\n".join(rows))
+    print(f"wrote {write_section(ROOT / 'README.md', 'headline', body, command)}", flush=True)
 
 
 if __name__ == "__main__":

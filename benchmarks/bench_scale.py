@@ -15,7 +15,7 @@ models); and how long a fresh Python process takes to import what an actor impor
 
 Then the per-image costs, one torch thread, measured in this process: read + decode + preprocess, explain per
 model, and draw + write every file of an image (the local executor's own code), all of which an actor does for
-its blocks. A cluster plan divides these among its CPUs and GPUs (README, "Scale-out on Ray").
+its blocks. A cluster plan divides these among its CPUs and GPUs (docs/ray.md).
 """
 from __future__ import annotations
 

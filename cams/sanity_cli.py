@@ -1,4 +1,4 @@
-"""``python -m cams sanity``: the model-parameter randomisation check (:mod:`cams.sanity`) for models x layers x
+"""``pfcam sanity``: the model-parameter randomisation check (:mod:`cams.sanity`) for models x layers x
 methods; a table on stdout, ``--csv`` (one row per model x layer x method x randomisation step) and ``--plot``
 (median Spearman and SSIM against randomisation depth, interquartile bands)."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The export panel: "Download ZIP" and "Export to folder", both through ``cams.export.run_export`` so they write
-exactly the layout and manifest of ``python -m cams export``. The CAMs already computed for the page are passed
+exactly the layout and manifest of ``pfcam export``. The CAMs already computed for the page are passed
 in (``run_export(reuse=...)``, from the page's CAM store): an export computes only what the page has not; its
 images are the session's decoded ones (``read_image=``), within the session's pixel budget.
 
@@ -147,7 +147,7 @@ def export_panel(sources: list[Source], settings: Settings) -> None:
     if settings.target[0] == "class":
         st.caption(f"Exports explain the class picked in the sidebar ('{plain(settings.target[1])}') in every "
                    f"image; a model without that class is left out, with a warning.")
-    st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `python -m cams export`, "
+    st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `pfcam export`, "
                "from the CAMs already on the page (only what is missing is computed).")
     chosen = (tuple(sorted((k, tuple(v)) for k, v in settings.layers_by_family.items())), settings.method,
               settings.target, settings.mode, settings.colormap, round(settings.opacity, 3), settings.align)

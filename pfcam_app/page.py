@@ -4,7 +4,7 @@ Run: ``streamlit run app.py`` or ``pfcam app`` (the page behind the server's upl
 pfcam_app/page.py`` runs the page alone, without them (Streamlit runs it as ``__main__``). Compare
 where R50, R50-max, R50-hybrid (and the ViT/PiT variants) look, layer by layer. A thin door onto pfnet and cams:
 models come from ``pfnet.weights``, heatmaps from ``cams.explain``, overlays from ``cams.render``, exports from
-``cams.export.run_export`` (the same files as ``python -m cams export``).
+``cams.export.run_export`` (the same files as ``pfcam export``).
 """
 from __future__ import annotations
 

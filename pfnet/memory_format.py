@@ -2,7 +2,7 @@
 
 ``pfnet.load`` applies :func:`preferred_format` unless told otherwise; ``cams.explain`` hands the input in the model's
 format. The rule is measured, by ``benchmarks/bench_speed.py`` (round-robin medians, one torch thread, this
-project's 2-core x86_64 CPU, see README "Speed"): on the CPU, channels_last makes the ResNet family's forward
+project's 2-core x86_64 CPU, see docs/performance.md): on the CPU, channels_last makes the ResNet family's forward
 1.2-2.1x faster (NCHW max-pooling is slow, and oneDNN convolves NHWC without reordering), and leaves ViT/PiT as they
 are (one convolution, then tokens). No GPU has been measured yet, so other devices stay contiguous until
 ``bench_speed.py --device cuda`` says otherwise.

@@ -1,4 +1,5 @@
-"""What the AppTest suites share: the app's path, page readers, an offline session fixture, a loopback server."""
+"""What the AppTest suites share: the app's path, page readers, a loopback server (the `app` and `blank`
+fixtures live in conftest.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -80,31 +81,6 @@ def expected_top1(model_id: str, data: bytes) -> tuple[str, float]:
         probs = torch.softmax(model(tensor), dim=1)[0]
     index = int(probs.argmax())
     return entry.class_names()[index], float(probs[index])
-
-
-@pytest.fixture
-def app(pfcam_cache):
-    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded)."""
-    from streamlit.testing.v1 import AppTest
-
-    from pfcam_app import core
-
-    if not demo_weights_bundled():  # the offline default runs on the bundled demo models
-        pytest.skip(DEMO_MISSING)
-    core.cam_store().clear()
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.run()
-    assert_clean(at)
-    return at
-
-
-@pytest.fixture
-def blank(app):
-    """The app with the first screen's example deselected: only what a test adds is on the page."""
-    app.multiselect(key="examples").set_value([])
-    app.run()
-    assert_clean(app)
-    return app
 
 
 def upload(at, files: list[tuple[str, bytes]]) -> None:

@@ -15,10 +15,10 @@ ARGS = ["--layers", "layer2.1,layer4", "--methods", "gradcam,layercam,eigencam",
 
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from test_bench_loc import TINY, tiny_zoo  # noqa: F401 - the fixture's setup, run by hand below
+    from bench_loc_support import TINY, install_tiny_zoo
 
     from pfcam.cli import main
 
     with pytest.MonkeyPatch.context() as patch:
-        tiny_zoo.__wrapped__(patch)
+        install_tiny_zoo(patch)
         raise SystemExit(main(["bench-loc", "--models", TINY, *ARGS, "--csv", str(GOLDEN)]))

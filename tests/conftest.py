@@ -19,7 +19,7 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
-    """Tests run offline (PFCAM_OFFLINE=1), as docs/INTERFACES.md promises; a test may delenv it.
+    """Tests run offline (PFCAM_OFFLINE=1), as docs/testing.md says; a test may delenv it.
 
     The user's own checkpoint cache is never read: what is cached there would change the app's defaults.
     """
@@ -48,3 +48,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_zoo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench-loc's fake zoo entries: TINY (random width-0.25 R50-hybrid at 64 px), GONE (bundled file missing)."""
+    from bench_loc_support import install_tiny_zoo
+
+    install_tiny_zoo(monkeypatch)
+
+
+@pytest.fixture
+def app(pfcam_cache):
+    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded)."""
+    from apptest_support import APP, DEMO_MISSING, TIMEOUT, assert_clean, demo_weights_bundled
+    from streamlit.testing.v1 import AppTest
+
+    from pfcam_app import core
+
+    if not demo_weights_bundled():  # the offline default runs on the bundled demo models
+        pytest.skip(DEMO_MISSING)
+    core.cam_store().clear()
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    assert_clean(at)
+    return at
+
+
+@pytest.fixture
+def blank(app):
+    """The app with the first screen's example deselected: only what a test adds is on the page."""
+    from apptest_support import assert_clean
+
+    app.multiselect(key="examples").set_value([])
+    app.run()
+    assert_clean(app)
+    return app

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ports import unused_port
-from apptest_support import (APP, CAPTION, DEMO, FIRST_SCENE, TIMEOUT, UPLOAD_NOTE, app, assert_clean,  # noqa: F401
-                             blank, expected_top1, originals, overlays, row_notes, scene_png, upload)
+from apptest_support import (APP, CAPTION, DEMO, FIRST_SCENE, TIMEOUT, UPLOAD_NOTE, assert_clean,
+                             expected_top1, originals, overlays, row_notes, scene_png, upload)
 
 FIRST_SCREEN_LIMIT = 90  # seconds: the first run of a fresh page, on this small shared CPU
 

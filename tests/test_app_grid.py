@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import cams.engine
-from apptest_support import (ROOT, TIMEOUT, app, assert_clean, blank, demo_weights_bundled,  # noqa: F401
-                             overlays, row_notes, scene_png, upload)
+from apptest_support import (ROOT, TIMEOUT, assert_clean, demo_weights_bundled, overlays, row_notes, scene_png,
+                             upload)
 
 pytestmark = pytest.mark.skipif(not demo_weights_bundled(), reason="bundled demo weights missing in assets/weights")
 

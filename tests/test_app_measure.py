@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from apptest_support import DEMO, app, assert_clean, blank, scene_png, upload  # noqa: F401
+from apptest_support import DEMO, assert_clean, scene_png, upload
 
 
 def measured(at):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cams import bench_loc
+from bench_loc_support import GONE, TINY
 from cams.bench_loc import bench as bench_run
 from pfcam.cli import main
 from pfdemo.bench import scene_split
@@ -18,39 +19,12 @@ from pfdemo.scenes import CLASS_NAMES, render_scene
 from pfnet import zoo
 from pfnet.preprocess import Preprocess
 
-TINY = "tiny_hybrid"
-GONE = "tiny_missing"
 METRIC_HEADERS = ["accuracy", "pointing game (15 px)", "pointing game (strict)", "energy in box", "box accuracy",
                   "MaxBoxAccV2", "BoxAcc IoU.3", "BoxAcc IoU.5", "BoxAcc IoU.7", "deletion AUC", "insertion AUC",
                   "ROAD MoRF", "ROAD LeRF", "ROAD combined"]
 SIGNED = {"ROAD combined"}  # (LeRF - MoRF) / 2, in [-0.5, 0.5]
 LABELS = ["Grad-CAM", "Grad-CAM++", "LayerCAM", "Eigen-CAM (pytorch-grad-cam's sign)"]
 FAST = ["--n", "8", "--val-n", "4", "--faith-n", "2", "--faith-steps", "4", "--batch-size", "8"]
-
-
-def _entry(model_id: str, size: int = 64) -> zoo.ZooEntry:
-    source = zoo.WeightSource("bundled", f"{model_id}.safetensors", f"{model_id}.safetensors")
-    return zoo.ZooEntry(model_id, model_id, "resnet50_hybrid", "resnet", source, Preprocess(size, size),
-                        classes="scenes", arch_kwargs={"width_mult": 0.25})
-
-
-@pytest.fixture
-def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
-    """A fake zoo entry TINY (random width-0.25 R50-hybrid at 64 px) and GONE (bundled file missing)."""
-    monkeypatch.setitem(zoo.ZOO, TINY, _entry(TINY))
-    monkeypatch.setitem(zoo.ZOO, GONE, _entry(GONE))
-    real = bench_run.load_model
-
-    def load(model_id, device=None):
-        if model_id != TINY:
-            return real(model_id, device)
-        torch.manual_seed(0)
-        model = zoo.ZOO[TINY].build().eval()
-        with torch.no_grad():
-            model.fc.weight.mul_(1e-3)  # random init saturates the softmax; keep probabilities informative
-        return model
-
-    monkeypatch.setattr(bench_run, "load_model", load)
 
 
 def parse_table(text: str) -> tuple[list[str], list[list[str]]]:
@@ -253,7 +227,7 @@ def test_bench_loc_on_the_bundled_demo_model(tmp_path: Path, capsys: pytest.Capt
     gradcam4 = next(row for row in rows if row[1] == "layer4" and row[2] == "Grad-CAM")
     noise = next(row for row in rows if row[2] == bench_loc.RANDOM)
     # pointing game at the default layer: the trained CAM beats uniform noise (its layer3 map need not: measured
-    # 0.33 against the centre reference's 0.37 on 500 scenes, see the README)
+    # 0.33 against the centre reference's 0.37 on 500 scenes, see docs/measuring.md)
     assert float(gradcam4[4]) > float(noise[4]) + 0.2
     assert (tmp_path / "demo.md").read_text().count("| " + DEMO + " |") == 10
 

@@ -12,7 +12,7 @@ from cams import bench_loc
 from cams import metrics as M
 from cams.layers import block_layers
 from pfcam.cli import main
-from test_bench_loc import TINY, tiny_zoo  # noqa: F401 - fixture
+from bench_loc_support import TINY
 from pfnet import zoo
 
 FAST = ["--n", "4", "--val-n", "2", "--faith-n", "0", "--batch-size", "4"]

@@ -12,7 +12,7 @@ import pfnet  # noqa: F401  (registers the architectures)
 from pfdemo.bench import scene_split
 from pfdemo.scenes import CLASS_NAMES
 from pfnet.preprocess import Preprocess
-from test_bench_loc import TINY
+from bench_loc_support import TINY
 
 METHODS = ("gradcam", "layercam", "eigencam")
 LAYERS = ("layer3", "layer4")

@@ -10,7 +10,7 @@ import pytest
 
 from bench_loc_golden import ARGS, GOLDEN
 from pfcam.cli import main
-from test_bench_loc import TINY, tiny_zoo  # noqa: F401 - fixture
+from bench_loc_support import TINY
 
 
 def _records(path: Path) -> list[dict[str, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from apptest_support import app, assert_clean, blank, scene_png, upload  # noqa: F401
+from apptest_support import assert_clean, scene_png, upload
 from cams.export import ExportError
 
 EVIL = "![x](http://127.0.0.1:9/track.png) **bold** <img src=x>.png"

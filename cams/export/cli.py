@@ -21,7 +21,7 @@ from pfnet.zoo import DEMO_IDS
 
 DEFAULT_MODELS = ("r50", "r50_hybrid")
 DEMO_DEFAULT = ("demo_r50", "demo_r50_hybrid")  # the embedded default: bundled, works offline
-# Exit statuses (README, "Security and limits").
+# Exit statuses (docs/security.md).
 EXIT_OK = 0
 EXIT_NOTHING = 1  # nothing could be processed (no model loaded, no readable image)
 EXIT_CANNOT_START = 2  # bad settings or an output folder that cannot be used; nothing written
@@ -136,7 +136,7 @@ def export_command(args: argparse.Namespace) -> int:
     if args.models is None and not models and set(unavailable) == set(DEFAULT_MODELS):
         log(f"the ImageNet weights of {' and '.join(DEFAULT_MODELS)} are not available here; exporting with the "
             f"bundled demo models {', '.join(DEMO_DEFAULT)} instead (trained on synthetic shape scenes: their "
-            "classes are shapes, not ImageNet's). `--models` chooses; README, \"Models and official weights\", says "
+            "classes are shapes, not ImageNet's). `--models` chooses; docs/models.md says "
             "how to get the ImageNet ones")
         models, unavailable = load_models(list(DEMO_DEFAULT), weights, device, log)
     elif any(model_id not in DEMO_IDS for model_id in unavailable):

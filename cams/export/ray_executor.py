@@ -8,8 +8,7 @@ local records), explains and writes with the local executor itself (:class:`Acto
 ``ExportExecutor.process``, each result through :func:`cams.export.encode.render_result` on its writer threads,
 beside the next model's explanation), so both engines write the same files, records and grids, in the same
 format (or none, without overlays); a block's rows come back only after its files are on disk. No image or
-heatmap travels between processes: on CPUs, moving them cost more than the drawing they would spread (README,
-"Scale-out on Ray").
+heatmap travels between processes: on CPUs, moving them cost more than the drawing they would spread (docs/ray.md).
 
 The driver gathers each image's rows, skipped inputs and warnings, keyed by the image's place in the input list
 (an image that comes twice counts once); ``run_export`` merges the manifest into the folder's
@@ -73,7 +72,7 @@ def check_shared(root: str, probe: str) -> None:
     if not (Path(root) / probe).is_file():
         raise ExportError(f"node {socket.gethostname()} does not see the output folder {root}: with "
                           "--engine ray, --out must be on a filesystem every node mounts at the same path "
-                          "(README: Scale-out on Ray)")
+                          "(docs/ray.md)")
 
 
 # ------------------------------------------------------------------------------------------------- the actors
