@@ -2,7 +2,7 @@
 on the same model, layer and batch; writes the table into docs/methods.md.
 
     python benchmarks/bench_methods.py --threads 1                        # demo R50 (all methods) + R50 Ablation-CAM
-    python benchmarks/bench_methods.py --threads 1 --write docs/methods.md
+    python benchmarks/bench_methods.py --threads 1 --docs   # and write the table into docs/methods.md
 
 Case 1: the bundled demo R50 (contiguous), ``--batch`` scenes-sized images (``--size``), one layer (``--layer``), top-1.
 Case 2: Ablation-CAM at layer4 of R50 (random weights, ``--r50-size`` px, one image), the issue's >= 3x target.
@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import io
 import os
-import platform
-import re
 import sys
 from pathlib import Path
 
@@ -34,7 +31,6 @@ from benchmarks.bench_cam import forward_only, interleaved_medians  # noqa: E402
 from cams import METHODS, explain  # noqa: E402
 from cams.layers import resolve  # noqa: E402
 
-BEGIN, END = "<!-- bench_methods:begin -->", "<!-- bench_methods:end -->"
 REFERENCE_CLASS = {
     "gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM",
     "layercam": "LayerCAM", "gradcamelementwise": "GradCAMElementWise", "eigengradcam": "EigenGradCAM",
@@ -128,7 +124,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-reference", action="store_true", help="time pfcam only")
-    parser.add_argument("--write", type=Path, help="replace the table between the markers in this markdown file")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/methods.md (its bench section)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -146,22 +142,14 @@ def main(argv: list[str] | None = None) -> str:
         one = torch.randn(1, 3, args.r50_size, args.r50_size, generator=torch.Generator().manual_seed(2))
         rows += bench(r50, f"R50, 1 x {args.r50_size} px", one, "layer4", ["ablationcam"], args)
 
-    command = "python benchmarks/bench_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = ["| model, batch | method | layer | pfcam (x forward) | peer (x forward) | pfcam faster | pfcam ms |",
               "|---|---|---|---|---|---|---|"]
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), torch "
-               f"{torch.__version__}, load average {_loadavg()}")
-    text = "\n".join([f"`{command.strip()}` — {machine}; {datetime.date.today().isoformat()}; median of "
-                      f"{args.repeats} round-robin runs; each time divided by one inference-mode forward of the "
-                      "same batch.", "", *header, *rows]) + "\n"
-    print(text)
-    if args.write:
-        page = args.write.read_text() if args.write.exists() else f"{BEGIN}\n{END}\n"
-        if BEGIN not in page:
-            page += f"\n{BEGIN}\n{END}\n"
-        page = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}{END}", page,
-                      flags=re.S)
-        args.write.write_text(page)
+    text = "\n".join([f"Median of {args.repeats} round-robin runs, {args.threads} torch thread(s); each time divided "
+                      "by one inference-mode forward of the same batch.", "", *header, *rows]) + "\n"
+    print(f"load average {_loadavg()}\n{text}")
+    if args.docs:
+        from benchmarks.docs_page import write_section
+        write_section("methods.md", "methods", text)
     return text
 
 

@@ -128,7 +128,7 @@ def _guided_batch(model, capture, batch, layers, size, class_ids_of, eigen_smoot
 
 
 def bias_layers(model: nn.Module) -> list[nn.Module]:
-    """FullGrad's layers: every ``Conv2d`` and ``BatchNorm2d`` with a bias (exactly those types, as pytorch-grad-cam)."""
+    """FullGrad's layers: every ``Conv2d`` and ``BatchNorm2d`` with a bias (those exact types, as pytorch-grad-cam)."""
     return [module for module in model.modules()
             if type(module) in (nn.Conv2d, nn.BatchNorm2d) and module.bias is not None]
 

@@ -264,3 +264,19 @@ def test_ablation_progress_counts_channels(demo):
     channels = demo.layer4[-1].expansion_block[0].out_channels if hasattr(demo.layer4[-1], "expansion_block") \
         else seen[-1][1] // 2
     assert seen[-1] == (2 * channels, 2 * channels)
+
+
+def test_export_records_the_precision(demo, tmp_path):
+    from PIL import Image
+
+    from cams.export import run_export
+
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(tmp_path / "red.png")
+    from pfnet import zoo
+
+    report = run_export([str(tmp_path / "red.png")], tmp_path / "out", {"demo_r50": (demo, zoo.get("demo_r50"))},
+                        layers=["layer4"], method="ablationcam", precision="bfloat16", overlays=False)
+    assert report.ok
+    import json
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["settings"]["precision"] == "bfloat16" and manifest["settings"]["method"] == "ablationcam"

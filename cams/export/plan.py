@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
-from cams.engine import METHODS, resolve_classes
+from cams.engine import METHODS, PRECISIONS, resolve_classes
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
@@ -90,6 +90,7 @@ class ExportPlan:
     overlays: bool = True  # False: heatmaps (.npy) and records only; no overlays, no grids
     target: tuple[str, ...] = ()  # the classes asked for, as given (ids or names); empty: the predicted top-k
     labelled: bool = False  # each image's own class (--labels)
+    precision: str = "float32"  # "bfloat16": Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast
 
     def outputs(self, model: ModelPlan) -> list[tuple[str, str]]:
         """The (layer, target) results every image gets from ``model`` (targets: :attr:`ModelPlan.targets`)."""
@@ -147,7 +148,7 @@ class ExportPlan:
         return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
                                   "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights}
                            for m in self.models},
-                "method": self.method, "topk": self.topk,
+                "method": self.method, "precision": self.precision, "topk": self.topk,
                 "target": "label" if self.labelled else list(self.target) or "predicted",
                 "batch_size": self.batch_size, "mode": self.mode,
                 "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
@@ -291,13 +292,15 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
                 overwrite: bool = False, align: str = "model", cell_size: int = GRID_CELL,
                 warn: Callable[[str], None] = lambda _: None, overlay_format: str = DEFAULT_FORMAT,
                 overlays: bool = True, target: str | Sequence[str | int] | None = None,
-                labels: Mapping[str, str] | None = None) -> ExportPlan:
+                labels: Mapping[str, str] | None = None, precision: str = "float32") -> ExportPlan:
     """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`). ``target``: None or
     "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`). ``labels``:
     image key (:func:`cams.export.labels.image_key`) -> its class id or name, explained instead."""
     classes = target_list(target)
     validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format, classes,
                       labels is not None)
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes, labels)), method, topk,
                       batch_size, mode, colormap, float(opacity), overwrite, align, cell_size, overlay_format,
-                      bool(overlays), classes, labels is not None)
+                      bool(overlays), classes, labels is not None, precision)
