@@ -16,6 +16,9 @@ are 0 everywhere under the 0 rule are not run: ablating them changes nothing and
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.fx
 from torch import nn
@@ -59,7 +62,8 @@ class _Tracer(torch.fx.Tracer):
 
 class Tail:
     """The network from one module onward: ``prepare(image)`` runs what does not depend on the module's output for
-    one image; ``run(outputs)`` runs the rest for a batch of replacement outputs of that module -> logits."""
+    one image; ``run(prepared, outputs)`` runs the rest for a batch of replacement outputs of that module -> logits.
+    Holds no per-call state (threads may share one)."""
 
     def __init__(self, model: nn.Module, module: nn.Module):
         tracer = _Tracer(module)
@@ -80,11 +84,10 @@ class Tail:
         self.boundary = [node for node in graph.nodes if node not in downstream
                          and any(user in downstream for user in node.users)]
         self.dependent = dependent
-        self.cache: dict = {}
 
-    def prepare(self, image: torch.Tensor) -> bool:
-        """Runs the network up to the layer for ``image`` [1, ...]; False when a value the rest needs is not
-        per-image (then :meth:`run` cannot broadcast it, and the caller runs whole forwards)."""
+    def prepare(self, image: torch.Tensor) -> dict | None:
+        """Runs the network up to the layer for ``image`` [1, ...] -> the values the rest needs; None when one of
+        them is not per-image (then :meth:`run` cannot broadcast it, and the caller runs whole forwards)."""
         interpreter = torch.fx.Interpreter(self.module, garbage_collect_values=False)
         env: dict = {}
         for node in self.module.graph.nodes:
@@ -95,20 +98,20 @@ class Tail:
                 continue
             interpreter.env = env
             env[node] = interpreter.run_node(node)
-        self.cache = {}
+        prepared = {}
         for node in self.boundary:
             value = env[node]
             if node in self.dependent and not (isinstance(value, torch.Tensor) and value.dim() >= 1
                                                and value.shape[0] == 1):
-                return False
-            self.cache[node] = value
-        return True
+                return None
+            prepared[node] = value
+        return prepared
 
-    def run(self, outputs: torch.Tensor) -> torch.Tensor:
+    def run(self, prepared: dict, outputs: torch.Tensor) -> torch.Tensor:
         count = outputs.shape[0]
         interpreter = torch.fx.Interpreter(self.module)
         env = {node: value.expand(count, *value.shape[1:]) if node in self.dependent else value
-               for node, value in self.cache.items()}
+               for node, value in prepared.items()}
         interpreter.env = env
         for node in self.order:
             if node is self.leaf:
@@ -120,12 +123,25 @@ class Tail:
         raise RuntimeError("the traced graph has no output")
 
 
+_TRACE_LOCK = threading.Lock()
+_TAILS: "weakref.WeakKeyDictionary[nn.Module, dict[int, Tail | None]]" = weakref.WeakKeyDictionary()
+
+
 def tail_for(model: nn.Module, module: nn.Module) -> Tail | None:
-    """A :class:`Tail` of ``model`` after ``module``, or None where fx cannot trace the model."""
-    try:
-        return Tail(model, module)
-    except Exception:  # noqa: BLE001 (any tracing failure: run whole forwards instead)
-        return None
+    """A :class:`Tail` of ``model`` after ``module``, or None where fx cannot trace the model; traced once per model
+    and layer in a process (kept while the model lives).
+
+    ``torch.fx`` patches ``nn.Module.__call__`` for every thread while it traces: a forward another thread runs in
+    those milliseconds fails (fx's NameError). Tracing once per model and layer keeps that to the first
+    Ablation-CAM call."""
+    with _TRACE_LOCK:
+        tails = _TAILS.setdefault(model, {})
+        if id(module) not in tails:
+            try:
+                tails[id(module)] = Tail(model, module)
+            except Exception:  # noqa: BLE001 (any tracing failure: run whole forwards instead)
+                tails[id(module)] = None
+        return tails[id(module)]
 
 
 def _ablated(one: torch.Tensor, start: int, count: int, axis: int) -> torch.Tensor:
@@ -171,7 +187,7 @@ def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, b
             for index in range(batch.shape[0]):
                 image, one = batch[index:index + 1], out[index:index + 1]
                 ids = class_ids[index]
-                use_tail = tail is not None and tail.prepare(image)
+                prepared = tail.prepare(image) if tail is not None else None
                 dead = None
                 if float(one.min()) == 0:
                     dead = (one.movedim(axis, 1).flatten(2) == 0).all(dim=2)[0]  # [C]
@@ -181,10 +197,10 @@ def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, b
                         meter.add(count)
                         continue
                     ablated = _ablated(one, start, count, axis)
-                    if use_tail:
+                    if prepared is not None:
                         with torch.autocast(ablated.device.type, dtype=torch.bfloat16,
                                             enabled=precision == "bfloat16"):
-                            result = tail.run(ablated).float()
+                            result = tail.run(prepared, ablated).float()
                     else:
                         result = _whole_forward_scores(model, module, image, ablated, precision)
                     scores[index, :, start:start + count] = result[:, ids].t()

@@ -18,8 +18,11 @@ How a call works (``explain``):
    where the model records an alignment offset for the layer (:mod:`cams.align`) the upsampled map is drawn
    moved by it (``align="none"`` keeps pytorch-grad-cam's drawing).
 
-Score-CAM additionally runs the masked inputs (``batch_size`` at a time, under ``no_grad``); Eigen-CAM and CAM
-need no gradients at all.
+Score-CAM additionally runs the masked inputs (``batch_size`` at a time, under ``no_grad``; constant channels'
+identical masked input once); Eigen-CAM, KPCA-CAM and CAM need no gradients at all. The methods with passes of
+their own (``OWN_PASS_METHODS``: Ablation-CAM, FullGrad, Guided Grad-CAM, Finer-CAM, Shapley-CAM, SmoothGrad-CAM++)
+are computed by :mod:`cams.methods` / :mod:`cams.ablation`, ``aug_smooth`` by :mod:`cams.smoothing`; docs/methods.md
+says what each costs.
 
 Long calls can report progress and be stopped: ``progress(done, total)`` is called after every batch of images
 (for Score-CAM: after every chunk of masked inputs, counting channels); when it returns a true value ``explain`` raises
