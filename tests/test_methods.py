@@ -280,3 +280,17 @@ def test_export_records_the_precision(demo, tmp_path):
     import json
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["settings"]["precision"] == "bfloat16" and manifest["settings"]["method"] == "ablationcam"
+
+
+def test_bench_loc_and_sanity_take_the_new_methods(demo):
+    from cams import bench_loc
+    from cams import sanity as S
+
+    images = _images(2, 64)
+    methods = ["gradcamelementwise", "fullgrad", "ablationcam", "guidedgradcam"]
+    rows = bench_loc.score_images(demo, images, [(4.0, 4.0, 40.0, 40.0), (10.0, 12.0, 50.0, 44.0)],
+                                  layers=["layer4"], methods=methods)
+    assert [row.method for row in rows[:len(methods)]] == methods
+    result = S.sanity_check(demo, images, ["layer4"], ["gradcamelementwise", "finercam"], modes=("independent",),
+                            units=[S.Unit("fc", ("fc",))])
+    assert {c.method for c in result.comparisons} >= {"gradcamelementwise", "finercam"}
