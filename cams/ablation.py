@@ -147,7 +147,9 @@ def tail_for(model: nn.Module, module: nn.Module) -> Tail | None:
 def _ablated(one: torch.Tensor, start: int, count: int, axis: int) -> torch.Tensor:
     """``count`` copies of the layer output ``one`` [1, ...], copy k with channel ``start + k`` (along ``axis``)
     set to pytorch-grad-cam's ablation value."""
-    copies = one.expand(count, *one.shape[1:]).clone()
+    layout = torch.channels_last if one.dim() == 4 and one.is_contiguous(memory_format=torch.channels_last) \
+        and not one.is_contiguous() else torch.contiguous_format
+    copies = one.expand(count, *one.shape[1:]).clone(memory_format=layout)  # the model's memory format
     values = ablation_values(one.min(), count).to(copies.dtype)
     moved = copies.movedim(axis, 1)  # a view: writes land in copies
     index = torch.arange(count, device=copies.device)
