@@ -24,7 +24,8 @@ import torch.fx
 from torch import nn
 
 from cams.cam_maths import eigen_smoothed
-from cams.engine import Meter, precise
+from cams.engine import Meter
+from cams.scorecam import precise
 from cams.layers import to_grid
 
 ABLATION_VALUE = 1e7  # pytorch-grad-cam's AblationLayer

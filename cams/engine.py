@@ -47,71 +47,13 @@ from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetErro
                             eigen_cam_maps, eigen_smoothed, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
                             model_input, resolve_classes, target_count, target_plan)
 from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
+from cams.scorecam import SCORECAM_EPS, score_cam_maps  # noqa: F401  (SCORECAM_EPS: kept importable here)
 
-METHODS: dict[str, str] = {
-    "gradcam": "Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "xgradcam": "XGrad-CAM",
-    "hirescam": "HiResCAM",
-    "layercam": "LayerCAM",
-    "gradcamelementwise": "Grad-CAM element-wise",
-    "eigengradcam": "Eigen-Grad-CAM",
-    "eigencam_fixed": "Eigen-CAM",
-    "eigencam": "Eigen-CAM (pytorch-grad-cam's sign)",
-    "kpcacam": "KPCA-CAM",
-    "finercam": "Finer-CAM",
-    "shapleycam": "Shapley-CAM",
-    "smoothgradcampp": "SmoothGrad-CAM++",
-    "guidedgradcam": "Guided Grad-CAM",
-    "fullgrad": "FullGrad",
-    "scorecam": "Score-CAM",
-    "ablationcam": "Ablation-CAM",
-    "cam": "CAM (fc weights)",
-}
-# What each method is and what it costs, in one line (the app's method list, docs/methods.md).
-METHOD_NOTES: dict[str, str] = {
-    "gradcam": "channels weighted by their mean gradient · 1 forward + 1 backward",
-    "gradcampp": "channels weighted by positive gradients with 2nd/3rd-order terms · 1 forward + 1 backward",
-    "xgradcam": "gradients weighted by the normalised activations · 1 forward + 1 backward",
-    "hirescam": "gradient x activation at each position · 1 forward + 1 backward",
-    "layercam": "positive gradient x activation at each position · 1 forward + 1 backward",
-    "gradcamelementwise": "ReLU(gradient x activation) summed over channels · 1 forward + 1 backward",
-    "eigengradcam": "first principal component of gradient x activation · 1 forward + 1 backward + a small SVD",
-    "eigencam_fixed": "first principal component of the activations, turned to rise with them; the same map for every "
-                      "class · 1 forward (about 1.3x)",
-    "eigencam": "Eigen-CAM with pytorch-grad-cam's LAPACK sign, which can invert the map between machines · "
-                "1 forward + an SVD",
-    "kpcacam": "first kernel (sigmoid) principal component of the activations; the same map for every class · "
-               "1 forward + an eigen-solve over positions",
-    "finercam": "Grad-CAM of the class against its 3 nearest classes · 1 forward + 1 backward",
-    "shapleycam": "gradient minus half the Hessian-vector product · 1 forward + 1 backward + 1 more per layer",
-    "smoothgradcampp": "Grad-CAM++ over 4 noisy copies (torch-cam's) · 1 forward + 4 noisy forwards and 1 backward, "
-                       "batched",
-    "guidedgradcam": "Grad-CAM x the guided-backprop gradient, pixel-sharp · 1 forward + 2 backwards",
-    "fullgrad": "input gradient plus every bias's gradient (the layer choice does not matter) · 1 forward + 1 backward",
-    "scorecam": "each channel masks the input; softmax of the masked scores weights it · 1 forward per channel "
-                "(batched): slow",
-    "ablationcam": "score drop when each channel is removed · the network after the layer once per channel "
-                   "(batched): fast at deep layers, slow at early ones",
-    "cam": "the fc weights on the final feature map (ResNets' last layer only) · 1 forward",
-}
-GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "gradcamelementwise",
-                              "eigengradcam"})
-# Eigen-CAM with the sign fixed by the activations (what "Eigen-CAM" means in pfcam: the map rises with the activation
-# mass; cams.eigen.fixed_sign_projection), with pytorch-grad-cam's sign (LAPACK's, which differs between builds, kept
-# for parity), and KPCA-CAM (a kernel principal component): maps of the activations alone, the same for every target.
-EIGEN_METHODS = frozenset({"eigencam", "eigencam_fixed", "kpcacam"})
-# Methods with passes of their own (cams.methods): more than the one forward + one gradient call of the others.
-OWN_PASS_METHODS = frozenset({"ablationcam", "fullgrad", "guidedgradcam", "finercam", "shapleycam", "smoothgradcampp"})
-# Where a method's heatmap depends on nothing of the requested layer but its name (FullGrad: every bias layer).
-LAYERLESS_METHODS = frozenset({"fullgrad"})
-# Methods that run a forward per channel (``batch_size`` counts masked / ablated inputs; progress counts channels).
-SCORED_METHODS = frozenset({"scorecam", "ablationcam"})
-PRECISIONS = ("float32", "bfloat16")
+from cams.catalogue import (EIGEN_METHODS, GRADIENT_METHODS, LAYERLESS_METHODS, METHOD_NOTES, METHODS,  # noqa: F401
+                            OWN_PASS_METHODS, PRECISIONS, SCORED_METHODS)
 
 # The constants pytorch-grad-cam uses (base_cam / utils.image / grad_cam_plusplus / xgrad_cam / score_cam).
 NORM_EPS = 1e-7
-SCORECAM_EPS = 1e-8
 
 
 class Cancelled(Exception):
@@ -296,61 +238,6 @@ class Capture:
 
 
 # ------------------------------------------------------------------------------------------------ maths
-def precise(model: nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
-    """``model(images)`` under no_grad, in bfloat16 autocast when ``precision`` is "bfloat16" (the logits float32)."""
-    with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-        return model(images).float()
-
-
-def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, class_ids: torch.Tensor,
-                    batch_size: int, meter: Meter, eigen_smooth: bool = False, precision: str = "float32"
-                    ) -> torch.Tensor:
-    """Score-CAM as pytorch-grad-cam computes it: each channel, upsampled (align_corners=True) and min-max
-    scaled, masks the input; the target logits of the masked inputs, softmaxed over channels, weight the maps.
-
-    A constant channel's mask is 0 everywhere: all such channels mask the input to the same zero image, which is
-    run once per image (22 of 512 channels at the demo R50's layer4); the masked inputs go in the model's memory
-    format, and in bfloat16 autocast when ``precision`` says so."""
-    size = images.shape[-2:]
-    count, channels = acts.shape[0], acts.shape[1]
-    scores = torch.empty((count, class_ids.shape[1], channels), dtype=torch.float32, device=acts.device)
-    with torch.no_grad():
-        for index in range(count):
-            constant_score = None
-            for start in range(0, channels, batch_size):
-                chunk = acts[index, start:start + batch_size].unsqueeze(1)
-                masks = F.interpolate(chunk, size=size, mode="bilinear", align_corners=True)
-                flat = masks.flatten(1)
-                low = flat.min(dim=1).values[:, None, None, None]
-                high = flat.max(dim=1).values[:, None, None, None]
-                masks = (masks - low) / (high - low + SCORECAM_EPS)
-                varying = (high - low).flatten() != 0
-                if constant_score is None and not bool(varying.all()):
-                    varying[int((~varying).nonzero()[0])] = True  # the first constant channel is run, once
-                run = varying.nonzero().squeeze(1)
-                ids = class_ids[index]
-                out = scores[index, :, start:start + chunk.shape[0]]
-                if run.numel():
-                    masked = (images[index:index + 1] * masks[run]).contiguous(memory_format=_format_of(images))
-                    out[:, run] = precise(model, masked, precision)[:, ids].t()
-                if run.numel() < chunk.shape[0]:
-                    if constant_score is None:
-                        first = int((~((high - low).flatten() != 0)).nonzero()[0])
-                        constant_score = out[:, first].clone()
-                    skipped = ((high - low).flatten() == 0).nonzero().squeeze(1)
-                    out[:, skipped] = constant_score[:, None]
-                meter.add(chunk.shape[0])
-    weights = torch.softmax(scores, dim=-1)  # [n, T, C]
-    if eigen_smooth:
-        return eigen_smoothed(weights.transpose(0, 1)[..., None, None].to(acts.dtype) * acts)
-    return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)
-
-
-def _format_of(images: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
-        and not images.is_contiguous() else torch.contiguous_format
-
-
 def _min_max(maps: torch.Tensor) -> torch.Tensor:
     """Per-map ``(x - min) / (1e-7 + max(x - min))`` over the last two dims."""
     flat = maps.flatten(-2)
@@ -459,8 +346,8 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     elif method == "cam":
                         raw = fc_cam_maps(model, act, class_ids)
                     else:
-                        raw = _score_cam_maps(model, batch, act, class_ids, batch_size, meter, eigen_smooth,
-                                              precision)
+                        raw = score_cam_maps(model, batch, act, class_ids, batch_size, meter, eigen_smooth,
+                                             precision)
                     maps = normalise(raw, size, offsets[position])  # [T, n, H, W]
                     heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
                 del acts, grads
