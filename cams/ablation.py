@@ -49,8 +49,8 @@ class _Tracer(torch.fx.Tracer):
     def __init__(self, leaf: nn.Module):
         functions, modules = (), ()
         try:  # timm's registry of functions / modules fx cannot trace through
-            from timm.layers import _fx as timm_fx
-            functions, modules = tuple(timm_fx.get_notrace_functions()), tuple(timm_fx.get_notrace_modules())
+            from timm.layers import get_notrace_functions, get_notrace_modules
+            functions, modules = tuple(get_notrace_functions()), tuple(get_notrace_modules())
         except (ImportError, AttributeError):  # pragma: no cover
             pass
         super().__init__(autowrap_functions=functions)
