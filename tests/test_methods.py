@@ -294,3 +294,13 @@ def test_bench_loc_and_sanity_take_the_new_methods(demo):
     result = S.sanity_check(demo, images, ["layer4"], ["gradcamelementwise", "finercam"], modes=("independent",),
                             units=[S.Unit("fc", ("fc",))])
     assert {c.method for c in result.comparisons} >= {"gradcamelementwise", "finercam"}
+
+
+def test_every_method_has_its_one_line_for_the_app():
+    from cams import METHOD_NOTES
+
+    assert set(METHOD_NOTES) == set(METHODS)
+    for key, note in METHOD_NOTES.items():
+        what, cost = note.split(" · ")  # what it is · what it costs
+        assert what and cost and "\n" not in note, key
+    assert METHODS["eigencam_fixed"] == "Eigen-CAM"  # the fixed sign is what Eigen-CAM means in pfcam
