@@ -92,14 +92,14 @@ class Tail:
         interpreter = torch.fx.Interpreter(self.module, garbage_collect_values=False)
         env: dict = {}
         for node in self.module.graph.nodes:
-            if node in self.order:
+            if node in self.order and node is not self.leaf:
                 continue
             if node.op == "placeholder":
                 env[node] = image
                 continue
             interpreter.env = env
             env[node] = interpreter.run_node(node)
-        prepared = {}
+        prepared = {self.leaf: env[self.leaf]}  # the layer's own output: a tuple keeps its other items
         for node in self.boundary:
             value = env[node]
             if node in self.dependent and not (isinstance(value, torch.Tensor) and value.dim() >= 1
@@ -112,11 +112,11 @@ class Tail:
         count = outputs.shape[0]
         interpreter = torch.fx.Interpreter(self.module)
         env = {node: value.expand(count, *value.shape[1:]) if node in self.dependent else value
-               for node, value in prepared.items()}
+               for node, value in prepared.items() if node is not self.leaf}
         interpreter.env = env
         for node in self.order:
             if node is self.leaf:
-                env[node] = outputs
+                env[node] = replaced(prepared[self.leaf], outputs)
             elif node.op == "output":
                 return interpreter.run_node(node)
             else:
@@ -158,10 +158,21 @@ def _ablated(one: torch.Tensor, start: int, count: int, axis: int) -> torch.Tens
     return copies
 
 
+def replaced(original, outputs: torch.Tensor):
+    """``outputs`` in the place of a layer's ``original`` output: a tuple / list output (timm's PiT stages) keeps
+    its other items, repeated to the batch."""
+    if not isinstance(original, (tuple, list)):
+        return outputs
+    count = outputs.shape[0]
+    rest = [item.expand(count, *item.shape[1:]) if isinstance(item, torch.Tensor) and item.dim() >= 1
+            and item.shape[0] == 1 else item for item in original[1:]]
+    return type(original)([outputs, *rest])
+
+
 def _whole_forward_scores(model, module, image, outputs, precision):
     """Logits of ``image`` repeated, with ``module``'s output replaced by ``outputs`` (pytorch-grad-cam's way)."""
     def replace(mod, inputs, output):
-        return outputs
+        return replaced(output, outputs)
 
     handle = module.register_forward_hook(replace)
     try:
@@ -171,7 +182,7 @@ def _whole_forward_scores(model, module, image, outputs, precision):
 
 
 def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, batch_size: int, meter: Meter,
-                   eigen_smooth: bool, precision: str):
+                   eigen_smooth: bool, precision: str, reshape=None):
     """Ablation-CAM for one batch of images: (logits, class ids, raw maps [T, n, h, w] per layer)."""
     logits, outputs = capture.run(model, batch, want_grad=False)
     class_ids = class_ids_of(logits)
@@ -209,7 +220,7 @@ def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, b
                     scores[index, :, start:start + count] = result[:, ids].t()
                     meter.add(count)
             weights = (original[:, :, None] - scores) / original[:, :, None]  # [n, T, C]
-            grid = to_grid(model, name, out, size)
+            grid = to_grid(model, name, out, size, reshape)
             if eigen_smooth:
                 raws.append(eigen_smoothed(weights.transpose(0, 1)[..., None, None].to(grid.dtype) * grid))
             else:

@@ -70,7 +70,7 @@ def layer_offsets(model, layers: Sequence[str], align: str | Mapping[str, Sequen
                          f"got {type(align).__name__} {align!r}")
     by_layer = {canonical(model, str(key)): _check_offset(str(key), value) for key, value in table.items()}
     shared = _stride_offsets(model, by_layer) if isinstance(align, str) and by_layer else {}
-    return [by_layer[name] if name in by_layer else (shared.get(layer_stride(model, name)) or NO_OFFSET)
+    return [by_layer[name] if name in by_layer else ((shared and shared.get(layer_stride(model, name))) or NO_OFFSET)
             for name in (canonical(model, layer) for layer in layers)]
 
 
@@ -106,11 +106,14 @@ def _module_stride(module) -> int:
 def layer_stride(model, name: str) -> int:
     """Input pixels per cell of layer ``name``, from the network's structure (no forward pass): the stem and
     every stride-2 spatial op before the layer on a ResNet, the patch size on a ViT, the patch embedding and
-    the pools before the stage on a PiT."""
-    from cams.layers import family_of, layer_spec
+    the pools before the stage on a PiT. Any other network: timm's reduction for the stage (a block: its
+    stage's), else measured by :func:`layer_strides` at the model's input size (224 where it names none)."""
+    from cams.layers import layer_spec, pfnet_family
 
     spec = layer_spec(model, name)  # refuses unknown names
-    family = family_of(model)
+    family = pfnet_family(model)
+    if family is None:
+        return _any_stride(model, spec.name)
     if family == "vit":
         return _module_stride(model.patch_embed)
     if family == "pit":
@@ -132,17 +135,29 @@ def layer_stride(model, name: str) -> int:
     return stride
 
 
+def _any_stride(model, name: str) -> int:
+    from cams.any_model import outline
+
+    found = outline(model)
+    stage = next((part.stage for part in found.parts if part.name == name), None)
+    reduction = found.reductions.get(name, found.reductions.get(stage))
+    if isinstance(reduction, int):
+        return reduction
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    return layer_strides(model, [name], (int(size[-2]), int(size[-1])))[0]
+
+
 def layer_strides(model, layers: Sequence[str], input_hw: tuple[int, int]) -> list[int]:
     """Input pixels per cell (rows) of each layer at this input size, from one forward pass of a blank image:
     the largest offset worth searching is one cell."""
     import torch
 
-    from cams.layers import resolve, to_grid
+    from cams.layers import output_tensor, resolve, to_grid
 
     heights: dict[str, int] = {}
     handles = [resolve(model, name).register_forward_hook(
         lambda module, inputs, output, name=name: heights.__setitem__(
-            name, int(to_grid(model, name, output, input_hw).shape[-2])))
+            name, int(to_grid(model, name, output_tensor(output), input_hw).shape[-2])))
         for name in layers]
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else "cpu"
@@ -176,13 +191,6 @@ def _nonempty(mask: np.ndarray) -> np.ndarray:
     if mask.ndim != 2 or not mask.any():
         raise AlignError("an object mask must be a non-empty 2-D array")
     return mask
-
-
-def peak(heatmap: np.ndarray) -> tuple[int, int] | None:
-    """(row, col) of the maximum, or None for a flat map (no peak to align)."""
-    from cams import metrics
-
-    return None if metrics.is_flat(heatmap) else metrics.peak(heatmap)
 
 
 def fit_offset(peaks: Sequence[tuple[int, int] | None], regions: Sequence[np.ndarray], max_shift: int) -> Offset:

@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
+from cams.any_model import class_names_of, numbered
 from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetError, check_inputs,  # noqa: F401
                             eigen_cam_maps, eigen_smoothed, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
                             model_input, resolve_classes, target_count, target_plan)
-from cams.layers import CamError, LayerError, canonical, family_of, resolve, to_grid
+from cams.layers import CamError, LayerError, Reshape, canonical, output_tensor, pfnet_family, resolve, to_grid
 from cams.scorecam import SCORECAM_EPS, score_cam_maps  # noqa: F401  (SCORECAM_EPS: kept importable here)
 
 from cams.catalogue import (EIGEN_METHODS, GRADIENT_METHODS, LAYERLESS_METHODS, METHOD_NOTES, METHODS,  # noqa: F401
@@ -143,7 +144,7 @@ def check_method(model: nn.Module, method: str, layers: Sequence[str]) -> None:
                           + ", ".join(f"{key} ({label})" for key, label in METHODS.items()))
     if method == "cam":
         fc = getattr(model, "fc", None)
-        if family_of(model) != "resnet" or not isinstance(fc, nn.Linear):
+        if pfnet_family(model) != "resnet" or not isinstance(fc, nn.Linear):
             raise MethodError(f"CAM needs a network that ends in global average pooling + fc (the ResNets); "
                               f"{type(model).__name__} does not")
         final = [name for name in (f"layer{index}" for index in range(1, 10)) if hasattr(model, name)][-1]
@@ -197,7 +198,8 @@ class Capture:
         def hook(module, inputs, output):
             if not self.active or threading.get_ident() != self.owner:
                 return None
-            if not isinstance(output, torch.Tensor):
+            tensor = output_tensor(output)  # a tuple's first tensor (timm's PiT stages)
+            if tensor is None:
                 raise LayerError(f"layer {names[0]!r} does not output a tensor ({type(output).__name__})")
             if names[0] in self.outputs:
                 raise LayerError(f"layer {names[0]!r} runs more than once per forward pass; cannot explain it")
@@ -206,9 +208,11 @@ class Capture:
                 # Shallowest requested layer: start recording here, on a leaf that aliases the output.
                 self.grad_started = True
                 torch.set_grad_enabled(True)
-                output = replaced = output.detach().requires_grad_(True)
+                tensor = replaced = tensor.detach().requires_grad_(True)
+                if not isinstance(output, torch.Tensor):
+                    replaced = type(output)([tensor, *output[1:]])
             for name in names:
-                self.outputs[name] = output
+                self.outputs[name] = tensor
             return replaced
 
         return hook
@@ -263,10 +267,16 @@ def normalise(maps: torch.Tensor, size: tuple[int, int], offset: Offset = NO_OFF
 
 
 # ------------------------------------------------------------------------------------------------ entry point
+def _numbered(model: nn.Module, probs: list[torch.Tensor]) -> tuple[str, ...] | None:
+    """"class N" names for a network pfnet did not build that does not say its classes (None for pfnet's)."""
+    return None if pfnet_family(model) is not None or not probs else numbered(int(probs[0].shape[1]))
+
+
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
             targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
             align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
-            aug_smooth: bool = False, eigen_smooth: bool = False, precision: str = "float32") -> Explanation:
+            aug_smooth: bool = False, eigen_smooth: bool = False, precision: str = "float32",
+            reshape: Reshape = None) -> Explanation:
     """Heatmaps of ``method`` for every image x target x layer.
 
     ``images``: a preprocessed batch ``[N, 3, H, W]`` (moved to the model's device if it is elsewhere).
@@ -288,17 +298,23 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     ``precision``: "float32", or "bfloat16" for Score-CAM's and Ablation-CAM's extra forwards in bfloat16
     autocast (about 0.6-0.75 of their time on a CPU; logits move by ~0.5% of the largest), recorded in
     ``Explanation.options``.
+    ``reshape``: how to read outputs whose grid cannot be derived (:data:`cams.layers.Reshape`); never needed for
+    pfnet's networks, timm's CNNs, ViTs, Swin or PiT. ``class_names`` default, for a network pfnet did not build:
+    :func:`cams.any_model.class_names_of` (ImageNet's for timm's ImageNet models, else "class N").
     """
+    if class_names is None and pfnet_family(model) is None:
+        class_names = class_names_of(model)
     if precision not in PRECISIONS:
         raise CamError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if aug_smooth:
         from cams.smoothing import aug_smooth_explain
         return aug_smooth_explain(model, images, layers, method, targets, class_names, batch_size, align, progress,
-                                  eigen_smooth=eigen_smooth, precision=precision)
+                                  eigen_smooth=eigen_smooth, precision=precision, reshape=reshape)
     if method in OWN_PASS_METHODS:
         from cams.methods import explain_own
         return explain_own(model, images, [layers] if isinstance(layers, str) else layers, method, targets,
-                           class_names, batch_size, align, progress, eigen_smooth=eigen_smooth, precision=precision)
+                           class_names, batch_size, align, progress, eigen_smooth=eigen_smooth, precision=precision,
+                           reshape=reshape)
     if isinstance(layers, str):
         layers = [layers]
     layers = list(layers)
@@ -332,14 +348,14 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                 acts = [outputs[name] for name in layers]
                 grads = gradients(logits, class_ids, acts) if want_grad else None
                 if scored:  # one masked input per channel of every layer, for each image
-                    meter.grow(batch.shape[0] * sum(int(to_grid(model, name, act, size).shape[1])
+                    meter.grow(batch.shape[0] * sum(int(to_grid(model, name, act, size, reshape).shape[1])
                                                     for name, act in zip(layers, acts)))
                 del logits, outputs
                 for position, name in enumerate(layers):
-                    act = to_grid(model, name, acts[position].detach(), size)
+                    act = to_grid(model, name, acts[position].detach(), size, reshape)
                     if want_grad:
                         grad = grads[position]
-                        grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
+                        grad = to_grid(model, name, grad.flatten(0, 1), size, reshape).unflatten(0, grad.shape[:2])
                         raw = grad_cam_maps(method, act, grad, eigen_smooth)
                     elif method in EIGEN_METHODS:
                         raw = eigen_cam_maps(method, act, n_targets)
@@ -357,5 +373,5 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     if value not in (False, "float32"))
     return Explanation(
         heatmaps=heatmaps, targets=all_ids, probs=torch.cat(all_probs), layers=tuple(layers), method=method,
-        class_names=tuple(class_names) if class_names is not None else None, options=options,
+        class_names=tuple(class_names) if class_names is not None else _numbered(model, all_probs), options=options,
     )

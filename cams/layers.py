@@ -1,4 +1,8 @@
-"""Which layers of a pfnet model can be explained, what to call them, and how to read their output as a map.
+"""Which layers of a model can be explained, what to call them, and how to read their output as a map.
+
+pfnet's own networks (below) have catalogues of their own; any other ``nn.Module`` (a timm or torchvision model, a
+user's network) gets its stem, stages and blocks from its structure (:mod:`cams.any_model`), named by dotted
+module path, and any other module path of it is accepted too.
 
 Layer names are dotted module paths (``"layer3.5"``, ``"blocks.11"``, ``"transformers.2.blocks.0"``) plus one
 alias, ``"stem"``. Every name's *activation* is the output of that module in the model's forward pass.
@@ -27,15 +31,20 @@ from __future__ import annotations
 import importlib
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 from torch import nn
+
+from cams import any_model
 
 Family = Literal["resnet", "vit", "pit"]
 Kind = Literal["stem", "stage", "block", "op"]
 
 STEM = "stem"
+#: What ``reshape=`` takes (:func:`to_grid`, ``cams.explain``): a callable output -> ``[N, C, h, w]``, a token grid
+#: ``(h, w)`` (prefix tokens: those before the last ``h*w``), or a mapping layer -> either (other layers: derived).
+Reshape = Callable[[torch.Tensor], torch.Tensor] | tuple[int, int] | Mapping[str, object] | None
 
 
 class CamError(ValueError):
@@ -67,8 +76,8 @@ def _optional_class(module: str, name: str) -> type | None:
         return None
 
 
-def family_of(model: nn.Module) -> Family:
-    """``"resnet"``, ``"vit"`` or ``"pit"``; :class:`LayerError` for any other network."""
+def pfnet_family(model: nn.Module) -> Family | None:
+    """``"resnet"``, ``"vit"`` or ``"pit"`` for pfnet's networks; None for any other (explained from its structure)."""
     from pfnet.resnet import PFResNet
 
     if isinstance(model, PFResNet):
@@ -79,7 +88,16 @@ def family_of(model: nn.Module) -> Family:
     pit_cls = _optional_class("pfnet.pit", "PiTMax")
     if pit_cls is not None and isinstance(model, pit_cls):
         return "pit"
-    raise LayerError(f"{type(model).__name__} is not a pfnet ResNet, ViT-max or PiT-max; cannot list its layers")
+    return None
+
+
+def family_of(model: nn.Module) -> Family:
+    """``"resnet"``, ``"vit"`` or ``"pit"``; :class:`LayerError` for any other network (which
+    :func:`available_layers` still lists: see :func:`pfnet_family`)."""
+    family = pfnet_family(model)
+    if family is None:
+        raise LayerError(f"{type(model).__name__} is not a pfnet ResNet, ViT-max or PiT-max")
+    return family
 
 
 # ---------------------------------------------------------------------------------------------------------- ResNet
@@ -170,8 +188,16 @@ def _pit_layers(model: nn.Module) -> list[LayerSpec]:
 
 # ------------------------------------------------------------------------------------------------------ public API
 def available_layers(model: nn.Module) -> list[LayerSpec]:
-    """Every layer :func:`cams.explain` accepts for ``model``, shallow to deep within each group."""
-    family = family_of(model)
+    """The layers :func:`cams.explain` offers for ``model``, shallow to deep within each group.
+
+    Any other network than pfnet's: its stem, stages and their blocks in network depth order (timm's
+    ``feature_info`` where present, else a walk of its modules: :mod:`cams.any_model`), named by dotted module
+    path (``"layer4"``, ``"stages.3"``, ``"blocks.11"``); ``explain`` accepts its other module paths too.
+    """
+    family = pfnet_family(model)
+    if family is None:
+        return [LayerSpec(part.name, part.label, part.kind, part.same_as)  # type: ignore[arg-type]
+                for part in any_model.outline(model).parts]
     if family == "resnet":
         return _resnet_layers(model)
     if family == "vit":
@@ -196,9 +222,12 @@ def default_layers(model: nn.Module) -> list[str]:
 
     ResNet: ``["layer3", "layer4"]``, the last blocks of the two deepest stages (same tensors as ``"layer3.5"``
     and ``"layer4.2"``). ViT: ``["blocks.10", "blocks.11"]``, the last attention and the last max-pool block.
-    PiT: the outputs of its last two stages.
+    PiT: the outputs of its last two stages. Any other network: its last two stages (the blocks of a network
+    without stages: its last two blocks; a plain stack of layers: its last convolution).
     """
-    family = family_of(model)
+    family = pfnet_family(model)
+    if family is None:
+        return list(any_model.outline(model).defaults)
     if family == "resnet":
         return [name for name, _ in _resnet_stages(model)][-2:]
     if family == "vit":
@@ -232,17 +261,34 @@ def layer_spec(model: nn.Module, name: str) -> LayerSpec:
     for candidate in available_layers(model):
         if candidate.name == name:
             return candidate
+    if pfnet_family(model) is None and _submodule(model, name) is not None:
+        return LayerSpec(name, f"{name} · {type(_submodule(model, name)).__name__} output", "op")
     raise _unknown(model, name)
+
+
+def _submodule(model: nn.Module, name: object) -> nn.Module | None:
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _unknown(model: nn.Module, name: object) -> LayerError:
     names = layer_names(model)
     shown = ", ".join(names) if len(names) <= 60 else ", ".join(names[:60]) + f", ... ({len(names)} in all)"
-    return LayerError(f"unknown layer {name!r} for {type(model).__name__}; valid layers: {shown}")
+    more = "" if pfnet_family(model) is not None else " (or the dotted path of any of its modules)"
+    return LayerError(f"unknown layer {name!r} for {type(model).__name__}; valid layers{more}: {shown}")
 
 
 def resolve(model: nn.Module, name: str) -> nn.Module:
     """The module whose forward output is layer ``name``'s activation."""
+    if pfnet_family(model) is None:
+        module = _submodule(model, name)
+        if module is None:
+            raise _unknown(model, name)
+        return module
     if not isinstance(name, str) or name not in set(layer_names(model)):
         raise _unknown(model, name)
     if name == STEM:
@@ -266,9 +312,17 @@ def _conv_out(size: int, conv: nn.Module, dim: int) -> int:
 
 
 def token_grid(model: nn.Module, name: str, input_hw: tuple[int, int]) -> tuple[int, int]:
-    """The ``(h, w)`` token grid that layer ``name`` works on for an input of ``input_hw`` pixels (ViT/PiT)."""
-    family = family_of(model)
+    """The ``(h, w)`` token grid that layer ``name`` works on for an input of ``input_hw`` pixels (ViT/PiT; any
+    other network: its patch embedding's grid, where it has one; :func:`to_grid` reads other grids from the
+    output's shape)."""
+    family = pfnet_family(model)
     height, width = int(input_hw[0]), int(input_hw[1])
+    if family is None:
+        grid = any_model.patch_grid(model, (height, width))
+        if grid is None:
+            raise LayerError(f"{type(model).__name__} has no patch embedding to give layer {name!r} a token grid; "
+                             "its outputs' grids come from their shapes (to_grid)")
+        return grid
     if family == "vit":
         patch = model.patch_size
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
@@ -282,12 +336,38 @@ def token_grid(model: nn.Module, name: str, input_hw: tuple[int, int]) -> tuple[
     raise LayerError(f"{type(model).__name__} layers are already maps; they have no token grid")
 
 
-def to_grid(model: nn.Module, name: str, activation: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+def output_tensor(output):
+    """A layer's output tensor: the output itself, or the first item of a tuple / list output (timm's PiT
+    stages return ``(map, class tokens)``); None when there is no tensor to explain."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def to_grid(model: nn.Module, name: str, activation: torch.Tensor, input_hw: tuple[int, int],
+            reshape: Reshape = None) -> torch.Tensor:
     """Layer ``name``'s activation (or its gradient) as a map ``[N, C, h, w]``.
 
     ResNet layers and PiT stage outputs are maps already (returned as they are); ViT and PiT block outputs are
     tokens ``[N, h*w, C]`` (row-major grid, no class token), reshaped on the grid the input size implies.
+    Any other network's outputs are read from their shape (:func:`cams.any_model.layout`): maps, channels-last
+    maps (Swin), tokens after prefix tokens (ViT, DeiT, EVA, BEiT, PiT). ``reshape`` (:data:`Reshape`) says it
+    for outputs whose grid cannot be derived; where none is given and none can be derived: :class:`LayerError`.
     """
+    if isinstance(reshape, Mapping):
+        reshape = reshape.get(name)
+    if reshape is not None:
+        return _reshaped(name, activation, reshape)
+    if pfnet_family(model) is None:
+        how = any_model.layout(model, tuple(activation.shape), input_hw)
+        if how is None:
+            raise LayerError(
+                f"layer {name!r} of {type(model).__name__} gives an output of shape {tuple(activation.shape)}, which "
+                f"is not a map on a {input_hw[0]}x{input_hw[1]} input ([N, C, h, w], [N, h, w, C], or tokens "
+                f"[N, prefix + h*w, C] on a grid of the input's shape); say how to read it: "
+                f"cams.explain(..., reshape={{{name!r}: (h, w)}}) for tokens on an h x w grid (the last h*w tokens), "
+                f"or reshape=a callable that turns the output into [N, C, h, w]")
+        return any_model.as_map(how, activation)
     if activation.dim() == 4:
         return activation
     if activation.dim() != 3:
@@ -299,3 +379,21 @@ def to_grid(model: nn.Module, name: str, activation: torch.Tensor, input_hw: tup
         raise LayerError(f"layer {name!r} has {tokens} tokens, but a {input_hw[0]}x{input_hw[1]} input gives a "
                          f"{height}x{width} grid")
     return activation.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+def _reshaped(name: str, activation: torch.Tensor, reshape) -> torch.Tensor:
+    if callable(reshape):
+        result = reshape(activation)
+        if not isinstance(result, torch.Tensor) or result.dim() != 4:
+            raise LayerError(f"reshape for layer {name!r} must return a map [N, C, h, w]; got "
+                             f"{tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__}")
+        return result
+    try:
+        height, width = (int(value) for value in reshape)
+    except (TypeError, ValueError):
+        raise LayerError(f"reshape for layer {name!r} must be a callable or a grid (h, w); got {reshape!r}") from None
+    if activation.dim() != 3 or not 0 < height * width <= activation.shape[1]:
+        raise LayerError(f"layer {name!r} gives {tuple(activation.shape)}: not tokens [N, prefix + h*w, C] for the "
+                         f"grid {height}x{width}")
+    prefix = int(activation.shape[1]) - height * width
+    return any_model.as_map(("tokens", prefix, height, width), activation)

@@ -100,7 +100,7 @@ class _TensorHooks:
 
 
 # ------------------------------------------------------------------------------------------------ per-batch maths
-def _guided_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth):
+def _guided_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth, reshape=None):
     """Guided Grad-CAM: (logits, class ids, per-layer Grad-CAM raw maps, guided gradient [T, n, 3, H, W])."""
     state = {"guided": False}
 
@@ -121,8 +121,9 @@ def _guided_batch(model, capture, batch, layers, size, class_ids_of, eigen_smoot
     grads = gradients(logits, class_ids, acts)
     raws = []
     for position, name in enumerate(layers):
-        act = to_grid(model, name, acts[position].detach(), size)
-        grad = to_grid(model, name, grads[position].flatten(0, 1), size).unflatten(0, grads[position].shape[:2])
+        act = to_grid(model, name, acts[position].detach(), size, reshape)
+        grad = grads[position]
+        grad = to_grid(model, name, grad.flatten(0, 1), size, reshape).unflatten(0, grad.shape[:2])
         raws.append(grad_cam_maps("gradcam", act, grad, eigen_smooth))
     return logits.detach(), class_ids, raws, guided.detach()
 
@@ -208,7 +209,7 @@ def finer_targets(logits: torch.Tensor, class_ids: torch.Tensor, comparisons: Se
     return torch.stack(cotangents)
 
 
-def _finer_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth):
+def _finer_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth, reshape=None):
     logits, outputs = capture.run(model, batch, want_grad=True)
     class_ids = class_ids_of(logits)
     acts = [outputs[name] for name in layers]
@@ -218,13 +219,13 @@ def _finer_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth
     raws = []
     for name, act in zip(layers, acts):
         grad = grads[id(act)]
-        grid = to_grid(model, name, act.detach(), size)
-        grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
+        grid = to_grid(model, name, act.detach(), size, reshape)
+        grad = to_grid(model, name, grad.flatten(0, 1), size, reshape).unflatten(0, grad.shape[:2])
         raws.append(grad_cam_maps("gradcam", grid, grad, eigen_smooth))
     return logits.detach(), class_ids, raws
 
 
-def _shapley_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth):
+def _shapley_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth, reshape=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no second derivative
@@ -246,8 +247,8 @@ def _shapley_batch(model, capture, batch, layers, size, class_ids_of, eigen_smoo
                 (hvp,) = torch.autograd.grad(grad, act, grad_outputs=act.detach(), retain_graph=True,
                                              allow_unused=True)
                 hvp = torch.zeros_like(act) if hvp is None else hvp
-            weight = to_grid(model, name, (grad - 0.5 * hvp).detach(), size)
-            grid = to_grid(model, name, act.detach(), size)
+            weight = to_grid(model, name, (grad - 0.5 * hvp).detach(), size, reshape)
+            grid = to_grid(model, name, act.detach(), size, reshape)
             weights = weight.mean(dim=(2, 3))
             if eigen_smooth:
                 from cams.cam_maths import eigen_smoothed
@@ -257,7 +258,7 @@ def _shapley_batch(model, capture, batch, layers, size, class_ids_of, eigen_smoo
     return logits.detach(), class_ids, [torch.stack(maps) for maps in raws]
 
 
-def _smooth_batch(model, capture, batch, layers, size, class_ids_of, samples, std):
+def _smooth_batch(model, capture, batch, layers, size, class_ids_of, samples, std, reshape=None):
     """SmoothGrad-CAM++ as torch-cam computes it: alpha from the mean squared and cubed gradients of the noisy
     copies and the clean activations; the weights from alpha and the *last* noisy copy's gradient, applied to the
     last noisy copy's activations (torch-cam's hooks hold those when its maps are made)."""
@@ -275,14 +276,14 @@ def _smooth_batch(model, capture, batch, layers, size, class_ids_of, samples, st
     raws = []
     for position, name in enumerate(layers):
         grad = grads[position]
-        grid_grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
+        grid_grad = to_grid(model, name, grad.flatten(0, 1), size, reshape).unflatten(0, grad.shape[:2])
         grid_grad = grid_grad.unflatten(1, (samples, n))  # [T, S, n, C, h, w]
         grad_2 = grid_grad.pow(2).mean(dim=1)
         grad_3 = grid_grad.pow(3).mean(dim=1)
-        init = to_grid(model, name, clean[position], size)
+        init = to_grid(model, name, clean[position], size, reshape)
         alpha = grad_2 / (2 * grad_2 + (grad_3 * init).flatten(3).sum(-1)[..., None, None] + SMOOTHGRADCAMPP_EPS)
         weights = (alpha * grid_grad[:, -1].clamp_min(0)).flatten(3).sum(-1)  # [T, n, C]
-        last = to_grid(model, name, acts[position].detach()[-n:], size)
+        last = to_grid(model, name, acts[position].detach()[-n:], size, reshape)
         raws.append(torch.nansum(weights[..., None, None] * last, dim=2))
     return logits.detach(), class_ids, raws
 
@@ -291,7 +292,7 @@ def _smooth_batch(model, capture, batch, layers, size, class_ids_of, samples, st
 def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], method: str, targets=None,
                 class_names: Sequence[str] | None = None, batch_size: int = 32,
                 align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
-                eigen_smooth: bool = False, precision: str = "float32") -> Explanation:
+                eigen_smooth: bool = False, precision: str = "float32", reshape=None) -> Explanation:
     """``cams.explain`` for the methods of :data:`cams.engine.OWN_PASS_METHODS` (arguments as there)."""
     layers = list(layers)
     if not layers:
@@ -324,24 +325,24 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
                 shared_map = None
                 if method == "guidedgradcam":
                     logits, class_ids, raws, guided = _guided_batch(model, capture, batch, layers, size,
-                                                                    class_ids_of, eigen_smooth)
+                                                                    class_ids_of, eigen_smooth, reshape)
                 elif method == "fullgrad":
                     logits, class_ids, shared_map = _fullgrad_batch(model, capture, batch, size, class_ids_of)
                     raws = [shared_map] * len(layers)
                 elif method == "finercam":
                     logits, class_ids, raws = _finer_batch(model, capture, batch, layers, size, class_ids_of,
-                                                           eigen_smooth)
+                                                           eigen_smooth, reshape)
                 elif method == "shapleycam":
                     logits, class_ids, raws = _shapley_batch(model, capture, batch, layers, size, class_ids_of,
-                                                             eigen_smooth)
+                                                             eigen_smooth, reshape)
                 elif method == "smoothgradcampp":
                     logits, class_ids, raws = _smooth_batch(model, capture, batch, layers, size, class_ids_of,
-                                                            SMOOTHGRADCAMPP_SAMPLES, SMOOTHGRADCAMPP_STD)
+                                                            SMOOTHGRADCAMPP_SAMPLES, SMOOTHGRADCAMPP_STD, reshape)
                 else:
                     from cams.ablation import ablation_batch
                     logits, class_ids, raws = ablation_batch(model, capture, modules, batch, layers, size,
                                                              class_ids_of, batch_size, meter, eigen_smooth,
-                                                             precision)
+                                                             precision, reshape)
                 all_ids[start:stop] = class_ids.cpu()
                 all_probs.append(torch.softmax(logits.float(), dim=1).cpu())
                 for position, raw in enumerate(raws):

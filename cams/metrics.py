@@ -155,9 +155,12 @@ def map_box(box: Sequence[float], crop_box: Sequence[float], input_size: int | S
 # --------------------------------------------------------------------------------------- pointing game
 
 
-def peak(heatmap) -> tuple[int, int]:
-    """``(y, x)`` of the heatmap's maximum; ties -> the first one in row-major order."""
+def peak(heatmap) -> tuple[int, int] | None:
+    """``(y, x)`` of the heatmap's maximum; ties -> the first one in row-major order. None for a flat map
+    (:func:`is_flat`: no peak to point with or to align)."""
     h = _heatmap(heatmap)
+    if is_flat(h):
+        return None
     y, x = np.unravel_index(int(np.argmax(h)), h.shape)
     return int(y), int(x)
 
@@ -177,9 +180,10 @@ def pointing_game(heatmap, box: Boxes = None, mask: np.ndarray | None = None,
     """
     h = _heatmap(heatmap)
     region = object_mask(h.shape, box, mask)
-    if not region.any() or is_flat(h):
+    point = peak(h)
+    if not region.any() or point is None:
         return False
-    y, x = peak(h)
+    y, x = point
     if region[y, x]:
         return True
     tol = pointing_tolerance(h.shape) if tolerance is None else float(tolerance)

@@ -12,31 +12,36 @@ from typing import Mapping, Sequence
 import torch
 
 from cams.align import layer_offsets
+from cams.any_model import class_names_of, numbered
 from cams.cam_maths import (check_inputs, eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
                             model_input, target_count)
 from cams.engine import EIGEN_METHODS, GRADIENT_METHODS, Capture, Explanation, check_method, explain, normalise
-from cams.layers import LayerError, resolve, to_grid
+from cams.layers import LayerError, Reshape, pfnet_family, resolve, to_grid
 
 SHARED = GRADIENT_METHODS | EIGEN_METHODS | {"cam"}
 
 
 def explain_methods(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[str], methods: Sequence[str],
                     targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
-                    align: str | Mapping[str, Sequence[float]] = "model") -> dict[str, Explanation]:
+                    align: str | Mapping[str, Sequence[float]] = "model", reshape: Reshape = None
+                    ) -> dict[str, Explanation]:
     """``{method: Explanation}`` for every method, as ``cams.explain(model, images, layers, method, ...)`` would
     give each (arguments as there), from one forward and one ``torch.autograd.grad`` per batch."""
     layers, methods = list(layers), list(dict.fromkeys(methods))
+    if class_names is None and pfnet_family(model) is None:
+        class_names = class_names_of(model)
     if not layers:
         raise LayerError("no layers requested")
     shared = [method for method in methods if method in SHARED]
-    results = {method: explain(model, images, layers, method, targets, class_names, batch_size, align)
-               for method in methods if method not in SHARED}
+    results = {method: explain(model, images, layers, method, targets, class_names, batch_size, align,
+                               reshape=reshape) for method in methods if method not in SHARED}
     if shared:
-        results.update(_shared_pass(model, images, layers, shared, targets, class_names, batch_size, align))
+        results.update(_shared_pass(model, images, layers, shared, targets, class_names, batch_size, align, reshape))
     return {method: results[method] for method in methods}
 
 
-def _shared_pass(model, images, layers, methods, targets, class_names, batch_size, align) -> dict[str, Explanation]:
+def _shared_pass(model, images, layers, methods, targets, class_names, batch_size, align, reshape
+                 ) -> dict[str, Explanation]:
     modules = {name: resolve(model, name) for name in layers}
     for method in methods:
         check_method(model, method, layers)
@@ -63,11 +68,11 @@ def _shared_pass(model, images, layers, methods, targets, class_names, batch_siz
                 grads = gradients(logits, class_ids, acts) if want_grad else None
                 del logits, outputs
                 for position, name in enumerate(layers):
-                    act = to_grid(model, name, acts[position].detach(), size)
+                    act = to_grid(model, name, acts[position].detach(), size, reshape)
                     grad = None
                     if want_grad:
                         grad = grads[position]
-                        grad = to_grid(model, name, grad.flatten(0, 1), size).unflatten(0, grad.shape[:2])
+                        grad = to_grid(model, name, grad.flatten(0, 1), size, reshape).unflatten(0, grad.shape[:2])
                     for method in methods:
                         if method in GRADIENT_METHODS:
                             raw = grad_cam_maps(method, act, grad)
@@ -79,6 +84,7 @@ def _shared_pass(model, images, layers, methods, targets, class_names, batch_siz
                         heatmaps[method][start:stop, :, position] = maps.transpose(0, 1).cpu()
                 del acts, grads
     probs = torch.cat(all_probs)
-    names = tuple(class_names) if class_names is not None else None
+    names = tuple(class_names) if class_names is not None else (
+        None if pfnet_family(model) is not None else numbered(int(probs.shape[1])))
     return {method: Explanation(heatmaps=heatmaps[method], targets=all_ids, probs=probs, layers=tuple(layers),
                                 method=method, class_names=names) for method in methods}

@@ -143,9 +143,11 @@ def randomisation_units(model: nn.Module) -> list[Unit]:
     classifier), ``blocks.11`` .. ``blocks.0``, ``patch_embed`` (with the position embedding). PiT: ``head``,
     each stage's blocks top-down with the pooling layer below the stage after it, ``patch_embed``.
     """
-    from cams.layers import family_of
+    from cams.layers import pfnet_family
 
-    family = family_of(model)
+    family = pfnet_family(model)
+    if family is None:
+        return _structural_units(model)
     if family == "resnet":
         blocks = []
         index = 1
@@ -165,6 +167,39 @@ def randomisation_units(model: nn.Module) -> list[Unit]:
         units += [Unit(f"transformers.{stage}.blocks.{i}", (f"transformers.{stage}.blocks.{i}",))
                   for i in reversed(range(len(blocks)))]
     return units + [stem]
+
+
+def _structural_units(model: nn.Module) -> list[Unit]:
+    """Any other network (a timm model, the user's own), from the output down: its classifier (timm's
+    ``pretrained_cfg["classifier"]``, else the last ``nn.Linear``), its blocks top-down (``cams.layers.block_layers``,
+    from the model's own structure), and its stem (what comes before the first block)."""
+    from cams.layers import block_layers
+
+    names = dict(model.named_modules())
+    blocks = block_layers(model)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads = [name for name in ([classifier] if isinstance(classifier, str) else []) if name in names]
+    if not heads:
+        heads = [name for name, module in names.items() if isinstance(module, nn.Linear)][-1:]
+    if blocks:  # the head is everything after the last block's top-level module (conv_head, norms, classifier)
+        children = [name for name, _ in model.named_children()]
+        last = blocks[-1].split(".")[0]
+        after = children[children.index(last) + 1:] if last in children else []
+        heads = after + [name for name in heads if name.split(".")[0] not in after]
+    units = [Unit("head", tuple(heads))] if heads else []
+    units += [Unit(name, (name,)) for name in reversed(blocks)]
+    # The stem: the top-level modules registered before the one that holds the first block (conv + norm, or the
+    # patch embedding with its loose position embedding and class token).
+    first = blocks[0].split(".")[0] if blocks else None
+    stem: list[str] = []
+    for name, _ in model.named_children():
+        if name == first:
+            break
+        stem.append(name)
+    loose = tuple(name for name, _ in model.named_parameters(recurse=False))
+    if stem or loose:
+        units.append(Unit(stem[0] if stem else "stem", tuple(stem), loose))
+    return units
 
 
 def _unit_generator(unit: Unit, seed: int) -> torch.Generator:

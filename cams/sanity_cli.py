@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, TextIO
 import numpy as np
 import torch
 
+from cams import tables
 from cams.plotting import write_atomic
 from cams.sanity import MODES, SanityResult, randomisation_units, sanity_check
 
@@ -166,16 +167,11 @@ def caption(rows: Sequence[Row], seed: int, source: str) -> str:
 
 
 def format_table(rows: Sequence[Row], title: str) -> str:
-    header, body = table_cells(rows)
-    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([title, "", line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body]) + "\n"
+    return tables.format_text(title, *table_cells(rows))
 
 
 def format_markdown(rows: Sequence[Row], title: str) -> str:
-    header, body = table_cells(rows)
-    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+    return tables.format_markdown(title, *table_cells(rows))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -197,7 +193,8 @@ def add_sanity_parser(subparsers, default_images: DefaultImages | None = None) -
         "sanity", help="model-parameter randomisation sanity check (cascading and independent)",
         description="Re-initialise each model's units (head, blocks top-down, stem) on a copy, cascading and one at "
                     "a time, and compare every heatmap with the trained model's (Spearman, SSIM).")
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated zoo ids")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated zoo ids or timm:<name>[.<tag>]")
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="comma-separated layer names")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated CAM method ids")
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="images (default %(default)s)")
@@ -228,15 +225,28 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], l
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SanityError(f"unknown mode(s) {', '.join(bad)}; known: {', '.join(MODES)}")
-    missing = [m for m in models if m not in zoo.ids()]
+    missing = [m for m in models if not _known(m)]
     if missing:
-        raise SanityError(f"unknown model(s) {', '.join(missing)}; known: {', '.join(zoo.ids())}")
+        raise SanityError(f"unknown model(s) {', '.join(missing)}; known: {', '.join(zoo.ids())}, or any timm "
+                          "model as timm:<name>[.<tag>]")
     if args.n < 1 or args.batch_size < 1:
         raise SanityError("--n and --batch-size must be at least 1")
     for path in (args.csv, args.markdown, args.plot):
         if path and not Path(path).resolve().parent.is_dir():
             raise SanityError(f"{path}: its folder does not exist")
     return models, layers, methods, modes
+
+
+def _known(model_id: str) -> bool:
+    """A zoo id or a timm name timm's registry knows."""
+    from pfnet import zoo
+    from pfnet.errors import UnknownModelError
+
+    try:
+        zoo.get(model_id)
+    except UnknownModelError:
+        return False
+    return True
 
 
 def main_sanity(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

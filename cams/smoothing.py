@@ -33,7 +33,7 @@ def augment(images: torch.Tensor) -> torch.Tensor:
 def aug_smooth_explain(model, images: torch.Tensor, layers: Sequence[str] | str, method: str, targets=None,
                        class_names: Sequence[str] | None = None, batch_size: int = 32,
                        align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
-                       eigen_smooth: bool = False, precision: str = "float32") -> Explanation:
+                       eigen_smooth: bool = False, precision: str = "float32", reshape=None) -> Explanation:
     """``cams.explain(..., aug_smooth=True)``: arguments as there; ``batch_size`` counts images (each image's six
     copies go through together)."""
     from cams.engine import SCORED_METHODS, explain
@@ -47,7 +47,8 @@ def aug_smooth_explain(model, images: torch.Tensor, layers: Sequence[str] | str,
     count = len(AUGMENTATIONS)
     inner_batch = batch_size if method in SCORED_METHODS else batch_size * count
     result = explain(model, augment(images), layers, method, class_ids.repeat_interleave(count, dim=0),
-                     class_names, inner_batch, align, progress, eigen_smooth=eigen_smooth, precision=precision)
+                     class_names, inner_batch, align, progress, eigen_smooth=eigen_smooth, precision=precision,
+                     reshape=reshape)
     maps = result.heatmaps.unflatten(0, (images.shape[0], count))  # [N, 6, T, L, H, W]
     flipped = torch.tensor([flip for flip, _ in AUGMENTATIONS])
     maps = torch.where(flipped[None, :, None, None, None, None], maps.flip(-1), maps)

@@ -13,9 +13,8 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Sequence
-
-from pfnet.assets import bundled_dir
+from typing import Any
+from collections.abc import Sequence
 
 ENTRY = "server.py"
 
@@ -30,6 +29,8 @@ def entry_path() -> Path:
 
 def config_flags(config: Path | None = None) -> list[str]:
     """``--section.key=value`` for every setting of the project's Streamlit config (none if it is missing)."""
+    from pfnet.assets import bundled_dir  # here, not at the top: `pfcam app --help` stays free of torch
+
     path = config or bundled_dir("pfcam_streamlit", ".streamlit") / "config.toml"
     try:
         settings = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -41,12 +41,15 @@ FIRST_PHOTO = "cat_chelsea.jpg"  # the photo selected on a first screen with Ima
 SCORECAM_BATCH = 32  # one image per explain call; Score-CAM's masked copies go through 32 at a time
 CAM_ENTRIES = 512  # CAM results kept (image x model x settings)
 CAM_BYTES = 256 * 2**20  # and their arrays' bytes, whichever bound is met first
-STATUS_LABEL = {"bundled": "bundled", "cached": "cached", "downloadable": "can download", "missing": "missing",
-                "unreachable": "no network", "failed": "download failed"}
-STATUS_ICON = {"bundled": ":material/inventory_2:", "cached": ":material/check_circle:",
-               "downloadable": ":material/cloud_download:", "missing": ":material/error:",
-               "unreachable": ":material/wifi_off:", "failed": ":material/cloud_off:"}
-READY = ("bundled", "cached")
+STATUS_LABEL = {"bundled": "bundled", "installed": "installed", "cached": "cached", "downloadable": "can download",
+                "missing": "missing", "unreachable": "no network", "failed": "download failed"}
+STATUS_ICON = {"bundled": ":material/inventory_2:", "installed": ":material/inventory_2:",
+               "cached": ":material/check_circle:", "downloadable": ":material/cloud_download:",
+               "missing": ":material/error:", "unreachable": ":material/wifi_off:", "failed": ":material/cloud_off:"}
+READY = ("bundled", "installed", "cached")
+PHOTO_DEFAULT = zoo.PHOTO_FALLBACK  # ImageNet networks installed with pfcam: beside the demo models offline
+FIRST_PHOTOS = ("cat_chelsea.jpg", "coffee.jpg")  # explained by them on the offline first screen
+RANDOM_LABEL = "random weights (asked for)"
 FAILED_KEY = "_download_failed"  # session state: model id -> why its download failed
 
 
@@ -240,6 +243,15 @@ class Slot:
     weights_label: str = ""
     problem: str | None = None
 
+    @property
+    def random(self) -> bool:
+        """Random weights, asked for in the sidebar: every row and card says so."""
+        return getattr(self.model, "weights_origin", None) == "random"
+
+    @property
+    def title(self) -> str:
+        return f"{self.entry.name} (random weights)" if self.random else self.entry.name
+
 
 @dataclass
 class Settings:
@@ -256,7 +268,8 @@ class Settings:
     align: str
 
     def layers_of(self, slot: Slot) -> tuple[str, ...]:
-        return tuple(self.layers_by_family.get(slot.entry.family, ()))
+        """The layers picked for the slot's group (``ZooEntry.layer_group``: a pfnet family, else the model)."""
+        return tuple(self.layers_by_family.get(slot.entry.layer_group, ()))
 
     @property
     def runnable(self) -> list[Slot]:
@@ -340,6 +353,22 @@ def load_default(model_id: str) -> Slot:
         slot.model = _load_default(model_id, slot.key, device_name())
     except Exception as exc:  # noqa: BLE001 - shown on the page, the app carries on with the others
         slot.problem = error_text(exc)  # the server's own files: no user text in it
+    return slot
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _load_random(model_id: str, device: str) -> Any:
+    return weights.load(model_id, weights=weights.RANDOM, device=device)
+
+
+def load_random(model_id: str) -> Slot:
+    """The model with random weights: only when asked for in the sidebar, and marked on every row and card."""
+    entry = zoo.get(model_id)
+    slot = Slot(model_id, entry, key=f"random:{model_id}", weights_label=RANDOM_LABEL)
+    try:
+        slot.model = _load_random(model_id, device_name())
+    except Exception as exc:  # noqa: BLE001
+        slot.problem = plain(error_text(exc))
     return slot
 
 

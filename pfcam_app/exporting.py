@@ -110,8 +110,7 @@ def _export(out_dir: Path, sources: list[Source], settings: Settings, overwrite:
         bar.progress(min(1.0, done / total) if total else 0.0, text=message or f"{done} / {total}")
 
     slots = settings.runnable
-    families = {slot.entry.family for slot in slots}
-    layers = {family: list(names) for family, names in settings.layers_by_family.items() if family in families}
+    layers = {slot.id: list(settings.layers_of(slot)) for slot in slots}  # by model id: timm models differ
     reused: list[str] = []
     report = run_export(
         sources=[(s.name, s.data) for s in sources if not s.refused], out_dir=out_dir,

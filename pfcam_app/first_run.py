@@ -1,7 +1,8 @@
 """The first screen: which models the page opens with, why, and the one button that fetches the ImageNet pair.
 
 Without the ImageNet weights of R50 and R50-hybrid in the cache the page opens on the bundled demo models with a
-demo scene selected, so heatmaps are on screen before any click. With network, one button downloads both
+demo scene selected, beside EfficientNet-Lite0 (a real ImageNet network installed with pfcam) on the bundled photos,
+so heatmaps with real classes are on screen before any click. With network, one button downloads both
 (a progress bar each) and switches the page to them; a failed download keeps its reason in the model's status.
 """
 from __future__ import annotations
@@ -22,12 +23,25 @@ def demo_mode() -> bool:
     return any(core.model_status(model_id) not in core.READY for model_id in core.IMAGENET_DEFAULT)
 
 
+def photo_models() -> list[str]:
+    """The ImageNet networks that work here without a download (installed with pfcam): the offline photo models."""
+    return [model_id for model_id in core.PHOTO_DEFAULT if core.model_status(model_id) in core.READY]
+
+
+def default_models(demo: bool) -> tuple[str, ...]:
+    """The models the page opens with: the ImageNet pair, or offline the demo pair beside the photo models."""
+    return tuple(core.DEMO_DEFAULT) + tuple(photo_models()) if demo else tuple(core.IMAGENET_DEFAULT)
+
+
 def default_examples(demo: bool) -> list[str]:
-    """What the examples picker starts with: a demo scene for the demo models, a photo for ImageNet models."""
+    """What the examples picker starts with: a demo scene for the demo models (and, when a photo model works
+    offline, the first photos for it), a photo for ImageNet models."""
+    photos = core.example_photos()
     if demo:
         scenes = core.scene_options()
-        return scenes[core.DEMO_SCENE:core.DEMO_SCENE + 1]
-    return [name for name in core.example_photos() if name == core.FIRST_PHOTO]
+        shown = core.FIRST_PHOTOS if photo_models() else ()
+        return scenes[core.DEMO_SCENE:core.DEMO_SCENE + 1] + [name for name in shown if name in photos]
+    return [name for name in photos if name == core.FIRST_PHOTO]
 
 
 def apply_switch() -> None:
@@ -70,6 +84,10 @@ def banner(network: Network) -> None:
     demo = ("pfcam shows its bundled **demo models** (R50 and R50-hybrid at width 0.25, trained on synthetic "
             "shape scenes; R50-max too) with a demo scene, each heatmap scored against the scene's ground-truth "
             "box. They know 10 shapes, not photographs.")
+    photos = [zoo.get(model_id).name for model_id in photo_models()]
+    if photos:
+        demo += (f" The photographs are explained by **{' and '.join(photos)}**, a real ImageNet network (with "
+                 "depthwise convolutions) installed with pfcam.")
     if not network.online:
         st.info(f"**Offline demo.** The ImageNet weights of {names} are not cached and cannot be downloaded "
                 f"({network.reason}). {demo} To use the ImageNet models, place their checkpoints in the cache "

@@ -74,11 +74,24 @@ def parse_boxes(data: bytes) -> tuple[dict[str, list[tuple[float, float, float, 
     return boxes, labels, problems
 
 
+def bundled_boxes() -> tuple[dict[str, list[tuple[float, float, float, float]]], dict[str, str]]:
+    """The hand-drawn boxes of the bundled photos (``assets/examples/boxes.csv``; none when it is missing)."""
+    from pfcam_app.core import EXAMPLES_DIR
+
+    try:
+        data = (EXAMPLES_DIR / "boxes.csv").read_bytes()
+    except OSError:
+        return {}, {}
+    boxes, labels, _ = parse_boxes(data)
+    return boxes, labels
+
+
 def measurable(sources: list[Source], csv_boxes: dict[str, list], csv_labels: dict[str, str] | None = None
                ) -> list[Target]:
-    """The chosen images with ground truth: demo scenes (box, mask and class), and images named in the boxes CSV
-    (with the class its label column gives)."""
+    """The chosen images with ground truth: demo scenes (box, mask and class), images named in the boxes CSV
+    (with the class its label column gives), and the bundled photos (their hand-drawn boxes)."""
     targets = []
+    bundled, bundled_labels = bundled_boxes() if any(s.kind == "example" for s in sources) else ({}, {})
     for source in sources:
         if source.refused:
             continue
@@ -86,6 +99,8 @@ def measurable(sources: list[Source], csv_boxes: dict[str, list], csv_labels: di
             targets.append(Target(source, [tuple(float(v) for v in source.box)], source.mask, source.label))
         elif source.name in csv_boxes:
             targets.append(Target(source, list(csv_boxes[source.name]), label=(csv_labels or {}).get(source.name)))
+        elif source.kind == "example" and source.name in bundled:
+            targets.append(Target(source, list(bundled[source.name]), label=bundled_labels.get(source.name) or None))
     return targets
 
 
@@ -167,7 +182,7 @@ def measure_panel(sources: list[Source], settings: Settings) -> None:
     with st.expander("Measure: localization across depth", expanded=RUN_KEY in st.session_state,
                      icon=":material/monitoring:"):
         st.caption("Every block of each loaded model, scored against the ground-truth boxes of the chosen images "
-                   "(demo scenes have theirs; for your own images upload a boxes CSV "
+                   "(demo scenes and the bundled photos have theirs; for your own images upload a boxes CSV "
                    "`image,x0,y0,x1,y1[,label]` in original-image pixels). The page's method, and its target "
                    "or each image's ground-truth class; "
                    f"at most {MEASURE_CELLS} image × block heatmaps per model.")

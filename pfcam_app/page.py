@@ -55,7 +55,7 @@ def main() -> None:
 
     # ----------------------------------------------------------------------------------------------------- sidebar
     with st.sidebar:
-        settings = settings_sidebar(core.DEMO_DEFAULT if demo_mode else core.IMAGENET_DEFAULT)
+        settings = settings_sidebar(first_run.default_models(demo_mode))
 
     for slot in settings.slots:
         if slot.problem:

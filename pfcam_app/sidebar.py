@@ -28,18 +28,68 @@ LAYER_HELP = {
 }
 
 
+ADDED_KEY = "_timm_models"  # session state: the timm models this session added (kept in the picker's options)
+PENDING_KEY = "_add_models"  # session state: models to select on the next run (before the picker is drawn)
+GENERIC_LAYER_HELP = ("One column per layer, in network depth order, found from the model's own structure (its "
+                      "stem, stages and blocks). Default: the last stage.")
+
+
 def short_name(model_id: str) -> str:
     return zoo.get(model_id).name.removesuffix(" (scenes)")
 
 
+def add_models(model_ids: list[str]) -> None:
+    """Select these models from the next run on (the picker's value can only be set before it is drawn)."""
+    pending = st.session_state.setdefault(PENDING_KEY, [])
+    pending.extend(model_id for model_id in model_ids if model_id not in pending)
+    st.rerun()
+
+
+def _apply_pending(defaults: tuple[str, ...]) -> list[str]:
+    """The picker's options: the zoo, then the timm models this session added; pending additions selected."""
+    added = st.session_state.setdefault(ADDED_KEY, [])
+    pending = st.session_state.pop(PENDING_KEY, [])
+    for model_id in pending:
+        if model_id not in zoo.ZOO and model_id not in added:
+            added.append(model_id)
+    if pending:
+        current = list(st.session_state.get("models", defaults))
+        st.session_state["models"] = current + [model_id for model_id in pending if model_id not in current]
+    return zoo.ids() + added
+
+
+def timm_adder() -> None:
+    """'Add a timm model': any name of timm's registry, checked there; weights as for the zoo's models."""
+    from pfnet import timm_models
+
+    with st.form("add_timm", clear_on_submit=False, border=False):
+        name = st.text_input("Add a timm model", key="timm_name", placeholder="convnext_tiny.fb_in1k",
+                             help="Any model of timm's registry as name or name.tag (e.g. deit_small_patch16_224."
+                                  "fb_in1k). Its weights come from the Hugging Face Hub (or its cache, or a "
+                                  "checkpoint you upload); classes and preprocessing from its pretrained_cfg.")
+        submitted = st.form_submit_button("Add", icon=":material/add:")
+    if submitted and name.strip():
+        try:
+            model_id = timm_models.canonical(zoo.TIMM_PREFIX + name.strip().removeprefix(zoo.TIMM_PREFIX))
+        except Exception as exc:  # noqa: BLE001 - a name timm does not know: one line, no traceback
+            st.error(core.plain(core.error_text(exc)), icon=":material/error:")
+            return
+        add_models([model_id])
+
+
 def model_picker(defaults: tuple[str, ...]) -> list[Slot]:
-    """Multi-select over the zoo (short names: the status is on each model's panel), then one panel per model."""
-    selected = st.multiselect("Models", zoo.ids(), default=core.widget_default("models", list(defaults)),
+    """Multi-select over the zoo and the added timm models (short names: the status is on each model's panel),
+    the field that adds a timm model, then one panel per model."""
+    options = _apply_pending(defaults)
+    selected = st.multiselect("Models", options, default=core.widget_default("models", list(defaults)),
                               format_func=short_name, key="models",
-                              help="Any model of the zoo (\"Demo\": the bundled models trained on shape scenes). "
-                                   "ImageNet models need their weights: bundled, cached, downloaded here, or "
-                                   "uploaded as a checkpoint file; each model's panel below says which.")
-    return [_model_controls(model_id) for model_id in selected]
+                              help="Any model of the zoo (\"Demo\": the bundled models trained on shape scenes; "
+                                   "EfficientNet-Lite0: an ImageNet network installed with pfcam), or a timm model "
+                                   "added below. ImageNet models need their weights: bundled, installed, cached, "
+                                   "downloaded here, or uploaded as a checkpoint file; each model's panel below "
+                                   "says which.")
+    timm_adder()
+    return [_model_controls(model_id, selected) for model_id in selected]
 
 
 def _upload_digest(upload) -> str:
@@ -51,13 +101,21 @@ def _upload_digest(upload) -> str:
     return known[key]
 
 
-def _model_controls(model_id: str) -> Slot:
+def _model_controls(model_id: str, selected: list[str] | None = None) -> Slot:
     entry = zoo.get(model_id)
     status = core.model_status(model_id)
     with st.expander(f"{entry.name} · {STATUS_LABEL.get(status, status)}", icon=STATUS_ICON.get(status)):
         path = weights.cached_path(model_id)
+        if entry.baseline and entry.baseline not in (selected or []):
+            base = zoo.get(entry.baseline)
+            if st.button(f"Add its baseline {base.name}", key=f"baseline_{model_id}", icon=":material/compare:",
+                         width="stretch", help=f"{entry.name} is derived from {base.name}: put them side by side."):
+                add_models([entry.baseline])
         if status == "bundled":
             st.caption(f"Bundled with pfcam (`{path.name}`); works offline.")
+        elif status == "installed":
+            st.caption(f"Installed with pfcam (Python package `{entry.source.filename}`, `{path.name}`); works "
+                       "offline.")
         elif status == "cached":
             st.caption(f"Cached at `{path}`.")
         elif status in ("downloadable", "failed"):
@@ -73,6 +131,11 @@ def _model_controls(model_id: str) -> Slot:
             why = "" if status == "missing" else f" ({state.reason}: {state.where})"
             st.caption(f"Not available offline{why}. Download it from {entry.source.page} and save it as `{path}`, "
                        "or upload the checkpoint below.")
+        if entry.is_timm and st.toggle("Random weights", key=f"random_{model_id}",
+                                       help="timm's random initialisation instead of trained weights: for trying "
+                                            "the tool on an architecture, not for reading what it learned. Marked "
+                                            "on every row and card."):
+            return core.load_random(model_id)
         upload = st.file_uploader("Use a checkpoint file", type=core.CHECKPOINT_TYPES, key=f"ckpt_{model_id}",
                                   max_upload_size=core.CHECKPOINT_LIMIT_MB,
                                   help="A .pth/.pt/.safetensors state dict or training checkpoint; its architecture "
@@ -134,19 +197,21 @@ def layer_pickers(ready: list[Slot]) -> dict[str, list[str]]:
     from pfcam_app.views import layer_choices
 
     chosen: dict[str, list[str]] = {}
-    families = {slot.entry.family for slot in ready}
+    groups = {slot.entry.layer_group for slot in ready}
     for slot in ready:
-        family = slot.entry.family
-        if family in chosen:
+        group = slot.entry.layer_group  # a pfnet family, or one model (any other network has its own names)
+        if group in chosen:
             continue
         with core.guard(f"Layers of {slot.entry.name}"):
             names, labels, default = layer_choices(slot.model)
-            key = f"layers_{family}"
-            title = "Layers" if len(families) == 1 else f"Layers ({family} models)"
+            key = f"layers_{group}"
+            title = "Layers" if len(groups) == 1 else \
+                f"Layers ({group} models)" if group in LAYER_HELP else f"Layers ({slot.entry.name})"
             picked = st.multiselect(title, names, default=core.widget_default(key, default), key=key,
-                                    on_change=_in_depth_order, args=(key, names), help=LAYER_HELP.get(family))
+                                    on_change=_in_depth_order, args=(key, names),
+                                    help=LAYER_HELP.get(group, GENERIC_LAYER_HELP))
             rank = {name: index for index, name in enumerate(names)}
-            chosen[family] = sorted(picked, key=lambda name: rank[name])
+            chosen[group] = sorted(picked, key=lambda name: rank[name])
     return chosen
 
 

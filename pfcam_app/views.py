@@ -174,6 +174,24 @@ def _photo_warning(source: Source, slots: list[Slot]) -> None:
                "object is. Use ImageNet models (R50, R50-hybrid) for photos.", icon=":material/warning:")
 
 
+SUITED_NOTE = {
+    "scene": "Demo scene: explained by the demo models only (the ImageNet models on the page do not know shapes).",
+    "example": "Photograph: explained by the ImageNet models only (the demo models on the page know 10 shapes).",
+}
+
+
+def suited_slots(source: Source, slots: list[Slot]) -> list[Slot]:
+    """The models an example is explained by: a demo scene by the scene models, a bundled photo by the photo
+    (ImageNet) models, when the page has any of that kind; uploads (unknown content) by every model."""
+    if source.kind == "scene":
+        chosen = [slot for slot in slots if slot.entry.classes == "scenes"]
+    elif source.kind == "example":
+        chosen = [slot for slot in slots if slot.entry.classes != "scenes"]
+    else:
+        chosen = slots
+    return chosen or slots
+
+
 def _computing(slot: Slot, layers: tuple[str, ...], method: str, where: Any):
     """A progress bar in ``where`` while one model explains one image; returns the engine's callback."""
     import time
@@ -212,7 +230,9 @@ def render_image(source: Source, settings: Settings, stopped: frozenset = frozen
         st.error(f"**{plain(source.name)}** cannot be used — {plain(error_text(exc))}",
                  icon=":material/broken_image:")
         return {}
-    slots = settings.runnable
+    slots = suited_slots(source, settings.runnable)
+    if len(slots) < len(settings.runnable):
+        st.caption(SUITED_NOTE[source.kind])
     _photo_warning(source, slots)
     shown, scale = display_copy(image)
     timings: dict[str, float] = {}
@@ -224,13 +244,13 @@ def render_image(source: Source, settings: Settings, stopped: frozenset = frozen
     results: dict[str, dict] = {}
     target = settings.target
     with right:
-        family_shown = None
+        group_shown = None
         for slot in slots:
             layers = settings.layers_of(slot)
-            if slot.entry.family != family_shown:  # column headers (one per layer) once per family
+            if slot.entry.layer_group != group_shown:  # column headers (one per layer) once per layer group
                 for column, name in zip(st.columns(max(len(layers), MIN_COLUMNS)), layers):
                     column.markdown(f"**{name}**")
-                family_shown = slot.entry.family
+                group_shown = slot.entry.layer_group
             with guard(f"{slot.entry.name} on {source.name}"):
                 if target[0] == "class" and target[1] not in slot.entry.class_names():
                     st.warning(f"**{slot.entry.name}**: '{target[1]}' is not one of its "
@@ -255,7 +275,7 @@ def render_image(source: Source, settings: Settings, stopped: frozenset = frozen
                 note = photo_note(source, slot)
                 for rank, class_id in enumerate(result["targets"]):
                     suffix = f" · target #{rank + 1}" if len(result["targets"]) > 1 else ""
-                    st.markdown(f"**{slot.entry.name}**{suffix} · :gray[{took}]"
+                    st.markdown(f"**{slot.title}**{suffix} · :gray[{took}]"
                                 + (f" · :orange[{ignores}]" if ignores else ""))
                     row = st.columns(max(len(layers), MIN_COLUMNS))
                     for index, column in enumerate(row[:len(layers)]):
@@ -278,7 +298,7 @@ def render_image(source: Source, settings: Settings, stopped: frozenset = frozen
                 names = slot.entry.class_names()
                 order = np.argsort(-probs)[:5]
                 lines = [f"{rank + 1}. {names[i]} — {percent(probs[i])}" for rank, i in enumerate(order)]
-                st.markdown(f"**{slot.entry.name}** · top-5\n\n" + "\n".join(f":small[{line}]  " for line in lines))
+                st.markdown(f"**{slot.title}** · top-5\n\n" + "\n".join(f":small[{line}]  " for line in lines))
     return timings
 
 
@@ -292,14 +312,26 @@ def model_card(slot: Slot, device: str) -> None:
     from pfcam_app.core import model_stats
 
     entry = slot.entry
-    with st.expander(f"Model card · {entry.name}", expanded=False, icon=":material/memory:"):
-        st.caption(f"`{entry.id}` · architecture `{entry.arch}` · weights: {slot.weights_label}")
+    with st.expander(f"Model card · {slot.title}", expanded=False, icon=":material/memory:"):
+        st.caption(f"`{plain(entry.id)}` · architecture `{plain(entry.arch)}` · weights: {slot.weights_label}")
+        if slot.random:
+            st.warning("Random weights, as asked for: the heatmaps show what an untrained network responds to, "
+                       "not what a trained one learned.", icon=":material/casino:")
+        if entry.description:
+            st.markdown(entry.description)
+        if entry.baseline:
+            base = zoo.get(entry.baseline)
+            st.caption(f"Baseline: **{base.name}** (`{base.id}`), the network it is derived from; the sidebar's "
+                       f"*Add its baseline* puts it beside this one.")
         offsets = getattr(slot.model, "cam_offsets", None) or {}
         if offsets:
             with guard(f"Alignment of {entry.name}"):
                 st.caption(alignment_note(slot.model, offsets))
+        else:
+            st.caption(f"Alignment: not measured for {'these weights' if slot.key else 'this model'}; its heatmaps "
+                       "are drawn with the plain resize.")
         if entry.note:
-            st.markdown(entry.note)
+            st.markdown(plain(entry.note) if entry.is_timm else entry.note)
         with guard(f"Measuring {entry.name}"):
             stats = model_stats(slot.id, slot.key, device, slot.model)
             paper = entry.paper
@@ -317,6 +349,11 @@ def model_card(slot: Slot, device: str) -> None:
             table = "| | Measured here | Paper |\n|---|---|---|\n" + "\n".join(
                 f"| {a} | {b} | {c} |" for a, b, c in rows)
             st.markdown(table)
+            if paper.source != "the paper" and entry.classes == "imagenet":
+                st.caption(f"The *Paper* column gives the figures of {paper.source}, not of the parameter-free "
+                           "layers paper.")
+            elif entry.is_timm:
+                st.caption("The *Paper* column is empty for a model added by timm name: see its Hub page.")
             if paper.note:
                 st.caption(f"Paper note: {paper.note}")
             if entry.classes == "scenes":

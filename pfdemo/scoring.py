@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import torch
 
-from cams.align import fit_offset, layer_strides, peak
+from cams.align import fit_offset, layer_strides
 from cams.engine import explain
-from cams.metrics import is_flat, pointing_game as hit, pointing_tolerance
+from cams.metrics import is_flat, peak, pointing_game as hit, pointing_tolerance
 from pfdemo.scenes import TEST_SEED, scene_batch
 
 

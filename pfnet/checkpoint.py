@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pfnet.checkpoint_sizes import pickle_storage_bytes, safetensors_tensor_bytes
+from pfnet import effnet
 from pfnet.errors import CheckpointError, PfnetError
 
 
@@ -285,10 +286,11 @@ def _convert_resnet_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def normalize_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """Unwrap containers, strip ``module.`` prefixes, convert torchvision/timm ResNet names."""
+    """Unwrap containers, strip ``module.`` prefixes, convert torchvision/timm ResNet names and EfficientNet-PyTorch
+    names (:mod:`pfnet.effnet`)."""
     state = dict(_unwrap(obj))
     if any(k.startswith("module.") for k in state):
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if any(k.startswith("_orig_mod.") for k in state):  # torch.compile wrappers
         state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
-    return _convert_resnet_names(state)
+    return effnet.to_timm(_convert_resnet_names(state))

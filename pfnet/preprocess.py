@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +29,18 @@ class Preprocess:
     @property
     def crop_pct(self) -> float:
         return self.input_size / self.resize_size
+
+
+def from_pretrained_cfg(cfg: Mapping[str, Any] | None) -> Preprocess:
+    """The preprocessing a timm model's ``pretrained_cfg`` describes (input size, crop_pct, mean, std,
+    interpolation); ImageNet's defaults for what it leaves out (None: all of them)."""
+    cfg = dict(cfg or {})
+    size = int((cfg.get("input_size") or (3, 224, 224))[-1])
+    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    interpolation = cfg.get("interpolation")
+    return Preprocess(size, round(size / crop_pct), tuple(cfg.get("mean") or IMAGENET_MEAN),
+                      tuple(cfg.get("std") or IMAGENET_STD),
+                      interpolation if interpolation in _RESAMPLE else "bilinear")
 
 
 @dataclass(frozen=True)
@@ -68,11 +81,3 @@ def prepare_batch(images: list[Image.Image], preprocess: Preprocess,
     """Stack ``prepare`` over images: a [N, 3, S, S] batch and each image's crop box."""
     prepared = [prepare(image, preprocess, mode) for image in images]
     return torch.stack([item.tensor for item in prepared]), [item.crop_box for item in prepared]
-
-
-def denormalize(tensor: torch.Tensor, preprocess: Preprocess) -> np.ndarray:
-    """A [3, S, S] network input back to uint8 HxWx3 (for showing what the network saw)."""
-    mean = torch.tensor(preprocess.mean).view(3, 1, 1)
-    std = torch.tensor(preprocess.std).view(3, 1, 1)
-    pixels = (tensor.detach().cpu().float() * std + mean).clamp(0, 1)
-    return (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

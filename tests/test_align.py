@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import pfnet
 from cams import explain
 from cams import metrics
-from cams.align import AlignError, fit_offset, layer_offsets, layer_strides, peak, sampling_grid, shift_heatmap
+from cams.align import AlignError, fit_offset, layer_offsets, layer_strides, sampling_grid, shift_heatmap
 from cams.layers import LayerError
 from cams.engine import normalise
 from pfnet import zoo
@@ -52,11 +52,12 @@ def test_fit_offset_refuses_what_it_cannot_fit():
 
 
 def test_peak_of_flat_and_non_finite_maps_is_none():
-    assert peak(np.zeros((8, 8))) is None
-    assert peak(np.full((8, 8), np.nan)) is None
+    """What fit_offset is given: cams.metrics.peak, None where a map has no peak to align."""
+    assert metrics.peak(np.zeros((8, 8))) is None
+    assert metrics.peak(np.full((8, 8), np.nan)) is None
     heat = np.zeros((8, 8))
     heat[5, 2] = 1
-    assert peak(heat) == (5, 2)
+    assert metrics.peak(heat) == (5, 2)
 
 
 def test_zero_offset_grid_is_the_plain_bilinear_resize():

@@ -43,18 +43,25 @@ def test_first_screen_without_flags_or_network_shows_an_example_and_heatmaps(tmp
     assert_clean(at)
     assert time.monotonic() - started < FIRST_SCREEN_LIMIT
     assert not at.error and not at.warning
-    assert [o.captions[0] for o in originals(at)] == ["Original · 160×160 · ground truth: triangle (green box)"]
+    assert [o.captions[0] for o in originals(at)] == ["Original · 160×160 · ground truth: triangle (green box)",
+                                                      "Original · 400×266", "Original · 400×267"]
     cells = overlays(at)
-    assert len(cells) == 4  # 2 demo models x 2 layers
-    assert all(re.search(r" · pointing (hit ✓|miss ✗) · energy in box ", cell.captions[0]) for cell in cells)
-    assert len({str(cell.value) for cell in cells}) == 4  # four different pictures
+    scene = [cell for cell in cells if " · pointing " in cell.captions[0]]
+    assert len(scene) == 4  # the scene: 2 demo models x 2 layers, nothing else
+    assert all(re.search(r" · pointing (hit ✓|miss ✗) · energy in box ", cell.captions[0]) for cell in scene)
+    assert len({str(cell.value) for cell in scene}) == 4  # four different pictures
+    photos = [cell.captions[0] for cell in cells if cell not in scene]
+    assert len(photos) == 4  # the cat and the coffee: EfficientNet-Lite0 x 2 layers, real ImageNet classes
+    assert sum(c.startswith("espresso · ") for c in photos) == 2 and sum(c.startswith("Egyptian cat · ")
+                                                                         for c in photos) == 2
     maps = [heat for result in core.cam_store().values() for heat in result["heatmaps"][0]]
-    assert len(maps) == 4 and sum(float(heat.max() - heat.min()) > 0.5 for heat in maps) >= 2  # real heatmaps
+    assert len(maps) == 8 and sum(float(heat.max() - heat.min()) > 0.5 for heat in maps) >= 4  # real heatmaps
     banner = " ".join(info.value for info in at.info)
     assert "Offline demo" in banner and "cannot be reached" in banner and "PFCAM_OFFLINE" in banner
-    assert list(at.multiselect(key="models").value) == list(DEMO)
+    assert "EfficientNet-Lite0" in banner
+    assert list(at.multiselect(key="models").value) == list(DEMO) + ["effnet_lite0"]
     assert [e.label for e in at.sidebar.expander] == \
-        ["Demo R50 (scenes) · bundled", "Demo R50-hybrid (scenes) · bundled"]
+        ["Demo R50 (scenes) · bundled", "Demo R50-hybrid (scenes) · bundled", "EfficientNet-Lite0 · installed"]
     at.multiselect(key="models").set_value(list(DEMO) + ["r50"])
     at.run()
     assert any(e.label == "R50 · no network" for e in at.expander)  # not "can download"

@@ -91,8 +91,8 @@ def test_online_the_demo_stands_until_one_button_fetches_both_and_switches_the_p
                                                                                   monkeypatch):
     with serve(served_weights(tmp_path / "served", ("r50", "r50_hybrid"))) as base:
         at = online_app(monkeypatch, base)
-        assert list(at.multiselect(key="models").value) == list(DEMO)
-        assert len(overlays(at)) == 4 and not at.warning and not at.error  # the demo, with heatmaps
+        assert list(at.multiselect(key="models").value) == list(DEMO) + ["effnet_lite0"]
+        assert len(overlays(at)) == 8 and not at.warning and not at.error  # the demo, and EfficientNet-Lite0 on photos
         assert any("Demo models on screen" in m.value for m in at.markdown)
         at.button(key="download_imagenet").click()
         at.run()
@@ -118,8 +118,8 @@ def test_a_failed_download_keeps_its_reason_and_the_demo_stands(pfcam_cache, tmp
         errors = [e.value for e in at.error]
         assert len(errors) == 1 and "R50" in errors[0] and "HTTP 404" in errors[0]
         assert (pfcam_cache / "r50_hybrid.pth").is_file()
-        assert list(at.multiselect(key="models").value) == list(DEMO)  # still the demo, still heatmaps
-        assert len(overlays(at)) == 4
+        assert list(at.multiselect(key="models").value) == list(DEMO) + ["effnet_lite0"]  # still the demo
+        assert len(overlays(at)) == 8  # still heatmaps: the scene's 4, the photos' 4
         at.multiselect(key="models").set_value(["r50", "r50_hybrid"])
         at.run()
         assert_clean(at)

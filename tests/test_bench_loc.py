@@ -237,11 +237,12 @@ def test_target_label_explains_the_ground_truth_class(tiny_zoo, capsys: pytest.C
     model = bench_run.load_model(TINY)
     split = scene_split("test", 5, 6, entry.preprocess, 0)
     opts = bench_loc.Options(("layer3", "layer4"), ("gradcam",), batch_size=4, target="label")
-    batches = list(bench_loc.cam_batches(model, split, opts, "gradcam", entry.class_names()))
-    explained = np.concatenate([batch[3] for batch in batches])
+    batches = [bench_loc.explain_methods_batch(model, split, start, min(len(split), start + 4), opts, ["gradcam"],
+                                               entry.class_names())["gradcam"] for start in range(0, len(split), 4)]
+    explained = np.concatenate([batch[1] for batch in batches])
     labels = [CLASS_NAMES.index(sample.labels[0]) for sample in split.samples]
     assert explained.tolist() == labels
-    assert batches[0][2].shape == (4, 2, 64, 64)
+    assert batches[0][0].shape == (4, 2, 64, 64)
     status = main(["bench-loc", "--models", TINY, "--layers", "layer4", "--methods", "gradcam", "--n", "4",
                    "--val-n", "2", "--faith-n", "1", "--faith-steps", "2", "--target", "label"])
     out, err = capsys.readouterr()
@@ -273,9 +274,10 @@ def test_target_label_on_a_thousand_class_head(monkeypatch, tmp_path: Path, caps
     _, split = bench_loc.data_splits(annotations, entry.preprocess, n=6, val_n=0, seed=0, problems=problems,
                                      cache={})
     opts = bench_loc.Options(("layer4",), ("gradcam",), batch_size=4, target="label")
-    batches = list(bench_loc.cam_batches(network, split, opts, "gradcam", names))
-    explained = np.concatenate([batch[3] for batch in batches]).tolist()
-    probs = np.concatenate([batch[4] for batch in batches])
+    batches = [bench_loc.explain_methods_batch(network, split, start, min(len(split), start + 4), opts,
+                                               ["gradcam"], names)["gradcam"] for start in range(0, len(split), 4)]
+    explained = np.concatenate([batch[1] for batch in batches]).tolist()
+    probs = np.concatenate([batch[2] for batch in batches])
     for sample, class_id, prob in zip(split.samples, explained, probs):
         label = sample.labels[0]
         assert class_id == (names.index(label) if label in names else int(prob.argmax()))  # unknown: its top-1

@@ -1,4 +1,4 @@
-"""bench-loc across depth: --layers blocks, --plot, and score_images for callers with their own images."""
+"""bench-loc across depth: --layers blocks, --plot, and the app's depth scores (cams.depth) agreeing with bench-loc's."""
 from __future__ import annotations
 
 import csv
@@ -33,12 +33,6 @@ def test_layers_blocks_scores_every_block_in_depth_order_and_plots(tiny_zoo, tmp
     assert records[-1]["depth"] == ""
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 1000  # one panel per metric
-    again = bench_loc.read_csv(csv_path)  # the CSV gives the rows back: the figure can be drawn again from it
-    assert [(r.layer, r.method, r.depth, r.kind) for r in again][-3:] == [
-        ("layer4", "gradcam", len(blocks), "cam"), ("-", bench_loc.GAUSSIAN, None, "baseline"),
-        ("-", bench_loc.RANDOM, None, "baseline")]
-    assert again[0].values["pointing15"] == float(records[0]["pointing15"])
-    assert bench_loc.plot_depth(again)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_without_block_rows_says_so(tiny_zoo, tmp_path: Path, capsys):
@@ -49,28 +43,6 @@ def test_plot_without_block_rows_says_so(tiny_zoo, tmp_path: Path, capsys):
         assert "--layers blocks" in str(error)
     else:
         raise AssertionError("plot_depth drew rows without depth")
-
-
-def test_score_images_on_own_boxes(tiny_zoo):
-    from cams.bench_loc import bench as bench_run
-
-    model = bench_run.load_model(TINY)
-    torch.manual_seed(1)
-    images = torch.randn(3, 3, 64, 64)
-    boxes = [(4.0, 4.0, 40.0, 40.0), [(0.0, 0.0, 20.0, 30.0), (30.0, 30.0, 60.0, 60.0)], (10.0, 12.0, 50.0, 44.0)]
-    rows = bench_loc.score_images(model, images, boxes, methods=["gradcam", "eigencam"])
-    blocks = block_layers(model)
-    assert [(r.layer, r.method) for r in rows[:-2]] == [(b, m) for m in ("gradcam", "eigencam") for b in blocks]
-    assert [r.depth for r in rows[:len(blocks)]] == list(range(1, len(blocks) + 1))
-    assert [r.kind for r in rows[-2:]] == ["baseline", "baseline"]
-    for row in rows:
-        assert row.n == 3 and row.values["deletion_auc"] is None and row.values["road_morf"] is None
-        assert 0.0 <= row.values["maxboxacc_v2"] <= 1.0 and 0.0 <= row.values["energy"] <= 1.0
-    # energy of the Gaussian reference is a property of the boxes alone: compute it by hand
-    gaussian = rows[-2]
-    heat = M.centre_gaussian((64, 64))
-    expected = np.mean([M.energy_in_box(heat, box=b) for b in boxes])
-    assert abs(gaussian.values["energy"] - expected) < 1e-9
 
 
 def test_progress_is_a_line_per_batch_off_a_terminal(tiny_zoo, capsys):
@@ -87,7 +59,7 @@ def test_progress_is_a_line_per_batch_off_a_terminal(tiny_zoo, capsys):
 
 
 def test_app_depth_scores_agree_with_bench_loc(tiny_zoo):
-    """The app's Measure panel (cams.depth, image by image) and bench-loc (score_images, batches through every
+    """The app's Measure panel (cams.depth, image by image) and bench-loc (``evaluate_model``, batches through every
     method at once) drive the same metrics: on the same images, boxes and layers they give the same values."""
     from cams import explain
     from cams.bench_loc import bench as bench_run
@@ -98,7 +70,15 @@ def test_app_depth_scores_agree_with_bench_loc(tiny_zoo):
     images = torch.randn(4, 3, 64, 64)
     boxes = [(4.0, 4.0, 40.0, 40.0), (20.0, 8.0, 60.0, 50.0), (0.0, 30.0, 34.0, 64.0), (10.0, 12.0, 50.0, 44.0)]
     blocks = block_layers(model)
-    rows = bench_loc.score_images(model, images, boxes, methods=["gradcam"])[:len(blocks)]
+    samples = [bench_loc.Sample(f"image {index}", M.as_boxes(box)) for index, box in enumerate(boxes)]
+    split = bench_loc.Split("images", samples, lambda start, stop: images[start:stop], 64)
+    opts = bench_loc.Options(tuple(blocks), ("gradcam",), batch_size=4, faith_n=0, threshold=0.5)
+    rows = bench_loc.evaluate_model(model, TINY, zoo.get(TINY).class_names(), None, split, opts)
+    gaussian = next(row for row in rows if row.method == bench_loc.GAUSSIAN)
+    # energy of the Gaussian reference is a property of the boxes alone: computed by hand
+    expected = np.mean([M.energy_in_box(M.centre_gaussian((64, 64)), box=box) for box in boxes])
+    assert abs(gaussian.values["energy"] - expected) < 1e-9
+    rows = rows[:len(blocks)]
     heatmaps = explain(model, images, blocks, "gradcam").heatmaps[:, 0].numpy()  # [N, L, H, W]
     scores = DepthScores(blocks)
     for image_maps, box in zip(heatmaps, boxes):

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from cams import metrics as M
-from cams.bench_loc import GAUSSIAN, Options, cam_batches, evaluate_model, inference_copy
+from cams.bench_loc import GAUSSIAN, Options, evaluate_model, explain_methods_batch, inference_copy
 import pfnet  # noqa: F401  (registers the architectures)
 from pfdemo.bench import scene_split
 from pfdemo.scenes import CLASS_NAMES
@@ -36,7 +36,11 @@ def test_batched_scores_equal_each_method_scored_alone():
     explained = None
     for method in METHODS:  # the plain path: this method's CAMs, one deletion/insertion call, the model as it is
         deletion, insertion, explained = [], [], []
-        for start, inputs, maps, targets, _ in cam_batches(model, test, opts, method, CLASS_NAMES):
+        for start in range(0, len(test), opts.batch_size):
+            stop = min(len(test), start + opts.batch_size)
+            inputs = test.tensors(start, stop)
+            maps, targets, _ = explain_methods_batch(model, test, start, stop, opts, [method], CLASS_NAMES,
+                                                     inputs)[method]
             k = max(0, min(opts.faith_n - start, inputs.shape[0]))
             explained.extend(targets.tolist())
             if k:

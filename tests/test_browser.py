@@ -2,9 +2,9 @@
 
 A fresh machine as the README's quick start meets it: no pfcam flags, empty PFCAM_CACHE and HF_HOME, the hub
 unreachable (HF_ENDPOINT on a closed loopback port). The first screen must show the demo models' heatmaps of a
-demo scene without a click; the test checks that they are not blank, saves a screenshot (and copies it to
-$PFCAM_SCREENSHOT when set: that is how docs/screenshot.png is refreshed), then uploads an image through the
-page's file input and checks its heatmaps too.
+demo scene and EfficientNet-Lite0's of two bundled photos without a click; the test checks that they are not
+blank, saves a screenshot (and copies it to $PFCAM_SCREENSHOT when set: that is how docs/screenshot.png is
+refreshed), then uploads an image through the page's file input and checks its heatmaps too.
 """
 from __future__ import annotations
 
@@ -73,13 +73,14 @@ def test_fresh_first_screen_in_chromium_shows_heatmaps_and_an_upload_adds_its_ow
             expect(page.get_by_text("Offline demo").first).to_be_visible()
             images = page.locator('[data-testid="stImage"]')
             cells = overlays(page)
-            expect(cells).to_have_count(4)  # 2 demo models x 2 layers
+            expect(cells).to_have_count(8)  # the scene: 2 demo models x 2 layers; cat, coffee: EfficientNet-Lite0 x 2
             expect(images.filter(has_text="ground truth")).to_have_count(1)
             expect(cells.filter(has_text="energy in box")).to_have_count(4)
-            for index in range(4):
+            expect(cells.filter(has_text="espresso")).to_have_count(2)  # real ImageNet classes on the photos
+            for index in range(8):
                 assert_not_blank(page, url, cells.nth(index))
             # The first run ends with the model cards; uploading while it still runs can race its re-render.
-            expect(page.get_by_text("Model card · Demo R50-hybrid (scenes)")).to_be_visible()
+            expect(page.get_by_text("Model card · EfficientNet-Lite0")).to_be_visible()
             idle(page, RENDER_TIMEOUT)
 
             # Screenshot of the whole first screen: the viewport grows to the main area's scroll height.
@@ -96,8 +97,8 @@ def test_fresh_first_screen_in_chromium_shows_heatmaps_and_an_upload_adds_its_ow
             uploader = page.locator('[data-testid="stFileUploader"]').filter(has_text="Upload images")
             uploader.locator('input[type="file"]').set_input_files(str(image_path))
             expect(uploader.get_by_text(image_path.name)).to_be_visible()
-            expect(cells).to_have_count(8)  # the upload's 4 cells before the scene's 4
-            expect(images.filter(has_text="Original")).to_have_count(2)
+            expect(cells).to_have_count(14)  # the upload's 6 cells (every model: unknown content) before the 8
+            expect(images.filter(has_text="Original")).to_have_count(4)
             expect(page.get_by_text("computed in").first).to_be_visible()
             for index in range(4):
                 cell = cells.nth(index)

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from pfcam import launch
-from pfcam.cli import main
+from pfcam import cli
+from pfcam.cli import build_parser, main
 from pfnet.version import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ("app", "export", "bench-loc", "train-demo")
+COMMANDS = ("app", "export", "bench-loc", "sanity", "train-demo")
+HEAVY = ("torch", "timm", "cams", "pfdemo", "pfcam_app", "streamlit", "numpy")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -26,6 +28,34 @@ def test_python_m_pfcam_help_and_version():
     assert all(command in done.stdout for command in COMMANDS), done.stdout
     version = run("-m", "pfcam", "--version")
     assert version.returncode == 0 and version.stdout.strip() == f"pfcam {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["app", "--help"], []])
+def test_help_and_version_load_no_heavy_module(argv):
+    """`pfcam --help` / `--version` answer without importing torch, timm or the layers below (checked in a fresh
+    interpreter: what the command line really loads)."""
+    code = (f"import sys\nfrom pfcam.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}), file=sys.stderr)")
+    done = run("-c", code)
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
+    assert ("usage: pfcam" in done.stdout + done.stderr) or done.stdout.strip() == f"pfcam {__version__}"
+
+
+def test_import_pfcam_loads_no_heavy_module_until_explain_is_used():
+    code = ("import sys, pfcam; first = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'cams'}); "
+            "pfcam.explain; print(first, 'torch' in sys.modules, pfcam.__version__)")
+    done = run("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True", __version__]
+
+
+def test_the_light_help_lists_what_the_modules_register():
+    """`pfcam --help` lists the commands without importing them: the same text as with every module loaded."""
+    assert build_parser(commands=[]).format_help() == build_parser().format_help()
+
+
+def test_version_is_read_without_importing_pfnet():
+    assert cli.version() == __version__
 
 
 def test_python_m_cams_still_works():

@@ -645,11 +645,15 @@ def test_cli_without_any_loadable_model_fails_clearly(tmp_path, capsys, pfcam_ca
 
 
 def test_cli_export_without_models_falls_back_to_the_demo_pair_when_the_imagenet_weights_are_missing(
-        tmp_path, capsys, pfcam_cache):
-    """The newcomer's command (no --models, empty cache, no network) exports with the embedded default and says so;
+        tmp_path, capsys, pfcam_cache, monkeypatch):
+    """The newcomer's command (no --models, empty cache, no network) exports with the embedded default and says so
+    (here without EfficientNet-Lite0's package, the first fallback: tests/test_real_networks.py covers that one);
     naming the ImageNet models still fails, with the hint."""
     from pfcam.cli import main
+    from pfnet import weights
     from pfnet.weights import weight_status
+
+    monkeypatch.setattr(weights, "package_file", lambda ref: None)
 
     if any(weight_status(model_id) != "bundled" for model_id in ("demo_r50", "demo_r50_hybrid")):
         pytest.skip("the bundled demo weights (assets/weights) are not there")

@@ -55,10 +55,9 @@ from cams.bench_loc.cli import add_bench_loc_parser, main_bench_loc
 from cams.bench_loc.data import (CSV_NAME, DEFAULT_SEED, Annotation, BenchError, DataSource, DefaultData, FolderData,
                                  Sample, Split, data_splits, read_annotations)
 from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS, RowScores
-from cams.bench_loc.scoring import (DEFAULT_ROAD_N, GAUSSIAN, RANDOM, Options, Row, cam_batches, evaluate_model, explain_batch,
-                                     fit_offsets, inference_copy)
-from cams.bench_loc.table import KEYS, format_markdown, format_table, read_csv, write_csv
-from cams.bench_loc.depth import score_images
+from cams.bench_loc.scoring import (DEFAULT_ROAD_N, GAUSSIAN, RANDOM, Options, Row, evaluate_model,
+                                    explain_methods_batch, fit_offsets, inference_copy)
+from cams.bench_loc.table import KEYS, format_markdown, format_table, write_csv
 from cams.bench_loc.plot import plot_depth
 
 __all__ = [
@@ -66,8 +65,8 @@ __all__ = [
     "DEFAULT_METHODS", "DEFAULT_N", "DEFAULT_VAL_N",
     "DataSource", "DefaultData", "FolderData", "Sample", "Split", "Annotation", "read_annotations", "data_splits",
     "CSV_NAME", "DEFAULT_SEED",
-    "Options", "Row", "evaluate_model", "cam_batches", "explain_batch", "fit_offsets", "inference_copy",
+    "Options", "Row", "evaluate_model", "explain_methods_batch", "fit_offsets", "inference_copy",
     "GAUSSIAN", "RANDOM", "DEFAULT_ROAD_N", "RowScores", "MAXBOX_KEYS", "ROAD_KEYS",
-    "KEYS", "format_table", "format_markdown", "write_csv", "read_csv", "score_images", "plot_depth",
+    "KEYS", "format_table", "format_markdown", "write_csv", "plot_depth",
     "add_bench_loc_parser", "main_bench_loc",
 ]

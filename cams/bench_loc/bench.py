@@ -66,7 +66,7 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     model's splits are known; local engine). ``engine="ray"`` scores the models on a Ray cluster
     (``ray_options``; :mod:`cams.bench_loc.ray_bench`): the same rows."""
     from cams.engine import METHODS
-    from cams.layers import LayerError, expand_layers, layer_names
+    from cams.layers import LayerError, default_layers, expand_layers, layer_names, pfnet_family
     from pfnet import zoo
     from pfnet.errors import PfnetError
 
@@ -119,7 +119,10 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
             continue
         try:
             names = set(layer_names(model))
-            model_layers = expand_layers(model, layers)
+            wanted = layers
+            if tuple(layers) == DEFAULT_LAYERS and pfnet_family(model) is None:
+                wanted = default_layers(model)  # another network (timm, EfficientNet): its own last stages
+            model_layers = expand_layers(model, wanted)
         except LayerError as error:
             skipped.append(f"{model_id}: {error}")
             continue

@@ -35,9 +35,11 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
         "bench-loc", help="localization benchmark: pointing game, energy, box accuracy, deletion/insertion",
         description=f"Score CAM localization per model x layer x method on {images}, "
                     "with a centred-Gaussian and a uniform-random reference; prints one table.")
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated zoo ids")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated zoo ids or timm:<name>[.<tag>]")
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
-                        help=f"comma-separated layer names; '{BLOCKS}' means every block, shallow to deep")
+                        help=f"comma-separated layer names; '{BLOCKS}' means every block, shallow to deep "
+                             "(default: layer3,layer4 for the ResNets, each other network's own default layers)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated CAM method ids")
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="test images (default %(default)s)")
     parser.add_argument("--val-n", type=int, default=DEFAULT_VAL_N,

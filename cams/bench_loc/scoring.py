@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from cams import metrics as M
-from cams.align import NO_OFFSET, fit_offset, layer_offsets, layer_strides, peak, shift_heatmap
+from cams.align import NO_OFFSET, fit_offset, layer_offsets, layer_strides, shift_heatmap
 from cams.bench_loc.accum import RowScores
 from cams.boxacc import best_iou_curve, curve_from_boxes, threshold_boxes
 from cams.bench_loc.data import Sample, Split
@@ -111,21 +111,6 @@ def explain_methods_batch(model, split: Split, start: int, stop: int, opts: Opti
             for method, result in results.items()}
 
 
-def explain_batch(model, split: Split, start: int, stop: int, opts: Options, method: str, class_names,
-                  inputs: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One method's (heatmaps [B, L, S, S], explained class [B], probs [B, C]): see :func:`explain_methods_batch`."""
-    return explain_methods_batch(model, split, start, stop, opts, [method], class_names, inputs)[method]
-
-
-def cam_batches(model, split: Split, opts: Options, method: str, class_names) -> Iterable:
-    """(start, inputs, heatmaps [B, L, S, S] numpy, explained class [B], probs [B, C]) per batch of ``split``
-    (see :func:`explain_batch`)."""
-    for start in range(0, len(split), opts.batch_size):
-        stop = min(len(split), start + opts.batch_size)
-        inputs = split.tensors(start, stop)
-        yield (start, inputs, *explain_batch(model, split, start, stop, opts, method, class_names, inputs))
-
-
 def _choose(maps: list[np.ndarray], split: Split, opts: Options) -> float:
     return M.choose_threshold(maps, [s.boxes for s in split.samples], opts.candidates)
 
@@ -135,7 +120,7 @@ def fit_offsets(val_maps: list[list[np.ndarray]], val: Split, strides: Sequence[
     regions = [M.object_mask((val.size, val.size), box=s.boxes, mask=s.mask) for s in val.samples]
     offsets = []
     for maps, stride in zip(val_maps, strides):
-        pairs = [(peak(m), region) for m, region in zip(maps, regions) if region.any()]
+        pairs = [(M.peak(m), region) for m, region in zip(maps, regions) if region.any()]
         pairs = [(point, region) for point, region in pairs if point is not None]
         offsets.append(fit_offset([p for p, _ in pairs], [r for _, r in pairs], max_shift=stride)
                        if pairs else NO_OFFSET)

@@ -5,8 +5,9 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
+from cams import tables
 from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS
-from cams.bench_loc.scoring import BASELINE_LAYER, Row
+from cams.bench_loc.scoring import Row
 from cams.engine import METHODS
 
 KEYS = ("accuracy", "pointing15", "pointing_strict", "energy", "box_accuracy", *MAXBOX_KEYS, "deletion_auc",
@@ -38,24 +39,11 @@ def _cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
 
 def format_table(rows: Sequence[Row], caption: str) -> str:
     """The plain-text table (what the command prints), caption first."""
-    header, body = _cells(rows)
-    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
-    numeric = [False] * 3 + [True] * len(KEYS)
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(cell.rjust(w) if num else cell.ljust(w)
-                         for cell, w, num in zip(cells, widths, numeric)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([caption, "", line(header), rule] + [line(cells) for cells in body]) + "\n"
+    return tables.format_text(caption, *_cells(rows))
 
 
 def format_markdown(rows: Sequence[Row], caption: str) -> str:
-    header, body = _cells(rows)
-    out = [caption, "", "| " + " | ".join(header) + " |",
-           "|" + "|".join(["---"] * 3 + ["---:"] * len(KEYS)) + "|"]
-    out += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(out) + "\n"
+    return tables.format_markdown(caption, *_cells(rows))
 
 
 def write_csv(rows: Sequence[Row], path: str | Path) -> None:
@@ -69,19 +57,3 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
                                row.flat]
                             + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"])
                             + ["" if row.depth is None else row.depth])
-
-
-def read_csv(path: str | Path) -> list[Row]:
-    """Rows back from a CSV that :func:`write_csv` wrote (e.g. to draw ``plot_depth`` again)."""
-    number = lambda text: float(text) if text != "" else None  # noqa: E731
-    rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for record in csv.DictReader(handle):
-            offset = (None if record["offset_dy"] == "" else (float(record["offset_dy"]), float(record["offset_dx"])))
-            reference = record["layer"] == BASELINE_LAYER
-            rows.append(Row(record["model"], record["layer"], record["method"],
-                            {key: number(record.get(key, "")) for key in KEYS}, number(record["box_threshold"]),
-                            int(record["n"]), int(record["faith_n"]), int(record["flat_heatmaps"]),
-                            "baseline" if reference else "cam", offset, int(record.get("road_n") or 0),
-                            int(record["depth"]) if record.get("depth") else None))
-    return rows

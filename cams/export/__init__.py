@@ -64,14 +64,14 @@ file is written to a temporary name (``.NAME.PID.RANDOM.tmp``) and moved into pl
 output is ever half-written; the temporary files of a killed run are removed by the next run.
 """
 from cams.export.cli import DEFAULT_MODELS, OFFLINE_HINT, add_export_parser, export_command
-from cams.export.executor import ExportExecutor, explain_batch
+from cams.export.executor import ExportExecutor, explain_batch, result_stem
 from cams.export.cli import EXIT_CANNOT_START, EXIT_NOTHING, EXIT_OK, EXIT_STOPPED
-from cams.export.encode import DEFAULT_FORMAT, FORMATS, encode_image, overlay_suffix, render_result
+from cams.export.encode import DEFAULT_FORMAT, FORMATS, HEATMAP, OVERLAY, encode_image, overlay_suffix, render_result
 from cams.export.files import (MANIFEST_COLUMNS, MANIFEST_FORMAT, STATE_FORMAT, ExportError, ExportReport,
-                               merge_manifest, os_error_text)
+                               ensure_dir, merge_manifest, os_error_text)
 from cams.export.inputs import (InputItem, UploadSource, collect_inputs, decode_input, input_records, read_input,
                                 safe_name)
-from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, validate_settings
+from cams.export.plan import ExportPlan, ModelPlan, plan_export, plan_models, target_names, validate_settings
 from cams.export.ray_executor import check_shared
 from cams.export.executor import Reuse
 from cams.export.run import Progress, load_models, run_export, zip_directory
@@ -82,6 +82,7 @@ __all__ = [
     "EXIT_OK", "EXIT_NOTHING", "EXIT_CANNOT_START", "EXIT_STOPPED",
     "InputItem", "UploadSource", "collect_inputs", "decode_input", "input_records", "read_input", "safe_name",
     "ExportPlan", "ModelPlan", "plan_export", "plan_models", "validate_settings", "ExportExecutor", "explain_batch",
+    "result_stem", "target_names", "ensure_dir", "OVERLAY", "HEATMAP",
     "check_shared",
     "render_result", "encode_image", "overlay_suffix", "FORMATS", "DEFAULT_FORMAT",
     "add_export_parser", "export_command", "DEFAULT_MODELS", "OFFLINE_HINT",

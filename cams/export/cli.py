@@ -17,7 +17,7 @@ from cams.export.files import ExportError, os_error_text
 from cams.export.run import load_models, run_export
 from cams.ray_runtime import add_engine_arguments, check_engine, ray_options
 from cams.render import COLORMAPS
-from pfnet.zoo import DEMO_IDS
+from pfnet.zoo import DEMO_IDS, PHOTO_FALLBACK
 
 DEFAULT_MODELS = ("r50", "r50_hybrid")
 DEMO_DEFAULT = ("demo_r50", "demo_r50_hybrid")  # the embedded default: bundled, works offline
@@ -26,7 +26,8 @@ EXIT_OK = 0
 EXIT_NOTHING = 1  # nothing could be processed (no model loaded, no readable image)
 EXIT_CANNOT_START = 2  # bad settings or an output folder that cannot be used; nothing written
 EXIT_STOPPED = 3  # an OS error part-way (disk full, permissions, read-only); what finished is kept and listed
-OFFLINE_HINT = "hint: `--models demo_r50,demo_r50_hybrid` works offline (bundled demo models)"
+OFFLINE_HINT = ("hint: `--models effnet_lite0` (a real ImageNet network installed with pfcam) and "
+                "`--models demo_r50,demo_r50_hybrid` (bundled demo models) work offline")
 
 
 def _split(text: str) -> list[str]:
@@ -65,9 +66,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders (searched recursively)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     parser.add_argument("--models", type=_split, default=None,
-                        help=f"comma-separated zoo ids (default: {','.join(DEFAULT_MODELS)}, or the bundled "
-                             f"{','.join(DEMO_DEFAULT)} when neither one's ImageNet weights can be had: not cached, "
-                             "no network)")
+                        help=f"comma-separated zoo ids or timm models as timm:<name>[.<tag>] (e.g. "
+                             f"timm:convnext_tiny.fb_in1k); default: {','.join(DEFAULT_MODELS)}, or "
+                             f"{','.join(PHOTO_FALLBACK)} (an ImageNet network installed with pfcam) when neither "
+                             f"one's weights can be had (not cached, no network), else the bundled "
+                             f"{','.join(DEMO_DEFAULT)}")
     parser.add_argument("--layers", type=_split, default=None,
                         help="comma-separated layer names (default: each model's default layers)")
     parser.add_argument("--method", choices=list(METHODS), default="gradcam", help="CAM method (default: %(default)s)")
@@ -84,7 +87,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: $PFCAM_DEVICE, else cuda if available")
     parser.add_argument("--weights", type=_weights_pair, action="append", default=[], metavar="MODEL=PATH",
-                        help="use a local checkpoint file for MODEL (repeatable)")
+                        help="use a local checkpoint file for MODEL (repeatable); PATH 'random' asks for random "
+                             "weights (marked so in the manifest and the grids)")
     parser.add_argument("--mode", choices=("full", "center"), default="full",
                         help="full: whole image squashed to the input size; center: ImageNet resize + centre crop")
     parser.add_argument("--colormap", choices=list(COLORMAPS), default="jet", help="default: %(default)s")
@@ -133,15 +137,22 @@ def export_command(args: argparse.Namespace) -> int:
         if model_id not in model_ids:
             log(f"warning: --weights given for {model_id}, which is not in --models; ignored")
     for model_id, path in weights.items():
-        if model_id in model_ids and not Path(path).is_file():
+        if model_id in model_ids and path != "random" and not Path(path).is_file():
             log(f"warning: --weights {model_id}={path}: no such file")
     models, unavailable = load_models(model_ids, weights, device, log)
     if args.models is None and not models and set(unavailable) == set(DEFAULT_MODELS):
-        log(f"the ImageNet weights of {' and '.join(DEFAULT_MODELS)} are not available here; exporting with the "
-            f"bundled demo models {', '.join(DEMO_DEFAULT)} instead (trained on synthetic shape scenes: their "
-            "classes are shapes, not ImageNet's). `--models` chooses; docs/models.md says "
-            "how to get the ImageNet ones")
-        models, unavailable = load_models(list(DEMO_DEFAULT), weights, device, log)
+        models, unavailable = load_models(list(PHOTO_FALLBACK), weights, device, log)
+        if models:
+            names = ", ".join(entry.name for _, entry in models.values())
+            log(f"the ImageNet weights of {' and '.join(DEFAULT_MODELS)} are not available here; exporting with "
+                f"{names} ({', '.join(models)}) instead: a real ImageNet network installed with pfcam, not one of "
+                "the paper's. `--models` chooses; docs/models.md says how to get the paper's weights")
+        else:
+            log(f"the ImageNet weights of {' and '.join(DEFAULT_MODELS)} are not available here; exporting with "
+                f"the bundled demo models {', '.join(DEMO_DEFAULT)} instead (trained on synthetic shape scenes: "
+                "their classes are shapes, not ImageNet's). `--models` chooses; docs/models.md says how to get the "
+                "ImageNet ones")
+            models, unavailable = load_models(list(DEMO_DEFAULT), weights, device, log)
     elif any(model_id not in DEMO_IDS for model_id in unavailable):
         log(OFFLINE_HINT)
     if not models:

@@ -54,6 +54,12 @@ def network_threads(overlays: bool = True, cores: int | None = None) -> int:
     return max(1, cores // 2 if overlays else cores - 1)
 
 
+def result_stem(layer: str, method: str, target: str, class_name: str, class_id: int) -> str:
+    """The file name, less its suffix, of one result's overlay and heatmap in its image and model folder:
+    ``<layer>__<method>__<target>-<class>`` (each part sanitised; ``target`` as :attr:`ModelPlan.targets`)."""
+    return f"{safe_name(layer)}__{safe_name(method)}__{target}-{safe_name(class_name, CLASS_CHARS, f'class{class_id}')}"
+
+
 def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, items: list[InputItem],
                   warn: Callable[[str], None]) -> engine.Explanation | None:
     """``model``'s explanation of a preprocessed batch of ``items`` as the plan asks (every planned layer and
@@ -285,8 +291,7 @@ class ExportExecutor:
                 names = model.class_names
                 class_name = names[class_id] if names and 0 <= class_id < len(names) else f"class{class_id}"
                 probability = float(probs[class_id])
-                stem = (f"{safe_name(layer)}__{safe_name(self.plan.method)}__{target}-"
-                        f"{safe_name(class_name, CLASS_CHARS, f'class{class_id}')}")
+                stem = result_stem(layer, self.plan.method, target, class_name, class_id)
                 npy = folder / f"{stem}.npy"
                 png = folder / f"{stem}{overlay_suffix(self.plan.overlay_format)}" if self.plan.overlays else None
                 heat = explanation.heatmaps[position, target_index, layer_index].numpy()

@@ -16,7 +16,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from PIL import Image
 
 from cams.export.inputs import inside
 from pfnet.errors import PfnetError
@@ -66,10 +65,6 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         except OSError:
             pass
         raise
-
-
-def write_png(path: Path, image: Image.Image) -> None:
-    _atomic_write(path, lambda stream: image.save(stream, format="PNG", compress_level=1))
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

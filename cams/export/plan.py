@@ -13,7 +13,7 @@ from cams.engine import METHODS, PRECISIONS, resolve_classes
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
-from cams.layers import LayerError, default_layers, family_of, layer_names
+from cams.layers import LayerError, default_layers, layer_names, pfnet_family
 from cams.render import COLORMAPS
 from pfnet.preprocess import MODES
 from pfnet.weights import state_digest
@@ -22,6 +22,13 @@ GRID_CELL = 224
 
 #: layers: None (each model's defaults), a list for every model, or a dict keyed by model id or family.
 LayerChoice = Sequence[str] | Mapping[str, Sequence[str]] | str | None
+
+
+def target_names(topk: int, classes: Sequence[int] = ()) -> list[str]:
+    """What the files and the manifest call each target: "class<id>" per fixed class, else "top1".."top<k>"."""
+    if classes:
+        return [f"class{int(class_id)}" for class_id in classes]
+    return [f"top{rank}" for rank in range(1, topk + 1)]
 
 
 @dataclass
@@ -50,11 +57,7 @@ class ModelPlan:
     def targets(self) -> list[str]:
         """Each result's target, in the engine's order: "top1".."top<k>", "class<id>" per fixed class, or "label"
         (each image's own class)."""
-        if self.label_ids is not None:
-            return ["label"]
-        if self.classes:
-            return [f"class{class_id}" for class_id in self.classes]
-        return [f"top{rank}" for rank in range(1, self.topk + 1)]
+        return ["label"] if self.label_ids is not None else target_names(self.topk, self.classes)
 
     @property
     def chosen_classes(self) -> bool:
@@ -146,7 +149,8 @@ class ExportPlan:
     def manifest_settings(self) -> dict[str, Any]:
         """``manifest.json["settings"]``, before the caller's extra settings."""
         return {"models": {m.id: {"name": m.label, "layers": m.layers, "input_size": m.input_size, "topk": m.topk,
-                                  "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights}
+                                  "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights,
+                                  "weights_origin": getattr(m.network, "weights_origin", None)}
                            for m in self.models},
                 "method": self.method, "precision": self.precision, "topk": self.topk,
                 "target": "label" if self.labelled else list(self.target) or "predicted",
@@ -231,8 +235,10 @@ def plan_models(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice, topk
     for model_id, pair in models.items():
         network, entry = pair
         label = getattr(entry, "name", None) or model_id
+        if getattr(network, "weights_origin", None) == "random":  # asked for explicitly; never silent
+            label = f"{label} (random weights)"
         try:
-            family = family_of(network)
+            family = pfnet_family(network)  # None for any other network: layers keyed by model id
             valid = layer_names(network)
             wanted = _requested_layers(layers, model_id, family)
             wanted = list(default_layers(network)) if wanted is None else wanted

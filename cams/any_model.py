@@ -1,0 +1,355 @@
+"""Layers of any ``nn.Module`` pfnet did not build (a timm or torchvision model, a user's own network): where its
+stem, stages and blocks are, and how their outputs become maps ``[N, C, h, w]``.
+
+The layers come from the model's own structure, never from a list of known families:
+
+- timm models say where each stage is and at what stride (``model.feature_info``: module path and reduction). The
+  container that holds most of those modules is the trunk; its children in order are the stages (all of them:
+  timm lists only the last stage of each stride), or the blocks where they hold no blocks of their own (ViT).
+- Other models are walked: the shallowest module with two or more children that hold blocks (torchvision ResNet's
+  ``layer1`` .. ``layer4``, a ``stages`` list of stage modules) gives the stages; a list of blocks alone (a
+  ``nn.Sequential`` of blocks, a transformer's ``encoder.layers``) gives blocks without stages.
+- A block is a child with parameters and children of its own (a leaf ``Conv2d`` is not a block); a stage holds
+  blocks: it is a list of them, or has one such list among its children (timm's ``ConvNeXtStage.blocks``).
+- The stem is the module just before the trunk (one with parameters, or a pooling layer: torchvision ResNet's
+  ``maxpool``), or timm's first feature module when it lies outside the trunk (ResNet's ``act1``).
+
+Outputs become maps from their shape and the input size: ``[N, C, h, w]`` as they are; channels-last
+``[N, h, w, C]`` (Swin) where only that reading is a grid of the input, or the model says ``output_fmt ==
+"NHWC"``; tokens ``[N, p + h*w, C]`` with ``p`` prefix tokens (``num_prefix_tokens``, else the ``cls_token`` /
+``dist_token`` / ``reg_token`` the model holds) on the patch embedding's grid for this input (``dynamic_feat_size``),
+else the ``h x w`` grid of the input's aspect ratio that has that many cells (PiT's stages, Swin, any input size).
+Everything here is plain data; :mod:`cams.layers` turns it into ``LayerSpec`` and errors.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_LISTS = (nn.Sequential, nn.ModuleList)
+_SKIPPED = (nn.Identity, nn.Dropout)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_PREFIX_TOKENS = ("cls_token", "class_token", "dist_token", "reg_token")
+# Largest ratio between the rows' and the columns' input pixels per cell for a shape to read as a grid.
+_ASPECT = 1.5
+
+
+@dataclass(frozen=True)
+class Part:
+    """One layer of the outline: dotted module path, ``kind`` ("stem" | "stage" | "block"), a label, the layer
+    whose output is the very same tensor (a ``nn.Sequential`` stage's last block -> the stage), its stage."""
+
+    name: str
+    kind: str
+    label: str
+    same_as: str | None = None
+    stage: str | None = None
+
+
+@dataclass(frozen=True)
+class Outline:
+    """A model's layers in depth order, the defaults (the last two stages, or blocks) and timm's reductions."""
+
+    parts: tuple[Part, ...]
+    defaults: tuple[str, ...]
+    reductions: dict
+
+
+# model -> (its modules' ids, outline): the walk is done once per model, again when a module is replaced.
+_outlines: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Outline]] = weakref.WeakKeyDictionary()
+
+
+def outline(model: nn.Module) -> Outline:
+    """The stem, stages and blocks of ``model``, in network depth order (see the module docstring)."""
+    key = tuple(map(id, model.modules()))
+    held = _outlines.get(model)
+    if held is not None and held[0] == key:
+        return held[1]
+    found = _outline(model)
+    _outlines[model] = (key, found)
+    return found
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _is_block(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None and next(module.parameters(), None) is not None
+
+
+def _blocks_of(path: str, module: nn.Module) -> list[str] | None:
+    """The blocks a stage holds: its own block children (a list), or those of the one list among its children."""
+    if isinstance(module, _LISTS):
+        blocks = [_join(path, name) for name, child in module.named_children() if _is_block(child)]
+        return blocks or None
+    lists = [(name, child) for name, child in module.named_children()
+             if isinstance(child, _LISTS) and any(_is_block(grand) for grand in child.children())]
+    if len(lists) == 1:
+        return _blocks_of(_join(path, lists[0][0]), lists[0][1])
+    return None
+
+
+def _is_stage(path: str, module: nn.Module) -> bool:
+    return _blocks_of(path, module) is not None
+
+
+def _outline(model: nn.Module) -> Outline:
+    modules = dict(model.named_modules())
+    info = _feature_info(model, modules)
+    if info:
+        trunk, stage_paths, stems, reductions = _trunk_from_info(info, modules)
+    else:
+        trunk, stage_paths, stems, reductions = _trunk_from_walk(model), None, [], {}
+    if trunk is None:
+        return _fallback(model)
+    if stage_paths is None:
+        stage_paths = trunk[1]
+    stem = stems[-1] if stems else _stem_before(model, stage_paths[0])
+    staged = [(path, _blocks_of(path, modules[path])) for path in stage_paths]
+    parts: list[Part] = []
+    if stem is not None:
+        parts.append(Part(stem, "stem", f"{stem} · stem output{_scale(reductions.get(stem))}"))
+    if all(blocks is None for _, blocks in staged):  # blocks without stages (ViT)
+        for index, (path, _) in enumerate(staged):
+            parts.append(Part(path, "block", f"{path} · block {index + 1}{_scale(reductions.get(path))}"))
+        names = [path for path, _ in staged]
+    else:
+        for index, (path, blocks) in enumerate(staged):
+            blocks = blocks or []
+            plain = isinstance(modules[path], _LISTS) and blocks and blocks[-1] == _join(path, _last_child(modules[path]))
+            last = f" (= {blocks[-1]})" if plain else ""
+            parts.append(Part(path, "stage", f"{path} · stage {index + 1} output{_scale(reductions.get(path))}{last}"))
+            for number, block in enumerate(blocks):
+                parts.append(Part(block, "block", f"{block} · stage {index + 1} block {number + 1}",
+                                  same_as=path if plain and number == len(blocks) - 1 else None, stage=path))
+        names = [path for path, _ in staged]
+    if _token_head(model):  # the last block's patch tokens do not reach the logits: never a default
+        dead = {part.name for part in parts if part.kind == "block"}
+        dead = {max(dead, key=[part.name for part in parts].index)} if dead else set()
+        if names[-1] not in dead and parts[-1].kind == "block" and parts[-1].stage == names[-1]:
+            dead.add(names[-1])  # the last stage's output is its last block's patch tokens (PiT)
+            names.append(parts[-2].name if parts[-2].kind == "block" else names[-1])
+        parts = [Part(part.name, part.kind, f"{part.label} · {_DEAD}", part.same_as, part.stage)
+                 if part.name in dead else part for part in parts]
+        names = [name for name in names if name not in dead]
+    return Outline(tuple(parts), tuple(names[-2:]), reductions)
+
+
+_DEAD = "class-token head: its patch tokens get no gradient"
+
+
+def _token_head(model: nn.Module) -> bool:
+    """Whether the classifier reads only the prefix tokens (DeiT, PiT: ``global_pool == "token"``): then the
+    last block's patch tokens get no gradient, and Grad-CAM there is flat."""
+    return prefix_tokens(model) > 0 and getattr(model, "global_pool", "token") == "token"
+
+
+def _last_child(module: nn.Module) -> str:
+    return list(module.named_children())[-1][0]
+
+
+def _scale(reduction) -> str:
+    return f", 1/{reduction} resolution" if isinstance(reduction, int) and reduction > 1 else ""
+
+
+def _feature_info(model: nn.Module, modules: dict) -> list[tuple[str, int | None]]:
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and all(isinstance(item, dict) and "module" in item for item in info):
+        return [(item["module"], item.get("reduction")) for item in info if item["module"] in modules]
+    return []
+
+
+def _trunk_from_info(info, modules):
+    """timm: the container that holds most feature modules is the trunk (stages, or ViT's blocks)."""
+    parents = Counter(path.rpartition(".")[0] for path, _ in info)
+    top = max(parents.values())
+    trunk = [parent for parent in parents if parents[parent] == top][-1]
+    inside = [path for path, _ in info if path.rpartition(".")[0] == trunk]
+    container = modules[trunk]
+    if trunk and isinstance(container, _LISTS):
+        stage_paths = [_join(trunk, name) for name, _ in container.named_children()]
+    else:  # the trunk is the model (timm's ResNet): its feature modules that hold blocks; ``act1`` is the stem
+        stage_paths = [path for path in inside if _blocks_of(path, modules[path]) is not None] or inside
+    first = next(index for index, (path, _) in enumerate(info) if path in stage_paths)
+    stems = [path for path, _ in info[:first]]
+    listed = dict(info)
+    reductions: dict[str, int] = {path: value for path, value in info if isinstance(value, int)}
+    following = None
+    for path in reversed(stage_paths):  # timm lists the last stage of each stride: the others share the next one's
+        following = listed.get(path, following)
+        if following is not None:
+            reductions.setdefault(path, following)
+    return (trunk, stage_paths), stage_paths, stems, reductions
+
+
+def _trunk_from_walk(model: nn.Module):
+    """The shallowest module with two or more stage children (lists of stages expanded), else the first list of
+    blocks (blocks without stages); None when neither exists."""
+    first_list = None
+    for path, module in model.named_modules():
+        stages: list[str] = []
+        for name, child in module.named_children():
+            child_path = _join(path, name)
+            if not _is_stage(child_path, child):
+                continue
+            inner = _blocks_of(child_path, child) or []
+            children = dict(child.named_children())
+            expanded = [block for block in inner if block.rpartition(".")[0] == child_path
+                        and _is_stage(block, children[block.rpartition(".")[2]])]
+            stages += expanded if expanded and len(expanded) == len(inner) else [child_path]
+        if len(stages) >= 2:
+            return path, stages
+        if first_list is None and isinstance(module, _LISTS) and _blocks_of(path, module):
+            first_list = (path, _blocks_of(path, module))
+    return first_list
+
+
+def _stem_before(model: nn.Module, first_stage: str) -> str | None:
+    """The module just before the trunk, at the level where the first stage's ancestors branch off."""
+    parts = first_stage.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        parent_path = ".".join(parts[:depth])
+        parent = model.get_submodule(parent_path) if parent_path else model
+        names = [name for name, _ in parent.named_children()]
+        position = names.index(parts[depth])
+        for name in reversed(names[:position]):
+            child = getattr(parent, name)
+            if isinstance(child, _POOLS) or (not isinstance(child, _SKIPPED)
+                                             and next(child.parameters(), None) is not None):
+                return _join(parent_path, name)
+    return None
+
+
+def _fallback(model: nn.Module) -> Outline:
+    """No blocks anywhere (a plain stack of layers, e.g. VGG's ``features``): every convolution, as an op."""
+    convs = [path for path, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    parts = tuple(Part(path, "op", f"{path} · convolution {index + 1}") for index, path in enumerate(convs))
+    return Outline(parts, tuple(convs[-1:]), {})
+
+
+# ------------------------------------------------------------------------------------------------ maps
+def prefix_tokens(model: nn.Module) -> int:
+    """How many tokens come before the patch tokens: ``num_prefix_tokens``, else the model's class /
+    distillation / register tokens (``[1, k, C]`` each)."""
+    count = getattr(model, "num_prefix_tokens", None)
+    if isinstance(count, int):
+        return count
+    total = 0
+    for name in _PREFIX_TOKENS:
+        token = getattr(model, name, None)
+        if isinstance(token, torch.Tensor) and token.dim() == 3:
+            total += int(token.shape[1])
+    return total
+
+
+def patch_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] | None:
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        return None
+    feat = getattr(embed, "dynamic_feat_size", None)
+    if callable(feat):
+        try:
+            height, width = feat(tuple(input_hw))
+            return int(height), int(width)
+        except (TypeError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def _fits(height: int, width: int, input_hw: tuple[int, int]) -> float | None:
+    """How far ``height x width`` cells are from an even grid of the input (0: equal strides); None: not a grid."""
+    if height < 1 or width < 1 or height > input_hw[0] or width > input_hw[1]:
+        return None
+    ratio = abs(math.log((input_hw[0] / height) / (input_hw[1] / width)))
+    return ratio if ratio <= math.log(_ASPECT) else None
+
+
+def grid_for(model: nn.Module, count: int, input_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(h, w)`` grid of ``count`` patch tokens for an input of ``input_hw``: the patch embedding's, else the
+    grid with that many cells closest to the input's aspect ratio; None when none is close."""
+    patches = patch_grid(model, input_hw)
+    if patches is not None and patches[0] * patches[1] == count:
+        return patches
+    if count < 1:
+        return None
+    stride = math.sqrt(input_hw[0] * input_hw[1] / count)
+    best = None
+    guess = input_hw[0] / stride
+    for height in {max(1, math.floor(guess) + step) for step in (-1, 0, 1, 2)}:
+        if count % height:
+            continue
+        score = _fits(height, count // height, input_hw)
+        if score is not None and (best is None or score < best[0]):
+            best = (score, (height, count // height))
+    return best[1] if best else None
+
+
+def layout(model: nn.Module, shape: tuple[int, ...], input_hw: tuple[int, int]):
+    """How to read an output of ``shape`` as a map: ``("nchw",)``, ``("nhwc",)``, ``("tokens", prefix, h, w)``,
+    or None when no reading fits."""
+    if len(shape) == 4:
+        nchw = _fits(shape[2], shape[3], input_hw) is not None
+        nhwc = _fits(shape[1], shape[2], input_hw) is not None
+        if nhwc and (not nchw or getattr(model, "output_fmt", None) == "NHWC"):
+            return ("nhwc",)
+        return ("nchw",)
+    if len(shape) == 3:
+        tokens = int(shape[1])
+        for prefix in dict.fromkeys((prefix_tokens(model), 0)):
+            grid = grid_for(model, tokens - prefix, input_hw) if tokens > prefix else None
+            if grid is not None:
+                return ("tokens", prefix, *grid)
+    return None
+
+
+def as_map(how, activation: torch.Tensor) -> torch.Tensor:
+    """``activation`` read as :func:`layout` said: ``[N, C, h, w]``."""
+    if how[0] == "nchw":
+        return activation
+    if how[0] == "nhwc":
+        return activation.permute(0, 3, 1, 2)
+    _, prefix, height, width = how
+    tokens = activation[:, prefix:] if prefix else activation
+    return tokens.transpose(1, 2).reshape(activation.shape[0], activation.shape[2], height, width)
+
+
+# ------------------------------------------------------------------------------------------------ class names
+def class_names_of(model: nn.Module) -> list[str] | None:
+    """The model's class names: ImageNet's (timm's ``ImageNetInfo``) when its ``pretrained_cfg`` says it was
+    trained on an ImageNet subset of that many classes, else ``"class N"`` for its ``num_classes``; None when the
+    model does not say how many classes it has."""
+    count = getattr(model, "num_classes", None)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        return None
+    try:
+        from timm.data import infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+    except (ImportError, AttributeError, KeyError, ValueError):
+        subset = None
+    names = _imagenet_names(subset) if subset else None
+    return list(names if names is not None and len(names) == count else numbered(count))
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_names(subset: str) -> tuple[str, ...] | None:
+    """timm's names of an ImageNet subset's classes (read from timm's files: ~0.1 s, so once per subset)."""
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo(subset)
+        return tuple(info.index_to_description(index) for index in range(info.num_classes()))
+    except (ImportError, AttributeError, KeyError, ValueError, OSError):
+        return None
+
+
+def numbered(count: int) -> tuple[str, ...]:
+    """``("class 0", ..., "class count-1")``: the names of classes nobody named."""
+    return tuple(f"class {index}" for index in range(count))
