@@ -283,14 +283,13 @@ def test_export_records_the_precision(demo, tmp_path):
 
 
 def test_bench_loc_and_sanity_take_the_new_methods(demo):
-    from cams import bench_loc
     from cams import sanity as S
 
     images = _images(2, 64)
-    methods = ["gradcamelementwise", "fullgrad", "ablationcam", "guidedgradcam"]
-    rows = bench_loc.score_images(demo, images, [(4.0, 4.0, 40.0, 40.0), (10.0, 12.0, 50.0, 44.0)],
-                                  layers=["layer4"], methods=methods)
-    assert [row.method for row in rows[:len(methods)]] == methods
+    methods = ["gradcamelementwise", "fullgrad", "ablationcam", "guidedgradcam", "kpcacam"]
+    # bench-loc explains through cams.multi.explain_methods (bench_loc.scoring.explain_methods_batch)
+    results = explain_methods(demo, images, ["layer4"], methods, batch_size=2)
+    assert list(results) == methods and all(r.heatmaps.shape == (2, 1, 1, 64, 64) for r in results.values())
     result = S.sanity_check(demo, images, ["layer4"], ["gradcamelementwise", "finercam"], modes=("independent",),
                             units=[S.Unit("fc", ("fc",))])
     assert {c.method for c in result.comparisons} >= {"gradcamelementwise", "finercam"}
