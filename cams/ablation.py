@@ -181,6 +181,30 @@ def _whole_forward_scores(model, module, image, outputs, precision):
         handle.remove()
 
 
+def channel_axis(output: torch.Tensor, grid: torch.Tensor) -> int:
+    """The axis of a layer's raw ``output`` that holds the channels of its map ``grid`` ``[1, C, h, w]``: 1 for a map
+    that is already NCHW, else the last (tokens, channels-last maps: ``AblationLayerVit``'s)."""
+    if output.dim() == 4 and tuple(output.shape[1:]) == tuple(grid.shape[1:]):
+        return 1
+    return output.dim() - 1
+
+
+def _checked(tail: Tail, image: torch.Tensor, one: torch.Tensor, logits: torch.Tensor) -> dict | None:
+    """``tail.prepare(image)``, trusted only where the tail gives the model's own logits for the layer's own output
+    (a traced graph can bake in what was dynamic); None otherwise."""
+    try:
+        prepared = tail.prepare(image)
+        if prepared is None:
+            return None
+        again = tail.run(prepared, one).float()[0]
+    except Exception:  # noqa: BLE001 (a graph that does not run again: whole forwards instead)
+        return None
+    expected = logits.detach().float()
+    if not torch.allclose(again, expected, atol=1e-4 * max(1.0, float(expected.abs().max())), rtol=1e-4):
+        return None
+    return prepared
+
+
 def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, batch_size: int, meter: Meter,
                    eigen_smooth: bool, precision: str, reshape=None):
     """Ablation-CAM for one batch of images: (logits, class ids, raw maps [T, n, h, w] per layer)."""
@@ -189,7 +213,7 @@ def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, b
     original = logits.detach().gather(1, class_ids).float()  # [n, T]
     raw_outputs = [outputs[name].detach() for name in layers]
     del outputs
-    axes = [1 if out.dim() == 4 else out.dim() - 1 for out in raw_outputs]
+    axes = [channel_axis(out, to_grid(model, name, out[:1], size, reshape)) for name, out in zip(layers, raw_outputs)]
     meter.grow(batch.shape[0] * sum(int(out.shape[axis]) for out, axis in zip(raw_outputs, axes)))
     raws = []
     with torch.no_grad():
@@ -201,7 +225,9 @@ def ablation_batch(model, capture, modules, batch, layers, size, class_ids_of, b
             for index in range(batch.shape[0]):
                 image, one = batch[index:index + 1], out[index:index + 1]
                 ids = class_ids[index]
-                prepared = tail.prepare(image) if tail is not None else None
+                prepared = _checked(tail, image, one, logits[index]) if tail is not None else None
+                if prepared is None:
+                    tail = None  # the whole network for this layer, as pytorch-grad-cam runs it
                 dead = None
                 if float(one.min()) == 0:
                     dead = (one.movedim(axis, 1).flatten(2) == 0).all(dim=2)[0]  # [C]

@@ -303,3 +303,27 @@ def test_every_method_has_its_one_line_for_the_app():
         what, cost = note.split(" · ")  # what it is · what it costs
         assert what and cost and "\n" not in note, key
     assert METHODS["eigencam_fixed"] == "Eigen-CAM"  # the fixed sign is what Eigen-CAM means in pfcam
+
+
+@pytest.mark.parametrize("name, options, layer", [
+    ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 2}, "layers.2"),  # channels-last outputs
+    ("pit_ti_224", {"img_size": 64}, "transformers.1"),  # a (map, class tokens) tuple output
+    ("deit_tiny_patch16_224", {"img_size": 64}, "blocks.9"),  # a class token
+])
+def test_every_method_runs_on_timm_models(name, options, layer):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **options).eval()
+    images = _images(1, 64)
+    for method in sorted(set(METHODS) - {"cam", "scorecam"}):
+        result = explain(model, images, [layer], method, targets=[1], batch_size=256)
+        assert bool(torch.isfinite(result.heatmaps).all()), method
+    # Ablation-CAM from the layer onward equals the whole forwards pytorch-grad-cam runs
+    from cams import ablation
+    tail = explain(model, images, [layer], "ablationcam", targets=[1], batch_size=64, align="none")
+    original = ablation.tail_for
+    try:
+        ablation.tail_for = lambda model, module: None
+        whole = explain(model, images, [layer], "ablationcam", targets=[1], batch_size=64, align="none")
+    finally:
+        ablation.tail_for = original
+    torch.testing.assert_close(tail.heatmaps, whole.heatmaps, atol=1e-4, rtol=0)
