@@ -144,6 +144,8 @@ class ExportPlan:
                     "weights": model.weights}
         if model.cam_offsets:  # outputs drawn with another alignment are kept, flagged stale
             settings["cam_offsets"] = model.cam_offsets
+        if self.precision != "float32":  # bf16 maps are not float32 maps (absent for float32: older records match)
+            settings["precision"] = self.precision
         return settings
 
     def manifest_settings(self) -> dict[str, Any]:
