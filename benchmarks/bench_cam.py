@@ -61,11 +61,13 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: 
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                        device: torch.device, shuffle: bool = False) -> dict[str, float]:
+                        device: torch.device, shuffle: bool = False,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per case, the cases timed round-robin (one run of each per round) so that a shared CPU's
     changing load hits them alike and the ratios between them stay meaningful. ``shuffle``: each round in another
     (seeded) order, so that no case always runs right after the same one (a case that frees much memory slows
-    the next one's page faults)."""
+    the next one's page faults). ``clock``: wall time by default; ``time.thread_time`` counts only this thread's CPU
+    time (one torch thread on the CPU: the work itself, without the time other processes take the core away)."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -77,10 +79,10 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, wa
         if shuffle:
             rounds.shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             cases[name]()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -104,13 +104,11 @@ def _outline(model: nn.Module) -> Outline:
     modules = dict(model.named_modules())
     info = _feature_info(model, modules)
     if info:
-        trunk, stage_paths, stems, reductions = _trunk_from_info(info, modules)
+        stage_paths, stems, reductions = _trunk_from_info(info, modules)
     else:
-        trunk, stage_paths, stems, reductions = _trunk_from_walk(model), None, [], {}
-    if trunk is None:
+        stage_paths, stems, reductions = _trunk_from_walk(model), [], {}
+    if not stage_paths:
         return _fallback(model)
-    if stage_paths is None:
-        stage_paths = trunk[1]
     stem = stems[-1] if stems else _stem_before(model, stage_paths[0])
     staged = [(path, _blocks_of(path, modules[path])) for path in stage_paths]
     parts: list[Part] = []
@@ -123,21 +121,21 @@ def _outline(model: nn.Module) -> Outline:
     else:
         for index, (path, blocks) in enumerate(staged):
             blocks = blocks or []
-            plain = isinstance(modules[path], _LISTS) and blocks and blocks[-1] == _join(path, _last_child(modules[path]))
+            plain = bool(blocks) and isinstance(modules[path], _LISTS) and blocks[-1] == _join(
+                path, _last_child(modules[path]))  # a list's output is its last child's: the same tensor
             last = f" (= {blocks[-1]})" if plain else ""
             parts.append(Part(path, "stage", f"{path} · stage {index + 1} output{_scale(reductions.get(path))}{last}"))
             for number, block in enumerate(blocks):
                 parts.append(Part(block, "block", f"{block} · stage {index + 1} block {number + 1}",
                                   same_as=path if plain and number == len(blocks) - 1 else None, stage=path))
         names = [path for path, _ in staged]
-    if _token_head(model):  # the last block's patch tokens do not reach the logits: never a default
-        dead = {part.name for part in parts if part.kind == "block"}
-        dead = {max(dead, key=[part.name for part in parts].index)} if dead else set()
-        if names[-1] not in dead and parts[-1].kind == "block" and parts[-1].stage == names[-1]:
-            dead.add(names[-1])  # the last stage's output is its last block's patch tokens (PiT)
-            names.append(parts[-2].name if parts[-2].kind == "block" else names[-1])
+    blocks = [part for part in parts if part.kind == "block"]
+    if _token_head(model) and blocks:  # the last block's patch tokens do not reach the logits: never a default
+        dead = {blocks[-1].name, blocks[-1].stage}  # and its stage's output, those same tokens (PiT)
         parts = [Part(part.name, part.kind, f"{part.label} · {_DEAD}", part.same_as, part.stage)
                  if part.name in dead else part for part in parts]
+        if names[-1] == blocks[-1].stage and len(blocks) > 1:
+            names.append(blocks[-2].name)  # the last stage's block before its last
         names = [name for name in names if name not in dead]
     return Outline(tuple(parts), tuple(names[-2:]), reductions)
 
@@ -177,7 +175,7 @@ def _trunk_from_info(info, modules):
         stage_paths = [_join(trunk, name) for name, _ in container.named_children()]
     else:  # the trunk is the model (timm's ResNet): its feature modules that hold blocks; ``act1`` is the stem
         stage_paths = [path for path in inside if _blocks_of(path, modules[path]) is not None] or inside
-    first = next(index for index, (path, _) in enumerate(info) if path in stage_paths)
+    first = next((index for index, (path, _) in enumerate(info) if path in stage_paths), 0)
     stems = [path for path, _ in info[:first]]
     listed = dict(info)
     reductions: dict[str, int] = {path: value for path, value in info if isinstance(value, int)}
@@ -186,12 +184,12 @@ def _trunk_from_info(info, modules):
         following = listed.get(path, following)
         if following is not None:
             reductions.setdefault(path, following)
-    return (trunk, stage_paths), stage_paths, stems, reductions
+    return stage_paths, stems, reductions
 
 
-def _trunk_from_walk(model: nn.Module):
-    """The shallowest module with two or more stage children (lists of stages expanded), else the first list of
-    blocks (blocks without stages); None when neither exists."""
+def _trunk_from_walk(model: nn.Module) -> list[str] | None:
+    """The stages of the shallowest module with two or more stage children (lists of stages expanded), else the
+    blocks of the first list of blocks (blocks without stages); None when neither exists."""
     first_list = None
     for path, module in model.named_modules():
         stages: list[str] = []
@@ -205,9 +203,9 @@ def _trunk_from_walk(model: nn.Module):
                         and _is_stage(block, children[block.rpartition(".")[2]])]
             stages += expanded if expanded and len(expanded) == len(inner) else [child_path]
         if len(stages) >= 2:
-            return path, stages
+            return stages
         if first_list is None and isinstance(module, _LISTS) and _blocks_of(path, module):
-            first_list = (path, _blocks_of(path, module))
+            first_list = _blocks_of(path, module)
     return first_list
 
 

@@ -8,7 +8,8 @@ network-input geometry of the boxes), so a run stopped part-way still scores wha
 - ``pointing_game``: the share of images whose heatmap peak falls on the object (its mask when given, else a box,
   with :func:`cams.metrics.pointing_game`'s tolerance);
 - ``energy_in_box``: the mean share of the heatmap's positive mass inside the boxes;
-- ``maxboxacc_v2``: MaxBoxAccV2 over the images (:mod:`cams.boxacc`: the best threshold for the set).
+- ``maxboxacc_v2``: MaxBoxAccV2 over the images (:mod:`cams.boxacc`: the best threshold for the set), in
+  ``protocol`` (wsolevaluation's, ``"wsol"``, by default).
 """
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ def heatmap_region(boxes: M.Boxes, mask: np.ndarray | None, crop_box: Sequence[f
 class DepthScores:
     """The depth curve of one model (and method): ``add`` images, read ``values()`` or ``rows()``."""
 
-    def __init__(self, layers: Sequence[str]) -> None:
+    def __init__(self, layers: Sequence[str], protocol: str = boxacc.DEFAULT_PROTOCOL) -> None:
         self.layers = list(layers)
+        self.protocol = boxacc.check_protocol(protocol)
         self.hits: list[list[float]] = [[] for _ in self.layers]
         self.energy: list[list[float]] = [[] for _ in self.layers]
-        self.curves = [boxacc.MaxBoxAccumulator() for _ in self.layers]
+        self.curves = [boxacc.MaxBoxAccumulator(protocol=protocol) for _ in self.layers]
 
     @property
     def n(self) -> int:
@@ -76,7 +78,7 @@ class DepthScores:
             return {metric: [None] * len(self.layers) for metric in DEPTH_METRICS}
         return {"pointing_game": [float(np.mean(h)) for h in self.hits],
                 "energy_in_box": [float(np.mean(e)) for e in self.energy],
-                "maxboxacc_v2": [boxacc.max_box_acc(c.curves).value for c in self.curves]}
+                "maxboxacc_v2": [c.result().value for c in self.curves]}
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per layer: ``depth`` (1 = the first block), ``layer``, each metric, ``n`` images."""

@@ -99,6 +99,7 @@ class Explanation:
     guided: torch.Tensor | None = None
     #: How the heatmaps were computed beyond ``method``: {"aug_smooth", "eigen_smooth", "precision"} when set.
     options: tuple[tuple[str, object], ...] = ()
+    raw: torch.Tensor | None = None  # with explain(keep_raw=True): the maps before min-max (:func:`unnormalised`)
 
     @property
     def method_label(self) -> str:
@@ -266,6 +267,21 @@ def normalise(maps: torch.Tensor, size: tuple[int, int], offset: Offset = NO_OFF
     return _min_max(maps.clamp_min_(0)).reshape(*lead, *size)
 
 
+def unnormalised(maps: torch.Tensor, size: tuple[int, int], offset: Offset = NO_OFFSET) -> torch.Tensor:
+    """:func:`normalise` without either min-max: ReLU, the same resize (and offset), in the method's own units, so
+    maps compare across images and models. ``normalise(maps)`` is this map min-max normalised (to float
+    rounding and the 1e-7 guard: min-max commutes with the linear resize)."""
+    lead = maps.shape[:-2]
+    size = tuple(size)
+    maps = maps.float().clamp_min(0).reshape(-1, 1, *maps.shape[-2:])
+    if tuple(offset) != NO_OFFSET:
+        grid = sampling_grid(size, offset).to(maps.device).expand(maps.shape[0], -1, -1, -1)
+        maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    elif tuple(maps.shape[-2:]) != size:
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return maps.clamp_min_(0).reshape(*lead, *size)
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 def _numbered(model: nn.Module, probs: list[torch.Tensor]) -> tuple[str, ...] | None:
     """"class N" names for a network pfnet did not build that does not say its classes (None for pfnet's)."""
@@ -276,7 +292,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
             targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
             align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
             aug_smooth: bool = False, eigen_smooth: bool = False, precision: str = "float32",
-            reshape: Reshape = None) -> Explanation:
+            reshape: Reshape = None, keep_raw: bool = False) -> Explanation:
     """Heatmaps of ``method`` for every image x target x layer.
 
     ``images``: a preprocessed batch ``[N, 3, H, W]`` (moved to the model's device if it is elsewhere).
@@ -301,6 +317,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     ``reshape``: how to read outputs whose grid cannot be derived (:data:`cams.layers.Reshape`); never needed for
     pfnet's networks, timm's CNNs, ViTs, Swin or PiT. ``class_names`` default, for a network pfnet did not build:
     :func:`cams.any_model.class_names_of` (ImageNet's for timm's ImageNet models, else "class N").
+    ``keep_raw``: also keep each map before min-max normalisation (``Explanation.raw``, :func:`unnormalised`).
     """
     if class_names is None and pfnet_family(model) is None:
         class_names = class_names_of(model)
@@ -309,12 +326,13 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     if aug_smooth:
         from cams.smoothing import aug_smooth_explain
         return aug_smooth_explain(model, images, layers, method, targets, class_names, batch_size, align, progress,
-                                  eigen_smooth=eigen_smooth, precision=precision, reshape=reshape)
+                                  eigen_smooth=eigen_smooth, precision=precision, reshape=reshape,
+                                  keep_raw=keep_raw)
     if method in OWN_PASS_METHODS:
         from cams.methods import explain_own
         return explain_own(model, images, [layers] if isinstance(layers, str) else layers, method, targets,
                            class_names, batch_size, align, progress, eigen_smooth=eigen_smooth, precision=precision,
-                           reshape=reshape)
+                           reshape=reshape, keep_raw=keep_raw)
     if isinstance(layers, str):
         layers = [layers]
     layers = list(layers)
@@ -333,6 +351,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         count = images.shape[0]
         n_targets = target_count(plan)
         heatmaps = torch.empty((count, n_targets, len(layers), *size), dtype=torch.float32)
+        kept = torch.empty_like(heatmaps) if keep_raw else None
         all_ids = torch.empty((count, n_targets), dtype=torch.int64)
         all_probs: list[torch.Tensor] = []
         want_grad = method in GRADIENT_METHODS
@@ -366,6 +385,9 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                                              precision)
                     maps = normalise(raw, size, offsets[position])  # [T, n, H, W]
                     heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
+                    if kept is not None:
+                        kept[start:start + batch.shape[0], :, position] = unnormalised(
+                            raw, size, offsets[position]).transpose(0, 1).cpu()
                 del acts, grads
                 if not scored:
                     meter.add(batch.shape[0])
@@ -373,5 +395,6 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     if value not in (False, "float32"))
     return Explanation(
         heatmaps=heatmaps, targets=all_ids, probs=torch.cat(all_probs), layers=tuple(layers), method=method,
-        class_names=tuple(class_names) if class_names is not None else _numbered(model, all_probs), options=options,
+        class_names=tuple(class_names) if class_names is not None else _numbered(model, all_probs), raw=kept,
+        options=options,
     )

@@ -32,7 +32,8 @@ from torch import nn
 
 from cams.align import NO_OFFSET, layer_offsets
 from cams.cam_maths import (check_inputs, explained_classes, gradients, grad_cam_maps, model_input, target_count)
-from cams.engine import (NORM_EPS, Capture, CamError, Explanation, Meter, Progress, check_method, normalise)
+from cams.engine import (NORM_EPS, CamError, Capture, Explanation, Meter, Progress, check_method, normalise,
+                         unnormalised)
 from cams.layers import LayerError, resolve, to_grid
 
 # pytorch-grad-cam's FinerCAM defaults (finer_cam.DEFAULT_COMPARISON_CATEGORIES, alpha) and FinerWeightedTarget's eps.
@@ -292,7 +293,8 @@ def _smooth_batch(model, capture, batch, layers, size, class_ids_of, samples, st
 def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], method: str, targets=None,
                 class_names: Sequence[str] | None = None, batch_size: int = 32,
                 align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
-                eigen_smooth: bool = False, precision: str = "float32", reshape=None) -> Explanation:
+                eigen_smooth: bool = False, precision: str = "float32", reshape=None,
+                keep_raw: bool = False) -> Explanation:
     """``cams.explain`` for the methods of :data:`cams.engine.OWN_PASS_METHODS` (arguments as there)."""
     layers = list(layers)
     if not layers:
@@ -309,6 +311,7 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
         count = images.shape[0]
         n_targets = target_count(plan)
         heatmaps = torch.empty((count, n_targets, len(layers), *size), dtype=torch.float32)
+        kept = torch.empty_like(heatmaps) if keep_raw else None
         guided_all = torch.empty((count, n_targets, 3, *size)) if method == "guidedgradcam" else None
         all_ids = torch.empty((count, n_targets), dtype=torch.int64)
         all_probs: list[torch.Tensor] = []
@@ -348,8 +351,13 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
                 for position, raw in enumerate(raws):
                     offset = NO_OFFSET if shared_map is not None else offsets[position]
                     maps = normalise(raw.detach(), size, offset)  # [T, n, H, W]
+                    unscaled = unnormalised(raw.detach(), size, offset) if kept is not None else None
                     if method == "guidedgradcam":
+                        if unscaled is not None:
+                            unscaled = (unscaled[:, :, None] * guided).abs().amax(dim=2)
                         maps = _min_max_maps((maps[:, :, None] * guided).abs().amax(dim=2))  # one min-max
+                    if unscaled is not None:
+                        kept[start:stop, :, position] = unscaled.transpose(0, 1).cpu()
                     heatmaps[start:stop, :, position] = maps.transpose(0, 1).cpu()
                 if guided_all is not None:
                     guided_all[start:stop] = guided.transpose(0, 1).float().cpu()
@@ -359,4 +367,4 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
                     if value not in (False, "float32"))
     return Explanation(heatmaps=heatmaps, targets=all_ids, probs=torch.cat(all_probs), layers=tuple(layers),
                        method=method, class_names=tuple(class_names) if class_names is not None else None,
-                       guided=guided_all, options=options)
+                       guided=guided_all, options=options, raw=kept)

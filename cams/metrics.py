@@ -23,8 +23,11 @@ Definitions chosen
   between pixel centres, inclusive: ``distance <= tolerance``). Zhang et al. use 15 px at 224 px; we scale
   it with the side: ``tolerance = 15 * min(H, W) / 224`` (:func:`pointing_tolerance`), so 7.5 px at 112 px
   and about 10.7 px at 160 px. The strict variant uses ``tolerance = 0`` (the maximum must be on the object).
-  *Ties*: the maximum is the **first** argmax in row-major order (``np.argmax``); a flat heatmap (max == min,
-  e.g. all zeros) points nowhere and is always a **miss**, so a degenerate CAM can never score by luck.
+  *Ties*: a hit when **any** pixel that attains the maximum is a hit (Quantus's ``PointingGame`` rule), which
+  does not depend on the order pixels are scanned in: a map and its mirror images score the same. Maxima tie
+  often on drawn CAMs (bilinear upsampling clamps the outer half cell, and a whole-pixel alignment shift
+  replicates the edge, so a peak at the border becomes a plateau). A flat heatmap (max == min, e.g. all zeros)
+  points nowhere and is always a **miss**, so a degenerate CAM can never score by luck (Quantus: a hit).
 * **Energy in box** ("energy-based pointing game", Wang et al., Score-CAM 2020): the share of the heatmap's
   mass (negative values clipped to 0) that falls inside the object region; 0.0 for a heatmap with no mass.
 * **Box accuracy** (the CAM weakly-supervised localization protocol): threshold the heatmap at
@@ -34,7 +37,9 @@ Definitions chosen
   disjoint from the test split (highest box accuracy; the smallest such candidate on a tie).
 * **Deletion / insertion** (Petsiuk et al., RISE, BMVC 2018): pixels are ranked by heatmap value (descending;
   equal values keep row-major order, a stable sort) and removed from the image (deletion) or inserted into a
-  baseline image (insertion) in ``steps`` equal steps; the curve is the softmax probability of the target class
+  baseline image (insertion) in ``steps`` steps (step i: the ``round(i * P / steps)`` top pixels; RISE's step
+  of ``s`` pixels moves ``min(i * s, P)``: the same counts for ``s = P / steps`` where ``steps`` divides P);
+  the curve is the softmax probability of the target class
   after each step (``steps + 1`` points, fraction 0 to 1), computed with batched forward passes under
   ``torch.inference_mode``. The AUC is the trapezoid area over the fraction axis, i.e. normalised to [0, 1]. Lower is
   better for deletion, higher for insertion. Baselines: ``"blur"`` (Gaussian blur, sigma = 5 % of the side)
@@ -66,7 +71,8 @@ BASELINES = ("blur", "mean")
 
 __all__ = [
     "Box", "POINTING_TOLERANCE_PX", "REFERENCE_SIDE", "DEFAULT_THRESHOLDS", "BASELINES",
-    "pointing_tolerance", "as_boxes", "box_to_mask", "object_mask", "peak", "is_flat", "pointing_game",
+    "pointing_tolerance", "as_boxes", "box_to_mask", "object_mask", "peak", "maxima", "is_flat",
+    "pointing_game",
     "energy_in_box", "heatmap_box", "box_iou", "box_accuracy", "box_accuracy_curve", "choose_threshold",
     "map_box", "centre_gaussian", "uniform_random", "Faithfulness", "auc", "baseline_images",
     "perturbation_inputs", "deletion_insertion",
@@ -171,27 +177,35 @@ def is_flat(heatmap) -> bool:
     return bool(h.size == 0 or h.max() <= h.min())
 
 
+def maxima(heatmap) -> np.ndarray:
+    """Bool ``[H, W]``: every pixel that equals the heatmap's maximum (the whole plateau when the maximum ties)."""
+    h = _heatmap(heatmap)
+    return h == h.max() if h.size else np.zeros(h.shape, dtype=bool)
+
+
 def pointing_game(heatmap, box: Boxes = None, mask: np.ndarray | None = None,
                   tolerance: float | None = None) -> bool:
     """Zhang et al.'s pointing game: is the heatmap's maximum within ``tolerance`` px of the object?
 
     ``tolerance=None`` -> :func:`pointing_tolerance` (15 px at 224 px, scaled); ``tolerance=0`` -> strict
-    (the maximum must be on the object). A flat heatmap is a miss; ties -> the first argmax.
+    (the maximum must be on the object). Ties: a hit when *any* maximal pixel is a hit (Quantus's
+    ``PointingGame``), so the answer does not depend on scan order (a map and its mirror images score alike).
+    A flat heatmap is a miss (Quantus would count it a hit: every pixel is maximal).
     """
     h = _heatmap(heatmap)
     region = object_mask(h.shape, box, mask)
-    point = peak(h)
-    if not region.any() or point is None:
+    if not region.any() or is_flat(h):
         return False
-    y, x = point
-    if region[y, x]:
+    top = maxima(h)
+    if (top & region).any():
         return True
     tol = pointing_tolerance(h.shape) if tolerance is None else float(tolerance)
     if tol <= 0:
         return False
-    ys, xs = np.nonzero(region)
-    nearest2 = np.min((ys - y).astype(np.float64) ** 2 + (xs - x).astype(np.float64) ** 2)
-    return bool(nearest2 <= tol * tol + 1e-9)
+    from scipy.ndimage import distance_transform_edt
+
+    distance = distance_transform_edt(~region)  # Euclidean distance of each pixel centre to the nearest object pixel
+    return bool(np.min(distance[top]) ** 2 <= tol * tol + 1e-9)
 
 
 # ------------------------------------------------------------------------------------------------ energy
@@ -409,8 +423,13 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseli
     ``heatmaps`` [N, H, W] (or [N, R, H, W]: R heatmaps per image, e.g. one per layer) and ``targets`` [N]
     class ids.
 
-    Deletion: step i replaces the ``i/steps`` most salient pixels with the baseline; insertion: step i pastes
-    them into the baseline. The score is the softmax probability of the target class. The two end points
+    Deletion: step i replaces the ``round(i * P / steps)`` most salient of the P pixels with the baseline
+    (NumPy's round, half to even; the curve's ``fractions`` are those counts over P); insertion: step i pastes
+    them into the baseline. RISE's ``CausalMetric`` takes a step size ``s`` in pixels instead: step i moves
+    ``min(i * s, P)`` pixels over ``ceil(P / s)`` steps (the last one shorter); with ``s = P / steps`` the counts
+    are the same wherever ``steps`` divides P (e.g. 16 steps on 224 x 224 or 160 x 160). A
+    tensor ``baseline`` may be one image ``[1 or C, H, W]``-broadcastable or one per image ``[N, C, H, W]``.
+    The score is the softmax probability of the target class. The two end points
     (the intact image and the baseline) are the same for every heatmap of an image and are run once. Forward
     passes are batched (``batch_size`` inputs at a time, across images) under ``torch.inference_mode``; the model is
     used as given (put it in eval mode first). Curves are [N, K+1] (or [N, R, K+1]).
@@ -437,7 +456,8 @@ def deletion_insertion(model, images, heatmaps, targets, steps: int = 16, baseli
         for start in range(0, n, group):
             stop = min(n, start + group)
             x = images[start:stop]
-            base = baseline_images(x, baseline, blur_sigma)
+            per_image_base = isinstance(baseline, torch.Tensor) and baseline.ndim == 4 and baseline.shape[0] == n > 1
+            base = baseline_images(x, baseline[start:stop].to(device) if per_image_base else baseline, blur_sigma)
             variants = []
             for i in range(stop - start):
                 variants += [x[i:i + 1], base[i:i + 1]]

@@ -40,10 +40,24 @@ def _find(parent, p):
 
 
 @njit(cache=True, nogil=True)
-def _best_iou(x0, y0, x1, y1, truth):
+def _best_iou(x0, y0, x1, y1, truth, inclusive, width, height):
     """The best IoU of box (x0, y0, x1, y1) with any row of ``truth`` [G, 4], in the arithmetic of
-    ``cams.boxacc._iou_matrix`` (the same float64 operations, so the same values)."""
+    ``cams.boxacc._iou_matrix`` (the same float64 operations, so the same values); ``inclusive``: of
+    ``cams.boxacc.wsol_iou_matrix`` for the box ``(x0, y0, min(x1, W - 1), min(y1, H - 1))`` (wsolevaluation)."""
     best = 0.0
+    if inclusive:
+        x1, y1 = min(x1, width - 1.0), min(y1, height - 1.0)
+        for g in range(truth.shape[0]):
+            ix = min(x1, truth[g, 2]) - max(x0, truth[g, 0]) + 1.0
+            iy = min(y1, truth[g, 3]) - max(y0, truth[g, 1]) + 1.0
+            inter = max(0.0, ix) * max(0.0, iy)
+            area = (x1 - x0 + 1.0) * (y1 - y0 + 1.0)
+            area_truth = (truth[g, 2] - truth[g, 0] + 1.0) * (truth[g, 3] - truth[g, 1] + 1.0)
+            union = area + area_truth - inter
+            iou = inter / union if union > 0 else 0.0
+            if iou > best:
+                best = iou
+        return best
     for g in range(truth.shape[0]):
         ix = min(x1, truth[g, 2]) - max(x0, truth[g, 0])
         iy = min(y1, truth[g, 3]) - max(y0, truth[g, 1])
@@ -83,20 +97,20 @@ def _neighbours(eight):
 
 
 @njit(cache=True, nogil=True)
-def _record(out, x0, y0, x1, y1, width, height, holes, truth, first, last):
+def _record(out, x0, y0, x1, y1, width, height, holes, truth, first, last, inclusive):
     """Score one component version over steps ``first..last``; a hole only away from the edge, grown by one."""
     if holes:
         if x0 == 0 or y0 == 0 or x1 == width or y1 == height:
             return
         x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 + 1, y1 + 1
-    iou = _best_iou(float(x0), float(y0), float(x1), float(y1), truth)
+    iou = _best_iou(float(x0), float(y0), float(x1), float(y1), truth, inclusive, float(width), float(height))
     for s in range(first, last + 1):
         if iou > out[s]:
             out[s] = iou
 
 
 @njit(cache=True, nogil=True)
-def _iou_sweep(entry, height, width, steps, eight, holes, truth):
+def _iou_sweep(entry, height, width, steps, eight, holes, truth, inclusive):
     """``[steps]``: per step, the best IoU with ``truth`` of any component's box (``holes``: of any component
     away from the edge, grown by a pixel) of the pixels entered so far (``entry[p]``: the step pixel ``p`` joins
     at, -1 never)."""
@@ -128,7 +142,7 @@ def _iou_sweep(entry, height, width, steps, eight, holes, truth):
                 if a == b:
                     continue
                 if born[b] < s:  # a version that lived through earlier steps ends here
-                    _record(out, x0[b], y0[b], x1[b], y1[b], width, height, holes, truth, born[b], s - 1)
+                    _record(out, x0[b], y0[b], x1[b], y1[b], width, height, holes, truth, born[b], s - 1, inclusive)
                 if size[a] < size[b]:
                     a, b = b, a
                 parent[b], size[a], born[a] = a, size[a] + size[b], s
@@ -136,7 +150,7 @@ def _iou_sweep(entry, height, width, steps, eight, holes, truth):
                 x1[a], y1[a] = max(x1[a], x1[b]), max(y1[a], y1[b])
     for p in range(n):
         if parent[p] == p:
-            _record(out, x0[p], y0[p], x1[p], y1[p], width, height, holes, truth, born[p], steps - 1)
+            _record(out, x0[p], y0[p], x1[p], y1[p], width, height, holes, truth, born[p], steps - 1, inclusive)
     return out
 
 
@@ -188,24 +202,28 @@ def _largest_sweep(entry, height, width, steps):
 
 
 @njit(cache=True, nogil=True)
-def _curve(h, thresholds, truth):
+def _curve(h, thresholds, truth, inclusive):
     height, width = h.shape
     steps = thresholds.shape[0]
     below = np.searchsorted(thresholds, h.ravel(), side="left")  # thresholds < value: foreground at 0..below-1
     # the foreground sweep runs from the highest threshold down (step T-below), the holes' upwards (step below)
-    fg = _iou_sweep(np.where(below > 0, steps - below, -1), height, width, steps, True, False, truth)
-    holes = _iou_sweep(np.where(below < steps, below, -1), height, width, steps, False, True, truth)
+    fg = _iou_sweep(np.where(below > 0, steps - below, -1), height, width, steps, True, False, truth, inclusive)
+    holes = _iou_sweep(np.where(below < steps, below, -1), height, width, steps, False, True, truth, inclusive)
     return np.maximum(fg[::-1], holes)
 
 
-def best_iou_curve(normalised: np.ndarray, truth: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+def best_iou_curve(normalised: np.ndarray, truth: np.ndarray, thresholds: Sequence[float],
+                   inclusive: bool = False) -> np.ndarray:
     """``[T]``: at each threshold (ascending), the best IoU of any box of ``cv2.findContours(normalised > t,
-    RETR_TREE)`` with any row of ``truth`` [G, 4] (float64); ``normalised``: a min-max normalised [H, W] map."""
+    RETR_TREE)`` with any row of ``truth`` [G, 4] (float64); ``normalised``: a min-max normalised [H, W] map (or
+    wsolevaluation's 8-bit one as floats, with integer cuts). ``inclusive``: the boxes and IoU of the ``"wsol"``
+    protocol (:func:`cams.boxacc.wsol_iou_matrix`, boxes clipped to W-1/H-1, ``truth`` inclusive); 0 where no
+    pixel passes (the caller scores wsolevaluation's ``[0, 0, 0, 0]`` there)."""
     h = np.ascontiguousarray(normalised, dtype=np.float64)
     t = np.ascontiguousarray(thresholds, dtype=np.float64)
     if h.ndim != 2 or np.any(np.diff(t) < 0):
         raise ValueError("best_iou_curve needs a 2-D map and ascending thresholds")
-    return _curve(h, t, np.ascontiguousarray(truth, dtype=np.float64).reshape(-1, 4))
+    return _curve(h, t, np.ascontiguousarray(truth, dtype=np.float64).reshape(-1, 4), bool(inclusive))
 
 
 def largest_component_boxes(heatmap: np.ndarray, fractions: Sequence[float],

@@ -18,13 +18,18 @@ faithful), ``combined = (lerf_score - morf_score) / 2`` (pytorch-grad-cam's ``RO
 
 Which pixels go (``removal``):
 
-* ``"rank"`` (default): exactly ``H*W - ceil((1 - f) * (H*W - 1))`` pixels, the top (MoRF) or bottom (LeRF) of
-  the heatmap's ranking, equal values in row-major order (a stable sort). That is the count pytorch-grad-cam's
-  percentile threshold removes from a map without ties.
-* ``"percentile"``: pytorch-grad-cam's rule as it is: MoRF at ``f`` keeps the pixels below the ``100 (1 - f)``-th
-  percentile of the heatmap and removes the rest; LeRF does the same on ``1 - heatmap``. On a CAM, whose ReLU
-  leaves many pixels at exactly 0, a threshold on a tie removes every tied pixel: up to all of them (MoRF) or far
-  more than ``f`` (LeRF). Use it to reproduce pytorch-grad-cam's numbers.
+* ``"percentile"`` (default): pytorch-grad-cam's rule as it is (``RemoveMostRelevantFirst`` /
+  ``RemoveLeastRelevantFirst``, op for op), so the default reproduces pytorch-grad-cam's ROAD numbers
+  (``tests/test_road.py`` checks against its ROAD classes): MoRF at ``f`` keeps the pixels below the
+  ``100 (1 - f)``-th percentile of the heatmap and removes the rest; LeRF does the same on ``1 - heatmap``. On a
+  CAM, whose ReLU leaves many pixels at exactly 0, a threshold on a tie removes every tied pixel: up to all of
+  them (MoRF; a 4 x 4 map with first row 0.4, 0.3, 0.2, 0.1 and twelve zeros loses all 16 pixels at f = 0.5) or
+  far more than ``f`` (LeRF).
+* ``"rank"`` (pfcam's variant): exactly ``H*W - ceil((1 - f) * (H*W - 1))`` pixels, the top (MoRF) or bottom
+  (LeRF) of the heatmap's ranking, equal values in row-major order (a stable sort): the count the percentile
+  threshold removes from a map *without* ties (the 4 x 4 map above: 8 pixels), so every fraction means that
+  share of the pixels. It differs from pytorch-grad-cam wherever values tie (layer-3 CAMs of the demo models:
+  MoRF up to 0.035 apart).
 
 An image whose every pixel is removed has nothing to impute from; it becomes 0 (the dataset mean, in normalised
 input units) plus the noise.
@@ -56,7 +61,7 @@ def _neighbour_weights() -> list[tuple[tuple[int, int], float]]:
     return list(neighbors_weights)
 
 
-def removal_masks(heatmap, fractions: Sequence[float], order: str, removal: str = "rank") -> np.ndarray:
+def removal_masks(heatmap, fractions: Sequence[float], order: str, removal: str = "percentile") -> np.ndarray:
     """Bool ``[P, H, W]``: the pixels removed at each fraction (True = imputed)."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
@@ -173,7 +178,7 @@ def _scores(model, batch: torch.Tensor, targets: np.ndarray, score: str, device)
 
 
 def road(model, images, heatmaps, targets, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-         removal: str = "rank", score: str = "probability", noise: float = NOISE, seed: int = 0,
+         removal: str = "percentile", score: str = "probability", noise: float = NOISE, seed: int = 0,
          batch_size: int = 16) -> Road:
     """ROAD curves of ``model`` for ``images`` ``[N, C, H, W]`` (network input), ``heatmaps`` ``[N, H, W]`` (or
     ``[N, R, H, W]``: R heatmaps per image) and ``targets`` ``[N]`` class ids.

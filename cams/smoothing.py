@@ -33,7 +33,8 @@ def augment(images: torch.Tensor) -> torch.Tensor:
 def aug_smooth_explain(model, images: torch.Tensor, layers: Sequence[str] | str, method: str, targets=None,
                        class_names: Sequence[str] | None = None, batch_size: int = 32,
                        align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
-                       eigen_smooth: bool = False, precision: str = "float32", reshape=None) -> Explanation:
+                       eigen_smooth: bool = False, precision: str = "float32", reshape=None,
+                       keep_raw: bool = False) -> Explanation:
     """``cams.explain(..., aug_smooth=True)``: arguments as there; ``batch_size`` counts images (each image's six
     copies go through together)."""
     from cams.engine import SCORED_METHODS, explain
@@ -48,14 +49,18 @@ def aug_smooth_explain(model, images: torch.Tensor, layers: Sequence[str] | str,
     inner_batch = batch_size if method in SCORED_METHODS else batch_size * count
     result = explain(model, augment(images), layers, method, class_ids.repeat_interleave(count, dim=0),
                      class_names, inner_batch, align, progress, eigen_smooth=eigen_smooth, precision=precision,
-                     reshape=reshape)
+                     reshape=reshape, keep_raw=keep_raw)
     maps = result.heatmaps.unflatten(0, (images.shape[0], count))  # [N, 6, T, L, H, W]
     flipped = torch.tensor([flip for flip, _ in AUGMENTATIONS])
     maps = torch.where(flipped[None, :, None, None, None, None], maps.flip(-1), maps)
+    raw = None
+    if result.raw is not None:
+        raw = result.raw.unflatten(0, (images.shape[0], count))
+        raw = torch.where(flipped[None, :, None, None, None, None], raw.flip(-1), raw).mean(dim=1)
     guided = None
     if result.guided is not None:
         guided = result.guided.unflatten(0, (images.shape[0], count))
         guided = torch.where(flipped[None, :, None, None, None, None], guided.flip(-1), guided).mean(dim=1)
     return Explanation(heatmaps=maps.mean(dim=1), targets=class_ids, probs=torch.softmax(logits.float(), 1).cpu(),
                        layers=result.layers, method=result.method, class_names=result.class_names, guided=guided,
-                       options=(("aug_smooth", True), *result.options))
+                       options=(("aug_smooth", True), *result.options), raw=raw)

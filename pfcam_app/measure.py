@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from pfcam_app.stoppable import Stoppable
 from pfcam_app.core import (SCORECAM_BATCH, Settings, Slot, Source, decode, engine_targets, error_text, guard,
                             plain)
 
@@ -23,6 +24,7 @@ BOXES_LIMIT_BYTES = 1 << 20  # a boxes CSV larger than this is refused unread
 RESULTS_KEY = "_measure_results"  # session state: (signature, {model id: ModelRun})
 RUN_KEY = "_measure_run"  # session state: the signature the user asked to measure
 STOP_KEY = "_measure_stopped"  # session state: the signature whose measurement the user stopped
+JOB = Stoppable("measure", RUN_KEY, STOP_KEY)
 
 
 @dataclass
@@ -104,11 +106,11 @@ def measurable(sources: list[Source], csv_boxes: dict[str, list], csv_labels: di
     return targets
 
 
-def signature(targets: list[Target], settings: Settings, truth: bool = False) -> tuple:
+def signature(targets: list[Target], settings: Settings, truth: bool = False, protocol: str = "wsol") -> tuple:
     """What a measurement depends on: a new one starts when any of it changes."""
     return (tuple((t.source.digest, tuple(t.boxes), t.label) for t in targets),
             tuple((slot.id, slot.key) for slot in settings.ready), settings.method,
-            "truth" if truth else settings.target, settings.mode, settings.align)
+            "truth" if truth else settings.target, settings.mode, settings.align, protocol)
 
 
 def truth_targets(batch: list[Target], class_names: list[str], skipped: list[str]) -> list[list[int]]:
@@ -169,15 +171,6 @@ def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Se
     run.next += len(chunk)
 
 
-def _stop(sig: tuple) -> None:
-    st.session_state[STOP_KEY] = sig
-
-
-def _start(sig: tuple) -> None:
-    st.session_state[RUN_KEY] = sig
-    st.session_state.pop(STOP_KEY, None)
-
-
 def measure_panel(sources: list[Source], settings: Settings) -> None:
     with st.expander("Measure: localization across depth", expanded=RUN_KEY in st.session_state,
                      icon=":material/monitoring:"):
@@ -209,29 +202,30 @@ def measure_panel(sources: list[Source], settings: Settings) -> None:
             help="The class of the scene, or the label column of the boxes CSV, instead of the page's target (the "
                  "protocol of MaxBoxAccV2). An image whose label is not one of a model's classes is explained at "
                  "its top class, and the notes under the table say so.")
-        sig = signature(targets, settings, truth)
+        from cams.boxacc import DEFAULT_PROTOCOL, PROTOCOL_LABELS, PROTOCOLS
+
+        protocol = st.radio("MaxBoxAccV2 protocol", PROTOCOLS, index=PROTOCOLS.index(DEFAULT_PROTOCOL),
+                            format_func=lambda p: f"{p} ({PROTOCOL_LABELS[p]})", horizontal=True,
+                            key="measure_protocol",
+                            help="wsol: clovaai/wsolevaluation's exact numbers (8-bit thresholds, inclusive boxes), "
+                                 "comparable with the WSOL literature. pfcam: the float map and half-open boxes "
+                                 "(docs/measuring.md).")
+        sig = signature(targets, settings, truth, protocol)
         held = st.session_state.get(RESULTS_KEY)
         runs: dict[str, ModelRun] = held[1] if held and held[0] == sig else {}
         st.session_state[RESULTS_KEY] = (sig, runs)  # one measurement per session: older ones are dropped
         unfinished = not runs or any(not run.done for run in runs.values())
-        if st.session_state.get(RUN_KEY) != sig:
-            st.button("Measure", key="measure_start", on_click=_start, args=(sig,), icon=":material/play_arrow:",
-                      type="primary")
-        elif st.session_state.get(STOP_KEY) == sig and unfinished:
-            st.info("Measuring stopped; what finished is shown.", icon=":material/pause_circle:")
-            st.button("Continue", key="measure_continue", on_click=_start, args=(sig,),
-                      icon=":material/play_arrow:")
-        elif unfinished:
-            holder = st.empty()
-            holder.button("Stop measuring", key="measure_stop", on_click=_stop, args=(sig,),
-                          icon=":material/stop_circle:", help="Ends at the next progress step; finished images stay.")
-            _measure(targets, settings, runs, truth)
+        holder = JOB.controls(sig, unfinished, "Measure", "Measuring stopped; what finished is shown.",
+                              "Stop measuring", "Ends at the next progress step; finished images stay.")
+        if holder is not None:
+            _measure(targets, settings, runs, truth, protocol)
             holder.empty()
         if runs:
             _show(runs, settings)
 
 
-def _measure(targets: list[Target], settings: Settings, runs: dict[str, ModelRun], truth: bool = False) -> None:
+def _measure(targets: list[Target], settings: Settings, runs: dict[str, ModelRun], truth: bool = False,
+             protocol: str = "wsol") -> None:
     from cams.depth import DepthScores
     from cams.layers import block_layers
 
@@ -244,7 +238,7 @@ def _measure(targets: list[Target], settings: Settings, runs: dict[str, ModelRun
                     st.warning(f"{slot.entry.name} has no blocks to measure.")
                     continue
                 planned = min(len(targets), max(1, MEASURE_CELLS // len(layers)))
-                runs[slot.id] = ModelRun(DepthScores(layers), planned)
+                runs[slot.id] = ModelRun(DepthScores(layers, protocol), planned)
             run = runs[slot.id]
             while not run.done:
                 what = f"**{slot.entry.name}** · images {run.next + 1}–{min(run.planned, run.next + MEASURE_BATCH)}" \
@@ -283,4 +277,6 @@ def _show(runs: dict[str, ModelRun], settings: Settings) -> None:
     st.line_chart(chart, x_label="block (1 = nearest the input)", y_label=DEPTH_METRICS[metric])
     st.dataframe(table.rename(columns=DEPTH_METRICS), hide_index=True, key="measure_table")
     target = "top-1 class" if settings.target[0] == "top" else plain(str(settings.target[1]))
-    st.caption(f"Up to {int(table['n'].max())} image(s) per model · {settings.method} · target: {target}.")
+    protocol = next(iter(runs.values())).scores.protocol
+    st.caption(f"Up to {int(table['n'].max())} image(s) per model · {settings.method} · target: {target} · "
+               f"MaxBoxAccV2: {protocol} protocol · pointing game: a hit when any maximal pixel is on the object.")

@@ -112,6 +112,10 @@ def main() -> None:
             from pfcam_app.measure import measure_panel
 
             measure_panel(sources, settings)
+        with core.guard("Sanity check"):
+            from pfcam_app.sanity import sanity_panel
+
+            sanity_panel(sources, settings)
 
     # ------------------------------------------------------------------------------------------------- model cards
     if settings.ready:

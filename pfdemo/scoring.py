@@ -69,7 +69,8 @@ def fit_alignment(net: torch.nn.Module, size: int, layers: Sequence[str] = EVAL_
 
 def pointing_game(net: torch.nn.Module, size: int, n: int = 500, seed: int = TEST_SEED, layer: str = "layer4",
                   offset: tuple[float, float] | None = None, batch: int = 50) -> dict:
-    """Pointing game with the ground-truth class: hit if the peak is within 15*S/224 px of the mask (and
+    """Pointing game with the ground-truth class: hit if a maximal pixel (any, on a plateau:
+    :func:`cams.metrics.pointing_game`) is within 15*S/224 px of the mask (and
     strict: inside it); a flat map is a miss. Also the centred (peak = image centre) and uniform-random
     (expected) baselines. ``offset``: the heatmap alignment (None: unaligned)."""
     tol = pointing_tolerance((size, size))
@@ -104,6 +105,13 @@ def localization(net: torch.nn.Module, size: int) -> dict:
     fits = fit_alignment(net, size)
     offsets = {layer: fit["offset"] for layer, fit in fits.items() if fit["offset"] is not None}
     report = {"cam_offsets": offsets, "cam_offset_fits": {layer: fit["fits"] for layer, fit in fits.items()}}
+    return {**report, **pointing_figures(net, size, offsets)}
+
+
+def pointing_figures(net: torch.nn.Module, size: int, offsets: dict) -> dict:
+    """The card's pointing-game entries: per layer of :data:`EVAL_LAYERS`, drawn with its recorded offset (where
+    ``offsets`` has one) and unaligned."""
+    report = {}
     for layer in EVAL_LAYERS:
         suffix = "" if layer == "layer4" else f"_{layer}"
         unaligned = pointing_game(net, size, layer=layer)

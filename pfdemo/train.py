@@ -248,8 +248,9 @@ def write_card(out: Path, card: dict) -> None:
                      f" | {pg['random_baseline_15px']:.3f} / {pg['random_baseline_strict']:.3f} | "
                      f"{m['train_minutes']} | {m['recipe'].get('steps', '')} |")
     lines += ["", "Pointing game: Grad-CAM (ground-truth class) at `layer4`, drawn with the model's alignment "
-              "offset (`cams.align`); a hit when the peak is within 15*S/224 px of the object mask; strict: inside "
-              "the mask; a flat map is a miss. Unaligned: the plain bilinear resize (pytorch-grad-cam's drawing).",
+              "offset (`cams.align`); a hit when a maximal pixel (any of a plateau) is within 15*S/224 px of the "
+              "object mask; strict: inside the mask; a flat map is a miss. Unaligned: the plain bilinear resize "
+              "(pytorch-grad-cam's drawing).",
               ""]
     for name, m in models.items():
         lines.append(f"- {name}: `{m['file']}` ({m['arch']}), sha256 `{m['sha256']}`, recipe "

@@ -173,6 +173,20 @@ def test_torchvision_resnet_found_by_the_walk():
     assert explanation.target_name(0, 1).startswith("class ")
 
 
+def test_torchvision_vit_class_token_found_by_the_walk():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=64, patch_size=16, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero: every gradient would be zero
+    blocks = [f"encoder.layers.encoder_layer_{index}" for index in range(3)]
+    assert cams.block_layers(model) == blocks and cams.layers.default_layers(model) == blocks[:2]
+    assert [spec.name for spec in cams.available_layers(model) if spec.kind == "stem"] == ["conv_proj"]
+    heatmaps = explain(model, _images(1, 64, 64), blocks).heatmaps  # [1, 17, 32]: a class token, a 4x4 grid
+    assert heatmaps.amax(dim=(-2, -1)).flatten().tolist() == pytest.approx([1, 1, 0], abs=1e-6)
+
+
 def test_a_users_own_module():
     model = Handmade().eval()
     specs = cams.available_layers(model)

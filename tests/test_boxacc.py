@@ -30,7 +30,7 @@ def test_boxes_around_every_contour():
     # the largest-component rule of metrics.box_accuracy takes the blob and misses; every contour finds the peak
     truth = (60, 40, 70, 46)
     assert not M.box_accuracy(h, truth, 0.3)
-    assert B.best_iou_curve(h, truth, [0.3])[0] == 1.0
+    assert B.best_iou_curve(h, truth, [0.3], protocol="pfcam")[0] == 1.0
     ring = np.zeros((30, 30))
     ring[5:25, 5:25] = 1.0
     ring[10:20, 10:20] = 0.0  # a hole: its outline is a contour of its own
@@ -40,7 +40,7 @@ def test_boxes_around_every_contour():
 def test_box_shaped_map_scores_one_everywhere():
     h = np.zeros((100, 100))
     h[30:70, 20:60] = 0.8
-    curve = B.best_iou_curve(h, (20, 30, 60, 70))
+    curve = B.best_iou_curve(h, (20, 30, 60, 70), protocol="pfcam")
     assert curve.shape == (100,) and np.all(curve == 1.0)
     result = B.max_box_acc(curve[None])
     assert result.box_acc == {0.3: 1.0, 0.5: 1.0, 0.7: 1.0} and result.value == 1.0
@@ -50,7 +50,7 @@ def test_box_shaped_map_scores_one_everywhere():
 def test_best_threshold_of_a_pyramid_against_a_wide_box():
     # Squares of odd side s against a centred 41 x 21 box: IoU = 21 s / (s^2 + 861 - 21 s), best at s = 29
     # (609 / 1093 = 0.557), reached at thresholds 0.71: correct at IoU 0.3 and 0.5, never at 0.7.
-    curve = B.best_iou_curve(pyramid(), centred(41, 21))
+    curve = B.best_iou_curve(pyramid(), centred(41, 21), protocol="pfcam")
     assert curve.max() == pytest.approx(609 / 1093)
     assert curve[71] == pytest.approx(609 / 1093)
     result = B.max_box_acc(curve[None])
@@ -61,8 +61,8 @@ def test_best_threshold_of_a_pyramid_against_a_wide_box():
 def test_one_threshold_for_the_whole_set():
     # A large object needs a low threshold, a small one a high threshold: at IoU 0.7 no single threshold serves
     # both, so BoxAcc(0.7) is 1/2, though each image alone could reach IoU 1.
-    large = B.best_iou_curve(pyramid(), centred(61, 61))
-    small = B.best_iou_curve(pyramid(), centred(11, 11))
+    large = B.best_iou_curve(pyramid(), centred(61, 61), protocol="pfcam")
+    small = B.best_iou_curve(pyramid(), centred(11, 11), protocol="pfcam")
     assert large.max() == 1.0 and small.max() == 1.0
     assert not np.any((large >= 0.7) & (small >= 0.7))
     result = B.max_box_acc(np.stack([large, small]))
@@ -73,7 +73,7 @@ def test_one_threshold_for_the_whole_set():
 def test_any_ground_truth_box_counts_and_the_accumulator():
     h = np.zeros((50, 50))
     h[10:20, 10:20] = 1.0
-    acc = B.MaxBoxAccumulator()
+    acc = B.MaxBoxAccumulator(protocol="pfcam")
     assert acc.result() is None
     acc.add(h, [(30, 30, 45, 45), (10, 10, 20, 20)])  # matches the second object
     acc.add(np.zeros((50, 50)), (10, 10, 20, 20))     # flat: never correct
@@ -122,4 +122,4 @@ def test_noise_curve_is_the_contour_curve():
     truth = (4.0, 6.0, 30.0, 40.0)
     expected = [max((M.box_iou(box, truth) for box in _contour_boxes((heat > t).astype(np.uint8))), default=0.0)
                 for t in B.THRESHOLDS]
-    np.testing.assert_allclose(B.best_iou_curve(heat, [truth]), expected, atol=1e-12)
+    np.testing.assert_allclose(B.best_iou_curve(heat, [truth], protocol="pfcam"), expected, atol=1e-12)

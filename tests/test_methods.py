@@ -250,8 +250,9 @@ def test_every_method_keeps_the_model_and_runs_under_inference_mode(demo):
     state = {name: p.requires_grad for name, p in demo.named_parameters()}
     for method in sorted(OWN_PASS_METHODS | {"gradcamelementwise", "eigengradcam", "kpcacam"}):
         with torch.inference_mode():
-            result = explain(demo, _images(1, 32), ["layer4"], method, targets=2, batch_size=64)
+            result = explain(demo, _images(1, 32), ["layer4"], method, targets=2, batch_size=64, keep_raw=True)
         assert result.heatmaps.shape == (1, 2, 1, 32, 32) and result.method_label == METHODS[method]
+        assert result.raw is not None and result.raw.shape == result.heatmaps.shape  # export --raw-maps
         assert float(result.heatmaps.min()) >= 0 and float(result.heatmaps.max()) <= 1
     assert {name: p.requires_grad for name, p in demo.named_parameters()} == state
     assert all(p.grad is None for p in demo.parameters())

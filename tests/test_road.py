@@ -93,7 +93,7 @@ def test_rank_removal_equals_pytorch_grad_cam_where_nothing_ties(tiny):
     model, images, _, classes = tiny
     heatmaps = np.random.default_rng(2).random((3, 32, 32)).astype(np.float32)
     fractions = [1 - p / 100 for p in PERCENTILES]
-    ours = R.road(model, images, heatmaps, classes, fractions=fractions, noise=0.0)
+    ours = R.road(model, images, heatmaps, classes, fractions=fractions, removal="rank", noise=0.0)
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
     np.testing.assert_allclose(ours.morf_score - ours.original,
                                grad_cam_road("morf")(images, heatmaps, targets, model), atol=1e-5)
@@ -131,3 +131,29 @@ def test_road_is_seeded_and_independent_of_batch_size(tiny):
     np.testing.assert_allclose(two.morf[:, 0], two.morf[:, 1], atol=0.05)  # ... which moves the scores a little
     with pytest.raises(ValueError):
         R.road(model, images, heatmaps[:2], classes)
+
+
+def test_issue_4x4_map_with_twelve_zeros_at_half():
+    """Issue #23: pytorch-grad-cam removes all 16 pixels of this map at f = 0.5; the default follows it."""
+    h = np.zeros((4, 4), np.float32)
+    h[0] = [0.4, 0.3, 0.2, 0.1]
+    kept = []
+    RemoveMostRelevantFirst(50, lambda image, mask: kept.append(mask.numpy()))(torch.zeros(3, 4, 4),
+                                                                             torch.from_numpy(h))
+    assert not kept[0].any()  # pytorch-grad-cam keeps nothing: all 16 pixels go
+    assert np.array_equal(R.removal_masks(h, [0.5], "morf")[0], kept[0] == 0)  # the default: its rule
+    assert R.removal_masks(h, [0.5], "morf", "rank")[0].sum() == 8
+
+
+def test_default_removal_equals_pytorch_grad_cam_on_tied_maps(tiny):
+    """Maps with a plateau of zeros (a ReLU'd CAM): the default ROAD is pytorch-grad-cam's ROAD classes'."""
+    model, images, heatmaps, classes = tiny
+    tied = np.where(heatmaps < np.quantile(heatmaps, 0.4, axis=(1, 2), keepdims=True), 0.0, heatmaps)
+    tied = tied.astype(np.float32)
+    fractions = [1 - p / 100 for p in PERCENTILES]
+    ours = R.road(model, images, tied, classes, fractions=fractions, noise=0.0)
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
+    np.testing.assert_allclose(ours.morf_score - ours.original,
+                               grad_cam_road("morf")(images, tied, targets, model), atol=1e-5)
+    np.testing.assert_allclose(ours.lerf_score - ours.original,
+                               grad_cam_road("lerf")(images, tied, targets, model), atol=1e-5)

@@ -5,9 +5,11 @@ Columns (all in [0, 1] except ``road_combined``, in [-0.5, 0.5]):
 * ``pointing15``, ``pointing_strict``, ``energy``, ``box_accuracy``: means over the test images
   (:mod:`cams.metrics`; box accuracy at the row's validation threshold).
 * ``maxboxacc_v2`` and ``box_acc_iou30/50/70``: MaxBoxAccV2 (:mod:`cams.boxacc`): every contour's box, the best
-  threshold of a 0.01 sweep over the whole test set, per IoU level, and their mean.
+  threshold of a 0.01 (or 0.001) sweep over the whole test set, per IoU level, and their mean, in the row's
+  ``box_protocol`` (``"wsol"``: wsolevaluation's numbers, the default; ``"pfcam"``: pfcam's own).
 * ``deletion_auc``, ``insertion_auc``: means over the first ``faith_n`` test images.
-* ``road_morf``, ``road_lerf``, ``road_combined``: ROAD (:mod:`cams.road`, noisy linear imputation, rank removal,
+* ``road_morf``, ``road_lerf``, ``road_combined``: ROAD (:mod:`cams.road`, noisy linear imputation,
+  pytorch-grad-cam's percentile removal,
   probability of the explained class, 10..90 % removed) over the first ``road_n`` test images.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cams import metrics as M
-from cams.boxacc import IOU_LEVELS, THRESHOLDS, best_iou_curve, max_box_acc
+from cams.boxacc import DEFAULT_PROTOCOL, IOU_LEVELS, best_iou_curve, max_box_acc, thresholds_for
 
 MAXBOX_KEYS = ("maxboxacc_v2",) + tuple(f"box_acc_iou{round(100 * level)}" for level in IOU_LEVELS)
 ROAD_KEYS = ("road_morf", "road_lerf", "road_combined")
@@ -38,6 +40,12 @@ class RowScores:
     insertion: list[float] = field(default_factory=list)
     road_morf: list[float] = field(default_factory=list)
     road_lerf: list[float] = field(default_factory=list)
+    box_protocol: str = DEFAULT_PROTOCOL  # MaxBoxAccV2's protocol (cams.boxacc.PROTOCOLS)
+    box_step: float = 0.01  # its threshold step
+
+    @property
+    def box_thresholds(self) -> tuple[float, ...]:
+        return thresholds_for(self.box_protocol, self.box_step)
 
     def add(self, heatmap: np.ndarray, sample, threshold: float, curve: np.ndarray | None = None) -> None:
         """One image's scores; ``curve``: its MaxBoxAccV2 curve when the caller already has it (cached)."""
@@ -46,7 +54,8 @@ class RowScores:
         self.pointing_strict += M.pointing_game(heatmap, tolerance=0, **region)
         self.energy += M.energy_in_box(heatmap, box=sample.boxes)  # energy in *box*, as the column says
         self.box_accuracy += M.box_accuracy(heatmap, sample.boxes, threshold)
-        self.curves.append(best_iou_curve(heatmap, sample.boxes) if curve is None else curve)
+        self.curves.append(best_iou_curve(heatmap, sample.boxes, self.box_thresholds, self.box_protocol)
+                           if curve is None else curve)
         self.flat += M.is_flat(heatmap)
         self.count += 1
 
@@ -60,7 +69,7 @@ class RowScores:
             "energy": self.energy / c if self.count else None,
             "box_accuracy": self.box_accuracy / c if self.count else None,
         }
-        boxes = max_box_acc(np.stack(self.curves), THRESHOLDS, IOU_LEVELS) if self.curves else None
+        boxes = max_box_acc(np.stack(self.curves), self.box_thresholds, IOU_LEVELS) if self.curves else None
         out[MAXBOX_KEYS[0]] = boxes.value if boxes else None
         for key, level in zip(MAXBOX_KEYS[1:], IOU_LEVELS):
             out[key] = boxes.box_acc[float(level)] if boxes else None

@@ -9,6 +9,7 @@ import torch
 from cams import metrics as M
 from cams.align import ALIGN_MODES
 from cams.bench_loc.data import BenchError, DataSource
+from cams.boxacc import DEFAULT_PROTOCOL, PROTOCOL_LABELS, PROTOCOLS, STEPS
 from cams.bench_loc.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N,
                                     FALLBACK_THRESHOLD, GAUSSIAN, RANDOM, Options, Row, evaluate_model, steps)
 from cams.progress import Progress
@@ -59,12 +60,15 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
               target: str = "predicted", align: str = "model",
               log: Callable[[str], None] = lambda _: None, road_n: int = DEFAULT_ROAD_N,
               progress: Progress | None = None, engine: str = "local",
-              ray_options: RayOptions | None = None) -> BenchResult:
+              ray_options: RayOptions | None = None, box_protocol: str = DEFAULT_PROTOCOL,
+              box_step: float = 0.01) -> BenchResult:
     """Evaluate every model on ``data``'s splits (up to ``n`` test and ``val_n`` validation images per model);
     models whose weights are missing are skipped, with the reason in ``skipped``. ``progress``
     (:class:`cams.progress.Progress`): one step per batch (its ``total`` is set here and corrected as each
     model's splits are known; local engine). ``engine="ray"`` scores the models on a Ray cluster
-    (``ray_options``; :mod:`cams.bench_loc.ray_bench`): the same rows."""
+    (``ray_options``; :mod:`cams.bench_loc.ray_bench`): the same rows. ``box_protocol`` / ``box_step``:
+    MaxBoxAccV2's protocol and threshold step (:mod:`cams.boxacc`; ``"wsol"``, wsolevaluation's numbers, by
+    default)."""
     from cams.engine import METHODS
     from cams.layers import LayerError, default_layers, expand_layers, layer_names, pfnet_family
     from pfnet import zoo
@@ -91,8 +95,12 @@ def run_bench(models: Sequence[str], layers: Sequence[str], methods: Sequence[st
     if align == "fit" and val_n < 1:
         raise BenchError("--align fit chooses the offsets on the validation split: --val-n must be at least 1")
     check_engine(engine, BenchError)
+    if box_protocol not in PROTOCOLS or box_step not in STEPS:
+        raise BenchError(f"--box-protocol must be one of {', '.join(PROTOCOLS)} and --box-step one of "
+                         f"{', '.join(map(str, STEPS))}")
     opts = Options(tuple(layers), tuple(methods), batch_size, faith_n, faith_steps, faith_baseline, threshold,
-                   data.seed, target=target, align=align, road_n=road_n)
+                   data.seed, target=target, align=align, road_n=road_n, box_protocol=box_protocol,
+                   box_step=box_step)
     need_val = threshold is None or align == "fit"
     planned = steps(opts, val_n if need_val else 0, n)  # per model, until its splits are known
     step = progress.step if progress is not None else (lambda _: None)
@@ -183,10 +191,12 @@ def _caption(used: dict, opts: Options, data: DataSource, skipped: list[str], ro
         f"Localization of the CAM of each image's "
         f"{'top-1 (predicted)' if opts.target == 'predicted' else 'ground-truth'} class: {source}.",
         f"Pointing game: heatmap max within 15 px at 224 px (= {tolerance} px here) of the object "
-        f"{data.region}; strict: on it (first argmax; flat maps miss). "
+        f"{data.region}; strict: on it (a hit when any maximal pixel is; flat maps miss). "
         f"Energy: share of heatmap mass inside the box(es).",
         f"Box accuracy: IoU >= 0.5 of the largest component's box, {thr}.",
-        "MaxBoxAccV2 (Choe et al. 2020): boxes of every contour, the best threshold of a 0.01 sweep over these "
+        f"MaxBoxAccV2 (Choe et al. 2020), {PROTOCOL_LABELS[opts.box_protocol]} ({opts.box_protocol}"
+        + ("" if opts.box_protocol == "pfcam" else ": 8-bit cut, inclusive boxes")
+        + f"): boxes of every contour, the best threshold of a {opts.box_step:g} sweep over these "
         "test images per row, BoxAcc at IoU 0.3/0.5/0.7 and their mean.",
         f"Deletion/insertion AUC (lower/higher is better): first {faith} of the {n_test} test images only, "
         f"{opts.faith_steps} steps, {opts.faith_baseline} baseline, probability of the explained class.",
@@ -218,4 +228,4 @@ def _road_text(road_n: int, n_test: int) -> str:
         return "ROAD: not run (--road-n 0; about 4 s per image and heatmap on the demo models)."
     return (f"ROAD (Rong et al. 2022; MoRF lower, LeRF and combined = (LeRF - MoRF)/2 higher is better): first "
             f"{road_n} of the {n_test} test images only, noisy linear imputation, 10-90 % of the pixels removed by "
-            f"rank, probability of the explained class.")
+            f"pytorch-grad-cam's percentile rule (its numbers), probability of the explained class.")

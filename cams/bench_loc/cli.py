@@ -17,6 +17,7 @@ from cams.progress import Progress
 from cams.bench_loc.bench import (ALIGN_CHOICES, DEFAULT_LAYERS, DEFAULT_METHODS, DEFAULT_MODELS, DEFAULT_N,
                                   DEFAULT_VAL_N, TARGETS, NothingEvaluated, run_bench)
 from cams.bench_loc.data import CSV_NAME, DEFAULT_SEED, BenchError, DataSource, DefaultData, FolderData
+from cams.boxacc import DEFAULT_PROTOCOL, PROTOCOLS, STEPS
 from cams.bench_loc.scoring import DEFAULT_BATCH_SIZE, DEFAULT_FAITH_N, DEFAULT_FAITH_STEPS, DEFAULT_ROAD_N
 from cams.bench_loc.plot import plot_depth
 from cams.bench_loc.table import format_markdown, format_table, write_csv
@@ -74,6 +75,12 @@ def add_bench_loc_parser(subparsers, default_data: DefaultData | None = None) ->
     parser.add_argument("--align", choices=ALIGN_CHOICES, default="model",
                         help="where heatmaps are drawn: each model's recorded alignment offset (default), the plain "
                              "resize (none), or an offset fitted per row on the validation split (fit)")
+    parser.add_argument("--box-protocol", choices=PROTOCOLS, default=DEFAULT_PROTOCOL,
+                        help="MaxBoxAccV2's protocol: wsolevaluation's (wsol, the default: 8-bit thresholds, "
+                             "inclusive boxes, the WSOL literature's numbers) or pfcam's own (pfcam)")
+    parser.add_argument("--box-step", type=float, choices=STEPS, default=0.01,
+                        help="MaxBoxAccV2's threshold step (default %(default)s; wsolevaluation's own default is "
+                             "0.001)")
     parser.add_argument("--device", default=None, help="torch device (default: PFCAM_DEVICE or auto)")
     add_engine_arguments(parser)
     parser.set_defaults(handler=main_bench_loc, default_data=default_data)
@@ -106,7 +113,8 @@ def main_bench_loc(args: argparse.Namespace, out: TextIO | None = None, err: Tex
                            faith_steps=args.faith_steps, faith_baseline=args.faith_baseline,
                            batch_size=args.batch_size, threshold=args.threshold, device=args.device,
                            target=args.target, align=args.align, log=log, road_n=args.road_n,
-                           progress=progress, engine=args.engine, ray_options=ray_options(args))
+                           progress=progress, engine=args.engine, ray_options=ray_options(args),
+                           box_protocol=args.box_protocol, box_step=args.box_step)
     except (BenchError, UnknownModelError) as error:
         progress.close()
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)

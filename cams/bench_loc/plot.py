@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from cams.bench_loc.accum import MAXBOX_KEYS
 from cams.bench_loc.scoring import GAUSSIAN, RANDOM, Row
 from cams.bench_loc.table import HEADERS, KEYS, method_label
 from cams.plotting import new_figure, png_bytes
@@ -56,7 +57,8 @@ def plot_depth(rows: Sequence[Row], dpi: int = 110) -> bytes:
             ax.axvline(start - 0.5, color="0.8", linewidth=0.6)
         ax.grid(alpha=0.3, linewidth=0.5)
         ax.tick_params(labelsize=7)
-        ax.set_title(f"{method_label(method)} · {HEADERS[key]}", fontsize=8)
+        protocol = f" ({deep[0].box_protocol})" if key in MAXBOX_KEYS else ""
+        ax.set_title(f"{method_label(method)} · {HEADERS[key]}{protocol}", fontsize=8)
         if index + columns >= len(panels):
             ax.set_xlabel("block (depth; grey lines: stage starts)", fontsize=7)
     handles = [Line2D([], [], color=colours[model], linewidth=1.4) for model in models]

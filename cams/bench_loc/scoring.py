@@ -12,7 +12,7 @@ import torch
 from cams import metrics as M
 from cams.align import NO_OFFSET, fit_offset, layer_offsets, layer_strides, shift_heatmap
 from cams.bench_loc.accum import RowScores
-from cams.boxacc import best_iou_curve, curve_from_boxes, threshold_boxes
+from cams.boxacc import DEFAULT_PROTOCOL, best_iou_curve, curve_from_boxes, threshold_boxes
 from cams.bench_loc.data import Sample, Split
 
 
@@ -43,6 +43,7 @@ class Row:
     offset: tuple[float, float] | None = None  # the heatmap alignment (dy, dx) px the row was scored with
     road_n: int = 0  # test images scored by ROAD
     depth: int | None = None  # 1-based block index of the layer (cams.layers.block_layers); None if not a block
+    box_protocol: str = DEFAULT_PROTOCOL  # the protocol of the row's MaxBoxAccV2 columns (cams.boxacc)
 
 
 def _norm_label(text: str) -> str:
@@ -75,6 +76,8 @@ class Options:
     target: str = "predicted"  # "predicted" (top-1) | "label" (ground-truth class)
     align: str = "model"  # "model" (recorded offsets) | "none" | "fit" (fitted on the validation split)
     road_n: int = DEFAULT_ROAD_N  # test images scored by ROAD (the first ones)
+    box_protocol: str = DEFAULT_PROTOCOL  # MaxBoxAccV2: "wsol" (wsolevaluation's numbers) | "pfcam"
+    box_step: float = 0.01  # MaxBoxAccV2's threshold step (wsolevaluation: 0.01 or 0.001)
     # the reference heatmaps' MaxBoxAccV2 curves, shared by the models of a run (the same maps and boxes)
     reference_curves: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -186,19 +189,21 @@ def _reference_curves(kind: str, split: Split, start: int, stop: int, maps: np.n
     cache: the Gaussian is one map per size (its contour boxes are traced once), the noise one map per
     (seed, split, image), and every model of the same input size sees the same images and boxes."""
     cache = opts.reference_curves
+    protocol, step = opts.box_protocol, opts.box_step
+    thresholds = RowScores(box_protocol=protocol, box_step=step).box_thresholds
     out = []
     for offset in range(stop - start):
         sample = split.samples[start + offset]
         if kind == GAUSSIAN:
-            key = (kind, split.size)
+            key = (kind, split.size, protocol, step)
             if key not in cache:
-                cache[key] = threshold_boxes(maps[offset])
-            out.append(curve_from_boxes(*cache[key], sample.boxes))
+                cache[key] = threshold_boxes(maps[offset], thresholds, protocol)
+            out.append(curve_from_boxes(*cache[key], sample.boxes, len(thresholds), protocol))
             continue
-        key = (kind, split.size, int(opts.seed), split.stream, start + offset, sample.name,
+        key = (kind, split.size, protocol, step, int(opts.seed), split.stream, start + offset, sample.name,
                tuple(tuple(box) for box in sample.boxes))
         if key not in cache:
-            cache[key] = best_iou_curve(maps[offset], sample.boxes)
+            cache[key] = best_iou_curve(maps[offset], sample.boxes, thresholds, protocol)
         out.append(cache[key])
     return out
 
@@ -267,8 +272,9 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
     if opts.threshold is None and val is not None and len(val):
         ref_thresholds = [_choose(list(_baseline_maps(kind, val, 0, len(val), opts.seed)), val, opts)
                           for kind in kinds]
-    cam_accs = {method: [RowScores() for _ in opts.layers] for method in opts.methods}
-    ref_accs = [RowScores() for _ in kinds]
+    scores = lambda: RowScores(box_protocol=opts.box_protocol, box_step=opts.box_step)  # noqa: E731
+    cam_accs = {method: [scores() for _ in opts.layers] for method in opts.methods}
+    ref_accs = [scores() for _ in kinds]
     faith_model = inference_copy(model, test.tensors(0, min(2, len(test)))) if faith_n or road_n else model
     for start in range(0, len(test), opts.batch_size):
         stop = min(len(test), start + opts.batch_size)
@@ -301,11 +307,12 @@ def evaluate_model(model, model_id: str, class_names: Sequence[str], val: Split 
         for position, layer in enumerate(opts.layers):
             acc = cam_accs[method][position]
             rows.append(Row(model_id, layer, method, acc.values(accuracy), thresholds[position], acc.count,
-                            len(acc.deletion), acc.flat, offset=offsets[position], road_n=len(acc.road_morf)))
+                            len(acc.deletion), acc.flat, offset=offsets[position], road_n=len(acc.road_morf),
+                            box_protocol=opts.box_protocol))
     for r, kind in enumerate(kinds):
         rows.append(Row(model_id, BASELINE_LAYER, kind, ref_accs[r].values(accuracy), ref_thresholds[r],
                         ref_accs[r].count, len(ref_accs[r].deletion), ref_accs[r].flat, kind="baseline",
-                        road_n=len(ref_accs[r].road_morf)))
+                        road_n=len(ref_accs[r].road_morf), box_protocol=opts.box_protocol))
     log(f"{model_id}: {len(test)} test images, {len(opts.methods)} methods and the reference heatmaps, "
         f"{time.perf_counter() - t0:.0f} s")
     return rows

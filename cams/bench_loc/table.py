@@ -18,7 +18,7 @@ HEADERS = {"accuracy": "accuracy", "pointing15": "pointing game (15 px)",
            "box_acc_iou70": "BoxAcc IoU.7", "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
            "road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF", "road_combined": "ROAD combined"}
 CSV_FIELDS = ["model", "layer", "method", "method_label", *KEYS, "box_threshold", "n", "faith_n", "road_n",
-              "flat_heatmaps", "offset_dy", "offset_dx", "depth"]
+              "flat_heatmaps", "offset_dy", "offset_dx", "depth", "box_protocol"]
 
 
 def _fmt(value: float | None) -> str:
@@ -56,4 +56,4 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
                             + ["" if row.threshold is None else f"{row.threshold:g}", row.n, row.faith_n, row.road_n,
                                row.flat]
                             + (["", ""] if row.offset is None else [f"{row.offset[0]:g}", f"{row.offset[1]:g}"])
-                            + ["" if row.depth is None else row.depth])
+                            + ["" if row.depth is None else row.depth, row.box_protocol])

@@ -21,6 +21,8 @@ and ``-`` only, no leading dot, length-capped; nothing is ever written outside `
                                                     .jpg / .webp with overlay_format, absent with overlays=False
           <layer>__<method>__<target>-<class>.npy   raw heatmap, float32 [S, S] in [0, 1] at the network's input
                                                   resolution S; it covers ``crop_box`` of the original image
+          <layer>__<method>__<target>-<class>.raw.npy   with raw_maps only: the same map before min-max
+                                                  normalisation (float32 [S, S], the method's own units)
           results__<method>.json          what was computed for this image and model (read by re-runs)
 
 ``<stem>`` is the input's file name without extension (for uploads, the last path component of the upload
@@ -44,7 +46,10 @@ earlier run) or ``stale`` (kept from an earlier run made with other mode/colorma
 alignment, other weights (``pfnet.weights.state_digest``) or other bytes of the same input file: the files on
 disk are the earlier ones; pass ``overwrite=True`` to redo them).
 ``manifest.json["rows"]`` has the same keys plus ``crop_box`` ([left, top,
-right, bottom] in the original's pixels) and ``input_size`` (S). ``manifest.json`` also holds ``format``,
+right, bottom] in the original's pixels) and ``input_size`` (S); with ``raw_maps`` also ``raw_heatmap`` (the
+``.raw.npy`` path), ``raw_min`` and ``raw_max`` (its range: the scale that min-max normalisation removed;
+``heatmap = (raw - raw_min) / (raw_max - raw_min)``). Rows without them (earlier runs, runs without
+``raw_maps``) read as before; ``manifest.csv``'s columns are unchanged. ``manifest.json`` also holds ``format``,
 ``versions`` (pfcam, python, torch, timm, pillow, numpy), ``settings``, ``started_at``/``finished_at`` (UTC,
 ISO 8601), ``columns``, ``images`` (every readable or bad input, with size or reason), ``skipped`` (bad and
 unsupported inputs: ``input``, ``stage`` "scan" or "load", ``reason``) and ``warnings``. Text cells a

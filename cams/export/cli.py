@@ -106,6 +106,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-overlays", dest="overlays", action="store_false",
                         help="heatmaps only: write the .npy heatmaps and records, no overlays and no grids "
                              "(for dataset-scale runs)")
+    parser.add_argument("--raw-maps", action="store_true",
+                        help="also write each layer's map before min-max normalisation (<stem>.raw.npy, the "
+                             "method's own units, comparable across images and models) with its range in "
+                             "manifest.json (raw_min, raw_max)")
     parser.add_argument("--threads", type=_positive, default=None,
                         help="torch threads for the network on the CPU (default: $OMP_NUM_THREADS if set, else "
                              "half the cores with overlays and all but one without, leaving the rest to the "
@@ -190,7 +194,7 @@ def _export(args: argparse.Namespace, models: dict[str, tuple[Any, Any]], weight
                                                 "labels": str(args.labels) if args.labels else None},
                                 align=args.align, overlay_format=args.overlay_format, overlays=args.overlays,
                                 engine=args.engine, ray_options=ray_options(args), target=args.target,
-                                labels=args.labels, precision=args.precision)
+                                labels=args.labels, raw_maps=args.raw_maps, precision=args.precision)
         except ExportError as exc:
             log(f"error: {exc}")
             return EXIT_CANNOT_START

@@ -20,9 +20,10 @@ from PIL import Image
 
 from cams import engine
 from cams.export.encode import HEATMAP, OVERLAY, overlay_suffix, render_result, rgb_pixels, write_grid_sheet
-from cams.export.files import STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, write_text
+from cams.export.files import (STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, write_npy,
+                               write_text)
 from cams.export.inputs import InputItem, inside, safe_name
-from cams.export.plan import ExportPlan, ModelPlan
+from cams.export.plan import RAW_KEYS, ExportPlan, ModelPlan
 from cams.images import ImageError, load_image
 from cams.render import grid, shrink, thumbnail
 from pfnet.errors import PfnetError
@@ -67,7 +68,8 @@ def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, items: list[I
     try:
         return engine.explain(model.network, tensor, model.layers, plan.method,
                               targets=model.engine_targets([item.key for item in items]), align=model.align,
-                              class_names=model.class_names, batch_size=plan.batch_size, precision=plan.precision)
+                              class_names=model.class_names, batch_size=plan.batch_size, keep_raw=plan.raw_maps,
+                              precision=plan.precision)
     except (PfnetError, ValueError, RuntimeError) as exc:
         warn(f"{model.id}: explaining failed for {', '.join(item.label for item in items)}: {exc}")
         return None
@@ -250,7 +252,7 @@ class ExportExecutor:
 
     def _reused(self, model: ModelPlan, item: InputItem, image: Image.Image) -> Any:
         """The caller's explanation of this image (``reuse``), if it has one made as this run would make it."""
-        if self.reuse is None or model.label_ids is not None:
+        if self.reuse is None or model.label_ids is not None or self.plan.raw_maps:
             return None
         known = self.reuse(model.id, item, image)
         fits = (known is not None and tuple(known.layers) == tuple(model.layers)
@@ -295,6 +297,14 @@ class ExportExecutor:
                 npy = folder / f"{stem}.npy"
                 png = folder / f"{stem}{overlay_suffix(self.plan.overlay_format)}" if self.plan.overlays else None
                 heat = explanation.heatmaps[position, target_index, layer_index].numpy()
+                raw_fields: dict[str, Any] = {}
+                if self.plan.raw_maps and explanation.raw is not None:
+                    raw = explanation.raw[position, target_index, layer_index].numpy()
+                    raw_npy = folder / f"{stem}.raw.npy"
+                    self.submit(write_npy, raw_npy, raw)
+                    self.report.files.append(self.rel(raw_npy))
+                    raw_fields = {"raw_heatmap": self.rel(raw_npy), "raw_min": float(raw.min()),
+                                  "raw_max": float(raw.max())}
                 files = [(path, kind) for path, kind in ((png, OVERLAY), (npy, HEATMAP))
                          if path is not None and (self.plan.overwrite or path.is_symlink() or not path.exists())]  # a link: replaced
                 self.report.files.extend(self.rel(path) for path, _ in files)
@@ -317,7 +327,7 @@ class ExportExecutor:
                                 "class_name": class_name, "probability": probability,
                                 "overlay": self.rel(png) if png else None, "heatmap": self.rel(npy),
                                 "crop_box": [round(float(v), 4) for v in box], "input_size": model.input_size,
-                                "settings": settings, "_status": "computed", "_thumb": thumb}
+                                "settings": settings, "_status": "computed", "_thumb": thumb, **raw_fields}
                 changed = True
         if changed:
             kept_extra = {key: value for key, value in old_entries.items()
@@ -338,7 +348,8 @@ class ExportExecutor:
                 "probability": round(float(entry["probability"]), 6),
                 "overlay": entry.get("overlay") or "", "heatmap": entry["heatmap"], "grid": "",
                 "status": entry.get("_status", "existing"),
-                "crop_box": entry.get("crop_box"), "input_size": entry.get("input_size")}
+                "crop_box": entry.get("crop_box"), "input_size": entry.get("input_size"),
+                **{key: entry[key] for key in RAW_KEYS if key in entry}}
 
     def _grids(self, index: int, item: InputItem, cells) -> dict[str, str]:
         """Write (when new results or missing) one grid per target; return target -> relative path (none without

@@ -30,6 +30,11 @@ def target_names(topk: int, classes: Sequence[int] = ()) -> list[str]:
         return [f"class{int(class_id)}" for class_id in classes]
     return [f"top{rank}" for rank in range(1, topk + 1)]
 
+RAW_KEYS = ("raw_heatmap", "raw_min", "raw_max")  # a manifest.json row's raw-map fields (with raw_maps only)
+RAW_NPY = ("float32 [S, S]: the layer's map before min-max normalisation (ReLU, resized and aligned as the heatmap), "
+           "in the method's own units, comparable across images and models; the row's raw_min / raw_max are its "
+           "range, and heatmap = (raw - raw_min) / (raw_max - raw_min) (0 where raw_max == raw_min)")
+
 
 @dataclass
 class ModelPlan:
@@ -93,6 +98,7 @@ class ExportPlan:
     overlays: bool = True  # False: heatmaps (.npy) and records only; no overlays, no grids
     target: tuple[str, ...] = ()  # the classes asked for, as given (ids or names); empty: the predicted top-k
     labelled: bool = False  # each image's own class (--labels)
+    raw_maps: bool = False  # also each map before min-max (<stem>.raw.npy) with its scale in the manifest
     precision: str = "float32"  # "bfloat16": Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast
 
     def outputs(self, model: ModelPlan) -> list[tuple[str, str]]:
@@ -120,6 +126,8 @@ class ExportPlan:
         this plan's format (an overlay in another format is redone, not reused)."""
         if not isinstance(entry, dict):
             return False
+        if self.raw_maps and not usable_entry(root, {**entry, "overlay": entry.get("raw_heatmap")}):
+            return False  # the raw map is this run's concern too
         if not self.overlays:  # the overlay is not this run's concern: check the heatmap in its place
             return usable_entry(root, {**entry, "overlay": entry.get("heatmap")})
         overlay = entry.get("overlay")
@@ -161,7 +169,8 @@ class ExportPlan:
                 "overwrite": bool(self.overwrite), "overlays": bool(self.overlays),
                 "overlay_format": self.overlay_format if self.overlays else None,
                 "heatmap_npy": "float32 [S, S] in [0, 1] at the network input resolution S, covering crop_box "
-                               "(left, top, right, bottom) of the original image in its pixels"}
+                               "(left, top, right, bottom) of the original image in its pixels",
+                **({"raw_maps": True, "raw_npy": RAW_NPY} if self.raw_maps else {})}
 
 
 def validate_settings(method: str, topk: int, batch_size: int, mode: str, colormap: str, opacity: float,
@@ -300,7 +309,8 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
                 overwrite: bool = False, align: str = "model", cell_size: int = GRID_CELL,
                 warn: Callable[[str], None] = lambda _: None, overlay_format: str = DEFAULT_FORMAT,
                 overlays: bool = True, target: str | Sequence[str | int] | None = None,
-                labels: Mapping[str, str] | None = None, precision: str = "float32") -> ExportPlan:
+                labels: Mapping[str, str] | None = None, raw_maps: bool = False,
+                precision: str = "float32") -> ExportPlan:
     """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`). ``target``: None or
     "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`). ``labels``:
     image key (:func:`cams.export.labels.image_key`) -> its class id or name, explained instead."""
@@ -311,4 +321,4 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
         raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes, labels)), method, topk,
                       batch_size, mode, colormap, float(opacity), overwrite, align, cell_size, overlay_format,
-                      bool(overlays), classes, labels is not None, precision)
+                      bool(overlays), classes, labels is not None, bool(raw_maps), precision)

@@ -36,7 +36,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                ray_options: RayOptions | None = None,
                read_image: Callable[[InputItem], Image.Image] | None = None,
                target: str | Sequence[str | int] | None = None,
-               labels: str | os.PathLike | Mapping[str, str] | None = None,
+               labels: str | os.PathLike | Mapping[str, str] | None = None, raw_maps: bool = False,
                precision: str = "float32") -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
@@ -56,6 +56,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     (``cams.explain``'s option); the manifest's settings record it.
     ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
     (the app passes the CAMs on its page), or None; only the images it has none for are explained.
+    ``raw_maps``: also write each map before min-max normalisation (``<stem>.raw.npy``) and record its range
+    (``raw_min``, ``raw_max``) in ``manifest.json``'s rows (see :mod:`cams.export`).
     ``overlay_format``: "png" (lossless), "jpeg" or "webp"; ``overlays=False`` writes heatmaps and records only
     (no overlays, no grids). ``writers``: writer threads (default :func:`cams.export.executor.default_writers`).
     ``engine``: "local" (this process) or "ray" (a Ray cluster, ``ray_options``; :mod:`cams.export.ray_executor`):
@@ -80,7 +82,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         warnings.extend(problems)
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
                        cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays,
-                       target=target, labels=table, precision=precision)
+                       target=target, labels=table, raw_maps=raw_maps, precision=precision)
     started = now()
     root = check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root, warnings=warnings)
