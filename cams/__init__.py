@@ -4,7 +4,8 @@
 modules (``cams.images``, ``cams.render``, ``cams.export``, ``cams.metrics``) are imported on their own.
 """
 from cams.any_model import class_names_of
-from cams.engine import (GRADIENT_METHODS, METHODS, Cancelled, Explanation, MethodError, TargetError, explain,
+from cams.engine import (GRADIENT_METHODS, METHOD_NOTES, METHODS, Cancelled, Explanation, MethodError, TargetError,
+                         explain,
                          normalise, resolve_classes)
 from cams.layers import (
     CamError,
@@ -29,7 +30,8 @@ from cams.layers import (
 )
 
 __all__ = [
-    "explain", "Explanation", "METHODS", "GRADIENT_METHODS", "normalise", "Cancelled", "resolve_classes",
+    "explain", "Explanation", "METHODS", "METHOD_NOTES", "GRADIENT_METHODS", "normalise", "Cancelled",
+    "resolve_classes",
     "CamError", "LayerError", "MethodError", "TargetError",
     "LayerSpec", "available_layers", "BLOCKS", "block_layers", "expand_layers", "layer_names", "layer_spec", "canonical", "default_layer", "default_layers",
     "family_of", "pfnet_family", "output_tensor", "resolve", "to_grid", "token_grid", "Reshape", "class_names_of",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cams.eigen import first_component_projection, fixed_sign_projection
+from cams.eigen import first_component_projection, fixed_sign_projection, kernel_projection
 from cams.layers import CamError
 from pfnet.memory_format import FORMATS, format_of
 
@@ -202,33 +202,55 @@ def gradients(logits: torch.Tensor, class_ids: torch.Tensor, activations: list[t
     return result
 
 
-def grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """acts ``[n, C, h, w]``, grads ``[T, n, C, h, w]`` -> raw maps ``[T, n, h, w]`` (before ReLU)."""
-    if method == "gradcam":
-        weights = grads.mean(dim=(3, 4))
-        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+def eigen_smoothed(weighted: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's ``eigen_smooth``: weighted activations ``[T, n, C, h, w]`` -> their first principal
+    component ``[T, n, h, w]`` (``get_2d_projection``, sign included), all T x n maps in one batched projection."""
+    return first_component_projection(weighted.flatten(0, 1)).unflatten(0, weighted.shape[:2])
+
+
+def grad_cam_maps(method: str, acts: torch.Tensor, grads: torch.Tensor, eigen_smooth: bool = False) -> torch.Tensor:
+    """acts ``[n, C, h, w]``, grads ``[T, n, C, h, w]`` -> raw maps ``[T, n, h, w]`` (before ReLU).
+    ``eigen_smooth``: the first principal component of the weighted activations instead of their channel sum."""
+    if method == "eigengradcam":  # get_2d_projection(grads * activations), whatever eigen_smooth says
+        return eigen_smoothed(grads * acts)
     if method == "hirescam":
-        return (grads * acts).sum(dim=2)
-    if method == "layercam":
-        return (grads.clamp_min(0) * acts).sum(dim=2)
+        weighted = grads * acts
+    elif method == "gradcamelementwise":
+        weighted = (grads * acts).clamp_min(0)
+    elif method == "layercam":
+        weighted = grads.clamp_min(0) * acts
+    else:
+        weights = channel_weights(method, acts, grads)
+        if not eigen_smooth:
+            return torch.einsum("tnc,nchw->tnhw", weights, acts)
+        weighted = weights[..., None, None] * acts
+    return eigen_smoothed(weighted) if eigen_smooth else weighted.sum(dim=2)
+
+
+def channel_weights(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The per-channel weights ``[T, n, C]`` of Grad-CAM, XGrad-CAM and Grad-CAM++."""
+    if method == "gradcam":
+        return grads.mean(dim=(3, 4))
     sum_acts = acts.sum(dim=(2, 3))[:, :, None, None]
     if method == "xgradcam":
-        weights = (grads * acts / (sum_acts + XGRADCAM_EPS)).sum(dim=(3, 4))
-        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+        return (grads * acts / (sum_acts + XGRADCAM_EPS)).sum(dim=(3, 4))
     if method == "gradcampp":
         grads2 = grads * grads
         grads3 = grads2 * grads
         alpha = grads2 / (2 * grads2 + sum_acts * grads3 + GRADCAMPP_EPS)
         alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        weights = (grads.clamp_min(0) * alpha).sum(dim=(3, 4))
-        return torch.einsum("tnc,nchw->tnhw", weights, acts)
+        return (grads.clamp_min(0) * alpha).sum(dim=(3, 4))
     raise MethodError(f"{method!r} is not a gradient method")
 
 
 def eigen_cam_maps(method: str, acts: torch.Tensor, count: int) -> torch.Tensor:
-    """"eigencam": pytorch-grad-cam's projection and sign; "eigencam_fixed": the sign fixed by the activations.
+    """"eigencam": pytorch-grad-cam's projection and sign; "eigencam_fixed": the sign fixed by the activations;
+    "kpcacam": the first kernel principal component (pytorch-grad-cam's KPCA-CAM, sigmoid kernel).
     Raw maps ``[count, n, h, w]`` (one per target: the same), on acts' device."""
-    maps = fixed_sign_projection(acts) if method == "eigencam_fixed" else first_component_projection(acts)
+    if method == "kpcacam":
+        maps = kernel_projection(acts)
+    else:
+        maps = fixed_sign_projection(acts) if method == "eigencam_fixed" else first_component_projection(acts)
     return maps.unsqueeze(0).expand(count, *maps.shape)
 
 

@@ -220,3 +220,24 @@ def _subspace_iteration(matrices: torch.Tensor, block: int, steps: int, toleranc
             return ritz[..., 0]
         basis = product @ vectors  # the block moved on by one product, Ritz-ordered
     return None
+
+
+def kernel_projection(activations: torch.Tensor, gamma: float | None = None, coef0: float = 1.0) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N, h, w]`` float32: KPCA-CAM, pytorch-grad-cam's ``get_2d_projection_kernel``
+    (scikit-learn's ``KernelPCA(n_components=1, kernel="sigmoid")`` of each image's centred ``[h*w, C]`` activations) without
+    scikit-learn: the kernel ``tanh(gamma <x, y> + coef0)`` (``gamma`` 1 / C by default), centred as ``KernelCenterer``
+    does, its top eigenvector (:func:`top_eigenvectors`, float64) scaled by the root of its eigenvalue, the sign
+    ``svd_flip`` gives (the entry of largest magnitude positive)."""
+    count, channels, height, width = activations.shape
+    matrix = _position_matrix(activations.detach().float())
+    centred = matrix - matrix.mean(dim=1, keepdim=True)
+    gamma = 1.0 / channels if gamma is None else gamma
+    kernel = torch.tanh(gamma * (centred @ centred.transpose(1, 2)) + coef0).double()
+    kernel = (kernel - kernel.mean(dim=1, keepdim=True) - kernel.mean(dim=2, keepdim=True)
+              + kernel.mean(dim=(1, 2), keepdim=True))
+    vectors = top_eigenvectors(kernel).double().to(kernel.device)  # [N, hw]
+    values = ((kernel @ vectors.unsqueeze(-1)).squeeze(-1) * vectors).sum(dim=1).clamp_min(0)
+    peak = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True))
+    vectors = vectors * torch.where(peak < 0, -1.0, 1.0).to(vectors.dtype)
+    projection = vectors * values.sqrt()[:, None]
+    return projection.float().to(activations.device).reshape(count, height, width)

@@ -18,8 +18,11 @@ How a call works (``explain``):
    where the model records an alignment offset for the layer (:mod:`cams.align`) the upsampled map is drawn
    moved by it (``align="none"`` keeps pytorch-grad-cam's drawing).
 
-Score-CAM additionally runs the masked inputs (``batch_size`` at a time, under ``no_grad``); Eigen-CAM and CAM
-need no gradients at all.
+Score-CAM additionally runs the masked inputs (``batch_size`` at a time, under ``no_grad``; constant channels'
+identical masked input once); Eigen-CAM, KPCA-CAM and CAM need no gradients at all. The methods with passes of
+their own (``OWN_PASS_METHODS``: Ablation-CAM, FullGrad, Guided Grad-CAM, Finer-CAM, Shapley-CAM, SmoothGrad-CAM++)
+are computed by :mod:`cams.methods` / :mod:`cams.ablation`, ``aug_smooth`` by :mod:`cams.smoothing`; docs/methods.md
+says what each costs.
 
 Long calls can report progress and be stopped: ``progress(done, total)`` is called after every batch of images
 (for Score-CAM: after every chunk of masked inputs, counting channels); when it returns a true value ``explain`` raises
@@ -42,29 +45,16 @@ from torch import nn
 from cams.align import NO_OFFSET, Offset, layer_offsets, sampling_grid
 from cams.any_model import class_names_of, numbered
 from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetError, check_inputs,  # noqa: F401
-                            eigen_cam_maps, explained_classes, fc_cam_maps, grad_cam_maps, gradients, model_input,
-                            resolve_classes, target_count, target_plan)
+                            eigen_cam_maps, eigen_smoothed, explained_classes, fc_cam_maps, grad_cam_maps, gradients,
+                            model_input, resolve_classes, target_count, target_plan)
 from cams.layers import CamError, LayerError, Reshape, canonical, output_tensor, pfnet_family, resolve, to_grid
+from cams.scorecam import SCORECAM_EPS, score_cam_maps  # noqa: F401  (SCORECAM_EPS: kept importable here)
 
-METHODS: dict[str, str] = {
-    "gradcam": "Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "xgradcam": "XGrad-CAM",
-    "hirescam": "HiResCAM",
-    "layercam": "LayerCAM",
-    "eigencam": "Eigen-CAM",
-    "eigencam_fixed": "Eigen-CAM, fixed sign",
-    "scorecam": "Score-CAM",
-    "cam": "CAM (fc weights)",
-}
-GRADIENT_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"})
-# Eigen-CAM with pytorch-grad-cam's sign (LAPACK's, which differs between builds), and with the sign fixed by the
-# activations (the map rises with the activation mass; cams.eigen.fixed_sign_projection).
-EIGEN_METHODS = frozenset({"eigencam", "eigencam_fixed"})
+from cams.catalogue import (EIGEN_METHODS, GRADIENT_METHODS, LAYERLESS_METHODS, METHOD_NOTES, METHODS,  # noqa: F401
+                            OWN_PASS_METHODS, PRECISIONS, SCORED_METHODS)
 
 # The constants pytorch-grad-cam uses (base_cam / utils.image / grad_cam_plusplus / xgrad_cam / score_cam).
 NORM_EPS = 1e-7
-SCORECAM_EPS = 1e-8
 
 
 class Cancelled(Exception):
@@ -75,7 +65,7 @@ class Cancelled(Exception):
 Progress = Callable[[int, int], "bool | None"]
 
 
-class _Meter:
+class Meter:
     """Counts work units (images; masked inputs for Score-CAM) and asks ``progress`` whether to go on."""
 
     def __init__(self, progress: Progress | None, total: int):
@@ -106,6 +96,11 @@ class Explanation:
     layers: tuple[str, ...]
     method: str
     class_names: tuple[str, ...] | None = None
+    #: Guided Grad-CAM only: the guided-backprop gradient of each target's score with respect to the input,
+    #: float32 ``[N, T, 3, H, W]`` (pytorch-grad-cam's ``GuidedBackpropReLUModel`` output, for every image and target).
+    guided: torch.Tensor | None = None
+    #: How the heatmaps were computed beyond ``method``: {"aug_smooth", "eigen_smooth", "precision"} when set.
+    options: tuple[tuple[str, object], ...] = ()
     raw: torch.Tensor | None = None  # with explain(keep_raw=True): the maps before min-max (:func:`unnormalised`)
     errors: tuple[str | None, ...] = ()
 
@@ -226,13 +221,18 @@ class Capture:
 
         return hook
 
-    def run(self, model: nn.Module, images: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, dict]:
+    def run(self, model: nn.Module, images: torch.Tensor, want_grad: bool, from_input: bool = False
+            ) -> tuple[torch.Tensor, dict]:
+        """One forward; ``from_input``: recording from the first operation (for gradients to the input: guided
+        backprop, FullGrad), the layers' outputs kept as they are."""
         self.outputs = {}
-        self.want_grad = want_grad
+        self.want_grad = want_grad and not from_input
         self.grad_started = False
         self.active = True
         try:
             with torch.no_grad():  # restores this thread's grad mode whatever the hooks did
+                if from_input:
+                    torch.set_grad_enabled(True)
                 logits = model(images)
         finally:
             self.active = False
@@ -246,29 +246,6 @@ class Capture:
 
 
 # ------------------------------------------------------------------------------------------------ maths
-def _score_cam_maps(model: nn.Module, images: torch.Tensor, acts: torch.Tensor, class_ids: torch.Tensor,
-                    batch_size: int, meter: _Meter) -> torch.Tensor:
-    """Score-CAM as pytorch-grad-cam computes it: each channel, upsampled (align_corners=True) and min-max
-    scaled, masks the input; the target logits of the masked inputs, softmaxed over channels, weight the maps."""
-    size = images.shape[-2:]
-    count, channels = acts.shape[0], acts.shape[1]
-    scores = torch.empty((count, class_ids.shape[1], channels), dtype=torch.float32, device=acts.device)
-    with torch.no_grad():
-        for index in range(count):
-            for start in range(0, channels, batch_size):
-                chunk = acts[index, start:start + batch_size].unsqueeze(1)
-                masks = F.interpolate(chunk, size=size, mode="bilinear", align_corners=True)
-                flat = masks.flatten(1)
-                low = flat.min(dim=1).values[:, None, None, None]
-                high = flat.max(dim=1).values[:, None, None, None]
-                masks = (masks - low) / (high - low + SCORECAM_EPS)
-                logits = model(images[index:index + 1] * masks)
-                scores[index, :, start:start + chunk.shape[0]] = logits[:, class_ids[index]].t().float()
-                meter.add(chunk.shape[0])
-    weights = torch.softmax(scores, dim=-1)  # [n, T, C]
-    return torch.einsum("ntc,nchw->tnhw", weights.to(acts.dtype), acts)
-
-
 def _min_max(maps: torch.Tensor) -> torch.Tensor:
     """Per-map ``(x - min) / (1e-7 + max(x - min))`` over the last two dims."""
     flat = maps.flatten(-2)
@@ -309,7 +286,7 @@ def unnormalised(maps: torch.Tensor, size: tuple[int, int], offset: Offset = NO_
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def _numbered(model: nn.Module, probs: list[torch.Tensor]) -> tuple[str, ...] | None:
+def fallback_class_names(model: nn.Module, probs: list[torch.Tensor]) -> tuple[str, ...] | None:
     """"class N" names for a network pfnet did not build that does not say its classes (None for pfnet's)."""
     return None if pfnet_family(model) is not None or not probs else numbered(int(probs[0].shape[1]))
 
@@ -317,6 +294,7 @@ def _numbered(model: nn.Module, probs: list[torch.Tensor]) -> tuple[str, ...] | 
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
             targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
             align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
+            aug_smooth: bool = False, eigen_smooth: bool = False, precision: str = "float32",
             reshape: Reshape = None, keep_raw: bool = False) -> Explanation:
     """Heatmaps of ``method`` for every image x target x layer.
 
@@ -332,6 +310,13 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     ``progress(done, total)``: called after each batch of images (units: images) or, for Score-CAM, after each
     chunk of masked inputs (units: channels, one masked input per image x layer channel; the total grows by each
     batch's channels once its forward pass shows them). Return a true value to stop: :class:`Cancelled`.
+    ``aug_smooth``: pytorch-grad-cam's test-time augmentation (horizontal flip x brightness 0.9 / 1 / 1.1, the six
+    maps un-flipped and averaged), the six copies of each image in the same forward and gradient call
+    (:mod:`cams.smoothing`). ``eigen_smooth``: the first principal component of the weighted activations instead of
+    their sum (pytorch-grad-cam's option; Eigen-CAM, Eigen-Grad-CAM and KPCA-CAM are projections already).
+    ``precision``: "float32", or "bfloat16" for Score-CAM's and Ablation-CAM's extra forwards in bfloat16
+    autocast (about 0.6-0.75 of their time on a CPU; logits move by ~0.5% of the largest), recorded in
+    ``Explanation.options``.
     ``reshape``: how to read outputs whose grid cannot be derived (:data:`cams.layers.Reshape`); never needed for
     pfnet's networks, timm's CNNs, ViTs, Swin or PiT. ``class_names`` default, for a network pfnet did not build:
     :func:`cams.any_model.class_names_of` (ImageNet's for timm's ImageNet models, else "class N").
@@ -339,6 +324,18 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     """
     if class_names is None and pfnet_family(model) is None:
         class_names = class_names_of(model)
+    if precision not in PRECISIONS:
+        raise CamError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if aug_smooth:
+        from cams.smoothing import aug_smooth_explain
+        return aug_smooth_explain(model, images, layers, method, targets, class_names, batch_size, align, progress,
+                                  eigen_smooth=eigen_smooth, precision=precision, reshape=reshape,
+                                  keep_raw=keep_raw)
+    if method in OWN_PASS_METHODS:
+        from cams.methods import explain_own
+        return explain_own(model, images, [layers] if isinstance(layers, str) else layers, method, targets,
+                           class_names, batch_size, align, progress, eigen_smooth=eigen_smooth, precision=precision,
+                           reshape=reshape, keep_raw=keep_raw)
     if isinstance(layers, str):
         layers = [layers]
     layers = list(layers)
@@ -362,7 +359,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         all_probs: list[torch.Tensor] = []
         want_grad = method in GRADIENT_METHODS
         scored = method == "scorecam"  # counts channels, not images
-        meter = _Meter(progress, 0 if scored else count)
+        meter = Meter(progress, 0 if scored else count)
         with Capture(modules) as capture:
             for start in range(0, count, batch_size):
                 batch = images[start:start + batch_size]
@@ -381,13 +378,14 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     if want_grad:
                         grad = grads[position]
                         grad = to_grid(model, name, grad.flatten(0, 1), size, reshape).unflatten(0, grad.shape[:2])
-                        raw = grad_cam_maps(method, act, grad)
+                        raw = grad_cam_maps(method, act, grad, eigen_smooth)
                     elif method in EIGEN_METHODS:
                         raw = eigen_cam_maps(method, act, n_targets)
                     elif method == "cam":
                         raw = fc_cam_maps(model, act, class_ids)
                     else:
-                        raw = _score_cam_maps(model, batch, act, class_ids, batch_size, meter)
+                        raw = score_cam_maps(model, batch, act, class_ids, batch_size, meter, eigen_smooth,
+                                             precision)
                     maps = normalise(raw, size, offsets[position])  # [T, n, H, W]
                     heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
                     if kept is not None:
@@ -397,11 +395,18 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                 if not scored:
                     meter.add(batch.shape[0])
     probs = torch.cat(all_probs)
+    options = run_options(eigen_smooth, precision)
     return Explanation(
         heatmaps=heatmaps, targets=all_ids, probs=probs, layers=tuple(layers), method=method,
-        class_names=tuple(class_names) if class_names is not None else _numbered(model, all_probs), raw=kept,
-        errors=image_errors(probs, heatmaps),
+        class_names=tuple(class_names) if class_names is not None else fallback_class_names(model, all_probs), raw=kept,
+        errors=image_errors(probs, heatmaps), options=options,
     )
+
+
+def run_options(eigen_smooth: bool, precision: str) -> tuple[tuple[str, object], ...]:
+    """The options of a run that change its maps (:attr:`Explanation.options`); the defaults are left out."""
+    return tuple((key, value) for key, value in (("eigen_smooth", eigen_smooth), ("precision", precision))
+                 if value not in (False, "float32"))
 
 
 def image_errors(probs: torch.Tensor, heatmaps: torch.Tensor) -> tuple[str | None, ...]:

@@ -21,7 +21,7 @@ from cams.sanity import MODES, SanityResult, randomisation_units, sanity_check
 
 DEFAULT_MODELS = ("demo_r50", "demo_r50_max", "demo_r50_hybrid")
 DEFAULT_LAYERS = ("layer3", "layer4")
-DEFAULT_METHODS = ("gradcam", "gradcampp", "layercam", "eigencam")
+DEFAULT_METHODS = ("gradcam", "gradcampp", "layercam", "eigencam_fixed")
 DEFAULT_N = 50
 PASS_BELOW = 0.5  # median Spearman after randomising every unit
 REFERENCES = ("centre Gaussian", "uniform random")

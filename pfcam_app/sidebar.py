@@ -14,9 +14,9 @@ from pfcam_app.network import network
 from pfcam_app.uploads import accepted, upload_types
 from pfnet import weights, zoo
 
-IGNORES_TARGET = dict.fromkeys(sorted(EIGEN_METHODS),
-                               "Eigen-CAM draws the first principal component of the activations: the same map "
-                               "whatever the target class")
+IGNORES_TARGET = {method: ("KPCA-CAM draws the first kernel principal component" if method == "kpcacam" else
+                           "Eigen-CAM draws the first principal component")
+                   + " of the activations: the same map whatever the target class" for method in sorted(EIGEN_METHODS)}
 LAYER_HELP = {
     "resnet": "One column per layer, in network depth order. `stem`: conv 7x7/2 + max-pool/2 output (1/4 "
               "resolution); `layerS.i`: output of block i+1 of stage S; `layerS.i.conv_block`: that block's spatial "
@@ -228,19 +228,17 @@ def settings_sidebar(defaults: tuple[str, ...]) -> Settings:
 
     st.header("Explanation", anchor=False)
     method = st.selectbox("CAM method", list(engine.METHODS), format_func=lambda m: engine.METHODS[m], key="method",
-                          help="Gradient methods need one forward and one backward pass per image; Score-CAM runs a "
-                               "forward pass per activation channel (slow on a CPU; it shows its progress and can "
-                               "be stopped). Eigen-CAM is pytorch-grad-cam's, sign included (LAPACK's, which can "
-                               "differ between machines and invert the map); Eigen-CAM, fixed sign, turns the same "
-                               "projection so it rises with the activations, on every machine.")
+                          help="What each method is · what it costs:\n\n" + "\n".join(
+                              f"- **{label}**: {engine.METHOD_NOTES[key]}" for key, label in engine.METHODS.items()))
+    st.caption(engine.METHOD_NOTES[method])
     if method == "cam":
         st.caption(":orange[CAM uses the fc weights, so it explains the final feature map only (layer4.2 on the "
                    "ResNets); other layers get an error message.]")
     if method in IGNORES_TARGET:
         st.caption(f":orange[{IGNORES_TARGET[method]}: the target below changes only the class named under "
                    "each cell.]")
-    if method == "scorecam" and core.device_name() == "cpu":
-        st.caption(":orange[Score-CAM on a CPU can take minutes per image and model.]")
+    if method in engine.SCORED_METHODS and core.device_name() == "cpu":
+        st.caption(f":orange[{engine.METHODS[method]} on a CPU can take minutes per image and model.]")
     layers_by_family = layer_pickers(ready)
 
     target_kind = st.radio("Target", ["Predicted class", "Top-k classes", "A class I pick"], key="target_kind")

@@ -17,8 +17,8 @@ DISPLAY_SIDE = 448  # longest side of the images shown on the page (overlays are
 MIN_COLUMNS = 3  # the grid keeps at least this many columns so that one or two layers do not blow cells up
 BOX_COLOUR = (0, 255, 0)
 SCALE_SIZE = (512, 16)  # the colour scale's bar, in pixels
-IGNORES_TARGET = dict.fromkeys(sorted(EIGEN_METHODS),
-                               "Eigen-CAM: the same map for any target (first principal component)")
+IGNORES_TARGET = {method: ("KPCA-CAM" if method == "kpcacam" else "Eigen-CAM")
+                   + ": the same map for any target (first principal component)" for method in sorted(EIGEN_METHODS)}
 
 
 # ----------------------------------------------------------------------------------------------------- layers
@@ -135,7 +135,9 @@ def stop_control(sources: list[Source], settings: Settings) -> tuple[frozenset, 
     progress step and leaves what was left undone), or, once stopped, what was left out and a Continue button.
     Returns the stopped store keys (new work, e.g. another image, is not stopped) and the placeholder holding
     the button, for the page to clear once the work is done."""
-    if settings.method != "scorecam":
+    from cams.engine import SCORED_METHODS
+
+    if settings.method not in SCORED_METHODS:
         return frozenset(), None
     pending = frozenset(key for key in (settings.key(source.digest, slot) for source in sources
                                         if not source.refused for slot in settings.runnable)
@@ -192,14 +194,21 @@ def suited_slots(source: Source, slots: list[Slot]) -> list[Slot]:
 
 def _computing(slot: Slot, layers: tuple[str, ...], method: str, where: Any):
     """A progress bar in ``where`` while one model explains one image; returns the engine's callback."""
-    from cams.engine import METHODS
+    import time
+
+    from cams.engine import METHODS, SCORED_METHODS
 
     what = f"**{slot.entry.name}** · {METHODS[method]} of {len(layers)} layer{'s' * (len(layers) > 1)}"
     bar = where.progress(0.0, text=f"{what}: computing…")
+    started = time.monotonic()
 
     def progress(done: int, total: int) -> None:
-        unit = "channels" if method == "scorecam" else "images"
-        bar.progress(min(1.0, done / total) if total else 0.0, text=f"{what}: {done} / {total} {unit}")
+        unit = "channels" if method in SCORED_METHODS else "images"
+        text = f"{what}: {done} / {total} {unit}"
+        if 0 < done < total:
+            left = (time.monotonic() - started) / done * (total - done)
+            text += f" · about {left:.0f} s left" if left < 120 else f" · about {left / 60:.0f} min left"
+        bar.progress(min(1.0, done / total) if total else 0.0, text=text)
 
     return progress
 

@@ -23,7 +23,7 @@ METRIC_HEADERS = ["accuracy", "pointing game (15 px)", "pointing game (strict)",
                   "MaxBoxAccV2", "BoxAcc IoU.3", "BoxAcc IoU.5", "BoxAcc IoU.7", "deletion AUC", "insertion AUC",
                   "ROAD MoRF", "ROAD LeRF", "ROAD combined"]
 SIGNED = {"ROAD combined"}  # (LeRF - MoRF) / 2, in [-0.5, 0.5]
-LABELS = ["Grad-CAM", "Grad-CAM++", "LayerCAM", "Eigen-CAM"]
+LABELS = ["Grad-CAM", "Grad-CAM++", "LayerCAM", "Eigen-CAM (pytorch-grad-cam's sign)"]
 FAST = ["--n", "8", "--val-n", "4", "--faith-n", "2", "--faith-steps", "4", "--batch-size", "8"]
 
 
@@ -156,7 +156,7 @@ def test_data_folder_with_boxes_csv(tiny_zoo, tmp_path: Path, capsys: pytest.Cap
     for needle in ("line 9", "not numeric", "line 10", "empty", "ghost.png", "broken.png", "lonely.png"):
         assert needle in err, needle
     _, table = parse_table(out)
-    check_rows(table, TINY, ["layer3", "layer4"], ["Grad-CAM", "Eigen-CAM"])
+    check_rows(table, TINY, ["layer3", "layer4"], ["Grad-CAM", "Eigen-CAM (pytorch-grad-cam's sign)"])
     assert "test images of" in out and "validation images of the same folder" in out
     records = list(csv.DictReader(csv_path.open()))
     assert {int(r["n"]) for r in records} == {4}  # 6 usable images: 2 validation, 4 test

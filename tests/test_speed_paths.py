@@ -291,7 +291,7 @@ def test_eigencam_fixed_end_to_end():
     images = scenes.scene_batch(5, range(2), 128)[0]
     names = ["layer1", "layer4"]
     result = explain(model, images, names, "eigencam_fixed", targets=2, align="none")
-    assert result.method_label == "Eigen-CAM, fixed sign"
+    assert result.method_label == "Eigen-CAM"  # what Eigen-CAM means in pfcam (issue 25)
     acts = _activations(model, names, images)
     for position, name in enumerate(names):
         expected = normalise(eigen.fixed_sign_projection(acts[name]), (128, 128))

@@ -17,7 +17,7 @@ from cams.ray_runtime import RayOptions, check_engine
 
 DEFAULT_MODELS = ("demo_r50", "demo_r50_max", "demo_r50_hybrid")
 DEFAULT_LAYERS = ("layer3", "layer4")
-DEFAULT_METHODS = ("gradcam", "gradcampp", "layercam", "eigencam")
+DEFAULT_METHODS = ("gradcam", "gradcampp", "layercam", "eigencam_fixed")
 DEFAULT_N = 500
 DEFAULT_VAL_N = 100
 TARGETS = ("predicted", "label")

@@ -78,7 +78,8 @@ def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, items: list[I
     try:
         return engine.explain(model.network, tensor, model.layers, plan.method,
                               targets=model.engine_targets([item.key for item in items]), align=model.align,
-                              class_names=model.class_names, batch_size=plan.batch_size, keep_raw=plan.raw_maps)
+                              class_names=model.class_names, batch_size=plan.batch_size, keep_raw=plan.raw_maps,
+                              precision=plan.precision)
     except (PfnetError, ValueError, RuntimeError) as exc:
         warn(f"{model.id}: explaining failed for {', '.join(item.label for item in items)}: {exc}")
         return None

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
-from cams.engine import METHODS, resolve_classes
+from cams.engine import METHODS, PRECISIONS, resolve_classes
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
@@ -99,6 +99,7 @@ class ExportPlan:
     target: tuple[str, ...] = ()  # the classes asked for, as given (ids or names); empty: the predicted top-k
     labelled: bool = False  # each image's own class (--labels)
     raw_maps: bool = False  # also each map before min-max (<stem>.raw.npy) with its scale in the manifest
+    precision: str = "float32"  # "bfloat16": Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast
 
     def outputs(self, model: ModelPlan) -> list[tuple[str, str]]:
         """The (layer, target) results every image gets from ``model`` (targets: :attr:`ModelPlan.targets`)."""
@@ -151,6 +152,8 @@ class ExportPlan:
                     "weights": model.weights}
         if model.cam_offsets:  # outputs drawn with another alignment are kept, flagged stale
             settings["cam_offsets"] = model.cam_offsets
+        if self.precision != "float32":  # bf16 maps are not float32 maps (absent for float32: older records match)
+            settings["precision"] = self.precision
         return settings
 
     def manifest_settings(self) -> dict[str, Any]:
@@ -159,7 +162,7 @@ class ExportPlan:
                                   "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights,
                                   "weights_origin": getattr(m.network, "weights_origin", None)}
                            for m in self.models},
-                "method": self.method, "topk": self.topk,
+                "method": self.method, "precision": self.precision, "topk": self.topk,
                 "target": "label" if self.labelled else list(self.target) or "predicted",
                 "batch_size": self.batch_size, "mode": self.mode,
                 "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
@@ -306,13 +309,16 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
                 overwrite: bool = False, align: str = "model", cell_size: int = GRID_CELL,
                 warn: Callable[[str], None] = lambda _: None, overlay_format: str = DEFAULT_FORMAT,
                 overlays: bool = True, target: str | Sequence[str | int] | None = None,
-                labels: Mapping[str, str] | None = None, raw_maps: bool = False) -> ExportPlan:
+                labels: Mapping[str, str] | None = None, raw_maps: bool = False,
+                precision: str = "float32") -> ExportPlan:
     """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`). ``target``: None or
     "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`). ``labels``:
     image key (:func:`cams.export.labels.image_key`) -> its class id or name, explained instead."""
     classes = target_list(target)
     validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format, classes,
                       labels is not None)
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes, labels)), method, topk,
                       batch_size, mode, colormap, float(opacity), overwrite, align, cell_size, overlay_format,
-                      bool(overlays), classes, labels is not None, bool(raw_maps))
+                      bool(overlays), classes, labels is not None, bool(raw_maps), precision)

@@ -36,7 +36,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                ray_options: RayOptions | None = None,
                read_image: Callable[[InputItem], Image.Image] | None = None,
                target: str | Sequence[str | int] | None = None,
-               labels: str | os.PathLike | Mapping[str, str] | None = None, raw_maps: bool = False) -> ExportReport:
+               labels: str | os.PathLike | Mapping[str, str] | None = None, raw_maps: bool = False,
+               precision: str = "float32") -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -51,6 +52,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     label a model lacks is reported. ``progress(done, total, message)`` counts image x model
     steps, once per image. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
+    ``precision``: "bfloat16" runs Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast
+    (``cams.explain``'s option); the manifest's settings record it.
     ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
     (the app passes the CAMs on its page), or None; only the images it has none for are explained.
     ``raw_maps``: also write each map before min-max normalisation (``<stem>.raw.npy``) and record its range
@@ -79,7 +82,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         warnings.extend(problems)
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
                        cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays,
-                       target=target, labels=table, raw_maps=raw_maps)
+                       target=target, labels=table, raw_maps=raw_maps, precision=precision)
     started = now()
     root = check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root, warnings=warnings)
