@@ -1,6 +1,7 @@
 """bench-loc's speed work changes no number: a fixed small run gives the CSV the code gave before it
 (tests/data/bench_loc_golden.csv, written by tests/bench_loc_golden.py before the shared forward/backward, the
-reused unaligned maps and the cached reference curves landed)."""
+reused unaligned maps and the cached reference curves landed; written again when a metric's definition changed:
+the any-maximum pointing game and the wsol MaxBoxAccV2, which moved only those columns)."""
 from __future__ import annotations
 
 import csv
