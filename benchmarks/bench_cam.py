@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> str:
             (f"Engine throughput (cams.explain only, no rendering or files; batch {args.batch}, "
              f"{args.size}x{args.size}, Grad-CAM, top-1)", "engine throughput img/s", engine),
             (f"Export throughput (python -m cams export path: decode 640x480 JPEGs, preprocess, explain, overlays, "
-             f"grids, .npy, manifest; batch {args.batch}, {args.export_images} images, Grad-CAM, top-1)", "export img/s", export),
+             f"grids, .npy, manifest; batch {args.batch}, {args.export_images} images, Grad-CAM, top-1)",
+             "export img/s", export),
         ]
         for title, column, measure in sections:
             header = ["", title, "", f"| model | layers | forward-only img/s | {column} | ratio | target |",

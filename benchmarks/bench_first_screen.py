@@ -74,7 +74,8 @@ def main() -> None:
                 results.setdefault(name, []).append(seconds)
     print(f"{'measurement':<28} {'median s':>9}  runs")
     for name, values in results.items():
-        note = f"  (target <= {UPLOAD_TARGET_S:g} s: {'ok' if statistics.median(values) <= UPLOAD_TARGET_S else 'over'})" \
+        verdict = "ok" if statistics.median(values) <= UPLOAD_TARGET_S else "over"
+        note = f"  (target <= {UPLOAD_TARGET_S:g} s: {verdict})" \
             if name.startswith("upload") else ""
         print(f"{name:<28} {statistics.median(values):>9.2f}  {', '.join(f'{v:.2f}' for v in values)}{note}")
 

@@ -237,14 +237,13 @@ def engines_compared(inputs: Path, work: Path, models: dict, args: argparse.Name
     local_s, ray_s = (statistics.median(times[engine]) for engine in ("local", "ray"))
     ratio = local_s / ray_s
     verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
-    lines = ["| engine | median s per run | images/s |", "|---|---:|---:|",
+    return ["| engine | median s per run | images/s |", "|---|---:|---:|",
              f"| local | {local_s:.1f} | {args.images / local_s:.2f} |",
              f"| ray (warm runtime) | {ray_s:.1f} | {args.images / ray_s:.2f} |",
              "", f"ray / local throughput: {ratio:.2f} ({verdict} the {TARGET_RATIO} target). Ray start-up: "
              f"ray.init {init_s:.1f} s; an export of 2 images {first_s:.1f} s the first time, {again_s:.1f} s "
              f"on the warm runtime (the fixed cost of every run, inside the figures above), of which "
              f"{imports_s:.1f} s is a new actor's imports (timed in a fresh process)"]
-    return lines
 
 
 if __name__ == "__main__":

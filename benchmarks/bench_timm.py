@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> str:
     print("\n".join(lines), flush=True)
     for name in args.models:
         for model_name, label, seconds, ratio, target in bench_model(name, args):
-            verdict = "" if target is None else f"<= {target}x " + ("ok" if ratio <= target else f"MISSED ({ratio:.3f})")
+            verdict = "" if target is None else (
+                f"<= {target}x " + ("ok" if ratio <= target else f"MISSED ({ratio:.3f})"))
             line = f"| {model_name} | {label} | {seconds * 1e3:.1f} | {ratio:.2f} | {verdict} |"
             lines.append(line)
             print(line, flush=True)

@@ -61,9 +61,9 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=300, help="size of the upload in MB (default 300)")
     args = parser.parse_args()
     for entry in ENTRIES:
-        with tempfile.TemporaryDirectory() as tmp:
-            with app_server(fresh_env(Path(tmp)), Path(tmp) / "server.log", ROOT / entry) as (url, _):
-                status, before, after, stored = asyncio.run(one_put(url, args.mb))
+        with tempfile.TemporaryDirectory() as tmp, \
+                app_server(fresh_env(Path(tmp)), Path(tmp) / "server.log", ROOT / entry) as (url, _):
+            status, before, after, stored = asyncio.run(one_put(url, args.mb))
         print(f"streamlit run {entry}: PUT {args.mb} MB big.png -> {status}; server RSS {before:.0f} -> "
               f"{after:.0f} MB; upload store {stored:.1f} MB")
 

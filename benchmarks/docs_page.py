@@ -46,7 +46,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def section_text(name: str, body: str, command: str) -> str:
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"<!-- bench:{name} -->\n"
             f"Measured by `{command}` ({machine()}; {when}). Re-run it to update this section.\n\n"
             f"{body.strip()}\n"

@@ -33,6 +33,7 @@ __all__ = [
     "explain", "Explanation", "METHODS", "METHOD_NOTES", "GRADIENT_METHODS", "normalise", "Cancelled",
     "resolve_classes",
     "CamError", "LayerError", "MethodError", "TargetError",
-    "LayerSpec", "available_layers", "BLOCKS", "block_layers", "expand_layers", "layer_names", "layer_spec", "canonical", "default_layer", "default_layers",
+    "LayerSpec", "available_layers", "BLOCKS", "block_layers", "expand_layers", "layer_names", "layer_spec",
+    "canonical", "default_layer", "default_layers",
     "family_of", "pfnet_family", "output_tensor", "resolve", "to_grid", "token_grid", "Reshape", "class_names_of",
 ]

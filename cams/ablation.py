@@ -125,7 +125,7 @@ class Tail:
 
 
 _TRACE_LOCK = threading.Lock()
-_TAILS: "weakref.WeakKeyDictionary[nn.Module, dict[int, Tail | None]]" = weakref.WeakKeyDictionary()
+_TAILS: weakref.WeakKeyDictionary[nn.Module, dict[int, Tail | None]] = weakref.WeakKeyDictionary()
 
 
 def tail_for(model: nn.Module, module: nn.Module) -> Tail | None:

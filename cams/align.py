@@ -22,7 +22,7 @@ unshifted. An explicit mapping (``align={layer: (dy, dx)}``) is applied exactly 
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

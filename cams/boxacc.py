@@ -33,7 +33,7 @@ evaluated set itself, which is what makes it comparable across methods whose map
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

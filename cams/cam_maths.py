@@ -3,7 +3,7 @@
 for many targets, and each method's weighting (the maths of pytorch-grad-cam 1.5.x, done in torch)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

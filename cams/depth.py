@@ -13,7 +13,8 @@ network-input geometry of the boxes), so a run stopped part-way still scores wha
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -23,8 +23,9 @@ Householder QR (MKL, OpenBLAS, cuSOLVER) follows LAPACK's sign convention, so th
 ``gesdd`` would see, up to rounding. Rounding decides the sign only where LAPACK's bidiagonal holds rounding noise
 next to its eps thresholds: rank-deficient activations (dead channels, repeated positions). Those images (a factor's
 diagonal below ``RANK_TOLERANCE`` of its largest) get ``gesdd``'s own bits: on the QR branch the same two steps in
-numpy, in float64 as numpy's SVD runs (``exact_qr_projection``), on the LQ branch ``reference_projection``. ``tests/test_speed_paths.py`` compares the maps with pytorch-grad-cam's on 112 cases (320
-images) and counts the wrong ways: torch's SVD flips 49 cases, a QR/LQ first 23 of the 35 direct-branch ones, the
+numpy, in float64 as numpy's SVD runs (``exact_qr_projection``), on the LQ branch ``reference_projection``.
+``tests/test_speed_paths.py`` compares the maps with pytorch-grad-cam's on 112 cases (320 images) and counts the
+wrong ways: torch's SVD flips 49 cases, a QR/LQ first 23 of the 35 direct-branch ones, the
 QR/LQ branches without the exact fallback 8 of 77.
 """
 from __future__ import annotations
@@ -224,8 +225,9 @@ def _subspace_iteration(matrices: torch.Tensor, block: int, steps: int, toleranc
 
 def kernel_projection(activations: torch.Tensor, gamma: float | None = None, coef0: float = 1.0) -> torch.Tensor:
     """``[N, C, h, w]`` -> ``[N, h, w]`` float32: KPCA-CAM, pytorch-grad-cam's ``get_2d_projection_kernel``
-    (scikit-learn's ``KernelPCA(n_components=1, kernel="sigmoid")`` of each image's centred ``[h*w, C]`` activations) without
-    scikit-learn: the kernel ``tanh(gamma <x, y> + coef0)`` (``gamma`` 1 / C by default), centred as ``KernelCenterer``
+    (scikit-learn's ``KernelPCA(n_components=1, kernel="sigmoid")`` of each image's centred ``[h*w, C]``
+    activations) without scikit-learn: the kernel ``tanh(gamma <x, y> + coef0)`` (``gamma`` 1 / C by default),
+    centred as ``KernelCenterer``
     does, its top eigenvector (:func:`top_eigenvectors`, float64) scaled by the root of its eigenvalue, the sign
     ``svd_flip`` gives (the entry of largest magnitude positive)."""
     count, channels, height, width = activations.shape

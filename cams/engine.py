@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -179,7 +179,7 @@ class Capture:
         self.grad_started = False
         self.outputs: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         try:
             for module, names in self.groups:
                 self.handles.append(module.register_forward_hook(self._hook(names)))

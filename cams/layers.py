@@ -31,7 +31,8 @@ from __future__ import annotations
 import importlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Literal
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -112,7 +113,7 @@ def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
 
 # A block's spatial-op label, by op module: every layer lookup lists the layers, and walking each block's modules
 # again for its label cost ~0.5 ms per image in ``explain`` (a replaced op is another module: a new label).
-_op_labels: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_op_labels: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def _spatial_op_label(op: nn.Module) -> str:

@@ -24,7 +24,7 @@ forward and one gradient call of the other methods, and how close each gets to t
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class _TensorHooks:
         self.handles: list = []
         self.active = False
 
-    def __enter__(self) -> "_TensorHooks":
+    def __enter__(self) -> _TensorHooks:
         try:
             for index, module in enumerate(self.modules):
                 self.handles.append(module.register_forward_hook(self._hook(index)))

@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
 Box = tuple[float, float, float, float]
-Boxes = Union[Box, Sequence[Box], np.ndarray, None]
+Boxes = Box | Sequence[Box] | np.ndarray | None
 
 #: Zhang et al.'s pointing-game tolerance, in pixels at a 224-pixel input.
 POINTING_TOLERANCE_PX = 15.0

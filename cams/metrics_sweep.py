@@ -19,7 +19,7 @@ The kernels are compiled by numba (cached on disk after the first call) and rele
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numba import njit

@@ -7,7 +7,7 @@ which needs forwards of its own, is passed on to ``cams.explain``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -49,7 +49,7 @@ class Progress:
             self.stream.flush()
             self._open_line = False
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

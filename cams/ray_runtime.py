@@ -15,7 +15,8 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class RayOptions:
         if self.workers is not None and (isinstance(self.workers, bool) or int(self.workers) != self.workers
                                          or self.workers < 1):
             raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
-        if not 0 <= float(self.gpus_per_worker):
+        if not float(self.gpus_per_worker) >= 0:
             raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Sequence
+from functools import lru_cache, cache
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -39,7 +39,7 @@ __all__ = ["COLORMAPS", "colormap_lut", "colorize", "heatmap_on_image", "overlay
            "thumbnail", "thumbnail_size", "shrink", "GridGeometry", "grid_geometry", "grid"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def colormap_lut(colormap: str) -> np.ndarray:
     """The 256x3 uint8 RGB lookup table of a colour map in ``COLORMAPS``."""
     if colormap not in COLORMAPS:
@@ -65,7 +65,7 @@ def colorize(heatmap, colormap: str = "jet") -> np.ndarray:
     return _colour(_as_heatmap(heatmap), colormap)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _user_colormap(colormap: str) -> np.ndarray:
     """The lookup table as OpenCV's ``applyColorMap`` takes it (256x1x3; it copies the entries in their order)."""
     table = np.ascontiguousarray(colormap_lut(colormap).reshape(256, 1, 3))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

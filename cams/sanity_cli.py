@@ -10,7 +10,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -110,7 +111,8 @@ def write_csv(rows: Sequence[Row], path: str | Path, seed: int) -> None:
 
 def _find(rows: Sequence[Row], mode: str, depth: int | None = None, randomised: str | None = None) -> Row | None:
     for row in rows:
-        if row.mode == mode and (depth is None or row.depth == depth) and (randomised is None or row.randomised == randomised):
+        if row.mode == mode and (depth is None or row.depth == depth) \
+                and (randomised is None or row.randomised == randomised):
             return row
     return None
 
@@ -147,7 +149,8 @@ def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
         verdict = _verdict(last, copy)
         body.append([model, layer, method_label(method), "n/a" if copy is None else f"{copy.flat}/{copy.n}", fmt(copy),
                      fmt(_find(cascade, "cascading", 1)),
-                     "n/a" if last is None else f"{last.spearman[0]:.3f} ({last.spearman[1]:.2f}-{last.spearman[2]:.2f})",
+                     "n/a" if last is None
+                     else f"{last.spearman[0]:.3f} ({last.spearman[1]:.2f}-{last.spearman[2]:.2f})",
                      "n/a" if last is None else f"{last.ssim[0]:.3f}",
                      "n/a" if lowest is None else f"{lowest.spearman[0]:.3f} ({lowest.randomised})", verdict,
                      *(fmt(_find(group, "reference", randomised=name)) for name in REFERENCES)])

@@ -2,7 +2,7 @@
 randomisation depth, one line per method with its interquartile band (matplotlib, Agg canvas, no pyplot state)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from cams.plotting import new_figure, png_bytes
 

@@ -9,7 +9,7 @@ explicit targets; with ``targets=None`` it lets each augmented copy pick its own
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -124,9 +124,8 @@ def _model_controls(model_id: str, selected: list[str] | None = None) -> Slot:
                 st.error(f"Download failed: {core.failed_downloads()[model_id]}", icon=":material/cloud_off:")
             st.caption(f"Not downloaded yet. Source: {entry.source.page}. Or save the file as `{path}`.")
             if st.button("Download" if status == "downloadable" else "Try again", key=f"download_{model_id}",
-                         icon=":material/download:", width="stretch"):
-                if fetch_with_bar(model_id, st):
-                    st.rerun()
+                         icon=":material/download:", width="stretch") and fetch_with_bar(model_id, st):
+                st.rerun()
         else:
             state = network()
             why = "" if status == "missing" else f" ({state.reason}: {state.where})"

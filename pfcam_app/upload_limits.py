@@ -26,7 +26,8 @@ import ctypes
 import os
 import re
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from cams.images import IMAGE_EXTENSIONS
 

@@ -20,7 +20,7 @@ Design choices that matter for CAM localization (see ``assets/weights/DEMO_CARD.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np

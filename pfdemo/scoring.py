@@ -2,7 +2,7 @@
 validation stream, and the Grad-CAM pointing game of the ground-truth class, aligned and unaligned."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

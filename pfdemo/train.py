@@ -232,9 +232,9 @@ def write_card(out: Path, card: dict) -> None:
              f"- input size: {sizes} (whole image squashed, no crop)",
              f"- normalization: ImageNet mean {card['mean']} / std {card['std']}",
              f"- classes ({len(card['class_names'])}): {', '.join(card['class_names'])}",
-             "- training: fresh scenes of stream seed %d; evaluation: stream seed %d (1,000 scenes for accuracy, "
-             "first 500 for the pointing game); heatmap alignment chosen on stream seed %d (%d scenes)"
-             % (TRAIN_SEED, TEST_SEED, CALIBRATION_SEED, CALIBRATION_N), "",
+             f"- training: fresh scenes of stream seed {TRAIN_SEED}; evaluation: stream seed {TEST_SEED} (1,000 "
+             "scenes for accuracy, first 500 for the pointing game); heatmap alignment chosen on stream seed "
+             f"{CALIBRATION_SEED} ({CALIBRATION_N} scenes)", "",
              "| model | input | test acc | layer4 offset (dy, dx) px | pointing 15px | pointing strict | "
              "unaligned 15px / strict | centre baseline (15px/strict) | random baseline (15px/strict) | "
              "train min | steps |",

@@ -18,14 +18,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
+from collections.abc import Callable
 
 from pfnet import zoo
 from pfnet.checkpoint import looks_like_html, max_bytes, sniff
 from pfnet.errors import CheckpointError, PfnetError, WeightsUnavailableError
 
 
-Progress = Callable[[int, Union[int, None]], None]
+Progress = Callable[[int, int | None], None]
 GDRIVE_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 HF_DEFAULT_FILE = "model.safetensors"
@@ -406,7 +407,8 @@ def _hf_reason(error: BaseException) -> str:
     cause: BaseException | None = error
     while cause is not None:
         text = str(cause).lower()
-        if isinstance(cause, ConnectionRefusedError) or "connection refused" in text or "connect" in type(cause).__name__.lower():
+        refused = "connection refused" in text or "connect" in type(cause).__name__.lower()
+        if isinstance(cause, ConnectionRefusedError) or refused:
             return "network error: cannot reach the Hub (" + _reason(cause) + ")"
         if isinstance(cause, (socket.timeout, TimeoutError)) or "timeout" in type(cause).__name__.lower():
             return "network error: timed out"

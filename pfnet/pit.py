@@ -12,7 +12,7 @@ Dropout, drop-path and the classifier interface are those of :mod:`pfnet.vit`; a
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

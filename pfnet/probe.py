@@ -34,9 +34,9 @@ def negative_variance(model: nn.Module) -> str | None:
     """The first BatchNorm (in module order) whose ``running_var`` holds a value below zero, or None."""
     for name, module in model.named_modules():
         running_var = getattr(module, "running_var", None)  # BatchNorm's buffer (None when not tracked)
-        if isinstance(running_var, torch.Tensor) and running_var.is_floating_point():
-            if bool((running_var.detach() < 0).any()):
-                return name or type(module).__name__
+        if (isinstance(running_var, torch.Tensor) and running_var.is_floating_point()
+                and bool((running_var.detach() < 0).any())):
+            return name or type(module).__name__
     return None
 
 

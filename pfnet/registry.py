@@ -5,7 +5,8 @@ dropping it, so a training script never silently trains something other than wha
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs

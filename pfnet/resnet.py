@@ -8,7 +8,7 @@ depth rising linearly over the blocks, ``global_pool`` / ``num_classes=0`` / ``f
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ __all__ = [
     "max_bytes", "offline", "read_checkpoint", "select_device", "state_digest", "weight_status",
 ]
 
-WeightsArg = Union[None, str, os.PathLike, bytes, bytearray, memoryview, Mapping]
+WeightsArg = None | str | os.PathLike | bytes | bytearray | memoryview | Mapping
 _TRUE = {"1", "true", "yes", "on"}
 
 

@@ -10,10 +10,9 @@ import io
 import re
 import threading
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -117,7 +117,7 @@ def test_explain_uses_the_models_offsets_unless_told_otherwise(tiny):
         del tiny.cam_offsets
 
 
-@pytest.mark.parametrize("align, message", [("rf", "align must be one of"), (None, "align must be one of"),
+@pytest.mark.parametrize(("align", "message"), [("rf", "align must be one of"), (None, "align must be one of"),
                                             (True, "align must be one of"), ({"layer4": (1,)}, "pair"),
                                             ({"layer4": (float("nan"), 0)}, "finite")])
 def test_bad_alignment_is_refused_clearly(tiny, align, message):

@@ -229,7 +229,7 @@ def test_swin_channels_last_and_pit_tuple_stages_read_as_maps():
     assert bool(torch.isfinite(explanation.heatmaps).all())
 
 
-@pytest.mark.parametrize("key, layer", [("swin", "layers.2"), ("deit", "blocks.9")])
+@pytest.mark.parametrize(("key", "layer"), [("swin", "layers.2"), ("deit", "blocks.9")])
 def test_every_method_reads_derived_maps(key, layer):
     model = _timm(key, num_classes=5)
     images = _images(2, *TIMM[key][2])
@@ -278,7 +278,7 @@ def _tokens_reshape(prefix: int, height: int, width: int):
     return reshape
 
 
-@pytest.mark.parametrize("key, layers, reshape", [
+@pytest.mark.parametrize(("key", "layers", "reshape"), [
     ("convnext", ["stages.2", "stages.3", "stages.3.blocks.0"], None),
     ("deit_distilled", ["blocks.5", "blocks.10"], _tokens_reshape(2, 3, 5)),
 ])

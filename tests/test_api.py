@@ -164,7 +164,7 @@ def test_a_timm_name_is_loaded_by_pfnet_and_brings_its_preprocessing(monkeypatch
     assert all(path.parent.name == "timm_tiny_hybrid" for path in result.save(tmp_path))
 
 
-@pytest.mark.parametrize("kwargs, error", [
+@pytest.mark.parametrize(("kwargs", "error"), [
     ({"top_k": 0}, ValueError),
     ({"top_k": True}, ValueError),
     ({"top_k": 2, "classes": [1]}, ValueError),
@@ -181,7 +181,7 @@ def test_bad_arguments_are_refused_clearly(demo, small_picture, kwargs, error):
         pfcam.explain(demo, small_picture, **kwargs)
 
 
-@pytest.mark.parametrize("images, error, words", [
+@pytest.mark.parametrize(("images", "error", "words"), [
     ([], ValueError, "no images"),
     (5, ValueError, "must be a path"),
     ([5], ValueError, "not an image"),

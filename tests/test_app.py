@@ -95,7 +95,7 @@ def test_two_uploads_give_a_model_by_layer_grid_and_restyling_reuses_the_cams(bl
     for cell in cells:
         assert CAPTION.match(cell.captions[0]), cell.captions[0]
     # Document order: per image, model rows of (layer3.5, layer4.2); both layers explain the same class.
-    for i, (name, data) in enumerate(files):
+    for i, (_name, data) in enumerate(files):
         for j, model_id in enumerate(DEMO):
             row = cells[4 * i + 2 * j: 4 * i + 2 * j + 2]
             cls, prob = expected_top1(model_id, data)

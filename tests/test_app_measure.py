@@ -29,7 +29,7 @@ def chart_series(at) -> dict[str, list[float]]:
     (dataset,) = chart.proto.datasets
     frame = pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
     series: dict[str, list[float]] = {}
-    for _, (depth, line, value) in frame.iloc[:, :3].sort_values(frame.columns[0]).iterrows():
+    for _, (_depth, line, value) in frame.iloc[:, :3].sort_values(frame.columns[0]).iterrows():
         series.setdefault(str(line), []).append(float(value))
     return series
 
@@ -145,7 +145,7 @@ def test_the_ground_truth_class_is_measured_when_asked(blank):
         assert abs(predicted[1] - labelled[1]) > 1e-3  # the label, not the prediction, was explained
 
 
-@pytest.mark.parametrize("data, message", [
+@pytest.mark.parametrize(("data", "message"), [
     (b"PK\x03\x04\0\0image,x0", "binary, not a CSV"),
     (b"name,left,top\nmine.png,1,2\n", "missing column(s) image, x0, y0, x1, y1"),
     (b"image,x0,y0,x1,y1\nmine.png,nan,0,5,5\nmine.png,9,9,1,1\n", "empty or not finite"),

@@ -59,7 +59,7 @@ def test_a_name_with_streamlit_markup_is_shown_as_text_in_the_app(blank, kind):
     assert shown(plain(name)) == name
 
 
-@pytest.mark.parametrize("name, reason", [
+@pytest.mark.parametrize(("name", "reason"), [
     ("passwd", "without an extension"), ("a\\b.pth", "not an image"), ("x.png%00.pth", "not an image"),
     ("notes.csv", "not an image")])
 def test_a_renamed_upload_gets_a_plain_message_and_no_exception(blank, name, reason):

@@ -182,9 +182,10 @@ def test_data_folder_with_voc_xml(tiny_zoo, tmp_path: Path, capsys: pytest.Captu
     for index in range(4):
         box, label = _scene_file(folder, f"s{index}.jpg", index + 10, (96, 96))
         (folder / f"s{index}.xml").write_text(
-            "<annotation><filename>s{0}.jpg</filename><object><name>{1}</name><bndbox>"
-            "<xmin>{2:.0f}</xmin><ymin>{3:.0f}</ymin><xmax>{4:.0f}</xmax><ymax>{5:.0f}</ymax>"
-            "</bndbox></object></annotation>".format(index, label, box[0] + 1, box[1] + 1, box[2], box[3]))
+            f"<annotation><filename>s{index}.jpg</filename><object><name>{label}</name><bndbox>"
+            f"<xmin>{box[0] + 1:.0f}</xmin><ymin>{box[1] + 1:.0f}</ymin>"
+            f"<xmax>{box[2]:.0f}</xmax><ymax>{box[3]:.0f}</ymax>"
+            "</bndbox></object></annotation>")
     _scene_file(folder, "bad.jpg", 20, (96, 96))
     (folder / "bad.xml").write_text("<annotation><object><bndbox><xmin>1")   # malformed
     _scene_file(folder, "nobox.jpg", 21, (96, 96))

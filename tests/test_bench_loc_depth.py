@@ -1,10 +1,12 @@
-"""bench-loc across depth: --layers blocks, --plot, and the app's depth scores (cams.depth) agreeing with bench-loc's."""
+"""bench-loc across depth: --layers blocks, --plot, and the app's depth scores (cams.depth) agreeing with
+bench-loc's."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -37,12 +39,8 @@ def test_layers_blocks_scores_every_block_in_depth_order_and_plots(tiny_zoo, tmp
 
 def test_plot_without_block_rows_says_so(tiny_zoo, tmp_path: Path, capsys):
     rows = [bench_loc.Row("m", "-", bench_loc.GAUSSIAN, {"pointing15": 0.5}, kind="baseline")]
-    try:
+    with pytest.raises(ValueError, match="--layers blocks"):
         bench_loc.plot_depth(rows)
-    except ValueError as error:
-        assert "--layers blocks" in str(error)
-    else:
-        raise AssertionError("plot_depth drew rows without depth")
 
 
 def test_progress_is_a_line_per_batch_off_a_terminal(tiny_zoo, capsys):

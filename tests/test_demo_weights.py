@@ -30,7 +30,7 @@ def test_card_header():
     assert (WEIGHTS / "DEMO_CARD.md").is_file()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def held_out_accuracy(model: str, n: int = 500) -> float:
     """Accuracy of the shipped fp16 weights on ``n`` scenes of a stream used neither for training nor the card."""
     entry = CARD["models"][model]

@@ -76,7 +76,7 @@ def _assert_matches_reference(model, images, layer_names, method, targets=2):
             assert error < TOLERANCE, f"{method} {name} target#{target_pos}: max |diff| {error:.2e}"
 
 
-# --------------------------------------------------------------------------------------- agreement with pytorch-grad-cam
+# ---------------------------------------------------------------------------------- agreement with pytorch-grad-cam
 @pytest.fixture(scope="module")
 def r50_small():
     return _build("resnet50_pf", width_mult=0.25, num_classes=10)

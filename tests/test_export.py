@@ -87,7 +87,7 @@ def make_inputs(folder: Path) -> None:
     (folder / "sub" / "dir").mkdir(parents=True)
     noise(48, 40, 1).save(folder / "rgb.png")
     noise(70, 50, 2).save(folder / "photo.jpg", quality=90)
-    Image.fromarray((np.arange(1600, dtype=np.uint16).reshape(40, 40) * 40)).save(folder / "deep16.png")
+    Image.fromarray(np.arange(1600, dtype=np.uint16).reshape(40, 40) * 40).save(folder / "deep16.png")
     Image.new("CMYK", (36, 30), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
     rgba = noise(40, 32, 3).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize((40, 32)))
@@ -217,7 +217,7 @@ def test_outputs_have_the_documented_content(first_run):
     for label, row in by_image.items():
         heat = np.load(out / row["heatmap"], allow_pickle=False)
         assert heat.dtype == np.float32 and heat.shape == (64, 64)
-        assert 0.0 <= heat.min() and heat.max() <= 1.0
+        assert heat.min() >= 0.0 and heat.max() <= 1.0
         size = GOOD[str(Path(label).relative_to(inputs))] if label != UPLOAD_NAME else (40, 30)
         assert Image.open(out / row["overlay"]).size == size  # original (upright) size
     rotated = by_image[str(inputs / "rotated.jpg")]
@@ -365,7 +365,7 @@ def test_target_classes_are_explained_for_every_image(tmp_path, models, monkeypa
         (image, layer, target) for image in ("a.png", "b.png") for layer in ("layer3", "layer4")
         for target in ("class7", "class3")]
     network = models["tiny"][0]
-    for index, (name, data) in enumerate(images):
+    for index, (_name, data) in enumerate(images):
         tensor = prepare(load_image(data), FakeEntry().preprocess, "full").tensor[None]
         fresh = counter.real(network, tensor, ["layer3", "layer4"], targets=[7, 3])
         probs = fresh.probs[0]
@@ -464,7 +464,7 @@ def test_labels_give_each_image_its_own_class(tmp_path, models, monkeypatch):
         run_export([folder], tmp_path / "no", models, labels=folder / "boxes.csv", topk=2)
 
 
-@pytest.mark.parametrize("content, message", [
+@pytest.mark.parametrize(("content", "message"), [
     (None, "No such file"), (b"image,class\na.png,1\n", "'image' and 'label' columns"),
     (b"image,label\n\xff\xfe,1\n", "not UTF-8"), (b"image,label\n", "gives no image a label"),
     ("fifo", "not a regular file"), (b"image,label\n\"" + b"x" * 200_000 + b"\",1\n", "line"),
@@ -557,7 +557,7 @@ def test_collect_inputs_order_and_duplicates(tmp_path):
     assert [item["input"] for item in skipped] == [str(tmp_path / "y.svg")]
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(("text", "expected"), [
     ("../../etc/passwd", "etc_passwd"), ("..", "x"), ("", "x"), ("a/b\\c", "a_b_c"),
     ("caf\u00e9 \u2603 bar", "cafe_bar"), ("evil\x00\n\x1bname", "evil_name"), ("CON", "_CON"),
     (".hidden", "hidden"), ("great white shark", "great_white_shark"), ("x" * 300, "x" * 64),

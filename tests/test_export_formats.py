@@ -58,7 +58,7 @@ def test_each_format_decodes_to_the_overlay_of_the_stored_heatmap(tmp_path, mode
         else:  # lossy, on noise photos: close on average
             assert np.abs(decoded - wanted).mean() < 25
         heat = np.load(out / row["heatmap"])
-        assert heat.dtype == np.float32 and heat.shape == (64, 64) and 0 <= heat.min() and heat.max() <= 1
+        assert heat.dtype == np.float32 and heat.shape == (64, 64) and heat.min() >= 0 and heat.max() <= 1
 
 
 def test_heatmaps_only_writes_heatmaps_and_records_only(tmp_path, models, photos):

@@ -35,7 +35,7 @@ def with_text_chunk(png: bytes, text: str) -> bytes:
     return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
 
 
-@pytest.mark.parametrize("typed, sub", [("/etc", "etc"), ("../../..", "x"), ("~/.ssh", "ssh"),
+@pytest.mark.parametrize(("typed", "sub"), [("/etc", "etc"), ("../../..", "x"), ("~/.ssh", "ssh"),
                                         ("a/../../b", "a_.._.._b"), ("", ""), ("results 1", "results_1")])
 def test_a_browser_typed_folder_becomes_one_safe_name_under_the_root(tmp_path, monkeypatch, typed, sub):
     from pfcam_app.exporting import export_folder

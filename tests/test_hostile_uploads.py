@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import time
 import urllib.request
 import uuid
 

@@ -121,7 +121,6 @@ def test_bench_loc_data_reads_imagenet_val_and_scores_accuracy_by_class_id(tmp_p
     compared by class id. The model always answers class 517, one of the synsets WordNet calls "crane" (134 is
     the bird): the images labelled with 517's synset are hits, those labelled with 134's are not."""
     import csv
-    from dataclasses import replace
 
     import torch
 

@@ -44,7 +44,7 @@ def red_png() -> bytes:
 
 def test_error_type_and_extensions():
     assert issubclass(ImageError, PfnetError)
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"} == IMAGE_EXTENSIONS
     assert has_image_extension("a/B.JPG") and has_image_extension("x.tiff")
     assert not has_image_extension("notes.txt") and not has_image_extension("pic.svg")
 

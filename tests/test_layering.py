@@ -108,7 +108,7 @@ def test_the_private_import_check_sees_relative_and_absolute_forms(tmp_path):
         probe.unlink()
 
 
-@pytest.mark.parametrize("statement, forbidden", [
+@pytest.mark.parametrize(("statement", "forbidden"), [
     ("import pfnet, pfnet.weights, pfnet.zoo, pfnet.preprocess, pfnet.profile, pfnet.assets, pfnet.version",
      ("cams", "pfdemo", "pfcam", "pfcam_app", "streamlit")),
     ("import cams, cams.export, cams.bench_loc, cams.metrics, cams.render, cams.images, cams.align",

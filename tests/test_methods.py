@@ -306,7 +306,7 @@ def test_every_method_has_its_one_line_for_the_app():
     assert METHODS["eigencam_fixed"] == "Eigen-CAM"  # the fixed sign is what Eigen-CAM means in pfcam
 
 
-@pytest.mark.parametrize("name, options, layer", [
+@pytest.mark.parametrize(("name", "options", "layer"), [
     ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 2}, "layers.2"),  # channels-last outputs
     ("pit_ti_224", {"img_size": 64}, "transformers.1"),  # a (map, class tokens) tuple output
     ("deit_tiny_patch16_224", {"img_size": 64}, "blocks.9"),  # a class token

@@ -235,7 +235,7 @@ def test_deletion_insertion_known_answers():
     np.testing.assert_allclose(result.deletion[2][:5], [1, 0.75, 0.5, 0.25, 0], atol=1e-5)
     # batched; every variant once, the two end points (image, baseline) once per image
     assert all(b <= 5 for b in model.calls) and sum(model.calls) == 3 * (2 + 2 * 7)
-    assert 0.0 <= result.deletion_auc.min() and result.insertion_auc.max() <= 1.0
+    assert result.deletion_auc.min() >= 0.0 and result.insertion_auc.max() <= 1.0
     # several heatmaps per image ([N, R, H, W]) give the same curves, end points shared
     model.calls.clear()
     both = M.deletion_insertion(model, images[:2], np.stack([np.stack([right, wrong])] * 2), [0, 0], steps=8,

@@ -11,7 +11,7 @@ from pfnet.resnet import resnet50_hybrid
 GRADIENT_AND_EIGEN = ["gradcam", "gradcampp", "layercam", "xgradcam", "hirescam", "eigencam", "eigencam_fixed"]
 
 
-@pytest.mark.parametrize("layers, methods, targets", [
+@pytest.mark.parametrize(("layers", "methods", "targets"), [
     (["layer3", "layer4"], GRADIENT_AND_EIGEN, None),
     (["layer4"], ["gradcam", "cam"], [3, 1]),
 ])

@@ -51,7 +51,7 @@ def pathological(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.T
     return state
 
 
-@pytest.mark.parametrize("kind, module", [
+@pytest.mark.parametrize(("kind", "module"), [
     ("every weight 1e38", "conv1.0"), ("head at float32 max", "fc"), ("running_var 0", "layer"),
     ("running_var -1", "BatchNorm layer2.0.reduction_block.1"),
     ("a convolution x 1e30", "layer1.0.reduction_block.0")])

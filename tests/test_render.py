@@ -186,7 +186,7 @@ def test_a_whole_pixel_box_resamples_like_the_general_box_path():
     assert np.abs(inner[5:46, 10:80] - exact).max() < 1e-5
 
 
-@pytest.mark.parametrize("size, box", [((300, 200), (70.3, 20.6, 230.4, 180.5)), ((900, 600), (150, 0, 750, 600)),
+@pytest.mark.parametrize(("size", "box"), [((300, 200), (70.3, 20.6, 230.4, 180.5)), ((900, 600), (150, 0, 750, 600)),
                                        ((900, 600), (-20.2, 30.7, 400.5, 640.0)), ((64, 64), (10, 10, 13, 60))])
 def test_the_crop_box_outline_is_what_pillow_draws(size, box):
     from PIL import ImageDraw

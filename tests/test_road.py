@@ -69,7 +69,7 @@ def test_noise_is_seeded_and_only_on_removed_pixels():
     assert torch.equal(everything, torch.zeros(3, 8, 8))  # nothing to impute from: 0, the normalised mean
 
 
-@pytest.mark.parametrize("score, target", [("probability", ClassifierOutputSoftmaxTarget),
+@pytest.mark.parametrize(("score", "target"), [("probability", ClassifierOutputSoftmaxTarget),
                                            ("logit", ClassifierOutputTarget)])
 def test_road_equals_pytorch_grad_cam_on_a_tiny_model(tiny, score, target):
     model, images, heatmaps, classes = tiny

@@ -125,7 +125,8 @@ def test_reinitialise_is_reproducible_per_unit_and_changes_the_weights():
     assert torch.equal(first.state_dict()["layer1.0.reduction_block.0.weight"],
                        model.state_dict()["layer1.0.reduction_block.0.weight"])  # other units untouched
     bn = first.layer2[0].reduction_block[1]
-    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var)) and torch.equal(bn.weight, torch.ones_like(bn.weight))
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight))
 
 
 # ---------------------------------------------------------------------------------------- known answers

@@ -308,7 +308,7 @@ def _twins(model_id: str):
     return (pfnet.load(model_id, memory_format="contiguous"), pfnet.load(model_id, memory_format="channels_last"))
 
 
-@pytest.mark.parametrize("model_id,size", [("demo_r50", 128), ("demo_r50_hybrid", 128), ("demo_r50_max", 160)])
+@pytest.mark.parametrize(("model_id", "size"), [("demo_r50", 128), ("demo_r50_hybrid", 128), ("demo_r50_max", 160)])
 def test_channels_last_maps_equal_contiguous(model_id, size):
     """The formats round differently. Maps agree within 1e-3, except where a ReLU gate or a max-pool choice sits
     within rounding of its threshold: there one format's gradient takes another path (on demo R50-hybrid, 5 of 496

@@ -114,9 +114,10 @@ def test_features_only_refused_for_token_models(name):
     assert type(on_meta(name, features_only=False)).__name__ in ("ViTMax", "PiTMax")
 
 
-@pytest.mark.parametrize("options, message", [
+@pytest.mark.parametrize(("options", "message"), [
     ({"global_pool": "token"}, "global_pool 'token'"), ({"global_pool": ""}, "num_classes=0"),
-    ({"drop_path_rate": 1.0}, "drop_path_rate"), ({"drop_rate": -0.1}, "drop_rate"), ({"num_classes": -1}, "num_classes"),
+    ({"drop_path_rate": 1.0}, "drop_path_rate"), ({"drop_rate": -0.1}, "drop_rate"),
+    ({"num_classes": -1}, "num_classes"),
 ])
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_bad_values_are_refused(name, options, message):

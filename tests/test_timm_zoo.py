@@ -115,7 +115,7 @@ def test_timm_ids_resolve_through_the_registry():
     assert zoo.get("timm:convnext_tiny.fb_in22k").num_classes == 21841
 
 
-@pytest.mark.parametrize("model_id, message", [
+@pytest.mark.parametrize(("model_id", "message"), [
     ("timm:no_such_net", "has no model 'no_such_net'"),
     ("timm:resnet18.bogus", "no pretrained tag 'bogus'; its tags: a1_in1k"),
     ("timm:../../etc/passwd", "not a timm model name"),

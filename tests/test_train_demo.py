@@ -10,7 +10,7 @@ from pfdemo import scoring, train as train_demo
 from pfnet.zoo import DEMO_DIR
 
 
-@pytest.mark.parametrize("size, phases", [
+@pytest.mark.parametrize(("size", "phases"), [
     (128, [[0.3, 96], [1.0, 128]]),                  # the recipe the 128-px demo models were trained with
     (160, [[0.3, 96], [0.75, 128], [1.0, 160]]),
     (224, [[0.3, 96], [0.75, 128], [1.0, 224]]),

@@ -260,7 +260,7 @@ def test_mismatch_names_the_fitting_model_and_keys():
 
 def test_other_num_classes_is_explained(tiny_state, register):
     register(tiny_entry("tiny_max"))
-    state = {k: v for k, v in official_state("resnet50_max").items()}
+    state = dict(official_state("resnet50_max").items())
     state["fc.weight"], state["fc.bias"] = torch.empty(10, 2048, device="meta"), torch.empty(10, device="meta")
     with pytest.raises(CheckpointError) as caught:
         weights.load("r50_max", weights=state)
@@ -601,7 +601,7 @@ def test_file_timm_already_cached_is_used_offline(online, tiny_state, register, 
     assert_same(weights.load("tiny_hf"), tiny_state)
 
 
-@pytest.mark.parametrize("repo, reason", [
+@pytest.mark.parametrize(("repo", "reason"), [
     ("missing", "the file is not in the repository (HTTP 404)"),
     ("err500", "HTTP 500"),
 ])
@@ -636,7 +636,7 @@ def test_unreachable_hub_is_a_clear_message(online, register, monkeypatch):
     assert list(online.iterdir()) == []
 
 
-@pytest.mark.parametrize("ref, reason", [
+@pytest.mark.parametrize(("ref", "reason"), [
     ("err500", "HTTP 500"),
     ("trunc", "interrupted"),
     ("html", "virus-scan warning"),

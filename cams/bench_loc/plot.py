@@ -4,7 +4,7 @@ heatmaps as horizontal lines in its colour (centred Gaussian dashed, uniform ran
 method, metric by metric, ``COLUMNS`` to a row."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from cams.bench_loc.accum import MAXBOX_KEYS
 from cams.bench_loc.scoring import GAUSSIAN, RANDOM, Row

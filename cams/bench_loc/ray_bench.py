@@ -8,7 +8,8 @@ rows of that model. The driver puts them back in the local order. Unusable input
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from cams import tables
 from cams.bench_loc.accum import MAXBOX_KEYS, ROAD_KEYS

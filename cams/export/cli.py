@@ -7,7 +7,8 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from cams.align import ALIGN_MODES
 from cams.engine import METHODS, PRECISIONS

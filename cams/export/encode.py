@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

@@ -12,7 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -246,7 +247,7 @@ class ExportExecutor:
                         caption += f" · rank {entry['rank']}"
                     cells[(index, model.id, layer, target)] = (entry.pop("_thumb", None), caption,
                                                                entry.get("_status") == "computed")
-        for index, (item, image, info) in enumerate(batch):
+        for index, (item, _image, info) in enumerate(batch):
             grids = self._grids(index, item, cells)
             info["grids"] = grids
             for row in rows[index]:
@@ -317,7 +318,8 @@ class ExportExecutor:
                     raw_fields = {"raw_heatmap": self.rel(raw_npy), "raw_min": float(raw.min()),
                                   "raw_max": float(raw.max())}
                 files = [(path, kind) for path, kind in ((png, OVERLAY), (npy, HEATMAP))
-                         if path is not None and (self.plan.overwrite or path.is_symlink() or not path.exists())]  # a link: replaced
+                         # a link is replaced
+                         if path is not None and (self.plan.overwrite or path.is_symlink() or not path.exists())]
                 self.report.files.extend(self.rel(path) for path, _ in files)
                 if self.plan.overlays and loaded.pixels is None:  # drawn once for all of this image's results
                     loaded.pixels = rgb_pixels(image)

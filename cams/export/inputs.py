@@ -9,7 +9,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from PIL import Image
 
@@ -170,8 +171,10 @@ def collect_inputs(sources: Iterable[str | os.PathLike | UploadSource],
         if (path.is_dir() or path.is_file()) and inside(path, root):
             skip(path, "inside the output folder (the export's own files are never read back as inputs)")
         elif path.is_dir():
-            for folder, dirs, files in os.walk(path, onerror=lambda exc: skip(Path(exc.filename or path),
-                                                                              _unreadable(exc))):
+            def unreadable(exc: OSError, top: Path = path) -> None:
+                skip(Path(exc.filename or top), _unreadable(exc))
+
+            for folder, dirs, files in os.walk(path, onerror=unreadable):
                 dirs[:] = sorted(d for d in dirs if not inside(Path(folder, d), root))
                 for name in sorted(files):
                     add_file(Path(folder, name))

@@ -7,7 +7,7 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from cams.export.files import ExportError
 from cams.images import path_problem, printable

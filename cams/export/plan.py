@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
 from cams.engine import METHODS, PRECISIONS, resolve_classes

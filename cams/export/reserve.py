@@ -13,7 +13,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from cams.export.files import TEMP_SUFFIX
 
