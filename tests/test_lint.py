@@ -1,4 +1,5 @@
-"""The linter's rules (pyproject.toml's [tool.ruff]) hold for the whole tree, and every noqa comment names its rule and says why."""
+"""The linter's rules (pyproject.toml's [tool.ruff]) hold for the whole tree, and every noqa comment names its
+rule and says why."""
 from __future__ import annotations
 
 import re
