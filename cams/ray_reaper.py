@@ -4,19 +4,24 @@ Ray's local runtime (GCS, raylet, dashboard and runtime-env agents, workers) run
 its driver is killed outright (SIGKILL, the OOM killer) nothing calls ``ray.shutdown`` and some of them (the
 dashboard and runtime-env agents) kept running. :func:`cams.ray_runtime.ray_session` starts this script beside a
 local runtime, in a session of its own: it notes the driver's descendants (Ray's processes) every half second,
-and when the driver is gone it kills those and theirs, then exits. A driver that shuts Ray down stops it first.
+and when the driver is gone it kills those and theirs, and any process whose command line names the runtime's
+session folder (one started between two looks), then exits. A driver that shuts Ray down stops it first.
 
 Run as a script (``python cams/ray_reaper.py DRIVER_PID``): it imports only psutil, not pfcam or torch.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
 import psutil
 
 POLL_S = 0.5
+# A local Ray runtime's session folder, named in the command line of each process it starts (until a worker renames
+# itself ray::...): how a process started between two polls, and orphaned when its raylet died, is still found.
+SESSION = re.compile(r"/[^\s=,]*/session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+")
 
 
 def descendants(pid: int) -> dict[int, float]:
@@ -35,9 +40,32 @@ def descendants(pid: int) -> dict[int, float]:
     return found
 
 
-def reap(seen: dict[int, float]) -> None:
-    """Kill the processes of ``seen`` that still run (the same processes: same pid and start time) and everything
-    below them (SIGKILL: their driver is already dead)."""
+def sessions(pids) -> set[str]:
+    """The Ray session folders named in these processes' command lines."""
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            found.update(SESSION.findall(" ".join(psutil.Process(pid).cmdline())))
+        except psutil.Error:
+            continue
+    return found
+
+
+def in_sessions(folders: set[str]) -> dict[int, psutil.Process]:
+    """Every process whose command line names one of these session folders."""
+    found: dict[int, psutil.Process] = {}
+    if not folders:
+        return found
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info.get("cmdline") or ())
+        if any(folder in command for folder in folders):
+            found[process.pid] = process
+    return found
+
+
+def reap(seen: dict[int, float], folders: set[str] = frozenset()) -> None:
+    """Kill the processes of ``seen`` that still run (the same processes: same pid and start time), everything
+    below them and every process of the runtime's session folders (SIGKILL: their driver is already dead)."""
     victims: dict[int, psutil.Process] = {}
     for pid, started in seen.items():
         try:
@@ -48,6 +76,7 @@ def reap(seen: dict[int, float]) -> None:
             victims.update({child.pid: child for child in process.children(recursive=True)})
         except psutil.Error:
             continue
+    victims.update(in_sessions(set(folders)))
     victims.pop(os.getpid(), None)
     for process in victims.values():
         try:
@@ -60,14 +89,17 @@ def reap(seen: dict[int, float]) -> None:
 def watch(driver: int) -> None:
     """Note the driver's descendants (the latest view) until it is gone, then reap them."""
     seen: dict[int, float] = {}
+    folders: set[str] = set()
     try:
         process = psutil.Process(driver)
         while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-            seen = descendants(driver) or seen
+            now = descendants(driver)
+            folders |= sessions(pid for pid in now if pid not in seen)
+            seen = now or seen
             time.sleep(POLL_S)
     except psutil.Error:
         pass
-    reap(seen)
+    reap(seen, folders)
 
 
 if __name__ == "__main__":
