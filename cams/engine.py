@@ -291,6 +291,22 @@ def fallback_class_names(model: nn.Module, probs: list[torch.Tensor]) -> tuple[s
     return None if pfnet_family(model) is not None or not probs else numbered(int(probs[0].shape[1]))
 
 
+def checked_run(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str, targets,
+                class_names: Sequence[str] | None, batch_size: int, align, progress: Progress | None):
+    """An explain call's arguments checked before any work: the layer names as a list, their modules, their
+    drawing offsets and the target plan ``(top_k, fixed_ids)``; raises the engine's errors for bad ones."""
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise LayerError("no layers requested")
+    modules = {name: resolve(model, name) for name in layers}
+    check_method(model, method, layers)
+    offsets = layer_offsets(model, layers, align)
+    plan = check_inputs(model, images, batch_size, targets, class_names)
+    if progress is not None and not callable(progress):
+        raise CamError(f"progress must be callable (done, total) -> stop?; got {type(progress).__name__}")
+    return layers, modules, offsets, plan
+
+
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
             targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
             align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
@@ -336,17 +352,9 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
         return explain_own(model, images, [layers] if isinstance(layers, str) else layers, method, targets,
                            class_names, batch_size, align, progress, eigen_smooth=eigen_smooth, precision=precision,
                            reshape=reshape, keep_raw=keep_raw)
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(layers)
-    if not layers:
-        raise LayerError("no layers requested")
-    modules = {name: resolve(model, name) for name in layers}
-    check_method(model, method, layers)
-    offsets = layer_offsets(model, layers, align)
-    top_k, fixed_ids = plan = check_inputs(model, images, batch_size, targets, class_names)
-    if progress is not None and not callable(progress):
-        raise CamError(f"progress must be callable (done, total) -> stop?; got {type(progress).__name__}")
+    layers, modules, offsets, plan = checked_run(model, images, layers, method, targets, class_names, batch_size,
+                                                 align, progress)
+    top_k, fixed_ids = plan
 
     with torch.inference_mode(False):
         images = model_input(model, images)

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cams.align import NO_OFFSET, layer_offsets
-from cams.cam_maths import (check_inputs, explained_classes, gradients, grad_cam_maps, model_input, target_count)
-from cams.engine import (NORM_EPS, CamError, Capture, Explanation, Meter, Progress, check_method,
+from cams.align import NO_OFFSET
+from cams.cam_maths import (explained_classes, gradients, grad_cam_maps, model_input, target_count)
+from cams.engine import (NORM_EPS, Capture, Explanation, Meter, Progress, checked_run,
                          fallback_class_names, image_errors, normalise, run_options, unnormalised)
-from cams.layers import LayerError, resolve, to_grid
+from cams.layers import to_grid
 
 # pytorch-grad-cam's FinerCAM defaults (finer_cam.DEFAULT_COMPARISON_CATEGORIES, alpha) and FinerWeightedTarget's eps.
 FINER_COMPARISONS = (1, 2, 3)
@@ -296,15 +296,9 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
                 eigen_smooth: bool = False, precision: str = "float32", reshape=None,
                 keep_raw: bool = False) -> Explanation:
     """``cams.explain`` for the methods of :data:`cams.engine.OWN_PASS_METHODS` (arguments as there)."""
-    layers = list(layers)
-    if not layers:
-        raise LayerError("no layers requested")
-    modules = {name: resolve(model, name) for name in layers}
-    check_method(model, method, layers)
-    offsets = layer_offsets(model, layers, align)
-    top_k, fixed_ids = plan = check_inputs(model, images, batch_size, targets, class_names)
-    if progress is not None and not callable(progress):
-        raise CamError(f"progress must be callable (done, total) -> stop?; got {type(progress).__name__}")
+    layers, modules, offsets, plan = checked_run(model, images, layers, method, targets, class_names, batch_size,
+                                                 align, progress)
+    top_k, fixed_ids = plan
     with torch.inference_mode(False):
         images = model_input(model, images)
         size = (int(images.shape[-2]), int(images.shape[-1]))
