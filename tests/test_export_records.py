@@ -61,3 +61,27 @@ def test_a_full_disk_part_way_leaves_no_record_naming_a_missing_file(tmp_path, m
     assert again.ok and not again.stopped
     assert all((out / f).is_file() for files in named_files(out).values() for f in files)
     assert len(named_files(out)) == 12
+
+
+def test_manifest_and_records_are_one_line_per_row_and_entry(tmp_path, models):
+    from cams.export.files import json_text
+
+    out = tmp_path / "out"
+    run_export([images(tmp_path / "photos", 3)], out, models, layers=["layer4"], overlays=False)
+    manifest_text = (out / "manifest.json").read_text()
+    manifest = json.loads(manifest_text)
+    lines = manifest_text.splitlines()
+    assert len(manifest["rows"]) == 3 * len(models)
+    lines = [line.rstrip(",") for line in lines]
+    for row in manifest["rows"]:  # each row is one line, as json.dumps writes it
+        assert f"  {json.dumps(row, ensure_ascii=False)}" in lines
+    record = next(out.rglob("results__*.json"))
+    parsed = json.loads(record.read_text())
+    record_lines = [line.rstrip(",") for line in record.read_text().splitlines()]
+    for key, entry in parsed["entries"].items():  # each entry is one line
+        assert f"  {json.dumps(key)}: {json.dumps(entry)}" in record_lines
+    value = {"rows": [{"a": 1.5, "b": "é"}], "empty": [], "entries": {"k": {"x": None}}, "n": 0}
+    assert json.loads(json_text(value)) == value
+    assert "é" in json_text(value) and "\\u00e9" in json_text(value, ensure_ascii=True)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        json_text({"rows": [float("nan")]})

@@ -5,7 +5,6 @@ A loader thread decodes and preprocesses the next images meanwhile (:meth:`Expor
 thread that runs the network does little else."""
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +20,8 @@ from PIL import Image
 
 from cams import engine
 from cams.export.encode import HEATMAP, OVERLAY, overlay_suffix, render_result, rgb_pixels, write_grid_sheet
-from cams.export.files import (STATE_FORMAT, ExportReport, ensure_dir, entry_key, now, read_state, write_npy,
-                               write_text)
+from cams.export.files import (STATE_FORMAT, ExportReport, ensure_dir, entry_key, json_text, now, read_state,
+                               write_npy, write_text)
 from cams.export.inputs import InputItem, inside, safe_name
 from cams.export.plan import RAW_KEYS, ExportPlan, ModelPlan
 from cams.images import ImageError, load_image
@@ -47,7 +46,7 @@ def write_record(path: Path, record: Mapping[str, Any], files: Mapping[str, Futu
         if not entries:
             return
         record = {**record, "entries": entries}
-    write_text(path, json.dumps(record, indent=1, ensure_ascii=True, allow_nan=False))
+    write_text(path, json_text(record, ensure_ascii=True))
 
 
 def default_writers() -> int:
