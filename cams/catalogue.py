@@ -61,3 +61,8 @@ LAYERLESS_METHODS = frozenset({"fullgrad"})
 # Methods that run a forward per channel (``batch_size`` counts masked / ablated inputs; progress counts channels).
 SCORED_METHODS = frozenset({"scorecam", "ablationcam"})
 PRECISIONS = ("float32", "bfloat16")
+# Methods whose maps ``eigen_smooth`` changes (a weighted sum of activation channels it can replace); the others
+# ignore it: Eigen-CAM, Eigen-Grad-CAM and KPCA-CAM are projections already, CAM, FullGrad and SmoothGrad-CAM++ have
+# no weighted activations to project.
+EIGEN_SMOOTH_METHODS = frozenset({"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "gradcamelementwise",
+                                  "finercam", "shapleycam", "guidedgradcam", "scorecam", "ablationcam"})

@@ -50,8 +50,8 @@ from cams.cam_maths import (GRADCAMPP_EPS, XGRADCAM_EPS, MethodError, TargetErro
 from cams.layers import CamError, LayerError, Reshape, canonical, output_tensor, pfnet_family, resolve, to_grid
 from cams.scorecam import SCORECAM_EPS, score_cam_maps  # noqa: F401  (SCORECAM_EPS: kept importable here)
 
-from cams.catalogue import (EIGEN_METHODS, GRADIENT_METHODS, LAYERLESS_METHODS, METHOD_NOTES, METHODS,  # noqa: F401
-                            OWN_PASS_METHODS, PRECISIONS, SCORED_METHODS)
+from cams.catalogue import (EIGEN_METHODS, EIGEN_SMOOTH_METHODS, GRADIENT_METHODS, LAYERLESS_METHODS,  # noqa: F401
+                            METHOD_NOTES, METHODS, OWN_PASS_METHODS, PRECISIONS, SCORED_METHODS)
 
 # The constants pytorch-grad-cam uses (base_cam / utils.image / grad_cam_plusplus / xgrad_cam / score_cam).
 NORM_EPS = 1e-7

@@ -3,7 +3,7 @@
 Everything here is glue between Streamlit and the pfnet/cams functions: no model or CAM maths.
 Models are loaded once per process (``st.cache_resource``, shared by every session; the engine is thread-safe);
 CAM results are kept in one process-wide store (:class:`CamStore`) by (image hash, model, weights identity, layers,
-method, target, mode, alignment), so changing the colormap or the opacity only re-renders, and the export panel
+method, target, mode, alignment, options), so changing the colormap or the opacity only re-renders, and the export panel
 writes the CAMs already on the page instead of computing them again.
 """
 from __future__ import annotations
@@ -269,6 +269,30 @@ class Slot:
         return f"{self.entry.name} (random weights)" if self.random else self.entry.name
 
 
+@dataclass(frozen=True)
+class CamOptions:
+    """``cams.explain``'s options beyond the method, as the sidebar set them (the defaults: the plain maps)."""
+
+    aug_smooth: bool = False  # six augmented copies of each image, their maps averaged: about 6x the time
+    eigen_smooth: bool = False  # the weighted activations' first principal component instead of their sum
+    precision: str = "float32"  # "bfloat16": Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast
+
+    def explain_arguments(self) -> dict[str, Any]:
+        """Keyword arguments for ``cams.explain``."""
+        return {"aug_smooth": self.aug_smooth, "eigen_smooth": self.eigen_smooth, "precision": self.precision}
+
+    @property
+    def recorded(self) -> tuple[tuple[str, Any], ...]:
+        """What ``cams.explain`` records of them (``Explanation.options``): the ones not at their default."""
+        return tuple((name, value) for name, value in self.explain_arguments().items()
+                     if value not in (False, "float32"))
+
+    @property
+    def label(self) -> str:
+        """The options in use, for a caption ("aug_smooth · bfloat16"); empty for the defaults."""
+        return " · ".join(name if value is True else str(value) for name, value in self.recorded)
+
+
 @dataclass
 class Settings:
     """What the sidebar decided: the models (``ready``: those loaded) and how to explain and draw."""
@@ -282,6 +306,7 @@ class Settings:
     opacity: float
     mode: str
     align: str
+    options: CamOptions = field(default_factory=CamOptions)
 
     def layers_of(self, slot: Slot) -> tuple[str, ...]:
         """The layers picked for the slot's group (``ZooEntry.layer_group``: a pfnet family, else the model)."""
@@ -294,7 +319,8 @@ class Settings:
 
     def key(self, digest: str, slot: Slot, target: tuple | None = None) -> tuple:
         """The CAM store key of one image through one model (``target``: another target than the page's)."""
-        return cam_key(digest, slot, self.layers_of(slot), self.method, target or self.target, self.mode, self.align)
+        return cam_key(digest, slot, self.layers_of(slot), self.method, target or self.target, self.mode, self.align,
+                       self.options)
 
 
 def device_name() -> str:
@@ -494,9 +520,10 @@ def cam_store() -> CamStore:
 
 
 def cam_key(digest: str, slot: Slot, layers: tuple[str, ...], method: str, target: tuple, mode: str,
-            align: str) -> tuple:
-    """What a CAM result depends on: the image, the model and its weights, and the settings."""
-    return digest, slot.key, slot.id, tuple(layers), method, tuple(target), mode, align
+            align: str, options: CamOptions) -> tuple:
+    """What a CAM result depends on: the image, the model and its weights, and the settings (``options`` too: maps
+    made with other options are other maps)."""
+    return digest, slot.key, slot.id, tuple(layers), method, tuple(target), mode, align, options
 
 
 def compute_cams(key: tuple, image: Image.Image, model: Any, progress: Any = None) -> dict[str, Any]:
@@ -504,13 +531,13 @@ def compute_cams(key: tuple, image: Image.Image, model: Any, progress: Any = Non
     probs [C], crop box, seconds taken. ``progress(done, total)`` is passed to ``cams.explain``."""
     from cams.engine import explain
 
-    _, _, model_id, layers, method, target, mode, align = key
+    _, _, model_id, layers, method, target, mode, align, options = key
     entry = zoo.get(model_id)
     started = time.perf_counter()
     prepared = prepare(image, entry.preprocess, mode)
     result = explain(model, prepared.tensor.unsqueeze(0), list(layers), method=method,
                      targets=engine_targets(target), class_names=entry.class_names(), batch_size=SCORECAM_BATCH,
-                     align=align, progress=progress)
+                     align=align, progress=progress, **options.explain_arguments())
     if result.errors and result.errors[0]:  # NaN: this image's error, shown as such and never stored
         from cams.layers import CamError
 

@@ -84,7 +84,7 @@ def page_cams(settings: Settings, reused: list[str]):
                            targets=torch.from_numpy(found["targets"][None]),
                            probs=torch.from_numpy(found["probs"][None]),
                            layers=settings.layers_of(slot), method=settings.method,
-                           class_names=tuple(slot.entry.class_names()))
+                           class_names=tuple(slot.entry.class_names()), options=settings.options.recorded)
 
     return reuse
 
@@ -117,7 +117,8 @@ def _export(out_dir: Path, sources: list[Source], settings: Settings, overwrite:
         models={slot.id: (slot.model, slot.entry) for slot in slots}, layers=layers, method=settings.method,
         topk=export_topk(settings.target), batch_size=8, mode=settings.mode, colormap=settings.colormap,
         opacity=settings.opacity, overwrite=overwrite, progress=progress, align=settings.align,
-        reuse=page_cams(settings, reused), read_image=session_image, target=export_classes(settings.target))
+        reuse=page_cams(settings, reused), read_image=session_image, target=export_classes(settings.target),
+        **settings.options.explain_arguments())
     bar.empty()
     return report, len(reused)
 
@@ -149,7 +150,8 @@ def export_panel(sources: list[Source], settings: Settings) -> None:
     st.caption("Both write the folder layout and `manifest.json` / `manifest.csv` of `pfcam export`, "
                "from the CAMs already on the page (only what is missing is computed).")
     chosen = (tuple(sorted((k, tuple(v)) for k, v in settings.layers_by_family.items())), settings.method,
-              settings.target, settings.mode, settings.colormap, round(settings.opacity, 3), settings.align)
+              settings.target, settings.mode, settings.colormap, round(settings.opacity, 3), settings.align,
+              settings.options)
     signature = _signature(sources, settings.runnable, *chosen)
     zip_col, folder_col = st.columns(2, gap="large")
     with zip_col:

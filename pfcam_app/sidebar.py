@@ -1,14 +1,14 @@
-"""The sidebar: models (weight status, download, checkpoint upload), method, layers (in network depth order),
-target, display. Everything it decides is returned as one :class:`~pfcam_app.core.Settings`."""
+"""The sidebar: models (weight status, download, checkpoint upload), method and its options, layers (in network
+depth order), target, display. Everything it decides is returned as one :class:`~pfcam_app.core.Settings`."""
 from __future__ import annotations
 
 import hashlib
 
 import streamlit as st
 
-from cams.engine import EIGEN_METHODS
+from cams.engine import EIGEN_METHODS, EIGEN_SMOOTH_METHODS, METHODS, SCORED_METHODS
 from pfcam_app import core
-from pfcam_app.core import STATUS_ICON, STATUS_LABEL, Settings, Slot
+from pfcam_app.core import STATUS_ICON, STATUS_LABEL, CamOptions, Settings, Slot
 from pfcam_app.first_run import fetch_with_bar
 from pfcam_app.network import network
 from pfcam_app.uploads import accepted, upload_types
@@ -31,6 +31,20 @@ LAYER_HELP = {
 
 ADDED_KEY = "_timm_models"  # session state: the timm models this session added (kept in the picker's options)
 PENDING_KEY = "_add_models"  # session state: models to select on the next run (before the picker is drawn)
+AUG_SMOOTH_HELP = ("Averages the maps of six augmented copies of each image (horizontal flip × brightness 0.9 / 1 / "
+                   "1.1), each flipped back: smoother maps that sit better on the object. Costs about 6× the time.")
+EIGEN_SMOOTH_HELP = ("Draws the first principal component of the weighted activations instead of their sum: less "
+                     "noise (the sign is the SVD's, as in pytorch-grad-cam: a map can come out inverted). Costs an "
+                     "SVD per map (small beside the network).")
+BF16_HELP = ("Runs the extra forwards (Score-CAM's masked inputs, Ablation-CAM's ablated channels) in bfloat16 "
+             "autocast: about 0.6-0.75 of the time on a CPU, logits within ~0.5% of the largest; the first forward "
+             "and the maps stay float32.")
+EIGEN_SMOOTH_IGNORED = {
+    **dict.fromkeys(("eigengradcam", *sorted(EIGEN_METHODS)), "is a principal component already"),
+    "cam": "takes its maps straight from the fc weights; the engine has no eigen_smooth for it",
+    "fullgrad": "sums gradient maps, with no weighted activations to project",
+    "smoothgradcampp": "averages noisy Grad-CAM++ maps of its own, with no weighted activations to project",
+}
 GENERIC_LAYER_HELP = ("One column per layer, in network depth order, found from the model's own structure (its "
                       "stem, stages and blocks). Default: the last stage.")
 
@@ -218,6 +232,27 @@ def layer_pickers(ready: list[Slot]) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------------------- settings
 
+def method_options(method: str) -> CamOptions:
+    """The "Options" area under the method: the smoothing checkboxes and, for the methods with extra forwards,
+    bfloat16. An option the method does not use is disabled and says why, and is off in what is returned (a
+    ticked box kept from another method never reaches ``cams.explain``)."""
+    st.markdown("**Options**")
+    aug_smooth = st.checkbox("Augmentation smoothing (aug_smooth)", key="aug_smooth", help=AUG_SMOOTH_HELP)
+    eigen_applies = method in EIGEN_SMOOTH_METHODS
+    eigen_smooth = st.checkbox("Eigen smoothing (eigen_smooth)", key="eigen_smooth", disabled=not eigen_applies,
+                               help=EIGEN_SMOOTH_HELP) and eigen_applies
+    if not eigen_applies:
+        reason = EIGEN_SMOOTH_IGNORED.get(method, "does not use it")
+        st.caption(f"Eigen smoothing does not apply: {METHODS[method]} {reason}.")
+    precision = "float32"
+    if method in SCORED_METHODS and st.checkbox("bfloat16 for the masked forwards", key="bf16", help=BF16_HELP):
+        precision = "bfloat16"
+    if aug_smooth and method in SCORED_METHODS and core.device_name() == "cpu":
+        st.caption(f":orange[Augmentation smoothing runs {METHODS[method]}'s forwards for six copies of each "
+                   "image: about 6× its time.]")
+    return CamOptions(aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, precision=precision)
+
+
 def settings_sidebar(defaults: tuple[str, ...]) -> Settings:
     from cams import engine, render
 
@@ -238,6 +273,7 @@ def settings_sidebar(defaults: tuple[str, ...]) -> Settings:
                    "each cell.]")
     if method in engine.SCORED_METHODS and core.device_name() == "cpu":
         st.caption(f":orange[{engine.METHODS[method]} on a CPU can take minutes per image and model.]")
+    options = method_options(method)
     layers_by_family = layer_pickers(ready)
 
     target_kind = st.radio("Target", ["Predicted class", "Top-k classes", "A class I pick"], key="target_kind")
@@ -270,4 +306,4 @@ def settings_sidebar(defaults: tuple[str, ...]) -> Settings:
              "it.") else "none"
     with core.guard("Device"):
         st.caption(f"Device in use: **{core.device_name()}** (set `PFCAM_DEVICE` to change)")
-    return Settings(slots, ready, method, layers_by_family, target, colormap, opacity, mode, align)
+    return Settings(slots, ready, method, layers_by_family, target, colormap, opacity, mode, align, options)

@@ -276,6 +276,8 @@ def render_image(source: Source, settings: Settings, stopped: frozenset = frozen
                 for rank, class_id in enumerate(result["targets"]):
                     suffix = f" · target #{rank + 1}" if len(result["targets"]) > 1 else ""
                     st.markdown(f"**{slot.title}**{suffix} · :gray[{took}]"
+                                + (f" · :blue[options: {plain(settings.options.label)}]"
+                                   if settings.options.label else "")
                                 + (f" · :orange[{ignores}]" if ignores else ""))
                     row = st.columns(max(len(layers), MIN_COLUMNS))
                     for index, column in enumerate(row[:len(layers)]):

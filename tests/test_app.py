@@ -248,6 +248,77 @@ def test_alignment_toggle_redraws_the_demo_heatmaps(blank):
     assert [c.split(" · ")[:2] for _, c in plain] == [c.split(" · ")[:2] for _, c in aligned]
 
 
+def test_the_options_offered_follow_the_method(blank):
+    app = blank  # no image on the page: only the sidebar runs
+    assert app.checkbox(key="aug_smooth").disabled is False and app.checkbox(key="eigen_smooth").disabled is False
+    assert "bf16" not in [box.key for box in app.checkbox]  # Grad-CAM has no extra forwards
+    helps = {box.key: " ".join(box.help.split()) for box in app.checkbox}
+    assert "six augmented copies" in helps["aug_smooth"] and "about 6× the time" in helps["aug_smooth"]
+    assert "first principal component" in helps["eigen_smooth"] and "SVD per map" in helps["eigen_smooth"]
+    for method in ("scorecam", "ablationcam"):
+        app.selectbox(key="method").set_value(method)
+        app.run()
+        assert_clean(app)
+        assert app.checkbox(key="bf16").label == "bfloat16 for the masked forwards"
+        assert "bfloat16 autocast" in app.checkbox(key="bf16").help
+    app.checkbox(key="eigen_smooth").check()
+    app.selectbox(key="method").set_value("eigencam_fixed")
+    app.run()
+    assert_clean(app)
+    assert app.checkbox(key="eigen_smooth").disabled is True
+    assert any(c.value == "Eigen smoothing does not apply: Eigen-CAM is a principal component already."
+               for c in app.caption)
+
+
+def test_eigen_smoothing_recomputes_the_maps_says_so_and_exports_them(blank, tmp_path, monkeypatch):
+    from cams.engine import explain
+    from cams.images import load_image
+    from pfcam_app import core
+    from pfnet import weights, zoo
+    from pfnet.preprocess import prepare
+
+    app = blank
+    data = scene_png(4)
+    upload(app, [("one.png", data)])
+    plain = [cell.value[0] for cell in overlays(app)]
+    assert not any("options:" in note for note in row_notes(app))
+    app.checkbox(key="eigen_smooth").check()
+    app.run()
+    assert_clean(app)
+    notes = row_notes(app)
+    # a new computation under its own cache key (not the plain maps from the cache), and each row says which options
+    assert len(notes) == 2 and all(":gray[computed in" in n and ":blue[options: eigen\\_smooth]" in n for n in notes)
+    smoothed = [cell.value[0] for cell in overlays(app)]
+    assert len(smoothed) == len(plain) == 4 and all(a != b for a, b in zip(smoothed, plain))
+
+    # the stored maps are cams.explain's with eigen_smooth=True
+    entry = zoo.get("demo_r50")
+    tensor = prepare(load_image(data, "one.png"), entry.preprocess, "full").tensor[None]
+    network = weights.load("demo_r50", device="cpu")
+    layers = ["layer3.5", "layer4.2"]
+    expected = explain(network, tensor, layers, class_names=entry.class_names(), eigen_smooth=True).heatmaps[0]
+    unsmoothed = explain(network, tensor, layers, class_names=entry.class_names()).heatmaps[0]
+    stored = [value["heatmaps"] for value in core.cam_store().values() if value["heatmaps"].shape == expected.shape]
+    assert any(np.allclose(maps, expected.numpy(), atol=1e-5) for maps in stored)
+    assert any(np.allclose(maps, unsmoothed.numpy(), atol=1e-5) for maps in stored)  # the plain ones: another key
+    assert not np.allclose(expected.numpy(), unsmoothed.numpy(), atol=1e-2)
+
+    # the export writes the page's smoothed maps (taken from the page, made with the same options) and records them
+    monkeypatch.setenv("PFCAM_EXPORT_ROOT", str(tmp_path / "root"))
+    app.text_input(key="export_dir").set_value("smoothed")
+    app.run()
+    app.button(key="export_folder").click()
+    app.run()
+    assert_clean(app)
+    assert any("2 image × model results taken from the page" in s.value for s in app.success), \
+        [s.value for s in app.success] + [w.value for w in app.warning] + [e.value for e in app.error]
+    manifest = json.loads((tmp_path / "root" / "smoothed" / "manifest.json").read_text())
+    assert manifest["settings"]["eigen_smooth"] is True and manifest["settings"]["aug_smooth"] is False
+    row = next(row for row in manifest["rows"] if row["model"] == "demo_r50" and row["layer"] == "layer4.2")
+    np.testing.assert_allclose(np.load(tmp_path / "root" / "smoothed" / row["heatmap"]), expected[0, 1].numpy(),
+                               atol=1e-5)
+
+
 def test_export_to_folder_writes_the_manifest(blank, tmp_path, monkeypatch):
     app = blank
     upload(app, [("a.png", scene_png(6)), ("b.png", scene_png(7))])

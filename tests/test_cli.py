@@ -72,6 +72,18 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: pfcam {command}" in capsys.readouterr().out
 
 
+def test_export_help_says_what_the_smoothing_options_do_and_cost(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--aug-smooth" in text and "6 augmented passes" in text and "about 6x the time" in text
+    assert "--eigen-smooth" in text and "first principal component" in text and "SVD per map" in text
+    parsed = build_parser().parse_args(["export", "photo.jpg", "--out", "out", "--aug-smooth", "--eigen-smooth"])
+    assert (parsed.aug_smooth, parsed.eigen_smooth) == (True, True)
+    plain = build_parser().parse_args(["export", "photo.jpg", "--out", "out"])
+    assert (plain.aug_smooth, plain.eigen_smooth) == (False, False)
+
+
 def test_unknown_options_are_refused_except_by_app(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", "photo.jpg", "--out", "out", "--no-such-option"])

@@ -722,3 +722,102 @@ def test_cli_export_with_the_bundled_demo_models(tmp_path, capsys):
     assert main(["export", str(example), "--out", str(tmp_path / "both"), "--models", "demo_r50",
                  "--topk", "2", "--target", "star"]) == 2
     assert "either top-k" in capsys.readouterr().err
+
+
+def record_settings(out: Path) -> list[dict]:
+    """Every per-image record's settings (what a re-run compares to decide whether an output is stale)."""
+    return [json.loads(path.read_text())["settings"] for path in sorted(out.rglob("results__*.json"))]
+
+
+def test_cli_eigen_smooth_writes_the_engines_maps_records_them_and_a_plain_rerun_does_not_pass_them_off(
+        tmp_path, capsys):
+    from cams.images import load_image as read
+    from pfcam.cli import main
+    from pfnet import load
+    from pfnet.weights import weight_status
+
+    if weight_status("demo_r50") != "bundled":
+        pytest.skip("the bundled demo weights (assets/weights) are not there")
+    photo = tmp_path / "in" / "photo.png"
+    photo.parent.mkdir()
+    noise(48, 40, 11).save(photo)
+    out = tmp_path / "out"
+    base = ["export", str(photo), "--out", str(out), "--models", "demo_r50", "--layers", "layer4", "--device", "cpu",
+            "--no-overlays"]
+    assert main([*base, "--eigen-smooth"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["eigen_smooth"] is True and manifest["settings"]["aug_smooth"] is False
+    assert [row["settings"]["eigen_smooth"] for row in manifest["rows"]] == [True]
+    assert [settings.get("eigen_smooth") for settings in record_settings(out)] == [True]
+
+    network = load("demo_r50", device="cpu")
+    tensor = prepare(read(photo), zoo.get("demo_r50").preprocess, "full").tensor[None]
+    smoothed = cams.engine.explain(network, tensor, ["layer4"], eigen_smooth=True).heatmaps[0, 0, 0].numpy()
+    plain = cams.engine.explain(network, tensor, ["layer4"]).heatmaps[0, 0, 0].numpy()
+    written = np.load(out / manifest["rows"][0]["heatmap"])
+    np.testing.assert_allclose(written, smoothed, atol=1e-5)
+    assert np.abs(written - plain).max() > 0.05  # the option changed the map
+
+    # without the option: the smoothed map is not passed off as a plain one (kept, flagged stale, as for every
+    # other setting), and --overwrite computes the plain map in its place
+    capsys.readouterr()
+    assert main(base) == 0
+    assert "other settings" in capsys.readouterr().err
+    rows = json.loads((out / "manifest.json").read_text())["rows"]
+    assert [row["status"] for row in rows] == ["stale"]
+    np.testing.assert_allclose(np.load(out / rows[0]["heatmap"]), smoothed, atol=1e-5)
+    assert main([*base, "--overwrite"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [row["status"] for row in manifest["rows"]] == ["computed"]
+    assert manifest["settings"]["eigen_smooth"] is False
+    assert "eigen_smooth" not in record_settings(out)[0]  # absent when off: records of older runs still match
+    np.testing.assert_allclose(np.load(out / manifest["rows"][0]["heatmap"]), plain, atol=1e-5)
+
+
+def test_aug_smooth_export_writes_the_engines_maps_and_takes_no_page_cams_made_without_it(tmp_path, models,
+                                                                                         monkeypatch):
+    network, entry = models["tiny"]
+    image = noise(48, 40, 12)
+    tensor = prepare(image, entry.preprocess, "full").tensor[None]
+    plain = cams.engine.explain(network, tensor, ["layer4"], class_names=CLASSES)
+    counter = CountingExplain(monkeypatch)
+    offered = []
+
+    def page_cams(model_id, item, decoded):  # the app's page holds the plain maps of this image
+        offered.append(model_id)
+        return plain
+
+    report = run_export([("photo.png", encode(image, "PNG"))], tmp_path / "out", models, layers=["layer4"],
+                        aug_smooth=True, overlays=False, reuse=page_cams)
+    # offered, refused, computed: the image's call, then the six augmented copies' inner call
+    assert report.ok and offered == ["tiny"] and counter.calls == [1, 6]
+    made_with_it = counter.real(network, tensor, ["layer4"], class_names=CLASSES, aug_smooth=True)
+    smoothed = made_with_it.heatmaps[0, 0, 0]
+    written = np.load(tmp_path / "out" / report.rows[0]["heatmap"])
+    np.testing.assert_allclose(written, smoothed.numpy(), atol=1e-5)
+    assert np.abs(written - plain.heatmaps[0, 0, 0].numpy()).max() > 0.05
+    settings = json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]
+    assert (settings["aug_smooth"], settings["eigen_smooth"]) == (True, False)
+    assert record_settings(tmp_path / "out")[0]["aug_smooth"] is True
+
+    # the page's maps made with the same options are taken as they are
+    counter.calls.clear()
+    again = run_export([("photo.png", encode(image, "PNG"))], tmp_path / "again", models, layers=["layer4"],
+                       aug_smooth=True, overlays=False, reuse=lambda *_: made_with_it)
+    assert again.ok and counter.calls == []
+    np.testing.assert_array_equal(np.load(tmp_path / "again" / again.rows[0]["heatmap"]), smoothed.numpy())
+
+
+def test_eigen_smooth_with_a_method_it_does_not_change_is_dropped_with_a_warning(tmp_path, models):
+    report = run_export([("a.png", encode(noise(40, 40), "PNG"))], tmp_path / "out", models, layers=["layer4"],
+                        method="eigencam_fixed", eigen_smooth=True, overlays=False)
+    assert report.ok and any("eigen_smooth does not change Eigen-CAM" in warning for warning in report.warnings)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["eigen_smooth"] is False
+    assert "eigen_smooth" not in record_settings(tmp_path / "out")[0]
+
+
+@pytest.mark.parametrize("option", ["aug_smooth", "eigen_smooth"])
+def test_an_option_that_is_not_a_bool_is_refused(tmp_path, models, option):
+    with pytest.raises(ExportError, match=f"{option} must be True or False"):
+        run_export([("a.png", encode(noise(40, 40), "PNG"))], tmp_path / "out", models, **{option: "yes"})
+    assert not (tmp_path / "out").exists()

@@ -124,7 +124,7 @@ def test_the_app_shows_a_nan_forward_as_the_images_error():
     from pfcam_app import core
 
     image = Image.fromarray(np.full((48, 48, 3), 250, np.uint8))
-    key = ("digest-nan", "slot", DEMO, ("layer4",), "gradcam", ("top", 1), "full", "none")
+    key = ("digest-nan", "slot", DEMO, ("layer4",), "gradcam", ("top", 1), "full", "none", core.CamOptions())
     with pytest.raises(CamError, match="NaN"):
         core.compute_cams(key, image, nan_for_bright())
     assert core.cam_store().get(key) is None  # never stored, never shown as a class

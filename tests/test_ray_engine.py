@@ -254,8 +254,10 @@ def test_a_rerun_on_ray_computes_nothing(both_engines, demo_models):
 
 @pytest.mark.slow
 @needs_demo_weights
-@pytest.mark.parametrize("settings", [{"overlay_format": "jpeg"}, {"overlays": False}], ids=["jpeg", "heatmaps-only"])
-def test_ray_honours_the_overlay_format_and_heatmaps_only(cluster, demo_models, tmp_path, settings):
+@pytest.mark.parametrize("settings", [{"overlay_format": "jpeg"}, {"overlays": False},
+                                      {"overlays": False, "eigen_smooth": True}],
+                         ids=["jpeg", "heatmaps-only", "eigen-smooth"])
+def test_ray_honours_the_overlay_format_heatmaps_only_and_the_method_options(cluster, demo_models, tmp_path, settings):
     sources = make_inputs(tmp_path / "in", count=3)
     local = local_export(sources, tmp_path / "local", demo_models, batch_size=3, **settings)
     on_ray = run_export(sources, tmp_path / "ray", demo_models, batch_size=3, engine="ray",
@@ -265,6 +267,8 @@ def test_ray_honours_the_overlay_format_and_heatmaps_only(cluster, demo_models, 
     suffixes = {Path(name).suffix for name in on_ray.files}
     assert suffixes == ({".jpg", ".npy", ".json", ".png"} if settings.get("overlays", True) else {".npy", ".json"})
     assert not [name for name in on_ray.files if name.endswith(".png") and "/grid__" not in f"/{name}"]
+    recorded = json.loads((tmp_path / "ray" / "manifest.json").read_text())["settings"]
+    assert recorded["eigen_smooth"] is settings.get("eigen_smooth", False)  # the workers' maps: the same as local's
 
 
 @pytest.mark.slow

@@ -99,6 +99,13 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="bfloat16: Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast (0.6-0.75 of the "
                              "time on a CPU, logits within ~0.5%%), recorded in the manifest (default: %(default)s)")
+    parser.add_argument("--aug-smooth", action="store_true",
+                        help="test-time augmentation: each map averaged over 6 augmented passes (flip x brightness "
+                             "0.9 / 1 / 1.1), about 6x the time; recorded in the manifest")
+    parser.add_argument("--eigen-smooth", action="store_true",
+                        help="the first principal component of the weighted activations instead of their sum (an "
+                             "SVD per map; ignored, with a warning, by the methods that are projections already or "
+                             "have no weighted activations); recorded in the manifest")
     parser.add_argument("--align", choices=ALIGN_MODES, default="model",
                         help="draw heatmaps with each model's measured offset (default) or the plain resize (none)")
     parser.add_argument("--format", dest="overlay_format", choices=list(FORMATS), default=DEFAULT_FORMAT,
@@ -195,7 +202,8 @@ def _export(args: argparse.Namespace, models: dict[str, tuple[Any, Any]], weight
                                                 "labels": str(args.labels) if args.labels else None},
                                 align=args.align, overlay_format=args.overlay_format, overlays=args.overlays,
                                 engine=args.engine, ray_options=ray_options(args), target=args.target,
-                                labels=args.labels, raw_maps=args.raw_maps, precision=args.precision)
+                                labels=args.labels, raw_maps=args.raw_maps, precision=args.precision,
+                                aug_smooth=args.aug_smooth, eigen_smooth=args.eigen_smooth)
         except ExportError as exc:
             log(f"error: {exc}")
             return EXIT_CANNOT_START

@@ -79,7 +79,7 @@ def explain_batch(plan: ExportPlan, model: ModelPlan, tensor: Any, items: list[I
         return engine.explain(model.network, tensor, model.layers, plan.method,
                               targets=model.engine_targets([item.key for item in items]), align=model.align,
                               class_names=model.class_names, batch_size=plan.batch_size, keep_raw=plan.raw_maps,
-                              precision=plan.precision)
+                              **plan.explain_options)
     except (PfnetError, ValueError, RuntimeError) as exc:
         warn(f"{model.id}: explaining failed for {', '.join(item.label for item in items)}: {exc}")
         return None
@@ -268,6 +268,7 @@ class ExportExecutor:
         known = self.reuse(model.id, item, image)
         fits = (known is not None and tuple(known.layers) == tuple(model.layers)
                 and known.method == self.plan.method and tuple(known.heatmaps.shape[:2]) == (1, len(model.targets))
+                and dict(known.options) == self.plan.run_options  # maps made with other options are other maps
                 and (not model.classes or [int(c) for c in known.targets[0]] == list(model.classes))
                 and int(known.heatmaps.shape[-1]) == int(model.entry.preprocess.input_size))
         return known if fits else None

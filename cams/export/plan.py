@@ -10,7 +10,7 @@ from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
-from cams.engine import METHODS, PRECISIONS, resolve_classes
+from cams.engine import EIGEN_SMOOTH_METHODS, METHODS, PRECISIONS, resolve_classes
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
@@ -101,6 +101,19 @@ class ExportPlan:
     labelled: bool = False  # each image's own class (--labels)
     raw_maps: bool = False  # also each map before min-max (<stem>.raw.npy) with its scale in the manifest
     precision: str = "float32"  # "bfloat16": Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast
+    aug_smooth: bool = False  # cams.explain's test-time augmentation: six augmented copies per image averaged
+    eigen_smooth: bool = False  # cams.explain's first principal component of the weighted activations
+
+    @property
+    def explain_options(self) -> dict[str, Any]:
+        """``cams.explain``'s keyword arguments for how this plan's maps are computed beyond the method."""
+        return {"aug_smooth": self.aug_smooth, "eigen_smooth": self.eigen_smooth, "precision": self.precision}
+
+    @property
+    def run_options(self) -> dict[str, Any]:
+        """The options an explanation of this plan records (``Explanation.options`` as a dict; defaults left
+        out): an explanation made with other options is not this plan's."""
+        return {key: value for key, value in self.explain_options.items() if value not in (False, "float32")}
 
     def outputs(self, model: ModelPlan) -> list[tuple[str, str]]:
         """The (layer, target) results every image gets from ``model`` (targets: :attr:`ModelPlan.targets`)."""
@@ -155,6 +168,9 @@ class ExportPlan:
             settings["cam_offsets"] = model.cam_offsets
         if self.precision != "float32":  # bf16 maps are not float32 maps (absent for float32: older records match)
             settings["precision"] = self.precision
+        for option in ("aug_smooth", "eigen_smooth"):  # other maps than the plain ones; absent when off, as above
+            if getattr(self, option):
+                settings[option] = True
         return settings
 
     def manifest_settings(self) -> dict[str, Any]:
@@ -163,7 +179,8 @@ class ExportPlan:
                                   "classes": list(m.classes), "cam_offsets": m.cam_offsets, "weights": m.weights,
                                   "weights_origin": getattr(m.network, "weights_origin", None)}
                            for m in self.models},
-                "method": self.method, "precision": self.precision, "topk": self.topk,
+                "method": self.method, "precision": self.precision, "aug_smooth": self.aug_smooth,
+                "eigen_smooth": self.eigen_smooth, "topk": self.topk,
                 "target": "label" if self.labelled else list(self.target) or "predicted",
                 "batch_size": self.batch_size, "mode": self.mode,
                 "colormap": self.colormap, "align": self.align, "opacity": float(self.opacity),
@@ -311,15 +328,26 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
                 warn: Callable[[str], None] = lambda _: None, overlay_format: str = DEFAULT_FORMAT,
                 overlays: bool = True, target: str | Sequence[str | int] | None = None,
                 labels: Mapping[str, str] | None = None, raw_maps: bool = False,
-                precision: str = "float32") -> ExportPlan:
+                precision: str = "float32", aug_smooth: bool = False, eigen_smooth: bool = False) -> ExportPlan:
     """Validate the settings (``ExportError``) and plan every model (see :func:`plan_models`). ``target``: None or
     "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`). ``labels``:
-    image key (:func:`cams.export.labels.image_key`) -> its class id or name, explained instead."""
+    image key (:func:`cams.export.labels.image_key`) -> its class id or name, explained instead.
+    ``precision``, ``aug_smooth``, ``eigen_smooth``: ``cams.explain``'s options; ``eigen_smooth`` with a method it
+    does not change (not in ``EIGEN_SMOOTH_METHODS``) is dropped, with a warning, so the records say what was
+    computed."""
     classes = target_list(target)
     validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format, classes,
                       labels is not None)
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    for name, value in (("aug_smooth", aug_smooth), ("eigen_smooth", eigen_smooth)):
+        if not isinstance(value, bool):
+            raise ExportError(f"{name} must be True or False, got {value!r}")
+    if eigen_smooth and method not in EIGEN_SMOOTH_METHODS:
+        warn(f"eigen_smooth does not change {METHODS[method]}'s maps (it applies to "
+             f"{', '.join(sorted(EIGEN_SMOOTH_METHODS))}); ignored")
+        eigen_smooth = False
     return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes, labels)), method, topk,
                       batch_size, mode, colormap, float(opacity), overwrite, align, cell_size, overlay_format,
-                      bool(overlays), classes, labels is not None, bool(raw_maps), precision)
+                      bool(overlays), classes, labels is not None, bool(raw_maps), precision, aug_smooth,
+                      eigen_smooth)

@@ -38,7 +38,7 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
                read_image: Callable[[InputItem], Image.Image] | None = None,
                target: str | Sequence[str | int] | None = None,
                labels: str | os.PathLike | Mapping[str, str] | None = None, raw_maps: bool = False,
-               precision: str = "float32") -> ExportReport:
+               precision: str = "float32", aug_smooth: bool = False, eigen_smooth: bool = False) -> ExportReport:
     """Explain every image with every model and write the layout described in :mod:`cams.export`.
 
     ``sources``: file paths, folder paths (searched recursively) and ``(name, bytes)`` uploads.
@@ -54,7 +54,11 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
     steps, once per image. Bad inputs are recorded (``report.skipped``) and the run goes on; check ``report.ok``.
     ``align``: "model" (each model's recorded heatmap offsets, :mod:`cams.align`) or "none" (the plain resize).
     ``precision``: "bfloat16" runs Score-CAM's / Ablation-CAM's extra forwards in bf16 autocast
-    (``cams.explain``'s option); the manifest's settings record it.
+    (``cams.explain``'s option); the manifest's settings record it. ``aug_smooth``: ``cams.explain``'s test-time
+    augmentation (six augmented copies of each image, about 6x the time); ``eigen_smooth``: the first principal
+    component of the weighted activations instead of their sum (an SVD per map; dropped with a warning for a method
+    it does not change). The manifest's settings record both; outputs of an earlier run with other options are kept
+    and flagged stale (``overwrite=True`` redoes them), as for every other setting.
     ``reuse(model_id, item, image)``: an ``Explanation`` of that one image already computed with these settings
     (the app passes the CAMs on its page), or None; only the images it has none for are explained.
     ``raw_maps``: also write each map before min-max normalisation (``<stem>.raw.npy``) and record its range
@@ -83,7 +87,8 @@ def run_export(sources: Iterable[str | os.PathLike | UploadSource], out_dir: str
         warnings.extend(problems)
     plan = plan_export(models, layers, method, topk, batch_size, mode, colormap, opacity, overwrite, align,
                        cell_size, warn=warnings.append, overlay_format=overlay_format, overlays=overlays,
-                       target=target, labels=table, raw_maps=raw_maps, precision=precision)
+                       target=target, labels=table, raw_maps=raw_maps, precision=precision, aug_smooth=aug_smooth,
+                       eigen_smooth=eigen_smooth)
     started = now()
     root = check_out_dir(Path(out_dir))
     report = ExportReport(out_dir=root, warnings=warnings)
