@@ -46,7 +46,8 @@ def explain(model: str | nn.Module, images: ImageLike | Sequence[ImageLike], lay
             method: str = "gradcam", top_k: int = 1, classes: int | str | Sequence[Any] | None = None, *,
             class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None, mode: str = "full",
             align: str | Mapping[str, Sequence[float]] = "model", batch_size: int = 32,
-            device: str | torch.device | None = None, name: str | None = None) -> Result:
+            device: str | torch.device | None = None, name: str | None = None, aug_smooth: bool = False,
+            eigen_smooth: bool = False, precision: str = "float32") -> Result:
     """Explain ``images`` with ``model``: heatmaps for every image x class x layer, ready to draw or save.
 
     Args:
@@ -68,6 +69,9 @@ def explain(model: str | nn.Module, images: ImageLike | Sequence[ImageLike], lay
         batch_size: images per forward pass (``cams.explain``'s).
         device: where a model loaded by name runs (default: ``pfnet.select_device()``); a module stays where it is.
         name: what saved folders call the model (default: its id, or the module's class name).
+        aug_smooth, eigen_smooth, precision: ``cams.explain``'s options (pytorch-grad-cam's test-time augmentation,
+            about 6x the time; the first principal component of the weighted activations; ``"bfloat16"`` for
+            Score-CAM's / Ablation-CAM's masked forwards); ``result.explanation.options`` records those used.
 
     Returns:
         A :class:`pfcam.Result`: ``.heatmaps`` [N, T, L, S, S], ``.overlay()``, ``.show()``, ``.save(folder)``.
@@ -100,7 +104,8 @@ def explain(model: str | nn.Module, images: ImageLike | Sequence[ImageLike], lay
     tensor, boxes = prepare_batch(pictures, preprocess, mode)
     targets = int(top_k) if classes is None else _class_list(classes)
     explanation = cams.explain(network, tensor, layers, method, targets=targets, class_names=names,
-                               batch_size=batch_size, align=align)
+                               batch_size=batch_size, align=align, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
+                               precision=precision)
     return Result(explanation, tuple(pictures), tuple(boxes), tuple(items), name or label,
                   top_k=int(top_k), chosen=classes is not None)
 

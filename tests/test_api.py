@@ -66,6 +66,17 @@ def test_a_zoo_id_and_a_path_give_the_cores_heatmaps(demo):
     assert result.caption(layer="layer3").startswith("layer3: ")
 
 
+def test_the_engines_options_pass_through(demo, small_picture):
+    result = pfcam.explain(demo, small_picture, layers=LAYERS, eigen_smooth=True)
+    expected, _ = core(demo, [small_picture], eigen_smooth=True)
+    plain, _ = core(demo, [small_picture])
+    assert torch.equal(result.heatmaps, expected.heatmaps) and not torch.equal(result.heatmaps, plain.heatmaps)
+    assert dict(result.explanation.options) == {"eigen_smooth": True}
+    smoothed = pfcam.explain(demo, small_picture, layers=["layer4"], aug_smooth=True)
+    expected, _ = core(demo, [small_picture], layers=["layer4"], aug_smooth=True)
+    assert torch.allclose(smoothed.heatmaps, expected.heatmaps)
+
+
 def test_the_default_layers_are_the_models(demo, small_picture):
     result = pfcam.explain(demo, small_picture)
     assert result.layers == tuple(cams.default_layers(demo))
