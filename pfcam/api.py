@@ -69,9 +69,10 @@ def explain(model: str | nn.Module, images: ImageLike | Sequence[ImageLike], lay
         batch_size: images per forward pass (``cams.explain``'s).
         device: where a model loaded by name runs (default: ``pfnet.select_device()``); a module stays where it is.
         name: what saved folders call the model (default: its id, or the module's class name).
-        aug_smooth, eigen_smooth, precision: ``cams.explain``'s options (pytorch-grad-cam's test-time augmentation,
-            about 6x the time; the first principal component of the weighted activations; ``"bfloat16"`` for
-            Score-CAM's / Ablation-CAM's masked forwards); ``result.explanation.options`` records those used.
+        aug_smooth: pytorch-grad-cam's test-time augmentation (``cams.explain``'s; about 6x the time).
+        eigen_smooth: the first principal component of the weighted activations instead of their sum.
+        precision: ``"bfloat16"`` runs Score-CAM's / Ablation-CAM's masked forwards in bf16 autocast;
+            ``result.explanation.options`` records the options used.
 
     Returns:
         A :class:`pfcam.Result`: ``.heatmaps`` [N, T, L, S, S], ``.overlay()``, ``.show()``, ``.save(folder)``.
