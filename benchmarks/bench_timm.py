@@ -6,9 +6,13 @@ pytorch-grad-cam on the same model, layers and batch.
     python benchmarks/bench_timm.py --threads 1 --clock thread --docs   # CPU time, on a loaded machine
 
 Per model (``--models``: convnext_tiny, tf_efficientnet_lite0, deit_small_patch16_224 at 224x224, batch ``--batch``):
-one inference-mode forward; ``cams.explain`` Grad-CAM at the default layer (``cams.default_layer``: the last stage;
-for DeiT, whose head reads the class token only, the last block but one, since the last block's patch tokens get
-no gradient) and at every stage in one call (the stem and every stage; a ViT has no stages: every block);
+one inference-mode forward; the floor of any Grad-CAM at the default layer (a forward, then the backward from the
+top logit to that layer with plain autograd: the work that is left when the CAM maths and checks cost nothing);
+``cams.explain`` Grad-CAM at the default layer (``cams.default_layer``: the last stage;
+EfficientNet's final feature map ``bn2``, after its head convolution, and then also at the last stage, which needs
+a backward through that convolution; for DeiT, whose head reads the class token only, the last block but one, since
+the last block's patch tokens get no gradient) and at every stage in one call (the stem and every stage; a ViT has
+no stages: every block);
 pytorch-grad-cam's ``GradCAM`` at the same layer, and one ``GradCAM`` object per layer for every stage (its API
 gives one map per layer per call), with the ``reshape_transform`` a user writes for it (tokens: prefix tokens
 dropped, the rest on the patch grid). Target: <= 1.05x forward at the default layer.
@@ -21,7 +25,6 @@ clock: the work itself, not the share of the core other processes took.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,12 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.docs_page import loadavg  # noqa: E402
+
 import timm  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench_cam import forward_only, interleaved_medians  # noqa: E402
 from cams import available_layers, default_layer, explain  # noqa: E402
-from cams.any_model import layout  # noqa: E402
+from cams.any_model import layout, outline  # noqa: E402
 from cams.layers import resolve  # noqa: E402
 
 MODELS = ["convnext_tiny", "tf_efficientnet_lite0", "deit_small_patch16_224"]
@@ -86,6 +91,32 @@ def grad_cam_objects(model: torch.nn.Module, images: torch.Tensor, layers: list[
     return run
 
 
+def backward_floor(model: torch.nn.Module, images: torch.Tensor, name: str):
+    """What any Grad-CAM at layer ``name`` must do: a forward without recording up to the layer, then recording,
+    and the backward from the top logit to the layer's output (plain autograd, no CAM maths, no checks)."""
+    module = resolve(model, name)
+
+    def run():
+        recorded = []
+
+        def start_recording(_module, _inputs, output):
+            tensor = output[0] if isinstance(output, tuple) else output
+            torch.set_grad_enabled(True)
+            leaf = tensor.detach().requires_grad_(True)
+            recorded.append(leaf)
+            return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
+
+        handle = module.register_forward_hook(start_recording)
+        try:
+            with torch.no_grad():
+                logits = model(images)
+        finally:
+            handle.remove()
+        return torch.autograd.grad(logits.max(dim=1).values.sum(), recorded[0])
+
+    return run
+
+
 def bench_model(name: str, args) -> list[tuple[str, str, float, float, float | None]]:
     torch.manual_seed(0)
     try:  # ViTs are built for one input size
@@ -97,7 +128,14 @@ def bench_model(name: str, args) -> list[tuple[str, str, float, float, float | N
     kind = "stage" if any(spec.kind == "stage" for spec in available_layers(model)) else "block"
     cases = {
         "forward only (inference_mode)": (forward_only(model, images), None),
+        f"floor: forward + backward to {last} (plain autograd)": (backward_floor(model, images, last), None),
         f"ours: Grad-CAM {last}": (lambda: explain(model, images, [last], align="none"), TARGET),
+    }
+    if outline(model).head == last:
+        last_stage = stages[-2]
+        cases[f"ours: Grad-CAM {last_stage} (last stage, before the head)"] = (
+            lambda: explain(model, images, [last_stage], align="none"), None)
+    cases |= {
         f"ours: Grad-CAM every {kind} ({len(stages)}), one call": (
             lambda: explain(model, images, stages, align="none"), None),
     }
@@ -110,13 +148,6 @@ def bench_model(name: str, args) -> list[tuple[str, str, float, float, float | N
                                   torch.device("cpu"), shuffle=True, clock=clock)
     forward_s = medians["forward only (inference_mode)"]
     return [(name, label, medians[label], medians[label] / forward_s, target) for label, (_, target) in cases.items()]
-
-
-def _loadavg() -> str:
-    try:
-        return " / ".join(f"{value:.1f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -140,7 +171,7 @@ def main(argv: list[str] | None = None) -> str:
     title = (f"Grad-CAM on timm models vs a forward (cpu, {args.size}x{args.size}, batch {args.batch}, random "
              f"weights, median of {args.repeats} after {args.warmup} warm-up, {torch.get_num_threads()} torch "
              f"threads, {'CPU time of the thread' if args.clock == 'thread' else 'wall time'}, load average at the "
-             f"start {_loadavg()})")
+             f"start {loadavg(1)})")
     lines = [title, "", "| model | measurement | median ms | x forward | target |", "|---|---|---:|---:|---|"]
     print("\n".join(lines), flush=True)
     for name in args.models:

@@ -13,6 +13,9 @@ The layers come from the model's own structure, never from a list of known famil
   blocks: it is a list of them, or has one such list among its children (timm's ``ConvNeXtStage.blocks``).
 - The stem is the module just before the trunk (one with parameters, or a pooling layer: torchvision ResNet's
   ``maxpool``), or timm's first feature module when it lies outside the trunk (ResNet's ``act1``).
+- A head convolution between the last stage and the pooling (EfficientNet's ``conv_head`` -> ``bn2``, torchvision's
+  ``features[-1]``) makes the map the classifier pools: its output is the final feature map, listed after the last
+  stage and the deepest default. Grad-CAM there needs no backward through the head's convolution.
 
 Outputs become maps from their shape and the input size: ``[N, C, h, w]`` as they are; channels-last
 ``[N, h, w, C]`` (Swin) where only that reading is a grid of the input, or the model says ``output_fmt ==
@@ -54,11 +57,13 @@ class Part:
 
 @dataclass(frozen=True)
 class Outline:
-    """A model's layers in depth order, the defaults (the last two stages, or blocks) and timm's reductions."""
+    """A model's layers in depth order, the defaults (the last two stages, or blocks), timm's reductions and the
+    final feature map after a head convolution (None when the last stage is what gets pooled)."""
 
     parts: tuple[Part, ...]
     defaults: tuple[str, ...]
     reductions: dict
+    head: str | None = None
 
 
 # model -> (its modules' ids, outline): the walk is done once per model, again when a module is replaced.
@@ -129,6 +134,11 @@ def _outline(model: nn.Module) -> Outline:
                 parts.append(Part(block, "block", f"{block} · stage {index + 1} block {number + 1}",
                                   same_as=path if plain and number == len(blocks) - 1 else None, stage=path))
         names = [path for path, _ in staged]
+    head = _head_map(model, stage_paths[-1])
+    if head is not None:
+        parts.append(Part(head, "stage", f"{head} · final feature map (head convolution output, what the classifier "
+                                         f"pools){_scale(reductions.get(stage_paths[-1]))}"))
+        names.append(head)
     blocks = [part for part in parts if part.kind == "block"]
     if _token_head(model) and blocks:  # the last block's patch tokens do not reach the logits: never a default
         dead = {blocks[-1].name, blocks[-1].stage}  # and its stage's output, those same tokens (PiT)
@@ -137,7 +147,7 @@ def _outline(model: nn.Module) -> Outline:
         if names[-1] == blocks[-1].stage and len(blocks) > 1:
             names.append(blocks[-2].name)  # the last stage's block before its last
         names = [name for name in names if name not in dead]
-    return Outline(tuple(parts), tuple(names[-2:]), reductions)
+    return Outline(tuple(parts), tuple(names[-2:]), reductions, head)
 
 
 _DEAD = "class-token head: its patch tokens get no gradient"
@@ -207,6 +217,43 @@ def _trunk_from_walk(model: nn.Module) -> list[str] | None:
         if first_list is None and isinstance(module, _LISTS) and _blocks_of(path, module):
             first_list = _blocks_of(path, module)
     return first_list
+
+
+def _head_map(model: nn.Module, last_stage: str) -> str | None:
+    """The module whose output is the final feature map when a head convolution follows the last stage before any
+    pooling or classifier (EfficientNet, MobileNetV2): the last module of that conv -> norm -> activation run.
+    None when the last stage's output is what gets pooled (ResNet, ConvNeXt, ViT; MobileNetV3's head conv comes
+    after the pooling)."""
+    run: list[str] = []
+    path = last_stage
+    while path:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        names = [child for child, _ in parent.named_children()]
+        for sibling in names[names.index(name) + 1:]:
+            module = getattr(parent, sibling)
+            if _ends_trunk(module):
+                return _head_end(model, run)
+            if not isinstance(module, _SKIPPED):
+                run.append(_join(parent_path, sibling))
+        path = parent_path
+    return _head_end(model, run)
+
+
+_ENDS_TRUNK = (nn.Linear, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _ends_trunk(module: nn.Module) -> bool:
+    """A pooling, flattening or classifier module (or one holding such): the spatial maps end there."""
+    return any(isinstance(item, _ENDS_TRUNK) or type(item).__name__ == "SelectAdaptivePool2d"
+               for item in module.modules())
+
+
+def _head_end(model: nn.Module, run: list[str]) -> str | None:
+    """The run's last module when the run starts with a convolution (a head), else None."""
+    if not run or not any(isinstance(item, nn.Conv2d) for item in model.get_submodule(run[0]).modules()):
+        return None
+    return run[-1]
 
 
 def _stem_before(model: nn.Module, first_stage: str) -> str | None:
@@ -348,6 +395,8 @@ def _imagenet_names(subset: str) -> tuple[str, ...] | None:
         return None
 
 
+@functools.lru_cache(maxsize=8)
 def numbered(count: int) -> tuple[str, ...]:
-    """``("class 0", ..., "class count-1")``: the names of classes nobody named."""
+    """``("class 0", ..., "class count-1")``: the names of classes nobody named (made once per count: explain
+    asks for them on every call)."""
     return tuple(f"class {index}" for index in range(count))

@@ -28,6 +28,7 @@ block's tokens (reshaped to a map), so the two give identical heatmaps.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import weakref
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ class LayerSpec:
     same_as: str | None = None
 
 
+@functools.cache
 def _optional_class(module: str, name: str) -> type | None:
+    """``module.name``, or None when it cannot be imported (looked up once: explain asks on every call)."""
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):

@@ -130,8 +130,8 @@ def test_timm_layers_in_depth_order_and_defaults_explained(key):
 def test_feature_info_gives_every_stage_and_its_reduction():
     model = _timm("efficientnet")  # timm lists blocks 0, 1, 2, 4, 6 (one per stride): all seven are stages
     stages = [spec.name for spec in cams.available_layers(model) if spec.kind == "stage"]
-    assert stages == [f"blocks.{index}" for index in range(7)]
-    assert [layer_stride(model, name) for name in stages] == [2, 4, 8, 16, 16, 32, 32]
+    assert stages == [f"blocks.{index}" for index in range(7)] + ["bn2"]  # then the head's map (below)
+    assert [layer_stride(model, name) for name in stages] == [2, 4, 8, 16, 16, 32, 32, 32]
     assert layer_stride(model, "blocks.5.1") == 32  # a block: its stage's
     resnet = _timm("resnet")
     assert [spec.name for spec in cams.available_layers(resnet) if spec.kind != "block"] == [
@@ -140,6 +140,22 @@ def test_feature_info_gives_every_stage_and_its_reduction():
     assert L.layer_spec(resnet, "layer4.0").same_as == "layer4" and L.canonical(resnet, "layer4.0") == "layer4"
     wrapped = _timm("convnext")  # a stage module around its blocks (downsample, blocks): not known to be the same
     assert L.layer_spec(wrapped, "stages.3.blocks.1").same_as is None
+
+
+def test_a_head_convolution_before_the_pooling_gives_the_final_feature_map():
+    # EfficientNet: blocks.6 (320 ch) -> conv_head 1x1 (1280) -> bn2 (BN + act) -> pooling: bn2's map is pooled
+    model = _timm("efficientnet", num_classes=5)
+    assert cams.layers.default_layers(model) == ["blocks.6", "bn2"]
+    assert "final feature map" in L.layer_spec(model, "bn2").label
+    heatmaps = explain(model, _images(1, 64, 64), ["bn2"]).heatmaps
+    assert float(heatmaps.max()) > 0.99 and float(heatmaps.min()) >= 0
+    torch.manual_seed(0)
+    mobile = torchvision.models.mobilenet_v2(num_classes=4).eval()  # features[-1] is the head conv block
+    assert cams.layers.default_layers(mobile)[-1] == "features.18"
+    after_pool = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=4).eval()
+    assert "conv_head" not in cams.layers.default_layers(after_pool)  # its head conv sees the pooled 1x1 vector
+    assert cams.layers.default_layers(after_pool)[-1] == "blocks.5"
+    assert cams.layers.default_layers(_timm("resnet"))[-1] == "layer4"  # no head: the last stage is pooled
 
 
 def test_vit_blocks_without_stages_and_class_token_heads():

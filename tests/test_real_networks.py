@@ -41,28 +41,30 @@ def test_the_bundled_photos_have_a_box_each_inside_the_image():
 
 
 @pytest.mark.parametrize("name", ["coffee.jpg", "cat_chelsea.jpg"])
-def test_effnet_lite0_knows_the_photos_and_its_last_stage_looks_at_the_object(effnet, name):
+def test_effnet_lite0_knows_the_photos_and_its_last_maps_look_at_the_object(effnet, name):
     from cams.images import load_image
 
     entry = zoo.get("effnet_lite0")
     image = load_image((EXAMPLES / name).read_bytes(), name)
     prepared = prepare(image, entry.preprocess, "center")
-    layer = cams.default_layers(effnet)[-1]  # the last stage
-    result = cams.explain(effnet, prepared.tensor.unsqueeze(0), [layer], targets=3,
+    layers = cams.default_layers(effnet)
+    assert layers == ["blocks.6", "bn2"]  # the last stage and the final feature map the classifier pools
+    result = cams.explain(effnet, prepared.tensor.unsqueeze(0), layers, targets=3,
                           class_names=entry.class_names())
     names = [entry.class_names()[int(i)] for i in result.targets[0]]
     if name == "coffee.jpg":
         assert names[0] == "espresso"
     else:
         assert CATS & set(names), names
-    heatmap = result.heatmaps[0, 0, 0]
-    assert torch.isfinite(heatmap).all() and float(heatmap.min()) >= 0 and float(heatmap.max()) <= 1
-    row, col = divmod(int(heatmap.argmax()), heatmap.shape[-1])
-    left, top, right, bottom = prepared.crop_box
-    x = left + (col + 0.5) / heatmap.shape[-1] * (right - left)  # the peak in the photo's own pixels
-    y = top + (row + 0.5) / heatmap.shape[-2] * (bottom - top)
     x0, y0, x1, y1 = bundled_boxes()[name]
-    assert x0 <= x <= x1 and y0 <= y <= y1, (name, x, y)
+    left, top, right, bottom = prepared.crop_box
+    for index, layer in enumerate(layers):
+        heatmap = result.heatmaps[0, 0, index]
+        assert torch.isfinite(heatmap).all() and float(heatmap.min()) >= 0 and float(heatmap.max()) <= 1
+        row, col = divmod(int(heatmap.argmax()), heatmap.shape[-1])
+        x = left + (col + 0.5) / heatmap.shape[-1] * (right - left)  # the peak in the photo's own pixels
+        y = top + (row + 0.5) / heatmap.shape[-2] * (bottom - top)
+        assert x0 <= x <= x1 and y0 <= y <= y1, (name, layer, x, y)
 
 
 def test_offline_export_of_the_examples_with_effnet_lite0_names_espresso(tmp_path, capsys):

@@ -97,6 +97,8 @@ def test_every_parameter_free_model_names_a_baseline_in_the_zoo():
     assert (vit_s.arch, vit_s.source.ref) == ("deit_small_patch16_224", "timm/deit_small_patch16_224.fb_in1k")
     assert (pit_s.arch, pit_s.source.ref) == ("pit_s_224", "timm/pit_s_224.in1k")
     assert (vit_s.paper.top1, pit_s.paper.top1) == (79.8, 80.9)
+    assert (vit_s.paper.params_m, vit_s.paper.gflops) == (22.0, 4.6)
+    assert (pit_s.paper.params_m, pit_s.paper.gflops) == (23.5, 2.9)
     assert "DeiT" in vit_s.paper.source and "PiT" in pit_s.paper.source
     assert vit_s.preprocess.interpolation == "bicubic" and vit_s.preprocess.crop_pct == pytest.approx(0.9, abs=2e-3)
 
