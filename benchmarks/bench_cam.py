@@ -25,7 +25,6 @@ post-processes in numpy/OpenCV.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import random
 import statistics
@@ -37,6 +36,8 @@ from collections.abc import Callable
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.docs_page import loadavg  # noqa: E402
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -192,13 +193,6 @@ def bench_model(label: str, arch: str, args,
     return [(label, name, medians[name], medians[name] / forward_s, target) for name, (_, target) in cases.items()]
 
 
-def _loadavg() -> str:
-    try:
-        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224)
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> str:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    load_before = _loadavg()
+    load_before = loadavg()
     lines = [
         f"CAM cost vs forward ({args.device}, {args.size}x{args.size}, batch 1, random weights, "
         f"median of {args.repeats} after {args.warmup} warm-up; torch {torch.__version__}, "
@@ -276,7 +270,7 @@ def main(argv: list[str] | None = None) -> str:
                     lines.append(line)
                     print(line, flush=True)
 
-    footer = f"\nload avg at end {_loadavg()} (the CPU is shared: figures taken under load are pessimistic)"
+    footer = f"\nload avg at end {loadavg()} (the CPU is shared: figures taken under load are pessimistic)"
     lines.append(footer)
     print(footer, flush=True)
     text = "\n".join(lines) + "\n"

@@ -15,13 +15,14 @@ import argparse
 import contextlib
 import copy
 import io
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.docs_page import loadavg  # noqa: E402
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -105,13 +106,6 @@ def bench(model, label: str, images: torch.Tensor, layer: str, methods: list[str
     return rows
 
 
-def _loadavg() -> str:
-    try:
-        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -150,7 +144,7 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n".join([f"Median of {args.repeats} round-robin runs ({args.r50_repeats} for the R50 row), "
                       f"{args.threads} torch thread(s); each time divided by one inference-mode forward of the same "
                       "batch.", "", *header, *rows]) + "\n"
-    print(f"load average {_loadavg()}\n{text}")
+    print(f"load average {loadavg()}\n{text}")
     if args.docs:
         from benchmarks.docs_page import write_section
         write_section("methods.md", "methods", text)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
 import sys
 from pathlib import Path
@@ -32,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.docs_page import loadavg  # noqa: E402
 
 import timm  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
@@ -57,13 +58,6 @@ FORWARD_MODELS = {
     "PiT-S-max": ("pit_s_max", "pit", 224, 8),
 }
 DEFAULT_FORWARD = ["R50", "R50-hybrid", "demo R50", "demo R50-hybrid", "demo R50-max"]
-
-
-def _loadavg() -> str:
-    try:
-        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def _build(source: str, device: torch.device) -> torch.nn.Module:
@@ -298,7 +292,7 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"bench_speed: {args.device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-              f"load avg at start {_loadavg()}")
+              f"load avg at start {loadavg()}")
     print(header, "", sep="\n", flush=True)
     lines = [header, ""]
     if not args.no_eigen:
@@ -311,7 +305,7 @@ def main(argv: list[str] | None = None) -> str:
         table = kernel_tables(args, device)
         print("", *table, sep="\n", flush=True)
         lines += [""] + table
-    footer = f"\nload avg at end {_loadavg()} (a shared CPU: figures taken under load are pessimistic, ratios hold)"
+    footer = f"\nload avg at end {loadavg()} (a shared CPU: figures taken under load are pessimistic, ratios hold)"
     print(footer, flush=True)
     return "\n".join(lines + [footer]) + "\n"
 

@@ -17,6 +17,14 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+def loadavg(digits: int = 2) -> str:
+    """The 1, 5 and 15 minute load averages ("a / b / c"), or "n/a" where the system has none."""
+    try:
+        return " / ".join(f"{value:.{digits}f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def machine() -> str:
     """One line naming the hardware and software a figure was measured on."""
     import torch
@@ -26,11 +34,9 @@ def machine() -> str:
     if torch.cuda.is_available():
         parts.append(f"{torch.cuda.get_device_name()} GPU")
     parts.append(f"Python {platform.python_version()}, torch {torch.__version__}")
-    try:
-        load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    load = loadavg(1)
+    if load != "n/a":
         parts.append(f"load average {load} at the end")
-    except OSError:
-        pass
     return "; ".join(parts)
 
 
