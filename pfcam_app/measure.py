@@ -110,7 +110,7 @@ def measurable(sources: list[Source], csv_boxes: dict[str, list], csv_labels: di
 def signature(targets: list[Target], settings: Settings, truth: bool = False, protocol: str = "wsol") -> tuple:
     """What a measurement depends on: a new one starts when any of it changes."""
     return (tuple((t.source.digest, tuple(t.boxes), t.label) for t in targets),
-            tuple((slot.id, slot.key) for slot in settings.ready), settings.method,
+            tuple((slot.id, slot.key) for slot in settings.ready), settings.method, settings.options.recorded,
             "truth" if truth else settings.target, settings.mode, settings.align, protocol)
 
 
@@ -159,7 +159,8 @@ def measure_batch(slot: Slot, run: ModelRun, targets: list[Target], settings: Se
         explained = engine_targets(("top", 1) if settings.target[0] == "top" else settings.target)  # the first only
     result = explain(slot.model, torch.stack([p.tensor for p in prepared]), run.scores.layers,
                      method=settings.method, targets=explained, class_names=names,
-                     batch_size=SCORECAM_BATCH, align=settings.align, progress=progress)
+                     batch_size=SCORECAM_BATCH, align=settings.align, progress=progress,
+                     **settings.options.explain_arguments())
     heatmaps = result.heatmaps.detach().cpu().numpy()  # [N, 1, L, H, W]
     regions = [heatmap_region(target.boxes, target.mask, ready.crop_box, image.size, heatmaps.shape[-2:])
                for target, image, ready in zip(batch, images, prepared)]
@@ -281,5 +282,6 @@ def _show(runs: dict[str, ModelRun], settings: Settings) -> None:
     st.dataframe(table.rename(columns=DEPTH_METRICS), hide_index=True, key="measure_table")
     target = "top-1 class" if settings.target[0] == "top" else plain(str(settings.target[1]))
     protocol = next(iter(runs.values())).scores.protocol
-    st.caption(f"Up to {int(table['n'].max())} image(s) per model · {settings.method} · target: {target} · "
+    used = "".join(f", {name}" if value is True else f", {name}={value}" for name, value in settings.options.recorded)
+    st.caption(f"Up to {int(table['n'].max())} image(s) per model · {settings.method}{used} · target: {target} · "
                f"MaxBoxAccV2: {protocol} protocol · pointing game: a hit when any maximal pixel is on the object.")

@@ -34,7 +34,7 @@ def chart_series(at) -> dict[str, list[float]]:
     return series
 
 
-def expected_last_block(model_id: str, image, box, targets=None) -> tuple[float, float]:
+def expected_last_block(model_id: str, image, box, targets=None, **options) -> tuple[float, float]:
     """Pointing game and energy in box at a model's last block, computed here from cams directly."""
     from cams import metrics
     from cams.engine import explain
@@ -45,7 +45,8 @@ def expected_last_block(model_id: str, image, box, targets=None) -> tuple[float,
     model = weights.load(model_id, device="cpu")
     prepared = prepare(image, zoo.get(model_id).preprocess, "full")
     layer = block_layers(model)[-1]
-    heatmap = explain(model, prepared.tensor.unsqueeze(0), [layer], targets=targets).heatmaps[0, 0, 0].numpy()
+    result = explain(model, prepared.tensor.unsqueeze(0), [layer], targets=targets, **options)
+    heatmap = result.heatmaps[0, 0, 0].numpy()
     mapped = metrics.map_box(box, prepared.crop_box, heatmap.shape[::-1])
     return float(metrics.pointing_game(heatmap, box=mapped)), metrics.energy_in_box(heatmap, box=mapped)
 
@@ -83,7 +84,8 @@ def test_the_default_scene_gets_one_value_per_block_per_model_and_a_chart(app):
         assert values == pytest.approx(list(table[table["model"] == name]["Energy in box"]))
 
 
-def test_a_users_image_with_a_boxes_csv_is_measured_as_computed_directly(blank):
+@pytest.mark.parametrize("eigen_smooth", [False, True])
+def test_a_users_image_with_a_boxes_csv_is_measured_as_computed_directly(blank, eigen_smooth):
     import io
 
     from PIL import Image
@@ -97,15 +99,19 @@ def test_a_users_image_with_a_boxes_csv_is_measured_as_computed_directly(blank):
     box = ",".join(str(int(v)) for v in scene.box)
     blank.file_uploader(key="measure_boxes").set_value([("boxes.csv", f"image,x0,y0,x1,y1,label\nmine.png,{box},x\n"
                                                          "other.png,1,2,3,4\n".encode(), "text/csv")])
+    if eigen_smooth:  # the sidebar's option reaches the measurement, and its caption says so
+        blank.checkbox(key="eigen_smooth").check()
     blank.run()
     assert_clean(blank)
     blank.button(key="measure_start").click()
     blank.run()
     table = measured(blank)
+    assert any(("eigen_smooth" in caption.value) == eigen_smooth and "target:" in caption.value
+               for caption in blank.caption)
     image = Image.open(io.BytesIO(scene_png(6))).convert("RGB")
     for model_id in DEMO:
         rows = table[table["model"] == zoo.get(model_id).name]
-        hit, energy = expected_last_block(model_id, image, scene.box)
+        hit, energy = expected_last_block(model_id, image, scene.box, eigen_smooth=eigen_smooth)
         last = rows.iloc[-1]
         assert last["Pointing game"] == hit and last["Energy in box"] == pytest.approx(energy, abs=1e-5)
 
