@@ -61,6 +61,13 @@ BENCH_LOC_TARGET_S = 180.0  # the plain bench-loc (defaults, n=500) on this 2-co
 BENCH_LOC_TARGET_N = 500
 
 
+def at_least(ratio: float, target: float | None) -> str:
+    """The verdict cell: empty without a target; a miss shows the ratio to three places (0.497 prints as 0.50)."""
+    if target is None:
+        return ""
+    return f">= {target} ok" if ratio >= target else f">= {target} MISSED ({ratio:.3f})"
+
+
 def make_photos(folder: Path, count: int) -> list[Path]:
     """``count`` 640x480 JPEGs: crops of the example photos at varying positions and scales."""
     sources = [Image.open(path).convert("RGB") for path in sorted((assets_dir() / "examples").glob("*.jpg"))]
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = times[name]
             ratios = [forward / case for forward, _, case, _, _ in runs]
             ratio = statistics.median(ratios)
-            verdict = "" if target is None else f">= {target} {'ok' if ratio >= target else 'MISSED'}"
+            verdict = at_least(ratio, target)
             lines.append(f"| {name} | {count / statistics.median(run[0] for run in runs):.2f} | "
                          f"{count / statistics.median(run[2] for run in runs):.2f} | {ratio:.2f} | "
                          f"{', '.join(f'{value:.2f}' for value in ratios)} | "
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                                    ("layer4 alone: explain-only loop", "layer4 alone: export, heatmaps only", None)):
             ratios = [loop_run[2] / case_run[2] for loop_run, case_run in zip(times[loop], times[case])]
             ratio = statistics.median(ratios)
-            verdict = "" if target is None else f">= {target} {'ok' if ratio >= target else 'MISSED'}"
+            verdict = at_least(ratio, target)
             lines.append(f"| {case} / {loop} | {ratio:.2f} | {', '.join(f'{value:.2f}' for value in ratios)} | "
                          f"{verdict} |")
             print(lines[-1], flush=True)
