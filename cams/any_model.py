@@ -9,8 +9,11 @@ The layers come from the model's own structure, never from a list of known famil
 - Other models are walked: the shallowest module with two or more children that hold blocks (torchvision ResNet's
   ``layer1`` .. ``layer4``, a ``stages`` list of stage modules) gives the stages; a list of blocks alone (a
   ``nn.Sequential`` of blocks, a transformer's ``encoder.layers``) gives blocks without stages.
-- A block is a child with parameters and children of its own (a leaf ``Conv2d`` is not a block); a stage holds
-  blocks: it is a list of them, or has one such list among its children (timm's ``ConvNeXtStage.blocks``).
+- A block is a child with parameters and children of its own (a leaf ``Conv2d`` is not a block, nor is an op group:
+  a ``nn.Sequential`` of leaf layers such as torchvision's ``Conv2dNormActivation``); a stage holds blocks and
+  nothing else: it is a list of them, or has one such list among its children (timm's ``ConvNeXtStage.blocks``).
+  A list that mixes op groups with a block (an MBConv's conv groups around its squeeze-excitation) is the inside of
+  one block, so torchvision's EfficientNet has seven stages of MBConv blocks and MobileNetV2 blocks without stages.
 - The stem is the module just before the trunk (one with parameters, or a pooling layer: torchvision ResNet's
   ``maxpool``), or timm's first feature module when it lies outside the trunk (ResNet's ``act1``).
 - A head convolution between the last stage and the pooling (EfficientNet's ``conv_head`` -> ``bn2``, torchvision's
@@ -85,8 +88,18 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def _is_op_group(module: nn.Module) -> bool:
+    """A ``nn.Sequential`` of leaf layers: a conv -> norm -> activation group (torchvision's ``Conv2dNormActivation``),
+    one operation rather than a block."""
+    return (isinstance(module, nn.Sequential) and next(module.children(), None) is not None
+            and all(next(child.children(), None) is None for child in module.children()))
+
+
 def _is_block(module: nn.Module) -> bool:
-    return next(module.children(), None) is not None and next(module.parameters(), None) is not None
+    """A child with parameters and children of its own that is not an op group."""
+    if next(module.children(), None) is None or next(module.parameters(), None) is None:
+        return False
+    return not _is_op_group(module)
 
 
 def _blocks_of(path: str, module: nn.Module) -> list[str] | None:
@@ -102,7 +115,15 @@ def _blocks_of(path: str, module: nn.Module) -> list[str] | None:
 
 
 def _is_stage(path: str, module: nn.Module) -> bool:
-    return _blocks_of(path, module) is not None
+    """Whether ``module`` holds a list of blocks and nothing but blocks in it: a list that mixes op groups with a
+    block (an MBConv's ``block``: conv groups around a squeeze-excitation) is the inside of one block."""
+    blocks = _blocks_of(path, module)
+    if blocks is None:
+        return False
+    holder_path = blocks[0].rpartition(".")[0]
+    holder = module.get_submodule(holder_path[len(path) + 1:] if path else holder_path) if holder_path != path \
+        else module
+    return not any(_is_op_group(child) for child in holder.children())
 
 
 def _outline(model: nn.Module) -> Outline:
@@ -115,7 +136,8 @@ def _outline(model: nn.Module) -> Outline:
     if not stage_paths:
         return _fallback(model)
     stem = stems[-1] if stems else _stem_before(model, stage_paths[0])
-    staged = [(path, _blocks_of(path, modules[path])) for path in stage_paths]
+    staged = [(path, _blocks_of(path, modules[path]) if _is_stage(path, modules[path]) else None)
+              for path in stage_paths]
     parts: list[Part] = []
     if stem is not None:
         parts.append(Part(stem, "stem", f"{stem} · stem output{_scale(reductions.get(stem))}"))
@@ -198,22 +220,28 @@ def _trunk_from_info(info, modules):
 
 
 def _trunk_from_walk(model: nn.Module) -> list[str] | None:
-    """The stages of the shallowest module with two or more stage children (lists of stages expanded), else the
-    blocks of the first list of blocks (blocks without stages); None when neither exists."""
+    """The stages of the shallowest module with two or more stage children, else the blocks of the first list of
+    blocks (blocks without stages); None when neither exists. A module with one stage child that is a list of
+    stages (a ``stages`` list) counts those stages; a module with two or more stage children keeps them as they are
+    (torchvision EfficientNet's ``features.1`` .. ``features.7``, whose MBConv blocks hold lists of their own)."""
     first_list = None
     for path, module in model.named_modules():
         stages: list[str] = []
+        expanded_stages: list[str] = []
         for name, child in module.named_children():
             child_path = _join(path, name)
             if not _is_stage(child_path, child):
                 continue
+            stages.append(child_path)
             inner = _blocks_of(child_path, child) or []
             children = dict(child.named_children())
             expanded = [block for block in inner if block.rpartition(".")[0] == child_path
                         and _is_stage(block, children[block.rpartition(".")[2]])]
-            stages += expanded if expanded and len(expanded) == len(inner) else [child_path]
+            expanded_stages += expanded if expanded and len(expanded) == len(inner) else [child_path]
         if len(stages) >= 2:
             return stages
+        if len(expanded_stages) >= 2:
+            return expanded_stages
         if first_list is None and isinstance(module, _LISTS) and _blocks_of(path, module):
             first_list = _blocks_of(path, module)
     return first_list

@@ -189,6 +189,24 @@ def test_torchvision_resnet_found_by_the_walk():
     assert explanation.target_name(0, 1).startswith("class ")
 
 
+def test_torchvision_mobile_networks_found_by_the_walk():
+    # EfficientNet: features.1..7 are stages of MBConv blocks (an MBConv's own list of conv groups around a
+    # squeeze-excitation is the inside of one block); features.0 is the stem, features.8 the head's final map
+    torch.manual_seed(0)
+    effnet = torchvision.models.efficientnet_b0(num_classes=5).eval()
+    specs = cams.available_layers(effnet)
+    assert [spec.name for spec in specs if spec.kind != "block"] == [f"features.{index}" for index in range(9)]
+    assert cams.block_layers(effnet)[:3] == ["features.1.0", "features.2.0", "features.2.1"]
+    assert len(cams.block_layers(effnet)) == 16 and cams.layers.default_layers(effnet) == ["features.7", "features.8"]
+    # MobileNetV2 has no stages: its 17 inverted-residual blocks, between a conv-group stem and the head's map
+    mobile = torchvision.models.mobilenet_v2(num_classes=5).eval()
+    assert cams.block_layers(mobile) == [f"features.{index}" for index in range(1, 18)]
+    outer = [spec.name for spec in cams.available_layers(mobile) if spec.kind != "block"]
+    assert outer == ["features.0", "features.18"]
+    heatmaps = explain(effnet, _images(1, 64, 64), ["features.3", "features.8"]).heatmaps
+    assert bool(torch.isfinite(heatmaps).all()) and float(heatmaps.amax(dim=(-2, -1)).min()) > 0  # random: tiny maps
+
+
 def test_torchvision_vit_class_token_found_by_the_walk():
     from torchvision.models.vision_transformer import VisionTransformer
 
