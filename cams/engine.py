@@ -403,7 +403,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                 if not scored:
                     meter.add(batch.shape[0])
     probs = torch.cat(all_probs)
-    options = run_options(eigen_smooth, precision)
+    options = run_options(method, eigen_smooth, precision)
     return Explanation(
         heatmaps=heatmaps, targets=all_ids, probs=probs, layers=tuple(layers), method=method,
         class_names=tuple(class_names) if class_names is not None else fallback_class_names(model, all_probs), raw=kept,
@@ -411,10 +411,13 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     )
 
 
-def run_options(eigen_smooth: bool, precision: str) -> tuple[tuple[str, object], ...]:
-    """The options of a run that change its maps (:attr:`Explanation.options`); the defaults are left out."""
-    return tuple((key, value) for key, value in (("eigen_smooth", eigen_smooth), ("precision", precision))
-                 if value not in (False, "float32"))
+def run_options(method: str, eigen_smooth: bool, precision: str) -> tuple[tuple[str, object], ...]:
+    """The options of a run that change ``method``'s maps (:attr:`Explanation.options`): the defaults are left out,
+    and so are options the method does not use (eigen_smooth outside ``EIGEN_SMOOTH_METHODS``, bfloat16 outside
+    ``SCORED_METHODS``), so the record says how the maps were made."""
+    used = (("eigen_smooth", eigen_smooth and method in EIGEN_SMOOTH_METHODS),
+            ("precision", precision if method in SCORED_METHODS else "float32"))
+    return tuple((key, value) for key, value in used if value not in (False, "float32"))
 
 
 def _not_finite(values: torch.Tensor) -> torch.Tensor:

@@ -361,5 +361,5 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
     return Explanation(heatmaps=heatmaps, targets=all_ids, probs=probs, layers=tuple(layers), method=method,
                        class_names=tuple(class_names) if class_names is not None else fallback_class_names(
                            model, all_probs),
-                       guided=guided_all, options=run_options(eigen_smooth, precision), raw=kept,
+                       guided=guided_all, options=run_options(method, eigen_smooth, precision), raw=kept,
                        errors=image_errors(probs, heatmaps))

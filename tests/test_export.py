@@ -816,6 +816,14 @@ def test_eigen_smooth_with_a_method_it_does_not_change_is_dropped_with_a_warning
     assert "eigen_smooth" not in record_settings(tmp_path / "out")[0]
 
 
+def test_bfloat16_with_a_method_without_extra_forwards_is_dropped_with_a_warning(tmp_path, models):
+    report = run_export([("a.png", encode(noise(40, 40), "PNG"))], tmp_path / "out", models, layers=["layer4"],
+                        method="gradcam", precision="bfloat16", overlays=False)
+    assert report.ok and any("Grad-CAM runs in float32" in warning for warning in report.warnings)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["precision"] == "float32"
+    assert "precision" not in record_settings(tmp_path / "out")[0]
+
+
 @pytest.mark.parametrize("option", ["aug_smooth", "eigen_smooth"])
 def test_an_option_that_is_not_a_bool_is_refused(tmp_path, models, option):
     with pytest.raises(ExportError, match=f"{option} must be True or False"):

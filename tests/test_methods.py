@@ -244,6 +244,12 @@ def test_scorecam_skips_constant_channels_and_bf16_is_recorded():
     assert masked[1:] == [acts[0].shape[1] - constant + 1]
     half = explain(model, images, ["layer4"], "scorecam", precision="bfloat16")
     assert dict(half.options) == {"precision": "bfloat16"}
+    # an option the method does not use is not recorded: the record says how the maps were made
+    plain = explain(model, images, ["layer4"], "gradcam")
+    unused = explain(model, images, ["layer4"], "gradcam", precision="bfloat16")
+    assert unused.options == () and torch.equal(unused.heatmaps, plain.heatmaps)
+    assert explain(model, images, ["layer4"], "eigencam_fixed", eigen_smooth=True).options == ()
+    assert dict(explain(model, images, ["layer4"], "gradcam", eigen_smooth=True).options) == {"eigen_smooth": True}
 
 
 def test_every_method_keeps_the_model_and_runs_under_inference_mode(demo):

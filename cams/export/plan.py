@@ -10,7 +10,7 @@ from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
-from cams.engine import EIGEN_SMOOTH_METHODS, METHODS, PRECISIONS, resolve_classes
+from cams.engine import EIGEN_SMOOTH_METHODS, METHODS, PRECISIONS, SCORED_METHODS, resolve_classes
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
@@ -333,8 +333,8 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
     "predicted" (each image's top-``topk`` classes), or class ids / names (see :func:`target_list`). ``labels``:
     image key (:func:`cams.export.labels.image_key`) -> its class id or name, explained instead.
     ``precision``, ``aug_smooth``, ``eigen_smooth``: ``cams.explain``'s options; ``eigen_smooth`` with a method it
-    does not change (not in ``EIGEN_SMOOTH_METHODS``) is dropped, with a warning, so the records say what was
-    computed."""
+    does not change (not in ``EIGEN_SMOOTH_METHODS``) and bfloat16 with a method without extra forwards (not in
+    ``SCORED_METHODS``) are dropped, with a warning, so the records say what was computed."""
     classes = target_list(target)
     validate_settings(method, topk, batch_size, mode, colormap, opacity, align, overlay_format, classes,
                       labels is not None)
@@ -347,6 +347,10 @@ def plan_export(models: Mapping[str, tuple[Any, Any]], layers: LayerChoice = Non
         warn(f"eigen_smooth does not change {METHODS[method]}'s maps (it applies to "
              f"{', '.join(sorted(EIGEN_SMOOTH_METHODS))}); ignored")
         eigen_smooth = False
+    if precision != "float32" and method not in SCORED_METHODS:
+        warn(f"precision {precision} changes only the extra forwards of "
+             f"{', '.join(METHODS[name] for name in sorted(SCORED_METHODS))}; {METHODS[method]} runs in float32")
+        precision = "float32"
     return ExportPlan(tuple(plan_models(models, layers, topk, warn, align, classes, labels)), method, topk,
                       batch_size, mode, colormap, float(opacity), overwrite, align, cell_size, overlay_format,
                       bool(overlays), classes, labels is not None, bool(raw_maps), precision, aug_smooth,
