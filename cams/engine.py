@@ -307,6 +307,42 @@ def checked_run(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | 
     return layers, modules, offsets, plan
 
 
+class Results:
+    """An explain call's outputs, filled batch by batch: heatmaps ``[N, T, L, H, W]`` (and the raw maps with
+    ``keep_raw``), each image's class ids and probabilities; :meth:`explanation` makes the :class:`Explanation`."""
+
+    def __init__(self, images: torch.Tensor, plan, n_layers: int, keep_raw: bool):
+        """For the model inputs ``images`` ``[N, 3, H, W]`` and :func:`checked_run`'s target ``plan``."""
+        self.count, self.n_targets = int(images.shape[0]), target_count(plan)
+        self.size = (int(images.shape[-2]), int(images.shape[-1]))
+        count, n_targets, size = self.count, self.n_targets, self.size
+        self.heatmaps = torch.empty((count, n_targets, n_layers, *size), dtype=torch.float32)
+        self.raw = torch.empty_like(self.heatmaps) if keep_raw else None
+        self.ids = torch.empty((count, n_targets), dtype=torch.int64)
+        self.probs: list[torch.Tensor] = []
+
+    def add_batch(self, start: int, class_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """The batch of images from ``start``: its class ids ``[n, T]`` and logits ``[n, classes]``."""
+        self.ids[start:start + class_ids.shape[0]] = class_ids.cpu()
+        self.probs.append(torch.softmax(logits.detach().float(), dim=1).cpu())
+
+    def put(self, start: int, position: int, maps: torch.Tensor, raw: torch.Tensor | None = None) -> None:
+        """The heatmaps ``[T, n, H, W]`` of the layer at ``position`` for the batch from ``start`` (and, when kept,
+        its raw maps, same shape)."""
+        stop = start + maps.shape[1]
+        self.heatmaps[start:stop, :, position] = maps.transpose(0, 1).cpu()
+        if self.raw is not None and raw is not None:
+            self.raw[start:stop, :, position] = raw.transpose(0, 1).cpu()
+
+    def explanation(self, model: nn.Module, layers: Sequence[str], method: str, class_names: Sequence[str] | None,
+                    options: tuple[tuple[str, object], ...], guided: torch.Tensor | None = None) -> Explanation:
+        probs = torch.cat(self.probs)
+        names = tuple(class_names) if class_names is not None else fallback_class_names(model, self.probs)
+        return Explanation(heatmaps=self.heatmaps, targets=self.ids, probs=probs, layers=tuple(layers), method=method,
+                           class_names=names, guided=guided, options=options, raw=self.raw,
+                           errors=image_errors(probs, self.heatmaps))
+
+
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str, method: str = "gradcam",
             targets=None, class_names: Sequence[str] | None = None, batch_size: int = 32,
             align: str | Mapping[str, Sequence[float]] = "model", progress: Progress | None = None,
@@ -358,13 +394,8 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
 
     with torch.inference_mode(False):
         images = model_input(model, images)
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        count = images.shape[0]
-        n_targets = target_count(plan)
-        heatmaps = torch.empty((count, n_targets, len(layers), *size), dtype=torch.float32)
-        kept = torch.empty_like(heatmaps) if keep_raw else None
-        all_ids = torch.empty((count, n_targets), dtype=torch.int64)
-        all_probs: list[torch.Tensor] = []
+        results = Results(images, plan, len(layers), keep_raw)
+        size, count, n_targets = results.size, results.count, results.n_targets
         want_grad = method in GRADIENT_METHODS
         scored = method == "scorecam"  # counts channels, not images
         meter = Meter(progress, 0 if scored else count)
@@ -373,8 +404,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                 batch = images[start:start + batch_size]
                 logits, outputs = capture.run(model, batch, want_grad)
                 class_ids = explained_classes(logits, top_k, fixed_ids, start)
-                all_ids[start:start + batch.shape[0]] = class_ids.cpu()
-                all_probs.append(torch.softmax(logits.detach().float(), dim=1).cpu())
+                results.add_batch(start, class_ids, logits)
                 acts = [outputs[name] for name in layers]
                 grads = gradients(logits, class_ids, acts) if want_grad else None
                 if scored:  # one masked input per channel of every layer, for each image
@@ -394,21 +424,12 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
                     else:
                         raw = score_cam_maps(model, batch, act, class_ids, batch_size, meter, eigen_smooth,
                                              precision)
-                    maps = normalise(raw, size, offsets[position])  # [T, n, H, W]
-                    heatmaps[start:start + batch.shape[0], :, position] = maps.transpose(0, 1).cpu()
-                    if kept is not None:
-                        kept[start:start + batch.shape[0], :, position] = unnormalised(
-                            raw, size, offsets[position]).transpose(0, 1).cpu()
+                    results.put(start, position, normalise(raw, size, offsets[position]),  # [T, n, H, W]
+                                unnormalised(raw, size, offsets[position]) if keep_raw else None)
                 del acts, grads
                 if not scored:
                     meter.add(batch.shape[0])
-    probs = torch.cat(all_probs)
-    options = run_options(method, eigen_smooth, precision)
-    return Explanation(
-        heatmaps=heatmaps, targets=all_ids, probs=probs, layers=tuple(layers), method=method,
-        class_names=tuple(class_names) if class_names is not None else fallback_class_names(model, all_probs), raw=kept,
-        errors=image_errors(probs, heatmaps), options=options,
-    )
+    return results.explanation(model, layers, method, class_names, run_options(method, eigen_smooth, precision))
 
 
 def run_options(method: str, eigen_smooth: bool, precision: str) -> tuple[tuple[str, object], ...]:

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cams.align import NO_OFFSET
-from cams.cam_maths import (explained_classes, gradients, grad_cam_maps, model_input, target_count)
-from cams.engine import (NORM_EPS, Capture, Explanation, Meter, Progress, checked_run,
-                         fallback_class_names, image_errors, normalise, run_options, unnormalised)
+from cams.cam_maths import (explained_classes, gradients, grad_cam_maps, model_input)
+from cams.engine import (NORM_EPS, Capture, Explanation, Meter, Progress, Results, checked_run, normalise,
+                         run_options, unnormalised)
 from cams.layers import to_grid
 
 # pytorch-grad-cam's FinerCAM defaults (finer_cam.DEFAULT_COMPARISON_CATEGORIES, alpha) and FinerWeightedTarget's eps.
@@ -301,14 +301,9 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
     top_k, fixed_ids = plan
     with torch.inference_mode(False):
         images = model_input(model, images)
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        count = images.shape[0]
-        n_targets = target_count(plan)
-        heatmaps = torch.empty((count, n_targets, len(layers), *size), dtype=torch.float32)
-        kept = torch.empty_like(heatmaps) if keep_raw else None
+        results = Results(images, plan, len(layers), keep_raw)
+        size, count, n_targets = results.size, results.count, results.n_targets
         guided_all = torch.empty((count, n_targets, 3, *size)) if method == "guidedgradcam" else None
-        all_ids = torch.empty((count, n_targets), dtype=torch.int64)
-        all_probs: list[torch.Tensor] = []
         ablation = method == "ablationcam"
         meter = Meter(progress, 0 if ablation else count)
         with Capture(modules) as capture:
@@ -340,26 +335,19 @@ def explain_own(model: nn.Module, images: torch.Tensor, layers: Sequence[str], m
                     logits, class_ids, raws = ablation_batch(model, capture, modules, batch, layers, size,
                                                              class_ids_of, batch_size, meter, eigen_smooth,
                                                              precision, reshape)
-                all_ids[start:stop] = class_ids.cpu()
-                all_probs.append(torch.softmax(logits.float(), dim=1).cpu())
+                results.add_batch(start, class_ids, logits)
                 for position, raw in enumerate(raws):
                     offset = NO_OFFSET if shared_map is not None else offsets[position]
                     maps = normalise(raw.detach(), size, offset)  # [T, n, H, W]
-                    unscaled = unnormalised(raw.detach(), size, offset) if kept is not None else None
+                    unscaled = unnormalised(raw.detach(), size, offset) if keep_raw else None
                     if method == "guidedgradcam":
                         if unscaled is not None:
                             unscaled = (unscaled[:, :, None] * guided).abs().amax(dim=2)
                         maps = _min_max_maps((maps[:, :, None] * guided).abs().amax(dim=2))  # one min-max
-                    if unscaled is not None:
-                        kept[start:stop, :, position] = unscaled.transpose(0, 1).cpu()
-                    heatmaps[start:stop, :, position] = maps.transpose(0, 1).cpu()
+                    results.put(start, position, maps, unscaled)
                 if guided_all is not None:
                     guided_all[start:stop] = guided.transpose(0, 1).float().cpu()
                 if not ablation:
                     meter.add(batch.shape[0])
-    probs = torch.cat(all_probs)
-    return Explanation(heatmaps=heatmaps, targets=all_ids, probs=probs, layers=tuple(layers), method=method,
-                       class_names=tuple(class_names) if class_names is not None else fallback_class_names(
-                           model, all_probs),
-                       guided=guided_all, options=run_options(method, eigen_smooth, precision), raw=kept,
-                       errors=image_errors(probs, heatmaps))
+    return results.explanation(model, layers, method, class_names, run_options(method, eigen_smooth, precision),
+                               guided_all)
