@@ -120,9 +120,8 @@ def _is_stage(path: str, module: nn.Module) -> bool:
     blocks = _blocks_of(path, module)
     if blocks is None:
         return False
-    holder_path = blocks[0].rpartition(".")[0]
-    holder = module.get_submodule(holder_path[len(path) + 1:] if path else holder_path) if holder_path != path \
-        else module
+    inside = blocks[0].rpartition(".")[0][len(path):].lstrip(".")  # the list's path below ``module``
+    holder = module.get_submodule(inside) if inside else module
     return not any(_is_op_group(child) for child in holder.children())
 
 
