@@ -307,6 +307,7 @@ class Settings:
     mode: str
     align: str
     options: CamOptions = field(default_factory=CamOptions)
+    every_model: bool = False  # every model explains every image (off: scenes by the demo models, photos by the rest)
 
     def layers_of(self, slot: Slot) -> tuple[str, ...]:
         """The layers picked for the slot's group (``ZooEntry.layer_group``: a pfnet family, else the model)."""

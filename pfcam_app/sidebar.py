@@ -304,6 +304,13 @@ def settings_sidebar(defaults: tuple[str, ...]) -> Settings:
              "look at. Models with a measured offset (the demo models) are drawn moved by it, every layer of the "
              "same stride alike (the model card lists them); off: the plain resize, as pytorch-grad-cam draws "
              "it.") else "none"
+    every_model = st.toggle(
+        "Every model on every image", value=False, key="every_model",
+        help="Off: a demo scene is explained by the demo models and a bundled photo by the ImageNet models, each by "
+             "the networks that know its kind of picture (uploads by every model). On: every model explains every "
+             "image, to compare them on the same picture; a demo model on a photo then makes a forced guess among "
+             "its 10 shapes, and the page says so.")
     with core.guard("Device"):
         st.caption(f"Device in use: **{core.device_name()}** (set `PFCAM_DEVICE` to change)")
-    return Settings(slots, ready, method, layers_by_family, target, colormap, opacity, mode, align, options)
+    return Settings(slots, ready, method, layers_by_family, target, colormap, opacity, mode, align, options,
+                    every_model)

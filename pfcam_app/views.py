@@ -230,9 +230,9 @@ def render_image(source: Source, settings: Settings, stopped: frozenset = frozen
         st.error(f"**{plain(source.name)}** cannot be used — {plain(error_text(exc))}",
                  icon=":material/broken_image:")
         return {}
-    slots = suited_slots(source, settings.runnable)
+    slots = settings.runnable if settings.every_model else suited_slots(source, settings.runnable)
     if len(slots) < len(settings.runnable):
-        st.caption(SUITED_NOTE[source.kind])
+        st.caption(f"{SUITED_NOTE[source.kind]} *Every model on every image* in the sidebar shows the others too.")
     _photo_warning(source, slots)
     shown, scale = display_copy(image)
     timings: dict[str, float] = {}

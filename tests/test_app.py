@@ -62,6 +62,15 @@ def test_first_screen_without_flags_or_network_shows_an_example_and_heatmaps(tmp
     assert list(at.multiselect(key="models").value) == list(DEMO) + ["effnet_lite0"]
     assert [e.label for e in at.sidebar.expander] == \
         ["Demo R50 (scenes) · bundled", "Demo R50-hybrid (scenes) · bundled", "EfficientNet-Lite0 · installed"]
+    at.toggle(key="every_model").set_value(True)  # every model on every image: the demo models on the photos too
+    at.run()
+    assert_clean(at)
+    photos = [cell.captions[0] for cell in overlays(at) if " · pointing " not in cell.captions[0]]
+    assert len(photos) == 12 and sum(caption.startswith("espresso · ") for caption in photos) == 2
+    assert any("forced guess" in warning.value for warning in at.warning)  # what a demo model on a photo means
+    scene = [cell for cell in overlays(at) if " · pointing " in cell.captions[0]]
+    assert len(scene) == 6  # and EfficientNet-Lite0 on the scene
+    at.toggle(key="every_model").set_value(False)
     at.multiselect(key="models").set_value(list(DEMO) + ["r50"])
     at.run()
     assert any(e.label == "R50 · no network" for e in at.expander)  # not "can download"
