@@ -178,28 +178,34 @@ def explained_classes(logits: torch.Tensor, top_k: int | None, fixed_ids: list[i
     return torch.tensor(fixed_ids, dtype=torch.int64, device=logits.device).expand(logits.shape[0], -1).contiguous()
 
 
-def gradients(logits: torch.Tensor, class_ids: torch.Tensor, activations: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d(sum_i logits[i, class_ids[i, t]]) / d(activation) for every t: ``[T, *activation.shape]`` each."""
-    unique: list[torch.Tensor] = []
-    for tensor in activations:
-        if not any(tensor is seen for seen in unique):
-            unique.append(tensor)
-    count = class_ids.shape[1]
+def one_hot(logits: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """``[T, n, K]``: for each target t, 1 at each image's class ``class_ids[:, t]``."""
+    hot = torch.zeros((class_ids.shape[1], *logits.shape), dtype=logits.dtype, device=logits.device)
+    return hot.scatter_(2, class_ids.t().unsqueeze(2), 1.0)
+
+
+def grads_for(outputs: torch.Tensor, grad_outputs: torch.Tensor, inputs: list[torch.Tensor],
+              retain_graph: bool = False) -> list[torch.Tensor]:
+    """One ``torch.autograd.grad`` of ``outputs`` with one cotangent per target (``grad_outputs`` ``[T, *outputs]``)
+    -> ``[T, *input.shape]`` per input (zeros where an input does not reach the outputs). An input listed twice (two
+    layer names for one tensor) is differentiated once."""
+    unique = list({id(tensor): tensor for tensor in inputs}.values())
+    count = grad_outputs.shape[0]
     if count == 1:
-        score = logits.gather(1, class_ids).sum()
-        grads = torch.autograd.grad(score, unique, allow_unused=True)
+        grads = torch.autograd.grad(outputs, unique, grad_outputs=grad_outputs[0], retain_graph=retain_graph,
+                                    allow_unused=True)
         grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
     else:
-        one_hot = torch.zeros((count, *logits.shape), dtype=logits.dtype, device=logits.device)
-        one_hot.scatter_(2, class_ids.t().unsqueeze(2), 1.0)
-        grads = torch.autograd.grad(logits, unique, grad_outputs=one_hot, is_grads_batched=True, allow_unused=True)
-    result = []
-    for tensor in activations:
-        index = next(position for position, seen in enumerate(unique) if seen is tensor)
-        grad = grads[index]
-        result.append(torch.zeros((count, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-                      if grad is None else grad)
-    return result
+        grads = torch.autograd.grad(outputs, unique, grad_outputs=grad_outputs, retain_graph=retain_graph,
+                                    is_grads_batched=True, allow_unused=True)
+    found = {id(tensor): grad for tensor, grad in zip(unique, grads)}
+    return [torch.zeros((count, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+            if found[id(tensor)] is None else found[id(tensor)] for tensor in inputs]
+
+
+def gradients(logits: torch.Tensor, class_ids: torch.Tensor, activations: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(sum_i logits[i, class_ids[i, t]]) / d(activation) for every t: ``[T, *activation.shape]`` each."""
+    return grads_for(logits, one_hot(logits, class_ids), activations)
 
 
 def eigen_smoothed(weighted: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,29 +161,21 @@ def check_method(model: nn.Module, method: str, layers: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ capture
-class Capture:
-    """Forward hooks that record the requested layers' outputs of this thread's forward passes only."""
+class ForwardHooks:
+    """Forward hooks on ``(module, key)`` pairs for one call: registered on enter (none left behind when one fails),
+    removed on exit. A hook acts only while :attr:`active` and in the thread that made this object (:meth:`mine`),
+    so a model shared with other threads is not touched by their passes. Subclasses give :meth:`_hook`."""
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, targets: list[tuple[nn.Module, Any]]):
         self.owner = threading.get_ident()
-        self.groups: list[tuple[nn.Module, list[str]]] = []
-        for name, module in modules.items():
-            for held, names in self.groups:
-                if held is module:
-                    names.append(name)
-                    break
-            else:
-                self.groups.append((module, [name]))
+        self.targets = targets
         self.handles: list = []
         self.active = False
-        self.want_grad = False
-        self.grad_started = False
-        self.outputs: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> Capture:
+    def __enter__(self):
         try:
-            for module, names in self.groups:
-                self.handles.append(module.register_forward_hook(self._hook(names)))
+            for module, key in self.targets:
+                self.handles.append(module.register_forward_hook(self._hook(key)))
         except BaseException:
             self.close()
             raise
@@ -195,12 +188,40 @@ class Capture:
         handles, self.handles = self.handles, []
         for handle in handles:
             handle.remove()
-        self.outputs = {}
         self.active = False
+
+    def mine(self) -> bool:
+        """Whether a hook firing now should act: this object is active and this is its thread."""
+        return self.active and threading.get_ident() == self.owner
+
+    def _hook(self, key: Any) -> Callable:
+        raise NotImplementedError
+
+
+class Capture(ForwardHooks):
+    """Forward hooks that record the requested layers' outputs of this thread's forward passes only."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        groups: list[tuple[nn.Module, list[str]]] = []
+        for name, module in modules.items():
+            for held, names in groups:
+                if held is module:
+                    names.append(name)
+                    break
+            else:
+                groups.append((module, [name]))
+        super().__init__(groups)  # (module, the names it answers to)
+        self.want_grad = False
+        self.grad_started = False
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def close(self) -> None:
+        super().close()
+        self.outputs = {}
 
     def _hook(self, names: list[str]):
         def hook(module, inputs, output):
-            if not self.active or threading.get_ident() != self.owner:
+            if not self.mine():
                 return None
             tensor = output_tensor(output)  # a tuple's first tensor (timm's PiT stages)
             if tensor is None:
@@ -237,7 +258,7 @@ class Capture:
         finally:
             self.active = False
         outputs, self.outputs = self.outputs, {}
-        missing = [name for _, names in self.groups for name in names if name not in outputs]
+        missing = [name for _, names in self.targets for name in names if name not in outputs]
         if missing:
             raise LayerError(f"layers {missing} did not run in the forward pass")
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:

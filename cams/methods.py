@@ -23,7 +23,6 @@ forward and one gradient call of the other methods, and how close each gets to t
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cams.align import NO_OFFSET
-from cams.cam_maths import (explained_classes, gradients, grad_cam_maps, model_input)
-from cams.engine import (NORM_EPS, Capture, Explanation, Meter, Progress, Results, checked_run, normalise,
+from cams.cam_maths import explained_classes, grad_cam_maps, gradients, grads_for, model_input, one_hot
+from cams.engine import (NORM_EPS, Capture, Explanation, ForwardHooks, Meter, Progress, Results, checked_run, normalise,
                          run_options, unnormalised)
 from cams.layers import to_grid
 
@@ -46,56 +45,17 @@ SMOOTHGRADCAMPP_STD = 0.3
 SMOOTHGRADCAMPP_EPS = 1e-8
 
 
-def _one_hot(logits: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-    """``[T, n, K]``: for each target t, 1 at each image's class ``class_ids[:, t]``."""
-    one_hot = torch.zeros((class_ids.shape[1], *logits.shape), dtype=logits.dtype, device=logits.device)
-    return one_hot.scatter_(2, class_ids.t().unsqueeze(2), 1.0)
-
-
-def grads_for(outputs: torch.Tensor, grad_outputs: torch.Tensor, inputs: list[torch.Tensor],
-              retain_graph: bool = False) -> list[torch.Tensor]:
-    """One ``torch.autograd.grad`` of ``outputs`` with one cotangent per target (``grad_outputs`` ``[T, *outputs]``)
-    -> ``[T, *input.shape]`` per input (zeros where an input does not reach the outputs)."""
-    count = grad_outputs.shape[0]
-    if count == 1:
-        grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs[0], retain_graph=retain_graph,
-                                    allow_unused=True)
-        grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
-    else:
-        grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
-                                    is_grads_batched=True, allow_unused=True)
-    return [torch.zeros((count, *tensor.shape), dtype=tensor.dtype, device=tensor.device) if grad is None else grad
-            for grad, tensor in zip(grads, inputs)]
-
-
-class _TensorHooks:
-    """Forward hooks on ``modules`` (this call, this thread) that put ``on_output(index, output)`` on each output."""
+class _TensorHooks(ForwardHooks):
+    """Forward hooks on ``modules`` (this call, this thread) that put ``on_output(index, output)`` on each output
+    that requires grad."""
 
     def __init__(self, modules: list[nn.Module], on_output):
-        self.owner = threading.get_ident()
-        self.modules, self.on_output = modules, on_output
-        self.handles: list = []
-        self.active = False
-
-    def __enter__(self) -> _TensorHooks:
-        try:
-            for index, module in enumerate(self.modules):
-                self.handles.append(module.register_forward_hook(self._hook(index)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        handles, self.handles = self.handles, []
-        for handle in handles:
-            handle.remove()
-        self.active = False
+        super().__init__([(module, index) for index, module in enumerate(modules)])
+        self.on_output = on_output
 
     def _hook(self, index: int):
         def hook(module, inputs, output):
-            if self.active and threading.get_ident() == self.owner and isinstance(output, torch.Tensor) \
-                    and output.requires_grad:
+            if self.mine() and isinstance(output, torch.Tensor) and output.requires_grad:
                 self.on_output(index, output)
         return hook
 
@@ -117,7 +77,7 @@ def _guided_batch(model, capture, batch, layers, size, class_ids_of, eigen_smoot
     class_ids = class_ids_of(logits)
     acts = [outputs[name] for name in layers]
     state["guided"] = True
-    guided = grads_for(logits, _one_hot(logits, class_ids), [leaf], retain_graph=True)[0]
+    guided = grads_for(logits, one_hot(logits, class_ids), [leaf], retain_graph=True)[0]
     state["guided"] = False
     grads = gradients(logits, class_ids, acts)
     raws = []
@@ -214,12 +174,9 @@ def _finer_batch(model, capture, batch, layers, size, class_ids_of, eigen_smooth
     logits, outputs = capture.run(model, batch, want_grad=True)
     class_ids = class_ids_of(logits)
     acts = [outputs[name] for name in layers]
-    unique = list({id(act): act for act in acts}.values())
-    cotangents = finer_targets(logits, class_ids).to(logits.dtype)
-    grads = dict(zip((id(act) for act in unique), grads_for(logits, cotangents, unique)))
+    grads = grads_for(logits, finer_targets(logits, class_ids).to(logits.dtype), acts)
     raws = []
-    for name, act in zip(layers, acts):
-        grad = grads[id(act)]
+    for name, act, grad in zip(layers, acts, grads):
         grid = to_grid(model, name, act.detach(), size, reshape)
         grad = to_grid(model, name, grad.flatten(0, 1), size, reshape).unflatten(0, grad.shape[:2])
         raws.append(grad_cam_maps("gradcam", grid, grad, eigen_smooth))
