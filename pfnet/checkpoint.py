@@ -36,15 +36,21 @@ _LEGACY_PICKLES = 4  # torch's pre-zip format: magic number, protocol, system in
 def max_bytes() -> int:
     """The hard cap on checkpoints (env ``PFCAM_MAX_BYTES``, default 1 GiB): on a path's file size, an upload's
     or download's bytes, and on what a file would decompress or allocate to."""
-    raw = os.environ.get("PFCAM_MAX_BYTES", "").strip()
+    return _positive_setting("PFCAM_MAX_BYTES", "bytes", DEFAULT_MAX_BYTES)
+
+
+def _positive_setting(name: str, unit: str, default: int) -> int:
+    """The environment variable ``name`` as a positive whole number, ``default`` when it is unset, empty or not
+    positive; :class:`PfnetError` naming it when it is not a number."""
+    raw = os.environ.get(name, "").strip()
     if raw:
         try:
             value = int(float(raw))
         except ValueError:
-            raise PfnetError(f"PFCAM_MAX_BYTES must be a number of bytes, not {raw!r}") from None
+            raise PfnetError(f"{name} must be a number of {unit}, not {raw!r}") from None
         if value > 0:
             return value
-    return DEFAULT_MAX_BYTES
+    return default
 
 
 DEFAULT_MAX_TENSORS = 100_000  # the zoo's checkpoints hold 150-700 tensors, optimizer state included a few thousand
@@ -54,15 +60,7 @@ TENSOR_OVERHEAD = 2048  # bytes a parsed tensor holds besides its data (its obje
 def max_tensors() -> int:
     """The cap on the number of tensors a checkpoint may hold (env ``PFCAM_MAX_TENSORS``, default 100,000): a
     file of a million one-byte tensors would pin ~1.8 GB once parsed, though its data is 1 MB."""
-    raw = os.environ.get("PFCAM_MAX_TENSORS", "").strip()
-    if raw:
-        try:
-            value = int(float(raw))
-        except ValueError:
-            raise PfnetError(f"PFCAM_MAX_TENSORS must be a number of tensors, not {raw!r}") from None
-        if value > 0:
-            return value
-    return DEFAULT_MAX_TENSORS
+    return _positive_setting("PFCAM_MAX_TENSORS", "tensors", DEFAULT_MAX_TENSORS)
 
 
 def check_tensors(nbytes: int, count: int, what: str) -> None:
