@@ -453,11 +453,12 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[str] | str,
     return results.explanation(model, layers, method, class_names, run_options(method, eigen_smooth, precision))
 
 
-def run_options(method: str, eigen_smooth: bool, precision: str) -> tuple[tuple[str, object], ...]:
+def run_options(method: str, eigen_smooth: bool, precision: str, aug_smooth: bool = False
+                ) -> tuple[tuple[str, object], ...]:
     """The options of a run that change ``method``'s maps (:attr:`Explanation.options`): the defaults are left out,
     and so are options the method does not use (eigen_smooth outside ``EIGEN_SMOOTH_METHODS``, bfloat16 outside
     ``SCORED_METHODS``), so the record says how the maps were made."""
-    used = (("eigen_smooth", eigen_smooth and method in EIGEN_SMOOTH_METHODS),
+    used = (("aug_smooth", aug_smooth), ("eigen_smooth", eigen_smooth and method in EIGEN_SMOOTH_METHODS),
             ("precision", precision if method in SCORED_METHODS else "float32"))
     return tuple((key, value) for key, value in used if value not in (False, "float32"))
 

@@ -10,7 +10,7 @@ from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 from cams.align import ALIGN_MODES, layer_offsets
-from cams.engine import EIGEN_SMOOTH_METHODS, METHODS, PRECISIONS, SCORED_METHODS, resolve_classes
+from cams.engine import EIGEN_SMOOTH_METHODS, METHODS, PRECISIONS, SCORED_METHODS, resolve_classes, run_options
 from cams.export.encode import DEFAULT_FORMAT, FORMATS, overlay_suffix
 from cams.export.files import ExportError, entry_key, usable_entry
 from cams.export.inputs import safe_name, short_hash
@@ -113,7 +113,7 @@ class ExportPlan:
     def run_options(self) -> dict[str, Any]:
         """The options an explanation of this plan records (``Explanation.options`` as a dict; defaults left
         out): an explanation made with other options is not this plan's."""
-        return {key: value for key, value in self.explain_options.items() if value not in (False, "float32")}
+        return dict(run_options(self.method, self.eigen_smooth, self.precision, self.aug_smooth))
 
     def outputs(self, model: ModelPlan) -> list[tuple[str, str]]:
         """The (layer, target) results every image gets from ``model`` (targets: :attr:`ModelPlan.targets`)."""
