@@ -282,6 +282,6 @@ def _show(runs: dict[str, ModelRun], settings: Settings) -> None:
     st.dataframe(table.rename(columns=DEPTH_METRICS), hide_index=True, key="measure_table")
     target = "top-1 class" if settings.target[0] == "top" else plain(str(settings.target[1]))
     protocol = next(iter(runs.values())).scores.protocol
-    used = "".join(f", {name}" if value is True else f", {name}={value}" for name, value in settings.options.recorded)
+    used = f" ({settings.options.label})" if settings.options.label else ""
     st.caption(f"Up to {int(table['n'].max())} image(s) per model · {settings.method}{used} · target: {target} · "
                f"MaxBoxAccV2: {protocol} protocol · pointing game: a hit when any maximal pixel is on the object.")
