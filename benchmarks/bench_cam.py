@@ -87,6 +87,20 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, wa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def layer_output(model: torch.nn.Module, images: torch.Tensor, name: str) -> torch.Tensor:
+    """Layer ``name``'s output for ``images`` (one inference-mode forward, as the model returns it: a map, tokens)."""
+    from cams.layers import resolve
+
+    recorded = []
+    handle = resolve(model, name).register_forward_hook(lambda module, inputs, output: recorded.append(output))
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        handle.remove()
+    return recorded[0]
+
+
 def forward_only(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], object]:
     def run():
         with torch.inference_mode():

@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import torch  # noqa: E402
 
 import pfnet  # noqa: E402
-from benchmarks.bench_cam import forward_only, interleaved_medians  # noqa: E402
+from benchmarks.bench_cam import forward_only, interleaved_medians, layer_output  # noqa: E402
 from cams import eigen, explain  # noqa: E402
 from cams.layers import resolve  # noqa: E402
 from pfnet import memory_format  # noqa: E402
@@ -68,17 +68,6 @@ def _build(source: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(source).eval().to(device)
 
 
-def _activations(model: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
-    recorded = []
-    handle = resolve(model, layer).register_forward_hook(lambda module, inputs, output: recorded.append(output))
-    try:
-        with torch.inference_mode():
-            model(images)
-    finally:
-        handle.remove()
-    return recorded[0]
-
-
 def _fast_share(acts: torch.Tensor) -> str:
     """"k/n": how many of the batch's images take the fast path (not gesdd's own arithmetic in numpy)."""
     exact = []
@@ -100,7 +89,7 @@ def eigen_table(args, device: torch.device) -> list[str]:
 
     model = _build("resnet50_pf", device)
     images = torch.randn(args.eigen_batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
-    acts = {layer: _activations(model, images, layer) for layer in LAYERS}
+    acts = {layer: layer_output(model, images, layer) for layer in LAYERS}
     cases = {"forward": forward_only(model, images)}
     for layer in LAYERS:
         cases[f"ours {layer}"] = lambda layer=layer: explain(model, images, [layer], "eigencam", align="none")

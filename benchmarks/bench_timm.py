@@ -38,7 +38,7 @@ from benchmarks.docs_page import loadavg  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_cam import forward_only, interleaved_medians  # noqa: E402
+from benchmarks.bench_cam import forward_only, interleaved_medians, layer_output  # noqa: E402
 from cams import available_layers, default_layer, explain  # noqa: E402
 from cams.any_model import layout, outline  # noqa: E402
 from cams.layers import resolve  # noqa: E402
@@ -58,14 +58,7 @@ def every_stage(model: torch.nn.Module) -> list[str]:
 
 def reshape_transform(model: torch.nn.Module, name: str, images: torch.Tensor):
     """The reshape a pytorch-grad-cam user writes by hand for layer ``name`` (None for a map [N, C, h, w])."""
-    recorded = []
-    handle = resolve(model, name).register_forward_hook(lambda module, inputs, output: recorded.append(output))
-    try:
-        with torch.no_grad():
-            model(images[:1])
-    finally:
-        handle.remove()
-    how = layout(model, tuple(recorded[0].shape), tuple(images.shape[-2:]))
+    how = layout(model, tuple(layer_output(model, images[:1], name).shape), tuple(images.shape[-2:]))
     if how[0] == "nchw":
         return None
     if how[0] == "nhwc":
